@@ -1,0 +1,180 @@
+/*
+ * The backend op set: every numerical operation the model and the MoE layer
+ * need, once for the CPU (core/backend/cpu, fp32, OpenBLAS + OpenMP) and once
+ * for CUDA. The model calls only these, so it is written once.
+ *
+ * Conventions for every op:
+ *   - Pointers are in the backend's memory (host memory for the CPU).
+ *   - Row-major. "T" is a number of token rows.
+ *   - Outputs are overwritten unless the comment says "accumulate" (+=).
+ *   - Results are deterministic for a given thread count (no reduction whose
+ *     order depends on scheduling), so a resumed run repeats an
+ *     uninterrupted one bit for bit.
+ */
+#ifndef MOE_BACKEND_H
+#define MOE_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moe/abi.h"
+
+typedef enum moe_act_kind { MOE_ACT_GELU = 0, MOE_ACT_SILU = 1, MOE_ACT_SWIGLU = 2 } moe_act_kind;
+
+typedef struct moe_backend moe_backend;
+
+struct moe_backend {
+    const char *name;       /* "cpu" or "cuda" */
+    moe_device_kind device;
+    void *impl;             /* backend-private state (handles, stream) */
+
+    /* ---- memory ---- */
+    void *(*alloc)(moe_backend *be, size_t bytes);   /* zeroed; NULL on failure */
+    void (*free)(moe_backend *be, void *p);
+    void (*to_host)(moe_backend *be, void *dst_host, const void *src, size_t bytes);
+    void (*from_host)(moe_backend *be, void *dst, const void *src_host, size_t bytes);
+    void (*copy)(moe_backend *be, void *dst, const void *src, size_t bytes);
+    void (*zero)(moe_backend *be, void *p, size_t bytes);
+    void (*sync)(moe_backend *be);
+
+    /* ---- dense linear algebra ---- */
+    /* C[M,N] = alpha * op(A) op(B) + beta * C; op(X) = X or X^T (ta/tb != 0). */
+    void (*gemm)(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+    /* The same for `batch` independent products at fixed strides (experts). */
+    void (*gemm_strided_batched)(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
+                                 const float *A, int lda, long long strideA, const float *B, int ldb,
+                                 long long strideB, float beta, float *C, int ldc, long long strideC,
+                                 int batch);
+    /* y[T,N] += b[N] on every row. */
+    void (*add_bias)(moe_backend *be, float *y, const float *b, int T, int N);
+    /* db[N] += sum over rows of dy[T,N]. */
+    void (*bias_grad)(moe_backend *be, const float *dy, float *db, int T, int N);
+
+    /* ---- elementwise ---- */
+    /* y[i] += a * x[i] */
+    void (*axpy)(moe_backend *be, float a, const float *x, float *y, size_t n);
+    /* x[i] *= a */
+    void (*scale)(moe_backend *be, float *x, float a, size_t n);
+    /* out[i] = a[i] * b[i] (the Hadamard gate) */
+    void (*mul)(moe_backend *be, const float *a, const float *b, float *out, size_t n);
+    /* sum of squares in double (gradient clipping) */
+    double (*sumsq)(moe_backend *be, const float *x, size_t n);
+
+    /* ---- embeddings ---- */
+    /* out[b,s,:] = wte[ids[b,s],:] (+ wpe[s,:] when wpe != NULL); ids are [B*S]. */
+    void (*embed_fwd)(moe_backend *be, const int32_t *ids, const float *wte, const float *wpe,
+                      float *out, int B, int S, int d);
+    /* accumulate: dwte[ids] += dout; dwpe[s] += dout (when dwpe != NULL). */
+    void (*embed_bwd)(moe_backend *be, const int32_t *ids, const float *dout, float *dwte,
+                      float *dwpe, int B, int S, int d);
+
+    /* ---- normalization (per row of d) ---- */
+    /* y = (x - mean) * rstd * g + b; saves mean[T], rstd[T]. */
+    void (*layernorm_fwd)(moe_backend *be, const float *x, const float *g, const float *b, float *y,
+                          float *mean, float *rstd, int T, int d, float eps);
+    /* dx accumulate; dg, db accumulate. */
+    void (*layernorm_bwd)(moe_backend *be, const float *x, const float *g, const float *mean,
+                          const float *rstd, const float *dy, float *dx, float *dg, float *db,
+                          int T, int d);
+    /* y = x * rstd * g, rstd = 1/sqrt(mean(x^2) + eps); saves rstd[T]. */
+    void (*rmsnorm_fwd)(moe_backend *be, const float *x, const float *g, float *y, float *rstd,
+                        int T, int d, float eps);
+    /* dx accumulate; dg accumulate. */
+    void (*rmsnorm_bwd)(moe_backend *be, const float *x, const float *g, const float *rstd,
+                        const float *dy, float *dx, float *dg, int T, int d);
+
+    /* ---- activations ---- */
+    /* GELU (tanh form) and SiLU: out[T,n] = act(in[T,n]).
+     * SwiGLU: in is [T,2n] = [gate | up] per row, out[T,n] = silu(gate) * up. */
+    void (*act_fwd)(moe_backend *be, moe_act_kind kind, const float *in, float *out, int T, int n);
+    /* din (overwrite) from in and dout; din has in's shape. */
+    void (*act_bwd)(moe_backend *be, moe_act_kind kind, const float *in, const float *dout,
+                    float *din, int T, int n);
+
+    /* ---- attention ---- */
+    /* Rotary position embedding applied in place to the q and k parts of
+     * qkv[B,S,3*H*hd] (layout per token: q heads, k heads, v heads; each head
+     * hd contiguous; pairs (2i, 2i+1) rotated by angle s * theta^(-2i/hd)). */
+    void (*rope_fwd)(moe_backend *be, float *qkv, int B, int S, int H, int hd, float theta);
+    /* Inverse rotation applied in place to dq and dk in dqkv. */
+    void (*rope_bwd)(moe_backend *be, float *dqkv, int B, int S, int H, int hd, float theta);
+    /* Causal softmax attention. qkv[B,S,3*H*hd] -> out[B,S,H*hd];
+     * probs[B,H,S,S] saved for backward (upper triangle written as 0). */
+    void (*attention_fwd)(moe_backend *be, const float *qkv, float *out, float *probs, int B, int S,
+                          int H, int hd);
+    /* dqkv (overwrite) from dout. */
+    void (*attention_bwd)(moe_backend *be, const float *qkv, const float *probs, const float *dout,
+                          float *dqkv, int B, int S, int H, int hd);
+
+    /* ---- dropout (Philox, mask regenerated in backward) ---- */
+    /* y = x * mask / (1-p), mask[i] = (uniform(key, i) > p). p = 0 copies. */
+    void (*dropout_fwd)(moe_backend *be, const float *x, float *y, size_t n, float p, moe_rng_key key);
+    /* dx = dy * mask / (1-p) (overwrite). */
+    void (*dropout_bwd)(moe_backend *be, const float *dy, float *dx, size_t n, float p, moe_rng_key key);
+
+    /* ---- loss ---- */
+    /* Softmax cross-entropy over V classes for T rows. losses[T] = -log p[target];
+     * correct[T] = 1 if argmax (ties to lower index) == target. When dlogits is
+     * not NULL it receives grad_scale * (softmax - onehot) (overwrite).
+     * Rows with target < 0 are ignored: loss 0, correct 0, gradient 0. */
+    void (*xent_fwd_bwd)(moe_backend *be, const float *logits, const int32_t *targets, int T, int V,
+                         float *losses, int32_t *correct, float *dlogits, float grad_scale);
+
+    /* ---- optimizer ---- */
+    /* AdamW over n elements with bias correction at step t (1-based):
+     * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+     * p -= lr * (mhat / (sqrt(vhat) + eps) + wd * decay[i] * p), decay[i] in {0,1}
+     * (decay may be NULL: no decay). */
+    void (*adamw)(moe_backend *be, float *p, const float *g, float *m, float *v,
+                  const uint8_t *decay, size_t n, float lr, float b1, float b2, float eps, float wd,
+                  long long t);
+    /* ---- MoE routing core: capacity, dispatch, combine (core/model/moe.c) ---- */
+    /* Capacity C per expert. Assignments are visited in priority order
+     * (policy 0 "position": k-major, then token order; policy 1 "probs":
+     * k-major, then weight descending, ties to the lower token) and take the
+     * next free slot of their expert while one is left. Outputs:
+     * kept[T,K] = expert or -1 when dropped/empty, slot[T,K] (-1 when not kept),
+     * counts_before[E] (assignments routed to e), counts_after[E] (kept). */
+    void (*capacity_assign)(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,
+                            int E, int C, int policy, int32_t *kept, int32_t *slot,
+                            int32_t *counts_before, int32_t *counts_after);
+    /* Combine weights: cw[t,k] = weight[t,k] for kept assignments, 0 else;
+     * with renorm, divided by the sum of the token's kept weights (a token
+     * with none kept keeps zeros). */
+    void (*combine_weights)(moe_backend *be, const float *weight, const int32_t *kept, int T, int K,
+                            int renorm, float *cw);
+    /* Backward of combine_weights: dweight (overwrite) from dcw. */
+    void (*combine_weights_bwd)(moe_backend *be, const float *weight, const int32_t *kept, int T,
+                                int K, int renorm, const float *dcw, float *dweight);
+    /* Xe[E*C,d]: row e*C+slot = x[t] for each kept (t,k); other rows 0. */
+    void (*dispatch)(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
+                     int K, int C, int E, int d, float *Xe);
+    /* accumulate: dx[t] += sum over kept k of dXe[kept*C+slot]. */
+    void (*dispatch_bwd)(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
+                         int T, int K, int C, int d, float *dx);
+    /* y[t] = sum over kept k of cw[t,k] * Ye[kept*C+slot] (overwrite). */
+    void (*combine)(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
+                    const float *cw, int T, int K, int C, int d, float *y);
+    /* dYe (overwrite, E*C rows): row of (t,k) = cw[t,k] * dy[t], others 0;
+     * dcw[t,k] = <dy[t], Ye[row]> for kept, 0 else. */
+    void (*combine_bwd)(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
+                        const float *cw, const float *dy, int T, int K, int C, int E, int d,
+                        float *dYe, float *dcw);
+    /* Auxiliary losses of a routing step (design.md, "One MoE layer"):
+     *   lb = E * sum_e f[e] * P[e], P[e] = mean_t softmax(lb_logits[t])[e]
+     *   z  = mean_t logsumexp(logits[t])^2
+     * f[E] (host memory) is the fraction of assignments routed to each expert.
+     * lb_logits are the logits routing used (l, or l' for noisy routers).
+     * Writes d_lb[T,E] = alpha * d lb / d lb_logits (overwrite) and adds
+     * beta * d z / d logits into dlogits (accumulate); returns lb and z. */
+    void (*aux_losses)(moe_backend *be, const float *lb_logits, const float *logits, const float *f,
+                       int T, int E, float alpha, float beta, float *d_lb, float *dlogits,
+                       double *lb, double *z);
+};
+
+/* The CPU backend (always built). threads <= 0 keeps OpenMP's default. */
+moe_backend *moe_backend_cpu_create(int threads);
+void moe_backend_destroy(moe_backend *be);
+
+#endif

@@ -1,0 +1,91 @@
+/*
+ * Dense linear algebra on the CPU: GEMMs through OpenBLAS, bias add and its
+ * gradient, and the vector ops the optimizer and gradient clipping need.
+ *
+ * OpenBLAS runs its own thread pool inside each sgemm (sized by
+ * OPENBLAS_NUM_THREADS), so cblas is only ever called from serial code:
+ * calling it from inside an OpenMP region would nest two thread pools.
+ */
+#include "backend/cpu/cpu_ops.h"
+
+#include <cblas.h>
+
+static CBLAS_TRANSPOSE cblas_op(int t) { return t ? CblasTrans : CblasNoTrans; }
+
+void cpu_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+              int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    (void)be;
+    if (M <= 0 || N <= 0) return;
+    cblas_sgemm(CblasRowMajor, cblas_op(ta), cblas_op(tb), M, N, K, alpha, A, lda, B, ldb, beta, C,
+                ldc);
+}
+
+/* One sgemm per batch entry: each is large enough (an expert's C x d by d x h
+ * product) for OpenBLAS to thread on its own. */
+void cpu_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
+                              const float *A, int lda, long long strideA, const float *B, int ldb,
+                              long long strideB, float beta, float *C, int ldc, long long strideC,
+                              int batch) {
+    for (int i = 0; i < batch; ++i)
+        cpu_gemm(be, ta, tb, M, N, K, alpha, A + i * strideA, lda, B + i * strideB, ldb, beta,
+                 C + i * strideC, ldc);
+}
+
+void cpu_add_bias(moe_backend *be, float *y, const float *b, int T, int N) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t) {
+        float *row = y + (size_t)t * N;
+        for (int j = 0; j < N; ++j) row[j] += b[j];
+    }
+}
+
+/* db[j] += sum_t dy[t,j]. Threads own blocks of columns and walk the rows in
+ * order, so every db[j] is summed in the same order whatever the thread count. */
+void cpu_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N) {
+    (void)be;
+    int nblocks = (N + CPU_COL_BLOCK - 1) / CPU_COL_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int blk = 0; blk < nblocks; ++blk) {
+        int j0 = blk * CPU_COL_BLOCK;
+        int j1 = j0 + CPU_COL_BLOCK < N ? j0 + CPU_COL_BLOCK : N;
+        for (int t = 0; t < T; ++t) {
+            const float *row = dy + (size_t)t * N;
+            for (int j = j0; j < j1; ++j) db[j] += row[j];
+        }
+    }
+}
+
+void cpu_axpy(moe_backend *be, float a, const float *x, float *y, size_t n) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+void cpu_scale(moe_backend *be, float *x, float a, size_t n) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) x[i] *= a;
+}
+
+/* A fixed number of chunks, each summed in order, then the partials summed in
+ * chunk order: the result is the same for every thread count (an OpenMP
+ * reduction clause leaves the combining order unspecified). */
+#define SUMSQ_CHUNKS 256
+
+double cpu_sumsq(moe_backend *be, const float *x, size_t n) {
+    (void)be;
+    double partial[SUMSQ_CHUNKS];
+    size_t chunk = (n + SUMSQ_CHUNKS - 1) / SUMSQ_CHUNKS;
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < SUMSQ_CHUNKS; ++c) {
+        size_t lo = (size_t)c * chunk < n ? (size_t)c * chunk : n;
+        size_t hi = lo + chunk < n ? lo + chunk : n;
+        double s = 0.0;
+        for (size_t i = lo; i < hi; ++i) s += (double)x[i] * (double)x[i];
+        partial[c] = s;
+    }
+    double total = 0.0;
+    for (int c = 0; c < SUMSQ_CHUNKS; ++c) total += partial[c];
+    return total;
+}

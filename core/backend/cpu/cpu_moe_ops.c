@@ -1,0 +1,195 @@
+/*
+ * CPU reference of the MoE routing core: capacity, dispatch and combine.
+ * Written as loops over (token, assignment) so they read like the math in
+ * design.md; the CUDA kernels are tested against these.
+ */
+#include "backend/cpu/cpu_moe_ops.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe/router_util.h"
+
+/* Priority order for capacity. Assignments are k-major (every token's first
+ * choice before any second choice, as in Switch/GShard); within one k,
+ * "position" keeps token order and "probs" serves larger weights first. */
+typedef struct assignment_ref {
+    int t;
+    float w;
+} assignment_ref;
+
+static int by_weight_desc(const void *a, const void *b) {
+    const assignment_ref *x = a, *y = b;
+    if (x->w > y->w) return -1;
+    if (x->w < y->w) return 1;
+    return (x->t > y->t) - (x->t < y->t);
+}
+
+void cpu_capacity_assign(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,
+                         int E, int C, int policy, int32_t *kept, int32_t *slot,
+                         int32_t *counts_before, int32_t *counts_after) {
+    (void)be;
+    memset(counts_before, 0, (size_t)E * sizeof *counts_before);
+    memset(counts_after, 0, (size_t)E * sizeof *counts_after);
+    assignment_ref *order = malloc((size_t)(T > 0 ? T : 1) * sizeof *order);
+    for (int k = 0; k < K; ++k) {
+        for (int t = 0; t < T; ++t) order[t] = (assignment_ref){t, weight[(size_t)t * K + k]};
+        if (policy == 1) qsort(order, (size_t)T, sizeof *order, by_weight_desc);
+        for (int i = 0; i < T; ++i) {
+            size_t a = (size_t)order[i].t * K + k;
+            int e = expert[a];
+            kept[a] = -1;
+            slot[a] = -1;
+            if (e < 0) continue;
+            counts_before[e]++;
+            if (counts_after[e] < C) {
+                kept[a] = e;
+                slot[a] = counts_after[e]++;
+            }
+        }
+    }
+    free(order);
+}
+
+void cpu_combine_weights(moe_backend *be, const float *weight, const int32_t *kept, int T, int K,
+                         int renorm, float *cw) {
+    (void)be;
+    for (int t = 0; t < T; ++t) {
+        const float *w = weight + (size_t)t * K;
+        const int32_t *e = kept + (size_t)t * K;
+        float *out = cw + (size_t)t * K;
+        float sum = 0.0f;
+        for (int k = 0; k < K; ++k) {
+            out[k] = e[k] >= 0 ? w[k] : 0.0f;
+            sum += out[k];
+        }
+        if (renorm && sum > 0.0f)
+            for (int k = 0; k < K; ++k) out[k] /= sum;
+    }
+}
+
+/* With renorm, cw_k = w_k / S over kept k, S = sum of kept w, so
+ * dw_k = (dcw_k - sum_j cw_j dcw_j) / S for kept k, 0 otherwise. */
+void cpu_combine_weights_bwd(moe_backend *be, const float *weight, const int32_t *kept, int T, int K,
+                             int renorm, const float *dcw, float *dweight) {
+    (void)be;
+    for (int t = 0; t < T; ++t) {
+        const float *w = weight + (size_t)t * K;
+        const int32_t *e = kept + (size_t)t * K;
+        const float *g = dcw + (size_t)t * K;
+        float *dw = dweight + (size_t)t * K;
+        float sum = 0.0f, dot = 0.0f;
+        for (int k = 0; k < K; ++k)
+            if (e[k] >= 0) sum += w[k];
+        if (renorm && sum > 0.0f)
+            for (int k = 0; k < K; ++k)
+                if (e[k] >= 0) dot += (w[k] / sum) * g[k];
+        for (int k = 0; k < K; ++k) {
+            if (e[k] < 0)
+                dw[k] = 0.0f;
+            else if (renorm && sum > 0.0f)
+                dw[k] = (g[k] - dot) / sum;
+            else
+                dw[k] = g[k];
+        }
+    }
+}
+
+void cpu_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
+                  int K, int C, int E, int d, float *Xe) {
+    (void)be;
+    memset(Xe, 0, (size_t)E * C * d * sizeof *Xe);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < K; ++k) {
+            size_t a = (size_t)t * K + k;
+            if (kept[a] < 0) continue;
+            memcpy(Xe + ((size_t)kept[a] * C + slot[a]) * d, x + (size_t)t * d, (size_t)d * sizeof *Xe);
+        }
+}
+
+void cpu_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
+                      int T, int K, int C, int d, float *dx) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < K; ++k) {
+            size_t a = (size_t)t * K + k;
+            if (kept[a] < 0) continue;
+            const float *src = dXe + ((size_t)kept[a] * C + slot[a]) * d;
+            float *dst = dx + (size_t)t * d;
+            for (int i = 0; i < d; ++i) dst[i] += src[i];
+        }
+}
+
+void cpu_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
+                 const float *cw, int T, int K, int C, int d, float *y) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t) {
+        float *out = y + (size_t)t * d;
+        memset(out, 0, (size_t)d * sizeof *out);
+        for (int k = 0; k < K; ++k) {
+            size_t a = (size_t)t * K + k;
+            if (kept[a] < 0) continue;
+            const float *src = Ye + ((size_t)kept[a] * C + slot[a]) * d;
+            for (int i = 0; i < d; ++i) out[i] += cw[a] * src[i];
+        }
+    }
+}
+
+void cpu_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
+                     const float *cw, const float *dy, int T, int K, int C, int E, int d, float *dYe,
+                     float *dcw) {
+    (void)be;
+    memset(dYe, 0, (size_t)E * C * d * sizeof *dYe);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < K; ++k) {
+            size_t a = (size_t)t * K + k;
+            dcw[a] = 0.0f;
+            if (kept[a] < 0) continue;
+            size_t row = ((size_t)kept[a] * C + slot[a]) * d;
+            const float *g = dy + (size_t)t * d;
+            float dot = 0.0f;
+            for (int i = 0; i < d; ++i) {
+                dYe[row + i] = cw[a] * g[i];
+                dot += g[i] * Ye[row + i];
+            }
+            dcw[a] = dot;
+        }
+}
+
+void cpu_mul(moe_backend *be, const float *a, const float *b, float *out, size_t n) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+}
+
+/* P[e] = (1/T) sum_t p[t,e] with p = softmax(lb_logits[t]); lb = E sum_e f_e P_e.
+ * d lb / d lb_logits[t,j] = (E/T) p[t,j] (f_j - sum_e f_e p[t,e]).
+ * z = (1/T) sum_t lse_t^2; d z / d logits[t,j] = (2/T) lse_t softmax(logits[t])[j]. */
+void cpu_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f, int T,
+                    int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb, double *z) {
+    (void)be;
+    double lb_sum = 0.0, z_sum = 0.0;
+    float *p = malloc((size_t)E * sizeof *p);
+    for (int t = 0; t < T; ++t) {
+        const float *l = lb_logits + (size_t)t * E;
+        moe_softmax_row(l, p, E, 1.0f);
+        double fp = 0.0;
+        for (int e = 0; e < E; ++e) fp += (double)f[e] * p[e];
+        lb_sum += fp;
+        for (int e = 0; e < E; ++e)
+            d_lb[(size_t)t * E + e] = (float)(alpha * (double)E / T * p[e] * (f[e] - fp));
+
+        const float *lz = logits + (size_t)t * E;
+        float lse = moe_logsumexp_row(lz, E);
+        z_sum += (double)lse * lse;
+        for (int e = 0; e < E; ++e)
+            dlogits[(size_t)t * E + e] += beta * 2.0f / (float)T * lse * expf(lz[e] - lse);
+    }
+    free(p);
+    *lb = T > 0 ? (double)E * lb_sum / T : 0.0;
+    *z = T > 0 ? z_sum / T : 0.0;
+}

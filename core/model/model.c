@@ -1,0 +1,329 @@
+/*
+ * TinyMoE forward and backward. One block:
+ *
+ *   n1 = norm1(x);  qkv = n1 Wqkv + bqkv;  (RoPE on q, k);  att = attention(qkv)
+ *   x_mid = x + dropout(att Wo + bo)
+ *   n2 = norm2(x_mid);  x' = x_mid + dropout(MoE(n2))
+ *
+ * and the head: logits = norm_f(x_L) Wlm^T, loss = mean cross-entropy.
+ * The backward walks the same steps in reverse with one residual-gradient
+ * buffer `dres` that each branch adds into.
+ */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Random-number uses, one key layer per site so no two sites share draws. */
+static moe_rng_key dropout_key(const moe_model *m, uint64_t step, int site) {
+    moe_rng_key k = {m->seed, step, (uint32_t)site, MOE_RNG_STREAM_DROPOUT};
+    return k;
+}
+static moe_rng_key router_key(const moe_model *m, uint64_t step, int layer) {
+    moe_rng_key k = {m->seed, step, (uint32_t)layer, MOE_RNG_STREAM_ROUTER};
+    return k;
+}
+enum { SITE_EMBED = 0 }; /* block l uses sites 1 + 2l (attention) and 2 + 2l (MoE) */
+
+static void decl(moe_param_set *ps, const char *name, int ndim, int64_t a, int64_t b, moe_init_kind init,
+                 float v, int decay, float **p, float **g) {
+    int64_t shape[2] = {a, b};
+    moe_params_declare(ps, name, ndim, shape, init, v, decay, p, g);
+}
+
+static moe_act_kind act_from(const char *s) {
+    if (strcmp(s, "silu") == 0) return MOE_ACT_SILU;
+    if (strcmp(s, "swiglu") == 0) return MOE_ACT_SWIGLU;
+    return MOE_ACT_GELU;
+}
+static moe_gate_kind gate_from(const char *s) {
+    if (strcmp(s, "mlp") == 0) return MOE_GATE_MLP;
+    if (strcmp(s, "mlp_hadamard") == 0) return MOE_GATE_MLP_HADAMARD;
+    return MOE_GATE_LINEAR;
+}
+
+/* Allocate, and clear *ok on failure so one check covers every buffer. */
+static void *alloc_tracked(moe_backend *be, size_t bytes, int *ok) {
+    void *p = be->alloc(be, bytes ? bytes : 1);
+    if (!p) *ok = 0;
+    return p;
+}
+
+int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V, int B_max,
+                     const moe_router_plugin_v1_t *router, char *err, size_t errcap) {
+    memset(m, 0, sizeof *m);
+    const moe_model_cfg *mc = &cfg->model;
+    m->be = be;
+    m->V = V;
+    m->d = mc->d_model;
+    m->n_layers = mc->n_layers;
+    m->n_heads = mc->n_heads;
+    m->S = mc->seq_len;
+    m->B_max = B_max;
+    m->T_max = B_max * mc->seq_len;
+    m->rope = strcmp(mc->pos, "rope") == 0;
+    m->rms = strcmp(mc->norm, "rmsnorm") == 0;
+    m->tied = mc->tie_embeddings;
+    m->eps = (float)mc->norm_eps;
+    m->dropout = (float)mc->dropout;
+    m->rope_theta = (float)mc->rope_theta;
+    m->seed = (uint64_t)cfg->run.seed;
+    int d = m->d, L = m->n_layers;
+    float s = (float)mc->init_std;
+
+    moe_params_init_set(&m->params, 1);
+    moe_params_init_set(&m->buffers, 0);
+    moe_param_set *P = &m->params;
+    decl(P, "wte", 2, V, d, MOE_INIT_NORMAL, s, 1, &m->wte, &m->dwte);
+    if (!m->rope) decl(P, "wpe", 2, m->S, d, MOE_INIT_NORMAL, s, 1, &m->wpe, &m->dwpe);
+
+    m->blocks = calloc((size_t)L, sizeof *m->blocks);
+    for (int l = 0; l < L; ++l) {
+        moe_block *b = &m->blocks[l];
+        char n[64];
+#define NAME(s_) (snprintf(n, sizeof n, "layer%d.%s", l, s_), n)
+        decl(P, NAME("norm1.g"), 1, d, 0, MOE_INIT_CONST, 1.0f, 0, &b->n1g, &b->dn1g);
+        if (!m->rms) decl(P, NAME("norm1.b"), 1, d, 0, MOE_INIT_ZEROS, 0, 0, &b->n1b, &b->dn1b);
+        decl(P, NAME("attn.wqkv"), 2, d, 3 * d, MOE_INIT_NORMAL, s, 1, &b->wqkv, &b->dwqkv);
+        decl(P, NAME("attn.bqkv"), 1, 3 * d, 0, MOE_INIT_ZEROS, 0, 0, &b->bqkv, &b->dbqkv);
+        /* GPT-2's scaled init for projections into the residual stream. */
+        decl(P, NAME("attn.wo"), 2, d, d, MOE_INIT_NORMAL, s / sqrtf(2.0f * L), 1, &b->wo, &b->dwo);
+        decl(P, NAME("attn.bo"), 1, d, 0, MOE_INIT_ZEROS, 0, 0, &b->bo, &b->dbo);
+        decl(P, NAME("norm2.g"), 1, d, 0, MOE_INIT_CONST, 1.0f, 0, &b->n2g, &b->dn2g);
+        if (!m->rms) decl(P, NAME("norm2.b"), 1, d, 0, MOE_INIT_ZEROS, 0, 0, &b->n2b, &b->dn2b);
+#undef NAME
+        moe_layer_cfg lc;
+        memset(&lc, 0, sizeof lc);
+        lc.d_model = d;
+        lc.num_experts = cfg->moe.num_experts;
+        lc.top_k = cfg->moe.top_k;
+        lc.d_ff = cfg->moe.d_ff;
+        lc.gate_hidden = cfg->moe.gate_hidden;
+        lc.max_tokens = m->T_max;
+        lc.layer = l;
+        lc.vocab_size = V;
+        lc.gate = gate_from(cfg->moe.gate);
+        lc.activation = act_from(cfg->moe.activation);
+        lc.expert_bias = cfg->moe.expert_bias;
+        lc.drop_policy = strcmp(cfg->moe.drop_policy, "probs") == 0;
+        lc.renorm_after_drop = cfg->moe.renorm_after_drop;
+        lc.capacity_factor = cfg->moe.capacity_factor;
+        lc.aux_loss_weight = (float)cfg->moe.aux_loss_weight;
+        lc.z_loss_weight = (float)cfg->moe.z_loss_weight;
+        lc.init_std = s;
+        if (moe_layer_create(&b->moe, &lc, be, router, cfg->router.opts, cfg->router.n_opts, P, &m->buffers,
+                             err, errcap) != 0)
+            return -1;
+    }
+    decl(P, "normf.g", 1, d, 0, MOE_INIT_CONST, 1.0f, 0, &m->nfg, &m->dnfg);
+    if (!m->rms) decl(P, "normf.b", 1, d, 0, MOE_INIT_ZEROS, 0, 0, &m->nfb, &m->dnfb);
+    if (!m->tied) decl(P, "lm_head", 2, V, d, MOE_INIT_NORMAL, s, 1, &m->wlm, &m->dwlm);
+
+    if (moe_params_allocate(&m->params, be, m->seed) != 0 || moe_params_allocate(&m->buffers, be, m->seed ^ 0xB0FFu) != 0) {
+        snprintf(err, errcap, "out of memory allocating %zu parameters", m->params.total);
+        return -1;
+    }
+    if (m->tied) {
+        m->wlm = m->wte;
+        m->dwlm = m->dwte;
+    }
+
+    /* activations for T_max tokens */
+    size_t T = (size_t)m->T_max, f = sizeof(float);
+    int ok = 1;
+    m->ids = alloc_tracked(be, T * sizeof(int32_t), &ok);
+    m->targets = alloc_tracked(be, T * sizeof(int32_t), &ok);
+    m->correct = alloc_tracked(be, T * sizeof(int32_t), &ok);
+    m->x = calloc((size_t)L + 1, sizeof *m->x);
+    for (int l = 0; l <= L; ++l) m->x[l] = alloc_tracked(be, T * d * f, &ok);
+    for (int l = 0; l < L; ++l) {
+        moe_block *b = &m->blocks[l];
+        b->x_mid = alloc_tracked(be, T * d * f, &ok);
+        b->n1 = alloc_tracked(be, T * d * f, &ok);
+        b->n1_mean = alloc_tracked(be, T * f, &ok);
+        b->n1_rstd = alloc_tracked(be, T * f, &ok);
+        b->qkv = alloc_tracked(be, T * 3 * d * f, &ok);
+        b->att = alloc_tracked(be, T * d * f, &ok);
+        b->probs = alloc_tracked(be, (size_t)B_max * m->n_heads * m->S * m->S * f, &ok);
+        b->n2 = alloc_tracked(be, T * d * f, &ok);
+        b->n2_mean = alloc_tracked(be, T * f, &ok);
+        b->n2_rstd = alloc_tracked(be, T * f, &ok);
+        if (ok && moe_layer_alloc(&b->moe, err, errcap) != 0) return -1;
+    }
+    m->xf = alloc_tracked(be, T * d * f, &ok);
+    m->nf_mean = alloc_tracked(be, T * f, &ok);
+    m->nf_rstd = alloc_tracked(be, T * f, &ok);
+    m->logits = alloc_tracked(be, T * (size_t)V * f, &ok);
+    m->dlogits = alloc_tracked(be, T * (size_t)V * f, &ok);
+    m->losses = alloc_tracked(be, T * f, &ok);
+    m->dres = alloc_tracked(be, T * d * f, &ok);
+    m->tmp1 = alloc_tracked(be, T * d * f, &ok);
+    m->tmp2 = alloc_tracked(be, T * d * f, &ok);
+    m->dqkv = alloc_tracked(be, T * 3 * d * f, &ok);
+    if (!ok) {
+        snprintf(err, errcap, "out of memory allocating activations for %zu tokens; lower train.batch_size or model.seq_len", T);
+        return -1;
+    }
+    return 0;
+}
+
+void moe_model_destroy(moe_model *m) {
+    moe_backend *be = m->be;
+    if (!be) return;
+    for (int l = 0; l < m->n_layers && m->blocks; ++l) {
+        moe_block *b = &m->blocks[l];
+        moe_layer_destroy(&b->moe);
+        float *bufs[] = {b->x_mid, b->n1, b->n1_mean, b->n1_rstd, b->qkv, b->att, b->probs, b->n2, b->n2_mean, b->n2_rstd};
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i) be->free(be, bufs[i]);
+    }
+    for (int l = 0; m->x && l <= m->n_layers; ++l) be->free(be, m->x[l]);
+    float *bufs[] = {m->xf, m->nf_mean, m->nf_rstd, m->logits, m->dlogits, m->losses, m->dres, m->tmp1, m->tmp2, m->dqkv};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i) be->free(be, bufs[i]);
+    be->free(be, m->ids);
+    be->free(be, m->targets);
+    be->free(be, m->correct);
+    free(m->x);
+    free(m->blocks);
+    moe_params_free(&m->params, be);
+    moe_params_free(&m->buffers, be);
+    memset(m, 0, sizeof *m);
+}
+
+void moe_model_zero_grads(moe_model *m) {
+    m->be->zero(m->be, m->params.grads, m->params.total * sizeof(float));
+}
+
+/* ---- the two norms behind one call ---- */
+
+static void norm_fwd(moe_model *m, const float *x, const float *g, const float *b, float *y, float *mean,
+                     float *rstd, int T) {
+    if (m->rms) m->be->rmsnorm_fwd(m->be, x, g, y, rstd, T, m->d, m->eps);
+    else m->be->layernorm_fwd(m->be, x, g, b, y, mean, rstd, T, m->d, m->eps);
+}
+
+static void norm_bwd(moe_model *m, const float *x, const float *g, const float *mean, const float *rstd,
+                     const float *dy, float *dx, float *dg, float *db, int T) {
+    if (m->rms) m->be->rmsnorm_bwd(m->be, x, g, rstd, dy, dx, dg, T, m->d);
+    else m->be->layernorm_bwd(m->be, x, g, mean, rstd, dy, dx, dg, db, T, m->d);
+}
+
+/* x_out = x_in + dropout(branch); branch is clobbered. */
+static void residual_add(moe_model *m, const float *x_in, float *branch, float *x_out, int T, int training,
+                         uint64_t step, int site) {
+    moe_backend *be = m->be;
+    size_t n = (size_t)T * m->d;
+    if (training && m->dropout > 0.0f) be->dropout_fwd(be, branch, branch, n, m->dropout, dropout_key(m, step, site));
+    be->copy(be, x_out, x_in, n * sizeof(float));
+    be->axpy(be, 1.0f, branch, x_out, n);
+}
+
+/* =============================== forward ================================ */
+
+int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, int B, int training,
+                      uint64_t step, moe_forward_result *out, char *err, size_t errcap) {
+    moe_backend *be = m->be;
+    int S = m->S, d = m->d, H = m->n_heads, hd = d / H, V = m->V, T = B * S;
+    if (B < 1 || B > m->B_max) {
+        snprintf(err, errcap, "batch of %d sequences outside [1, %d]", B, m->B_max);
+        return -1;
+    }
+    m->T = T;
+    be->from_host(be, m->ids, ids, (size_t)T * sizeof(int32_t));
+    be->from_host(be, m->targets, targets, (size_t)T * sizeof(int32_t));
+    memset(out, 0, sizeof *out);
+
+    /* embeddings */
+    be->embed_fwd(be, m->ids, m->wte, m->rope ? NULL : m->wpe, m->x[0], B, S, d);
+    if (training && m->dropout > 0.0f)
+        be->dropout_fwd(be, m->x[0], m->x[0], (size_t)T * d, m->dropout, dropout_key(m, step, SITE_EMBED));
+
+    for (int l = 0; l < m->n_layers; ++l) {
+        moe_block *b = &m->blocks[l];
+        /* attention branch */
+        norm_fwd(m, m->x[l], b->n1g, b->n1b, b->n1, b->n1_mean, b->n1_rstd, T);
+        be->gemm(be, 0, 0, T, 3 * d, d, 1.0f, b->n1, d, b->wqkv, 3 * d, 0.0f, b->qkv, 3 * d);
+        be->add_bias(be, b->qkv, b->bqkv, T, 3 * d);
+        if (m->rope) be->rope_fwd(be, b->qkv, B, S, H, hd, m->rope_theta);
+        be->attention_fwd(be, b->qkv, b->att, b->probs, B, S, H, hd);
+        be->gemm(be, 0, 0, T, d, d, 1.0f, b->att, d, b->wo, d, 0.0f, m->tmp1, d);
+        be->add_bias(be, m->tmp1, b->bo, T, d);
+        residual_add(m, m->x[l], m->tmp1, b->x_mid, T, training, step, 1 + 2 * l);
+        /* MoE branch */
+        norm_fwd(m, b->x_mid, b->n2g, b->n2b, b->n2, b->n2_mean, b->n2_rstd, T);
+        if (moe_layer_forward(&b->moe, b->n2, m->ids, T, training, router_key(m, step, l), m->tmp1, &out->aux,
+                              err, errcap) != 0)
+            return -1;
+        residual_add(m, b->x_mid, m->tmp1, m->x[l + 1], T, training, step, 2 + 2 * l);
+    }
+
+    /* head */
+    norm_fwd(m, m->x[m->n_layers], m->nfg, m->nfb, m->xf, m->nf_mean, m->nf_rstd, T);
+    be->gemm(be, 0, 1, T, V, d, 1.0f, m->xf, d, m->wlm, d, 0.0f, m->logits, V);
+    long long n_targets = 0;
+    for (int t = 0; t < T; ++t) n_targets += targets[t] >= 0;
+    float scale = n_targets ? 1.0f / (float)n_targets : 0.0f;
+    be->xent_fwd_bwd(be, m->logits, m->targets, T, V, m->losses, m->correct, training ? m->dlogits : NULL, scale);
+
+    float *losses = malloc((size_t)T * sizeof(float));
+    int32_t *correct = malloc((size_t)T * sizeof(int32_t));
+    be->to_host(be, losses, m->losses, (size_t)T * sizeof(float));
+    be->to_host(be, correct, m->correct, (size_t)T * sizeof(int32_t));
+    double sum = 0.0;
+    for (int t = 0; t < T; ++t) {
+        sum += losses[t];
+        out->n_correct += correct[t];
+    }
+    free(losses);
+    free(correct);
+    out->n_targets = n_targets;
+    out->loss = n_targets ? sum / (double)n_targets : 0.0;
+    return 0;
+}
+
+/* =============================== backward =============================== */
+
+int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
+    moe_backend *be = m->be;
+    int S = m->S, d = m->d, H = m->n_heads, hd = d / H, V = m->V, T = m->T, B = T / S;
+    size_t n = (size_t)T * d;
+
+    /* head: dlogits was written by the forward's cross-entropy */
+    be->gemm(be, 1, 0, V, d, T, 1.0f, m->dlogits, V, m->xf, d, 1.0f, m->dwlm, d);
+    be->gemm(be, 0, 0, T, d, V, 1.0f, m->dlogits, V, m->wlm, d, 0.0f, m->tmp1, d);
+    be->zero(be, m->dres, n * sizeof(float));
+    norm_bwd(m, m->x[m->n_layers], m->nfg, m->nf_mean, m->nf_rstd, m->tmp1, m->dres, m->dnfg, m->dnfb, T);
+
+    for (int l = m->n_layers - 1; l >= 0; --l) {
+        moe_block *b = &m->blocks[l];
+        int dropping = m->dropout > 0.0f;
+        /* MoE branch: dres is d x[l+1] */
+        if (dropping) be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 2 + 2 * l));
+        else be->copy(be, m->tmp1, m->dres, n * sizeof(float));
+        be->zero(be, m->tmp2, n * sizeof(float));
+        if (moe_layer_backward(&b->moe, m->ids, m->tmp1, m->tmp2, router_key(m, step, l), err, errcap) != 0)
+            return -1;
+        norm_bwd(m, b->x_mid, b->n2g, b->n2_mean, b->n2_rstd, m->tmp2, m->dres, b->dn2g, b->dn2b, T);
+        /* attention branch: dres is now d x_mid */
+        if (dropping) be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 1 + 2 * l));
+        else be->copy(be, m->tmp1, m->dres, n * sizeof(float));
+        be->bias_grad(be, m->tmp1, b->dbo, T, d);
+        be->gemm(be, 1, 0, d, d, T, 1.0f, b->att, d, m->tmp1, d, 1.0f, b->dwo, d);
+        be->gemm(be, 0, 1, T, d, d, 1.0f, m->tmp1, d, b->wo, d, 0.0f, m->tmp2, d);
+        be->attention_bwd(be, b->qkv, b->probs, m->tmp2, m->dqkv, B, S, H, hd);
+        if (m->rope) be->rope_bwd(be, m->dqkv, B, S, H, hd, m->rope_theta);
+        be->bias_grad(be, m->dqkv, b->dbqkv, T, 3 * d);
+        be->gemm(be, 1, 0, d, 3 * d, T, 1.0f, b->n1, d, m->dqkv, 3 * d, 1.0f, b->dwqkv, 3 * d);
+        be->gemm(be, 0, 1, T, d, 3 * d, 1.0f, m->dqkv, 3 * d, b->wqkv, 3 * d, 0.0f, m->tmp2, d);
+        norm_bwd(m, m->x[l], b->n1g, b->n1_mean, b->n1_rstd, m->tmp2, m->dres, b->dn1g, b->dn1b, T);
+    }
+
+    /* embeddings: dres is d x[0] */
+    if (m->dropout > 0.0f) {
+        be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, SITE_EMBED));
+        be->copy(be, m->dres, m->tmp1, n * sizeof(float));
+    }
+    be->embed_bwd(be, m->ids, m->dres, m->dwte, m->rope ? NULL : m->dwpe, B, S, d);
+    return 0;
+}

@@ -1,0 +1,559 @@
+/*
+ * One MoE feed-forward layer, forward then backward, as in design.md:
+ *
+ *   x[T,d] --gate--> logits[T,E]
+ *          --router plugin--> expert[T,Ko], weight[T,Ko] (+ slot if it owns capacity)
+ *          --capacity--> kept[T,Ko], slot[T,Ko]   C = ceil(CF * T * K / E)
+ *          --combine weights (renorm_after_drop)--> cw[T,Ko]
+ *          --dispatch--> Xe[E,C,d]
+ *          --experts--> H = Xe w1 + b1, A = act(H), Ye = A w2 + b2
+ *          --combine--> y[t] = sum_k cw[t,k] * Ye[kept[t,k], slot[t,k]]
+ *   plus the load-balancing loss alpha * E * sum_e f_e P_e and the z-loss
+ *   beta * mean(logsumexp(l)^2), whose gradients reach the gate.
+ *
+ * Every numerical step is a backend op, so this file is the same for the
+ * CPU and CUDA backends. Routing statistics are computed on host copies.
+ */
+#include "model/moe.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MSG_CAP 1024
+
+static int gate_hidden(const moe_layer_cfg *c) { return c->gate_hidden > 0 ? c->gate_hidden : c->d_model; }
+static int expert_in_width(const moe_layer_cfg *c) { return c->activation == MOE_ACT_SWIGLU ? 2 * c->d_ff : c->d_ff; }
+
+/* C = ceil(CF * T * K / E), at least 1 so every expert can take a token. */
+static int capacity_for(const moe_layer *L, int T) {
+    double c = ceil(L->cfg.capacity_factor * (double)T * L->K_cap / L->cfg.num_experts);
+    return c < 1.0 ? 1 : (int)c;
+}
+
+static void declare(moe_param_set *ps, const char *layer_prefix, const char *name, int ndim, int64_t a,
+                    int64_t b, int64_t c, moe_init_kind init, float v, int decay, float **p, float **g) {
+    char full[80];
+    int64_t shape[3] = {a, b, c};
+    snprintf(full, sizeof full, "%s.%s", layer_prefix, name);
+    moe_params_declare(ps, full, ndim, shape, init, v, decay, p, g);
+}
+
+int moe_layer_create(moe_layer *L, const moe_layer_cfg *cfg, moe_backend *be,
+                     const moe_router_plugin_v1_t *router, const moe_option *opts, int n_opts,
+                     moe_param_set *params, moe_param_set *buffers, char *err, size_t errcap) {
+    memset(L, 0, sizeof *L);
+    L->cfg = *cfg;
+    L->be = be;
+    L->router = router;
+    L->msg = calloc(MSG_CAP, 1);
+    L->router_impl = be->device == MOE_DEVICE_CUDA ? router->cuda : router->cpu;
+    if (!L->router_impl) {
+        snprintf(err, errcap, "router '%s' has no %s implementation; choose run.device = \"%s\" or another router",
+                 router->name, be->name, be->device == MOE_DEVICE_CUDA ? "cpu" : "cuda");
+        return -1;
+    }
+
+    moe_router_dims dims;
+    memset(&dims, 0, sizeof dims);
+    dims.struct_size = sizeof dims;
+    dims.num_experts = cfg->num_experts;
+    dims.top_k = cfg->top_k;
+    dims.d_model = cfg->d_model;
+    dims.vocab_size = cfg->vocab_size;
+    dims.max_tokens = cfg->max_tokens;
+    dims.layer = cfg->layer;
+    dims.capacity_factor = cfg->capacity_factor;
+    if (router->create(&dims, opts, n_opts, &L->router_state, L->msg, MSG_CAP) != MOE_OK) {
+        snprintf(err, errcap, "router '%s' refused its configuration: %s", router->name, L->msg);
+        return -1;
+    }
+    L->rinfo.struct_size = sizeof L->rinfo;
+    if (router->query(L->router_state, &L->rinfo) != MOE_OK) {
+        snprintf(err, errcap, "router '%s': query failed: %s", router->name, L->msg);
+        return -1;
+    }
+    if (L->rinfo.k_out < 1 || L->rinfo.k_out > 4096 || L->rinfo.n_params < 0 ||
+        L->rinfo.n_params > MOE_MAX_PLUGIN_TENSORS || L->rinfo.n_buffers < 0 ||
+        L->rinfo.n_buffers > MOE_MAX_PLUGIN_TENSORS) {
+        snprintf(err, errcap, "router '%s' reported an invalid info (k_out %d, %d params, %d buffers)",
+                 router->name, L->rinfo.k_out, L->rinfo.n_params, L->rinfo.n_buffers);
+        return -1;
+    }
+    /* K in the capacity formula: experts per token. Routers that fill more
+     * entries than top_k (expert choice lists up to E) still size capacity
+     * by top_k. */
+    L->K_cap = L->rinfo.k_out < cfg->top_k ? L->rinfo.k_out : cfg->top_k;
+
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "layer%d.moe", cfg->layer);
+    int d = cfg->d_model, E = cfg->num_experts, gh = gate_hidden(cfg), hin = expert_in_width(cfg);
+    float s = cfg->init_std;
+    switch (cfg->gate) {
+    case MOE_GATE_LINEAR:
+        declare(params, prefix, "gate.w", 2, d, E, 0, MOE_INIT_NORMAL, s, 1, &L->wg, &L->dwg);
+        break;
+    case MOE_GATE_MLP:
+        declare(params, prefix, "gate.w1", 2, d, gh, 0, MOE_INIT_NORMAL, s, 1, &L->g1, &L->dg1);
+        declare(params, prefix, "gate.b1", 1, gh, 0, 0, MOE_INIT_ZEROS, 0, 0, &L->g1b, &L->dg1b);
+        declare(params, prefix, "gate.w2", 2, gh, E, 0, MOE_INIT_NORMAL, s, 1, &L->wg, &L->dwg);
+        break;
+    case MOE_GATE_MLP_HADAMARD:
+        declare(params, prefix, "gate.wa", 2, d, gh, 0, MOE_INIT_NORMAL, s, 1, &L->g1, &L->dg1);
+        declare(params, prefix, "gate.wb", 2, d, gh, 0, MOE_INIT_NORMAL, s, 1, &L->g2, &L->dg2);
+        declare(params, prefix, "gate.wo", 2, gh, E, 0, MOE_INIT_NORMAL, s, 1, &L->wg, &L->dwg);
+        break;
+    }
+    declare(params, prefix, "experts.w1", 3, E, d, hin, MOE_INIT_NORMAL, s, 1, &L->w1, &L->dw1);
+    declare(params, prefix, "experts.w2", 3, E, cfg->d_ff, d, MOE_INIT_NORMAL, s, 1, &L->w2, &L->dw2);
+    if (cfg->expert_bias) {
+        declare(params, prefix, "experts.b1", 2, E, hin, 0, MOE_INIT_ZEROS, 0, 0, &L->b1, &L->db1);
+        declare(params, prefix, "experts.b2", 2, E, d, 0, MOE_INIT_ZEROS, 0, 0, &L->b2, &L->db2);
+    }
+    for (int i = 0; i < L->rinfo.n_params; ++i) {
+        const moe_tensor_spec *sp = &L->rinfo.params[i];
+        char name[80];
+        snprintf(name, sizeof name, "%s.router.%s", prefix, sp->name);
+        moe_params_declare(params, name, sp->ndim, sp->shape, sp->init, sp->init_value, sp->weight_decay,
+                           &L->router_params[i], &L->router_grads[i]);
+    }
+    for (int i = 0; i < L->rinfo.n_buffers; ++i) {
+        const moe_tensor_spec *sp = &L->rinfo.buffers[i];
+        char name[80];
+        snprintf(name, sizeof name, "%s.router.%s", prefix, sp->name);
+        moe_params_declare(buffers, name, sp->ndim, sp->shape, sp->init, sp->init_value, 0,
+                           &L->router_buffers[i], NULL);
+    }
+    return 0;
+}
+
+/* Allocate, and clear *ok on failure so one check covers every buffer. */
+static void *alloc_tracked(moe_backend *be, size_t bytes, int *ok) {
+    void *p = be->alloc(be, bytes ? bytes : 1);
+    if (!p) *ok = 0;
+    return p;
+}
+
+int moe_layer_alloc(moe_layer *L, char *err, size_t errcap) {
+    moe_backend *be = L->be;
+    const moe_layer_cfg *c = &L->cfg;
+    size_t T = (size_t)c->max_tokens, E = (size_t)c->num_experts, d = (size_t)c->d_model;
+    size_t Ko = (size_t)L->rinfo.k_out, gh = (size_t)gate_hidden(c), hin = (size_t)expert_in_width(c);
+    size_t h = (size_t)c->d_ff;
+    L->C_max = capacity_for(L, c->max_tokens);
+    /* A router that owns capacity fills at most C per expert, the same bound. */
+    size_t rows = E * (size_t)L->C_max;
+    size_t f = sizeof(float), i32 = sizeof(int32_t);
+    int ok = 1;
+    L->gate_a = alloc_tracked(be, T * gh * f, &ok);
+    L->gate_b = alloc_tracked(be, T * gh * f, &ok);
+    L->gate_h = alloc_tracked(be, T * gh * f, &ok);
+    L->logits = alloc_tracked(be, T * E * f, &ok);
+    L->route_logits = alloc_tracked(be, T * E * f, &ok);
+    L->probs = alloc_tracked(be, T * E * f, &ok);
+    L->expert = alloc_tracked(be, T * Ko * i32, &ok);
+    L->slot = alloc_tracked(be, T * Ko * i32, &ok);
+    L->kept = alloc_tracked(be, T * Ko * i32, &ok);
+    L->weight = alloc_tracked(be, T * Ko * f, &ok);
+    L->cw = alloc_tracked(be, T * Ko * f, &ok);
+    L->Xe = alloc_tracked(be, rows * d * f, &ok);
+    L->H = alloc_tracked(be, rows * hin * f, &ok);
+    L->A = alloc_tracked(be, rows * h * f, &ok);
+    L->Ye = alloc_tracked(be, rows * d * f, &ok);
+    L->dlogits = alloc_tracked(be, T * E * f, &ok);
+    L->router_dlogits = alloc_tracked(be, T * E * f, &ok);
+    L->dweight = alloc_tracked(be, T * Ko * f, &ok);
+    L->dcw = alloc_tracked(be, T * Ko * f, &ok);
+    L->dYe = alloc_tracked(be, rows * d * f, &ok);
+    L->dA = alloc_tracked(be, rows * h * f, &ok);
+    L->dH = alloc_tracked(be, rows * hin * f, &ok);
+    L->dXe = alloc_tracked(be, rows * d * f, &ok);
+    L->dgate_h = alloc_tracked(be, T * gh * f, &ok);
+    L->dgate_a = alloc_tracked(be, T * gh * f, &ok);
+    L->dgate_b = alloc_tracked(be, T * gh * f, &ok);
+    L->router_workspace = alloc_tracked(be, L->rinfo.workspace_bytes + 256, &ok);
+    L->stats.counts_before = calloc(E, sizeof(int32_t));
+    L->stats.counts_after = calloc(E, sizeof(int32_t));
+    if (!ok || !L->stats.counts_before || !L->stats.counts_after) {
+        snprintf(err, errcap, "out of memory allocating MoE layer %d activations (T=%zu, E=%zu, C=%d)",
+                 c->layer, T, E, L->C_max);
+        return -1;
+    }
+    return 0;
+}
+
+void moe_layer_destroy(moe_layer *L) {
+    moe_backend *be = L->be;
+    if (!be) return;
+    float *bufs[] = {L->gate_a, L->gate_b, L->gate_h, L->logits, L->route_logits, L->probs, L->router_dlogits, L->weight,
+                     L->cw, L->Xe, L->H, L->A, L->Ye, L->dlogits, L->dweight, L->dcw, L->dYe, L->dA,
+                     L->dH, L->dXe, L->dgate_h, L->dgate_a, L->dgate_b};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i) be->free(be, bufs[i]);
+    be->free(be, L->expert);
+    be->free(be, L->slot);
+    be->free(be, L->kept);
+    be->free(be, L->router_workspace);
+    if (L->router_state) L->router->destroy(L->router_state);
+    free(L->stats.counts_before);
+    free(L->stats.counts_after);
+    free(L->msg);
+    memset(L, 0, sizeof *L);
+}
+
+static moe_context router_context(moe_layer *L, int training, moe_rng_key key) {
+    moe_context c;
+    memset(&c, 0, sizeof c);
+    c.struct_size = sizeof c;
+    c.device = L->be->device;
+    c.workspace = L->router_workspace;
+    c.workspace_bytes = L->rinfo.workspace_bytes;
+    c.rng = key;
+    c.training = training;
+    c.world_size = 1;
+    c.msg = L->msg;
+    c.msg_cap = MSG_CAP;
+    L->msg[0] = '\0';
+    return c;
+}
+
+/* ---- gate network: logits = gate(x) ---- */
+
+static void gate_forward(moe_layer *L, const float *x, int T) {
+    moe_backend *be = L->be;
+    int d = L->cfg.d_model, E = L->cfg.num_experts, gh = gate_hidden(&L->cfg);
+    switch (L->cfg.gate) {
+    case MOE_GATE_LINEAR:
+        be->gemm(be, 0, 0, T, E, d, 1.0f, x, d, L->wg, E, 0.0f, L->logits, E);
+        break;
+    case MOE_GATE_MLP: /* logits = gelu(x g1 + b) wg */
+        be->gemm(be, 0, 0, T, gh, d, 1.0f, x, d, L->g1, gh, 0.0f, L->gate_a, gh);
+        be->add_bias(be, L->gate_a, L->g1b, T, gh);
+        be->act_fwd(be, MOE_ACT_GELU, L->gate_a, L->gate_h, T, gh);
+        be->gemm(be, 0, 0, T, E, gh, 1.0f, L->gate_h, gh, L->wg, E, 0.0f, L->logits, E);
+        break;
+    case MOE_GATE_MLP_HADAMARD: /* logits = ((x wa) * (x wb)) wo */
+        be->gemm(be, 0, 0, T, gh, d, 1.0f, x, d, L->g1, gh, 0.0f, L->gate_a, gh);
+        be->gemm(be, 0, 0, T, gh, d, 1.0f, x, d, L->g2, gh, 0.0f, L->gate_b, gh);
+        be->mul(be, L->gate_a, L->gate_b, L->gate_h, (size_t)T * gh);
+        be->gemm(be, 0, 0, T, E, gh, 1.0f, L->gate_h, gh, L->wg, E, 0.0f, L->logits, E);
+        break;
+    }
+}
+
+/* dx += d gate / dx . dlogits; parameter grads accumulate. */
+static void gate_backward(moe_layer *L, const float *x, float *dx, int T) {
+    moe_backend *be = L->be;
+    int d = L->cfg.d_model, E = L->cfg.num_experts, gh = gate_hidden(&L->cfg);
+    switch (L->cfg.gate) {
+    case MOE_GATE_LINEAR:
+        be->gemm(be, 1, 0, d, E, T, 1.0f, x, d, L->dlogits, E, 1.0f, L->dwg, E);
+        be->gemm(be, 0, 1, T, d, E, 1.0f, L->dlogits, E, L->wg, E, 1.0f, dx, d);
+        break;
+    case MOE_GATE_MLP:
+        be->gemm(be, 1, 0, gh, E, T, 1.0f, L->gate_h, gh, L->dlogits, E, 1.0f, L->dwg, E);
+        be->gemm(be, 0, 1, T, gh, E, 1.0f, L->dlogits, E, L->wg, E, 0.0f, L->dgate_h, gh);
+        be->act_bwd(be, MOE_ACT_GELU, L->gate_a, L->dgate_h, L->dgate_a, T, gh);
+        be->bias_grad(be, L->dgate_a, L->dg1b, T, gh);
+        be->gemm(be, 1, 0, d, gh, T, 1.0f, x, d, L->dgate_a, gh, 1.0f, L->dg1, gh);
+        be->gemm(be, 0, 1, T, d, gh, 1.0f, L->dgate_a, gh, L->g1, gh, 1.0f, dx, d);
+        break;
+    case MOE_GATE_MLP_HADAMARD:
+        be->gemm(be, 1, 0, gh, E, T, 1.0f, L->gate_h, gh, L->dlogits, E, 1.0f, L->dwg, E);
+        be->gemm(be, 0, 1, T, gh, E, 1.0f, L->dlogits, E, L->wg, E, 0.0f, L->dgate_h, gh);
+        be->mul(be, L->dgate_h, L->gate_b, L->dgate_a, (size_t)T * gh); /* d(a*b)/da = b */
+        be->mul(be, L->dgate_h, L->gate_a, L->dgate_b, (size_t)T * gh); /* d(a*b)/db = a */
+        be->gemm(be, 1, 0, d, gh, T, 1.0f, x, d, L->dgate_a, gh, 1.0f, L->dg1, gh);
+        be->gemm(be, 1, 0, d, gh, T, 1.0f, x, d, L->dgate_b, gh, 1.0f, L->dg2, gh);
+        be->gemm(be, 0, 1, T, d, gh, 1.0f, L->dgate_a, gh, L->g1, gh, 1.0f, dx, d);
+        be->gemm(be, 0, 1, T, d, gh, 1.0f, L->dgate_b, gh, L->g2, gh, 1.0f, dx, d);
+        break;
+    }
+}
+
+/* ---- checks on what the plugin returned: a broken plugin must give an
+ * error, never an out-of-bounds write in dispatch ---- */
+
+static int check_assignment(moe_layer *L, const int32_t *expert, const float *weight, const int32_t *slot,
+                            int T, int C, char *err, size_t errcap) {
+    int E = L->cfg.num_experts, Ko = L->rinfo.k_out;
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < Ko; ++k) {
+            size_t a = (size_t)t * Ko + k;
+            int e = expert[a];
+            if (e < -1 || e >= E) {
+                snprintf(err, errcap, "router '%s' returned expert[%d,%d] = %d, outside [-1, %d)",
+                         L->router->name, t, k, e, E);
+                return -1;
+            }
+            if (e >= 0 && !(isfinite(weight[a]) && weight[a] >= 0.0f)) {
+                snprintf(err, errcap, "router '%s' returned weight[%d,%d] = %g; weights must be finite and >= 0",
+                         L->router->name, t, k, weight[a]);
+                return -1;
+            }
+            if (slot && e >= 0 && (slot[a] < 0 || slot[a] >= C)) {
+                snprintf(err, errcap, "router '%s' returned slot[%d,%d] = %d, outside its capacity [0, %d)",
+                         L->router->name, t, k, slot[a], C);
+                return -1;
+            }
+        }
+    return 0;
+}
+
+/* ---- statistics of this routing step, from host copies ---- */
+
+static void routing_stats(moe_layer *L, const float *logits, const int32_t *expert, const int32_t *kept,
+                          const float *cw, int T) {
+    moe_layer_stats *s = &L->stats;
+    int E = L->cfg.num_experts, Ko = L->rinfo.k_out;
+    float *p = malloc((size_t)E * sizeof *p);
+    s->T = T;
+    s->C = L->C;
+    s->K = L->K_cap;
+    s->assigned = s->dropped = s->tokens_dropped = s->combine_tokens = 0;
+    s->router_entropy = s->combine_entropy = s->topk_prob = 0.0;
+    for (int t = 0; t < T; ++t) {
+        moe_softmax_row(logits + (size_t)t * E, p, E, 1.0f);
+        double H = 0.0, mass = 0.0, wsum = 0.0;
+        for (int e = 0; e < E; ++e)
+            if (p[e] > 0.0f) H -= (double)p[e] * log((double)p[e]);
+        s->router_entropy += H;
+        int any_kept = 0;
+        for (int k = 0; k < Ko; ++k) {
+            size_t a = (size_t)t * Ko + k;
+            if (expert[a] < 0) continue;
+            s->assigned++;
+            mass += p[expert[a]];
+            if (kept[a] < 0) s->dropped++;
+            else {
+                any_kept = 1;
+                wsum += cw[a];
+            }
+        }
+        s->topk_prob += mass;
+        if (!any_kept) {
+            s->tokens_dropped++;
+            continue;
+        }
+        if (wsum > 0.0) {
+            double Hc = 0.0;
+            for (int k = 0; k < Ko; ++k) {
+                size_t a = (size_t)t * Ko + k;
+                double q = kept[a] >= 0 ? cw[a] / wsum : 0.0;
+                if (q > 0.0) Hc -= q * log(q);
+            }
+            s->combine_entropy += Hc;
+            s->combine_tokens++;
+        }
+    }
+    free(p);
+}
+
+/* ================================ forward ================================ */
+
+int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
+                      moe_rng_key key, float *y, double *aux_total, char *err, size_t errcap) {
+    moe_backend *be = L->be;
+    const moe_layer_cfg *c = &L->cfg;
+    int d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff, hin = expert_in_width(c);
+    int owns_capacity = (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) != 0;
+    int perturbs = (L->rinfo.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
+    L->x = x;
+    L->T = T;
+    L->C = capacity_for(L, T);
+    int C = L->C;
+
+    /* 1. gate network */
+    gate_forward(L, x, T);
+
+    /* 2. router plugin: who goes where, with which weight */
+    moe_context ctx = router_context(L, training, key);
+    moe_router_fwd_args fa;
+    memset(&fa, 0, sizeof fa);
+    fa.struct_size = sizeof fa;
+    fa.T = T;
+    fa.E = E;
+    fa.k_out = Ko;
+    fa.capacity = C;
+    fa.d_model = d;
+    fa.logits = L->logits;
+    fa.x = x;
+    fa.token_ids = token_ids;
+    fa.params = L->router_params;
+    fa.buffers = L->router_buffers;
+    fa.expert = L->expert;
+    fa.weight = L->weight;
+    fa.slot = owns_capacity ? L->slot : NULL;
+    fa.route_logits = perturbs ? L->route_logits : NULL;
+    if (L->router_impl->forward(L->router_state, &ctx, &fa) != MOE_OK) {
+        snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s", L->router->name, c->layer, L->msg);
+        return -1;
+    }
+
+    /* Host copies for validation and statistics (no copy on the CPU backend
+     * would be needed, but the path is the same for CUDA). */
+    size_t nA = (size_t)T * Ko;
+    int32_t *h_expert = malloc((nA ? nA : 1) * sizeof(int32_t));
+    int32_t *h_slot = malloc((nA ? nA : 1) * sizeof(int32_t));
+    int32_t *h_kept = malloc((nA ? nA : 1) * sizeof(int32_t));
+    float *h_weight = malloc((nA ? nA : 1) * sizeof(float));
+    float *h_cw = malloc((nA ? nA : 1) * sizeof(float));
+    float *h_logits = malloc(((size_t)T * E + 1) * sizeof(float));
+    float *f = malloc((size_t)E * sizeof(float));
+    be->to_host(be, h_expert, L->expert, nA * sizeof(int32_t));
+    be->to_host(be, h_weight, L->weight, nA * sizeof(float));
+    if (owns_capacity) be->to_host(be, h_slot, L->slot, nA * sizeof(int32_t));
+    int rc = check_assignment(L, h_expert, h_weight, owns_capacity ? h_slot : NULL, T, C, err, errcap);
+
+    if (rc == 0) {
+        /* 3. capacity: at most C assignments per expert, by priority */
+        if (owns_capacity) {
+            /* The router chose slots; kept = expert; count for the stats. */
+            memset(L->stats.counts_before, 0, (size_t)E * sizeof(int32_t));
+            for (size_t a = 0; a < nA; ++a)
+                if (h_expert[a] >= 0) L->stats.counts_before[h_expert[a]]++;
+            memcpy(L->stats.counts_after, L->stats.counts_before, (size_t)E * sizeof(int32_t));
+            be->copy(be, L->kept, L->expert, nA * sizeof(int32_t));
+            memcpy(h_kept, h_expert, nA * sizeof(int32_t));
+            /* Slots must be distinct within an expert, or two tokens would
+             * share one expert row. */
+            int32_t *seen = calloc((size_t)E * C, sizeof(int32_t));
+            for (size_t a = 0; a < nA && rc == 0; ++a) {
+                if (h_expert[a] < 0) continue;
+                if (seen[(size_t)h_expert[a] * C + h_slot[a]]++) {
+                    snprintf(err, errcap, "router '%s' gave two tokens slot %d of expert %d",
+                             L->router->name, h_slot[a], h_expert[a]);
+                    rc = -1;
+                }
+            }
+            free(seen);
+        } else {
+            be->capacity_assign(be, L->expert, L->weight, T, Ko, E, C, c->drop_policy, L->kept, L->slot,
+                                L->stats.counts_before, L->stats.counts_after);
+            be->to_host(be, h_kept, L->kept, nA * sizeof(int32_t));
+        }
+    }
+    if (rc == 0) {
+        /* 4. combine weights, renormalised over kept assignments if asked */
+        be->combine_weights(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->cw);
+        be->to_host(be, h_cw, L->cw, nA * sizeof(float));
+
+        /* 5. dispatch: Xe[e, slot] = x[t] */
+        be->dispatch(be, x, L->kept, L->slot, T, Ko, C, E, d, L->Xe);
+
+        /* 6. experts: H = Xe w1 + b1; A = act(H); Ye = A w2 + b2, per expert */
+        be->gemm_strided_batched(be, 0, 0, C, hin, d, 1.0f, L->Xe, d, (long long)C * d, L->w1, hin,
+                                 (long long)d * hin, 0.0f, L->H, hin, (long long)C * hin, E);
+        if (c->expert_bias)
+            for (int e = 0; e < E; ++e) be->add_bias(be, L->H + (size_t)e * C * hin, L->b1 + (size_t)e * hin, C, hin);
+        be->act_fwd(be, c->activation, L->H, L->A, E * C, h);
+        be->gemm_strided_batched(be, 0, 0, C, d, h, 1.0f, L->A, h, (long long)C * h, L->w2, d,
+                                 (long long)h * d, 0.0f, L->Ye, d, (long long)C * d, E);
+        if (c->expert_bias)
+            for (int e = 0; e < E; ++e) be->add_bias(be, L->Ye + (size_t)e * C * d, L->b2 + (size_t)e * d, C, d);
+
+        /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] */
+        be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, y);
+
+        /* 8. auxiliary losses; their gradients are prepared now: the
+         *    load-balancing one into L->probs (d_lb), the z-loss one into
+         *    L->dlogits. */
+        long long routed = 0;
+        for (int e = 0; e < E; ++e) routed += L->stats.counts_before[e];
+        for (int e = 0; e < E; ++e) f[e] = routed ? (float)L->stats.counts_before[e] / (float)routed : 0.0f;
+        be->zero(be, L->dlogits, (size_t)T * E * sizeof(float));
+        be->aux_losses(be, perturbs ? L->route_logits : L->logits, L->logits, f, T, E, c->aux_loss_weight,
+                       c->z_loss_weight, L->probs, L->dlogits, &L->stats.aux_loss, &L->stats.z_loss);
+        *aux_total += c->aux_loss_weight * L->stats.aux_loss + c->z_loss_weight * L->stats.z_loss;
+
+        be->to_host(be, h_logits, L->logits, (size_t)T * E * sizeof(float));
+        routing_stats(L, h_logits, h_expert, h_kept, h_cw, T);
+    }
+    free(h_expert);
+    free(h_slot);
+    free(h_kept);
+    free(h_weight);
+    free(h_cw);
+    free(h_logits);
+    free(f);
+    return rc;
+}
+
+/* ================================ backward =============================== */
+
+int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, float *dx,
+                       moe_rng_key key, char *err, size_t errcap) {
+    moe_backend *be = L->be;
+    const moe_layer_cfg *c = &L->cfg;
+    int T = L->T, C = L->C, d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff;
+    int hin = expert_in_width(c);
+    int perturbs = (L->rinfo.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
+
+    /* 7'. combine: dYe = cw * dy scattered to rows; dcw = <dy, Ye> */
+    be->combine_bwd(be, L->Ye, L->kept, L->slot, L->cw, dy, T, Ko, C, E, d, L->dYe, L->dcw);
+
+    /* 6'. experts, last layer first */
+    if (c->expert_bias)
+        for (int e = 0; e < E; ++e) be->bias_grad(be, L->dYe + (size_t)e * C * d, L->db2 + (size_t)e * d, C, d);
+    /* dA = dYe w2^T; dw2 += A^T dYe */
+    be->gemm_strided_batched(be, 0, 1, C, h, d, 1.0f, L->dYe, d, (long long)C * d, L->w2, d, (long long)h * d,
+                             0.0f, L->dA, h, (long long)C * h, E);
+    be->gemm_strided_batched(be, 1, 0, h, d, C, 1.0f, L->A, h, (long long)C * h, L->dYe, d, (long long)C * d,
+                             1.0f, L->dw2, d, (long long)h * d, E);
+    be->act_bwd(be, c->activation, L->H, L->dA, L->dH, E * C, h);
+    if (c->expert_bias)
+        for (int e = 0; e < E; ++e) be->bias_grad(be, L->dH + (size_t)e * C * hin, L->db1 + (size_t)e * hin, C, hin);
+    /* dXe = dH w1^T; dw1 += Xe^T dH */
+    be->gemm_strided_batched(be, 0, 1, C, d, hin, 1.0f, L->dH, hin, (long long)C * hin, L->w1, hin,
+                             (long long)d * hin, 0.0f, L->dXe, d, (long long)C * d, E);
+    be->gemm_strided_batched(be, 1, 0, d, hin, C, 1.0f, L->Xe, d, (long long)C * d, L->dH, hin,
+                             (long long)C * hin, 1.0f, L->dw1, hin, (long long)d * hin, E);
+
+    /* 5'. dispatch: dx[t] += dXe[kept, slot] */
+    be->dispatch_bwd(be, L->dXe, L->kept, L->slot, T, Ko, C, d, dx);
+
+    /* 4'. combine weights -> router weights (0 for dropped assignments) */
+    be->combine_weights_bwd(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->dcw, L->dweight);
+
+    /* 2'. router plugin: dweight (+ the load-balancing gradient on l' for
+     * routers that perturb their logits) -> dlogits of its own, added to the
+     * z-loss gradient already in L->dlogits. */
+    int no_grad = (L->rinfo.flags & MOE_ROUTER_NO_GRAD) != 0;
+    if (!no_grad) {
+        moe_context ctx = router_context(L, 1, key);
+        moe_router_bwd_args ba;
+        memset(&ba, 0, sizeof ba);
+        ba.struct_size = sizeof ba;
+        ba.T = T;
+        ba.E = E;
+        ba.k_out = Ko;
+        ba.capacity = C;
+        ba.d_model = d;
+        ba.logits = L->logits;
+        ba.x = L->x;
+        ba.token_ids = token_ids;
+        ba.params = L->router_params;
+        ba.buffers = L->router_buffers;
+        ba.expert = L->expert;
+        ba.weight = L->weight;
+        ba.slot = (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) ? L->slot : NULL;
+        ba.route_logits = perturbs ? L->route_logits : NULL;
+        ba.dweight = L->dweight;
+        ba.d_route_logits = perturbs ? L->probs : NULL;
+        ba.dlogits = L->router_dlogits;
+        ba.dx = dx;
+        ba.param_grads = L->router_grads;
+        if (L->router_impl->backward(L->router_state, &ctx, &ba) != MOE_OK) {
+            snprintf(err, errcap, "router '%s' (layer %d) backward failed: %s", L->router->name, c->layer, L->msg);
+            return -1;
+        }
+        be->axpy(be, 1.0f, L->router_dlogits, L->dlogits, (size_t)T * E);
+    }
+    /* The load-balancing gradient reaches the logits directly unless the
+     * router chained it through its perturbation above. */
+    if (!perturbs || no_grad) be->axpy(be, 1.0f, L->probs, L->dlogits, (size_t)T * E);
+
+    /* 1'. gate network */
+    gate_backward(L, L->x, dx, T);
+    return 0;
+}

@@ -1,0 +1,106 @@
+/*
+ * One Mixture-of-Experts feed-forward layer: gate network, router plugin,
+ * capacity, dispatch, experts, combine, auxiliary losses; and its backward.
+ * The data flow is in moe.c, top to bottom.
+ */
+#ifndef MOE_MOE_LAYER_H
+#define MOE_MOE_LAYER_H
+
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "model/params.h"
+#include "moe/router.h"
+
+typedef enum moe_gate_kind { MOE_GATE_LINEAR = 0, MOE_GATE_MLP = 1, MOE_GATE_MLP_HADAMARD = 2 } moe_gate_kind;
+
+/* Shape and behaviour of a MoE layer, fixed at creation. */
+typedef struct moe_layer_cfg {
+    int d_model, num_experts, top_k, d_ff, gate_hidden, max_tokens, layer, vocab_size;
+    moe_gate_kind gate;
+    moe_act_kind activation;
+    int expert_bias;
+    int drop_policy;          /* 0 position, 1 probs */
+    int renorm_after_drop;
+    double capacity_factor;
+    float aux_loss_weight, z_loss_weight;
+    float init_std;
+} moe_layer_cfg;
+
+/* Routing statistics of the last forward (host memory). */
+typedef struct moe_layer_stats {
+    int T, C, K;              /* tokens, capacity, assignments per token counted for capacity */
+    long long assigned;       /* non-empty assignments the router made */
+    long long dropped;        /* of those, not kept */
+    long long tokens_dropped; /* tokens with no kept assignment */
+    double router_entropy;    /* sum over tokens (divide by T) */
+    double combine_entropy;   /* sum over tokens with a kept assignment */
+    long long combine_tokens;
+    double topk_prob;         /* sum over tokens of the routed experts' softmax(l) mass */
+    double aux_loss;          /* E * sum_e f_e P_e (unweighted) */
+    double z_loss;            /* mean logsumexp(l)^2 (unweighted) */
+    int32_t *counts_before;   /* [E] assignments routed to each expert */
+    int32_t *counts_after;    /* [E] kept */
+} moe_layer_stats;
+
+typedef struct moe_layer {
+    moe_layer_cfg cfg;
+    moe_backend *be;
+
+    /* the router plugin instance serving this layer */
+    const moe_router_plugin_v1_t *router;
+    const moe_router_impl *router_impl;
+    void *router_state;
+    moe_router_info rinfo;
+    void *router_workspace;
+    int K_cap;                /* K in C = ceil(CF*T*K/E) */
+
+    /* parameters (pointers into the model's flat buffers) and their grads */
+    float *wg, *dwg;          /* linear gate [d,E]; mlp: [gh,E] output layer */
+    float *g1, *dg1;          /* mlp gates: [d,gh] first layer */
+    float *g1b, *dg1b;        /* mlp: [gh] bias */
+    float *g2, *dg2;          /* mlp_hadamard: [d,gh] second branch */
+    float *w1, *dw1;          /* experts [E,d,h_in], h_in = d_ff or 2*d_ff (swiglu) */
+    float *b1, *db1;          /* [E,h_in] */
+    float *w2, *dw2;          /* [E,d_ff,d] */
+    float *b2, *db2;          /* [E,d] */
+    float *router_params[MOE_MAX_PLUGIN_TENSORS], *router_grads[MOE_MAX_PLUGIN_TENSORS];
+    float *router_buffers[MOE_MAX_PLUGIN_TENSORS];
+
+    /* saved activations of the last forward (sized for max_tokens) */
+    int T, C, C_max;
+    const float *x;           /* input [T,d] (owned by the caller) */
+    float *gate_a, *gate_b, *gate_h; /* gate hidden activations [T,gh] */
+    float *logits, *route_logits;    /* [T,E] */
+    int32_t *expert, *slot, *kept;   /* [T,k_out] */
+    float *weight, *cw;              /* [T,k_out] */
+    float *Xe, *H, *A, *Ye;          /* [E*C, d | h_in | d_ff | d] */
+    /* backward scratch */
+    float *dlogits, *dweight, *dcw, *dYe, *dA, *dH, *dXe, *dgate_h, *dgate_a, *dgate_b;
+    float *probs;                    /* [T,E] d(weighted load-balancing loss)/d(routing logits) */
+    float *router_dlogits;           /* [T,E] the plugin's backward output */
+
+    moe_layer_stats stats;
+    char *msg;                /* plugin message buffer */
+} moe_layer;
+
+/* Create the router instance and declare the layer's parameters into
+ * `params` (and router buffers into `buffers`). 0 ok, -1 + err. */
+int moe_layer_create(moe_layer *L, const moe_layer_cfg *cfg, moe_backend *be,
+                     const moe_router_plugin_v1_t *router, const moe_option *opts, int n_opts,
+                     moe_param_set *params, moe_param_set *buffers, char *err, size_t errcap);
+/* Allocate activation memory (after the parameters are allocated). */
+int moe_layer_alloc(moe_layer *L, char *err, size_t errcap);
+void moe_layer_destroy(moe_layer *L);
+
+/* y[T,d] = MoE(x[T,d]). token_ids feed id-keyed routers. Returns 0, or -1
+ * with the plugin's message (prefixed by its name) in err. The auxiliary
+ * losses' weighted value is added to *aux_total. */
+int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
+                      moe_rng_key key, float *y, double *aux_total, char *err, size_t errcap);
+/* Given dy, accumulate dx and parameter gradients (the auxiliary losses'
+ * gradients were prepared by the forward). */
+int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, float *dx,
+                       moe_rng_key key, char *err, size_t errcap);
+
+#endif

@@ -1,0 +1,205 @@
+/*
+ * moehost: the command-line front of MoE Routing Bench.
+ *
+ *   moehost --config X.toml [--set section.key=value ...] [--resume]   train
+ *   moehost prepare --out DIR [--tokenizer char] [--shard-tokens N] FILE...
+ *   moehost plugins                                                     list routers
+ *   moehost config --doc                                                config reference
+ */
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime/config.h"
+#include "runtime/data.h"
+#include "runtime/plugin_loader.h"
+#include "runtime/train.h"
+
+#ifndef MOE_VERSION
+#define MOE_VERSION "dev"
+#endif
+
+#define ERR_CAP 4096
+#define MAX_SETS 256
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "MoE Routing Bench %s\n"
+            "\n"
+            "usage:\n"
+            "  moehost [train] --config FILE [--set section.key=value ...] [--resume] [--quiet]\n"
+            "      train and evaluate as FILE says; results go to <run.out_dir>/<run.name>/\n"
+            "  moehost prepare --out DIR [--tokenizer char] [--shard-tokens N] FILE...\n"
+            "      tokenize text files into token shards plus vocab.json\n"
+            "  moehost plugins\n"
+            "      list the router plugins found, with their options\n"
+            "  moehost config --doc\n"
+            "      print the reference of every config key (docs/config.md)\n"
+            "  moehost --version | --help\n"
+            "\n"
+            "Router plugins are found through MOE_PLUGIN_PATH, then beside this program, then in the\n"
+            "build and install folders; router.plugin may also be a path to a .so.\n",
+            MOE_VERSION);
+}
+
+static int fail(const char *msg) {
+    fprintf(stderr, "moehost: error: %s\n", msg);
+    return 1;
+}
+
+/* ---- train ---- */
+
+static int cmd_train(int argc, char **argv) {
+    const char *config = NULL;
+    const char *sets[MAX_SETS];
+    int n_sets = 0;
+    moe_train_options opt = {0, 0};
+    for (int i = 0; i < argc; ++i) {
+        const char *a = argv[i];
+        if (strcmp(a, "--config") == 0 && i + 1 < argc) config = argv[++i];
+        else if (strncmp(a, "--config=", 9) == 0) config = a + 9;
+        else if (strcmp(a, "--set") == 0 && i + 1 < argc) {
+            if (n_sets == MAX_SETS) return fail("too many --set options");
+            sets[n_sets++] = argv[++i];
+        } else if (strcmp(a, "--resume") == 0) opt.resume = 1;
+        else if (strcmp(a, "--quiet") == 0) opt.quiet = 1;
+        else {
+            char msg[512];
+            snprintf(msg, sizeof msg, "unknown argument '%s' (see moehost --help)", a);
+            return fail(msg);
+        }
+    }
+    if (!config) return fail("no config given: moehost --config FILE.toml (see configs/quickstart.toml)");
+    static moe_config cfg;
+    char err[ERR_CAP];
+    if (moe_config_load(&cfg, config, sets, n_sets, err, sizeof err) != 0) return fail(err);
+    if (moe_config_validate(&cfg, err, sizeof err) != 0) return fail(err);
+    if (moe_train_run(&cfg, &opt, err, sizeof err) != 0) return fail(err);
+    return 0;
+}
+
+/* ---- prepare ---- */
+
+static int cmd_prepare(int argc, char **argv) {
+    const char *out = NULL, *tokenizer = "char";
+    long long shard_tokens = 0;
+    const char **inputs = calloc((size_t)argc + 1, sizeof *inputs);
+    int n_inputs = 0;
+    for (int i = 0; i < argc; ++i) {
+        if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) out = argv[++i];
+        else if (strcmp(argv[i], "--tokenizer") == 0 && i + 1 < argc) tokenizer = argv[++i];
+        else if (strcmp(argv[i], "--shard-tokens") == 0 && i + 1 < argc) shard_tokens = atoll(argv[++i]);
+        else if (argv[i][0] == '-') {
+            char msg[512];
+            snprintf(msg, sizeof msg, "unknown option '%s' for prepare (see moehost --help)", argv[i]);
+            free(inputs);
+            return fail(msg);
+        } else inputs[n_inputs++] = argv[i];
+    }
+    int rc = 0;
+    char err[ERR_CAP];
+    if (!out) rc = fail("prepare needs --out DIR");
+    else if (n_inputs == 0) rc = fail("prepare needs at least one text file");
+    else if (strcmp(tokenizer, "char") != 0) {
+        snprintf(err, sizeof err, "tokenizer '%s' is not available in this build (available: char)", tokenizer);
+        rc = fail(err);
+    } else if (moe_prepare(inputs, n_inputs, out, tokenizer, shard_tokens, err, sizeof err) != 0) rc = fail(err);
+    else fprintf(stderr, "prepared %d file(s) into %s\n", n_inputs, out);
+    free(inputs);
+    return rc;
+}
+
+/* ---- plugins ---- */
+
+static const char *type_name(moe_opt_type t) {
+    switch (t) {
+    case MOE_OPT_BOOL: return "bool";
+    case MOE_OPT_INT: return "int";
+    case MOE_OPT_FLOAT: return "float";
+    case MOE_OPT_STRING: return "string";
+    }
+    return "?";
+}
+
+static void print_plugin(const moe_router_lib *lib) {
+    const moe_router_plugin_v1_t *p = lib->api;
+    printf("%-14s ABI v%d  cpu:%s cuda:%s  %s\n", p->name, lib->abi_version, p->cpu ? "yes" : "no",
+           p->cuda ? "yes" : "no", p->description ? p->description : "");
+    printf("  %s\n", lib->path);
+    for (int i = 0; i < p->n_options; ++i) {
+        const moe_option_spec *o = &p->options[i];
+        printf("    %-16s %-6s default %-10s", o->key, type_name(o->type), o->default_value);
+        if (o->choices) printf(" one of %s", o->choices);
+        if (o->min < o->max) printf(" in [%g, %g]", o->min, o->max);
+        printf("  %s\n", o->help ? o->help : "");
+    }
+}
+
+static int cmd_plugins(void) {
+    char dirs[MOE_MAX_SEARCH_DIRS][MOE_PATH_MAX];
+    int n = moe_plugin_search_dirs(dirs, MOE_MAX_SEARCH_DIRS), found = 0;
+    for (int i = 0; i < n; ++i) {
+        DIR *d = opendir(dirs[i]);
+        if (!d) continue;
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            size_t len = strlen(e->d_name);
+            if (len < 4 || strcmp(e->d_name + len - 3, ".so") != 0) continue;
+            char path[MOE_PATH_MAX + 300], err[ERR_CAP];
+            snprintf(path, sizeof path, "%.1023s/%.255s", dirs[i], e->d_name);
+            moe_router_lib lib;
+            if (moe_router_lib_open_file(&lib, path, err, sizeof err) == 0) {
+                print_plugin(&lib);
+                moe_router_lib_close(&lib);
+                found++;
+            } else printf("(skipped) %s\n", err);
+        }
+        closedir(d);
+    }
+    if (!found) {
+        fprintf(stderr, "moehost: no router plugins found; searched:");
+        for (int i = 0; i < n; ++i) fprintf(stderr, " %s", dirs[i]);
+        fprintf(stderr, "\n");
+        return 1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 1;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "--version") == 0) {
+        printf("moehost %s (router ABI %s; backends: cpu)\n", MOE_VERSION, MOE_ROUTER_ABI_SUPPORTED);
+        return 0;
+    }
+    if (strcmp(cmd, "train") == 0) return cmd_train(argc - 2, argv + 2);
+    if (strcmp(cmd, "prepare") == 0) return cmd_prepare(argc - 2, argv + 2);
+    if (strcmp(cmd, "plugins") == 0) return cmd_plugins();
+    if (strcmp(cmd, "config") == 0) {
+        if (argc == 3 && strcmp(argv[2], "--doc") == 0) {
+            moe_config_print_doc(stdout);
+            return 0;
+        }
+        return fail("usage: moehost config --doc");
+    }
+    if (strcmp(cmd, "bench") == 0 || strcmp(cmd, "report") == 0) {
+        char msg[256];
+        snprintf(msg, sizeof msg,
+                 "'moehost %s' is not available in this build (it arrives with the CUDA backend and the "
+                 "experiment reports)",
+                 cmd);
+        return fail(msg);
+    }
+    if (cmd[0] == '-') return cmd_train(argc - 1, argv + 1);
+    char msg[256];
+    snprintf(msg, sizeof msg, "unknown command '%s' (see moehost --help)", cmd);
+    return fail(msg);
+}

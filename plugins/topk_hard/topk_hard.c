@@ -1,0 +1,223 @@
+/*
+ * topk_hard: every token goes to the K experts with the largest logits, with
+ * fixed weights.
+ *
+ *     idx    = top-K of l            largest first, ties to the lower index
+ *     weight = 1/K each              (weight = "uniform", the default)
+ *
+ * Fixed weights carry no information about l, so the router gets no gradient
+ * from the task loss. Two variants:
+ *
+ *   weight = "st"   straight-through: the forward pass is the uniform one, the
+ *                   backward pass pretends the weights were softk's (softmax
+ *                   over the K selected logits, temperature 1):
+ *                       w_j     = exp(l_idx_j) / sum_i exp(l_idx_i)
+ *                       dl_idx_j = w_j (g_j - sum_i w_i g_i),  g = dL/dweight,
+ *                   and 0 for the experts not selected. This is deliberately
+ *                   not the gradient of the forward pass (which is 0): it
+ *                   gives the gate a learning signal while the experts see
+ *                   equal weights.
+ *   weight = "one"  the seed bench: weight 1 each (so the K outputs add up),
+ *                   no gradient.
+ *
+ * CPU path only for now (cuda = NULL).
+ */
+#include <moe/router.h>
+
+typedef enum topk_hard_weight {
+    TOPK_HARD_UNIFORM, /* 1/K, no gradient */
+    TOPK_HARD_ST,      /* 1/K, straight-through softk gradient */
+    TOPK_HARD_ONE      /* 1, no gradient (seed bench) */
+} topk_hard_weight;
+
+typedef struct topk_hard_state {
+    int32_t num_experts; /* E */
+    int32_t top_k;       /* K */
+    topk_hard_weight weight;
+} topk_hard_state;
+
+static const moe_option_spec topk_hard_options[] = {
+    {"weight", MOE_OPT_STRING, "uniform", "uniform|st|one", 0.0, 0.0,
+     "uniform: 1/K each, no gradient; st: 1/K forward, softk (temperature 1) gradient backward; "
+     "one: 1 each, no gradient (seed bench)"},
+};
+#define TOPK_HARD_N_OPTIONS ((int)(sizeof topk_hard_options / sizeof topk_hard_options[0]))
+
+/* ---- instance ----------------------------------------------------------- */
+
+static moe_status topk_hard_create(const moe_router_dims *dims, const moe_option *opts, int32_t n_opts,
+                                   void **state, char *msg, size_t msg_cap) {
+    if (!dims || !state || n_opts < 0 || (n_opts > 0 && !opts))
+        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
+                        "create: dims and state must not be NULL, options must be an array of n_opts >= 0");
+    *state = NULL;
+
+    moe_option resolved[TOPK_HARD_N_OPTIONS];
+    moe_status st =
+        moe_options_resolve(topk_hard_options, TOPK_HARD_N_OPTIONS, opts, n_opts, resolved, msg, msg_cap);
+    if (st != MOE_OK) return st;
+
+    const int32_t E = dims->num_experts, K = dims->top_k;
+    if (E < 1)
+        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
+                        "num_experts = %d; set [moe].num_experts >= 1", (int)E);
+    if (K < 1)
+        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "top_k = %d; set [moe].top_k >= 1", (int)K);
+    if (K > E)
+        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
+                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", (int)K, (int)E);
+
+    topk_hard_state *s = malloc(sizeof *s);
+    if (!s) return moe_fail(msg, msg_cap, MOE_ERR_NO_MEMORY, "out of memory for the router state");
+    s->num_experts = E;
+    s->top_k = K;
+    /* The resolved string may point into the caller's config: keep the enum, not the text. */
+    const char *w = moe_option_get(resolved, TOPK_HARD_N_OPTIONS, "weight")->s;
+    s->weight = strcmp(w, "st") == 0 ? TOPK_HARD_ST : strcmp(w, "one") == 0 ? TOPK_HARD_ONE : TOPK_HARD_UNIFORM;
+    *state = s;
+    return MOE_OK;
+}
+
+static void topk_hard_destroy(void *state) { free(state); }
+
+/* Straight-through backward needs one row of scratch: the softk weights w[K]
+ * and the selected indices idx[K]. The CPU loop runs one token at a time. */
+static size_t topk_hard_workspace_bytes(const topk_hard_state *s) {
+    return s->weight == TOPK_HARD_ST ? (size_t)s->top_k * (sizeof(float) + sizeof(int32_t)) : 0;
+}
+
+static moe_status topk_hard_query(const void *state, moe_router_info *info) {
+    const topk_hard_state *s = state;
+    if (!s || !info || info->struct_size < sizeof *info) return MOE_ERR_INVALID_ARG;
+    uint32_t host_size = info->struct_size;
+    memset(info, 0, sizeof *info);
+    info->struct_size = host_size;
+    info->k_out = s->top_k;
+    switch (s->weight) {
+    case TOPK_HARD_UNIFORM:
+        info->flags = MOE_ROUTER_NO_GRAD | MOE_ROUTER_WEIGHT_SUM_EXACT;
+        info->weight_sum = 1.0f;
+        break;
+    case TOPK_HARD_ST:
+        info->flags = MOE_ROUTER_WEIGHT_SUM_EXACT;
+        info->weight_sum = 1.0f;
+        break;
+    case TOPK_HARD_ONE:
+        info->flags = MOE_ROUTER_NO_GRAD | MOE_ROUTER_WEIGHT_SUM_EXACT;
+        info->weight_sum = (float)s->top_k;
+        break;
+    }
+    info->workspace_bytes = topk_hard_workspace_bytes(s);
+    return MOE_OK;
+}
+
+/* ---- input checks --------------------------------------------------------- */
+
+static moe_status topk_hard_check_call(const topk_hard_state *s, const moe_context *ctx, int32_t T, int32_t E,
+                                       int32_t k_out) {
+    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", (int)T);
+    if (E != s->num_experts)
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                        "E = %d but this instance was created with num_experts = %d", (int)E,
+                        (int)s->num_experts);
+    if (k_out != s->top_k)
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                        "k_out = %d but this instance writes top_k = %d assignments per token", (int)k_out,
+                        (int)s->top_k);
+    size_t need = topk_hard_workspace_bytes(s);
+    if (T > 0 && need > 0 && (!ctx->workspace || ctx->workspace_bytes < need))
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                        "workspace of %zu bytes given, query() asked for %zu", ctx->workspace_bytes, need);
+    return MOE_OK;
+}
+
+/* All logits are checked before any output is written, so a failed call
+ * leaves no half-routed batch behind. */
+static moe_status topk_hard_check_logits(const moe_context *ctx, const float *logits, int32_t T, int32_t E) {
+    for (int32_t t = 0; t < T; ++t)
+        for (int32_t j = 0; j < E; ++j) {
+            float v = logits[(size_t)t * E + j];
+            if (!isfinite(v))
+                return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                                "logit[%d,%d] is %s: the gate produced a non-finite value", (int)t, (int)j,
+                                isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+        }
+    return MOE_OK;
+}
+
+/* ---- CPU path --------------------------------------------------------------- */
+
+static moe_status topk_hard_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
+    const topk_hard_state *s = state;
+    if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
+    moe_status st = topk_hard_check_call(s, ctx, a->T, a->E, a->k_out);
+    if (st != MOE_OK || a->T == 0) return st;
+    if (!a->logits || !a->expert || !a->weight)
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                        "forward: logits, expert and weight must not be NULL when T = %d > 0", (int)a->T);
+    st = topk_hard_check_logits(ctx, a->logits, a->T, a->E);
+    if (st != MOE_OK) return st;
+
+    const int32_t T = a->T, E = a->E, K = s->top_k;
+    /* "st" shares the uniform forward pass; only its backward differs. */
+    const float w = s->weight == TOPK_HARD_ONE ? 1.0f : 1.0f / (float)K;
+    for (int32_t t = 0; t < T; ++t) {
+        moe_topk_row(a->logits + (size_t)t * E, E, K, a->expert + (size_t)t * K);
+        for (int32_t j = 0; j < K; ++j) a->weight[(size_t)t * K + j] = w;
+    }
+    return MOE_OK;
+}
+
+static moe_status topk_hard_backward(void *state, const moe_context *ctx, const moe_router_bwd_args *a) {
+    const topk_hard_state *s = state;
+    if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
+    moe_status st = topk_hard_check_call(s, ctx, a->T, a->E, a->k_out);
+    if (st != MOE_OK || a->T == 0) return st;
+    if (!a->dlogits)
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                        "backward: dlogits must not be NULL when T = %d > 0", (int)a->T);
+
+    const int32_t T = a->T, E = a->E, K = s->top_k;
+    /* dlogits is an output: every entry is written, zeros where no gradient flows. */
+    memset(a->dlogits, 0, (size_t)T * E * sizeof(float));
+    if (s->weight != TOPK_HARD_ST) return MOE_OK;
+
+    if (!a->logits || !a->dweight)
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                        "backward: logits and dweight must not be NULL when T = %d > 0", (int)a->T);
+    st = topk_hard_check_logits(ctx, a->logits, T, E);
+    if (st != MOE_OK) return st;
+
+    /* The selection is recomputed from the logits rather than read from
+     * a->expert: the host may have marked a dropped assignment -1 there,
+     * while the surrogate softmax still runs over all K selected logits
+     * (the dropped one simply has dweight 0). */
+    float *w = ctx->workspace;                    /* [K] surrogate softk weights */
+    int32_t *idx = (int32_t *)(w + K);            /* [K] selected experts */
+    for (int32_t t = 0; t < T; ++t) {
+        const float *l = a->logits + (size_t)t * E;
+        moe_topk_row(l, E, K, idx);
+        moe_softk_weights(l, idx, K, 1.0f, w);
+        /* dl_idx_j += w_j (g_j - sum_i w_i g_i); the row was zeroed above. */
+        moe_softk_weights_backward(idx, w, a->dweight + (size_t)t * K, K, 1.0f, a->dlogits + (size_t)t * E);
+    }
+    return MOE_OK;
+}
+
+static const moe_router_impl topk_hard_cpu = {topk_hard_forward, topk_hard_backward};
+
+static const struct moe_router_plugin_v1 topk_hard_plugin = {
+    .abi_version = MOE_ROUTER_ABI_VERSION,
+    .struct_size = sizeof(struct moe_router_plugin_v1),
+    .name = "topk_hard",
+    .description = "top-K experts by logit with fixed weights 1/K (or 1), optional straight-through gradient",
+    .options = topk_hard_options,
+    .n_options = TOPK_HARD_N_OPTIONS,
+    .create = topk_hard_create,
+    .destroy = topk_hard_destroy,
+    .query = topk_hard_query,
+    .cpu = &topk_hard_cpu,
+    .cuda = NULL,
+};
+
+MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &topk_hard_plugin; }
