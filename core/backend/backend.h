@@ -27,6 +27,10 @@ struct moe_backend {
     const char *name;       /* "cpu" or "cuda" */
     moe_device_kind device;
     void *impl;             /* backend-private state (handles, stream) */
+    void *stream;           /* cudaStream_t the ops run on (NULL on the CPU); plugins get it too */
+    int device_ordinal;
+    /* Releases the backend (moe_backend_destroy calls it). */
+    void (*destroy)(moe_backend *be);
 
     /* ---- memory ---- */
     void *(*alloc)(moe_backend *be, size_t bytes);   /* zeroed; NULL on failure */
@@ -175,6 +179,19 @@ struct moe_backend {
 
 /* The CPU backend (always built). threads <= 0 keeps OpenMP's default. */
 moe_backend *moe_backend_cpu_create(int threads);
+
+/* GEMM precision of the CUDA backend: fp32 end to end, or bf16 operands with
+ * fp32 accumulation and fp32 outputs (master weights and router math stay
+ * fp32 either way). */
+typedef enum moe_precision { MOE_PRECISION_FP32 = 0, MOE_PRECISION_BF16 = 1 } moe_precision;
+
+/* The CUDA backend on device `ordinal` (built when MOE_HAVE_CUDA_BACKEND is
+ * defined). NULL with a message in err when no usable GPU is present. */
+moe_backend *moe_backend_cuda_create(int ordinal, moe_precision precision, char *err, size_t errcap);
+/* Number of visible CUDA devices (0 without a driver or in a CPU-only build). */
+int moe_cuda_device_count(void);
+
+/* Either backend. */
 void moe_backend_destroy(moe_backend *be);
 
 #endif

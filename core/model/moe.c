@@ -23,6 +23,12 @@
 
 #define MSG_CAP 1024
 
+/* A guard zone after the router's workspace, filled with a pattern and
+ * checked after every router call: a plugin writing past the workspace it
+ * declared is named instead of silently corrupting memory. */
+#define WORKSPACE_GUARD_BYTES 256
+#define WORKSPACE_GUARD_BYTE 0xA5
+
 static int gate_hidden(const moe_layer_cfg *c) { return c->gate_hidden > 0 ? c->gate_hidden : c->d_model; }
 static int expert_in_width(const moe_layer_cfg *c) { return c->activation == MOE_ACT_SWIGLU ? 2 * c->d_ff : c->d_ff; }
 
@@ -172,7 +178,12 @@ int moe_layer_alloc(moe_layer *L, char *err, size_t errcap) {
     L->dgate_h = alloc_tracked(be, T * gh * f, &ok);
     L->dgate_a = alloc_tracked(be, T * gh * f, &ok);
     L->dgate_b = alloc_tracked(be, T * gh * f, &ok);
-    L->router_workspace = alloc_tracked(be, L->rinfo.workspace_bytes + 256, &ok);
+    L->router_workspace = alloc_tracked(be, L->rinfo.workspace_bytes + WORKSPACE_GUARD_BYTES, &ok);
+    if (L->router_workspace) {
+        unsigned char guard[WORKSPACE_GUARD_BYTES];
+        memset(guard, WORKSPACE_GUARD_BYTE, sizeof guard);
+        be->from_host(be, (char *)L->router_workspace + L->rinfo.workspace_bytes, guard, sizeof guard);
+    }
     L->stats.counts_before = calloc(E, sizeof(int32_t));
     L->stats.counts_after = calloc(E, sizeof(int32_t));
     if (!ok || !L->stats.counts_before || !L->stats.counts_after) {
@@ -206,6 +217,8 @@ static moe_context router_context(moe_layer *L, int training, moe_rng_key key) {
     memset(&c, 0, sizeof c);
     c.struct_size = sizeof c;
     c.device = L->be->device;
+    c.device_ordinal = L->be->device_ordinal;
+    c.stream = L->be->stream;
     c.workspace = L->router_workspace;
     c.workspace_bytes = L->rinfo.workspace_bytes;
     c.rng = key;
@@ -215,6 +228,21 @@ static moe_context router_context(moe_layer *L, int training, moe_rng_key key) {
     c.msg_cap = MSG_CAP;
     L->msg[0] = '\0';
     return c;
+}
+
+/* 0 if the guard zone after the workspace is intact, else -1 + err. */
+static int check_workspace_guard(moe_layer *L, const char *call, char *err, size_t errcap) {
+    unsigned char guard[WORKSPACE_GUARD_BYTES];
+    L->be->to_host(L->be, guard, (const char *)L->router_workspace + L->rinfo.workspace_bytes, sizeof guard);
+    for (size_t i = 0; i < sizeof guard; ++i)
+        if (guard[i] != WORKSPACE_GUARD_BYTE) {
+            snprintf(err, errcap,
+                     "router '%s' wrote past its workspace in %s (it declared %zu bytes; byte %zu after the end was "
+                     "changed): the plugin must declare all the scratch it uses in query()",
+                     L->router->name, call, L->rinfo.workspace_bytes, i);
+            return -1;
+        }
+    return 0;
 }
 
 /* ---- gate network: logits = gate(x) ---- */
@@ -389,6 +417,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
         snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s", L->router->name, c->layer, L->msg);
         return -1;
     }
+    if (check_workspace_guard(L, "forward", err, errcap) != 0) return -1;
 
     /* Host copies for validation and statistics (no copy on the CPU backend
      * would be needed, but the path is the same for CUDA). */
@@ -547,6 +576,7 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
             snprintf(err, errcap, "router '%s' (layer %d) backward failed: %s", L->router->name, c->layer, L->msg);
             return -1;
         }
+        if (check_workspace_guard(L, "backward", err, errcap) != 0) return -1;
         be->axpy(be, 1.0f, L->router_dlogits, L->dlogits, (size_t)T * E);
     }
     /* The load-balancing gradient reaches the logits directly unless the

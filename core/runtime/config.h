@@ -74,6 +74,7 @@ typedef struct moe_train_cfg {
     int steps;
     int batch_size;
     char optimizer[16];          /* "adamw" */
+    char precision[16];          /* "bf16" | "fp32": GEMMs on CUDA */
     double lr;
     double min_lr_ratio;         /* cosine decays to lr * min_lr_ratio */
     int warmup_steps;

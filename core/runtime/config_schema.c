@@ -108,6 +108,9 @@ const moe_cfg_key moe_cfg_keys[] = {
     KEY_FLOAT(train, eps, 1e-8, ABOVE(0), "AdamW epsilon."),
     KEY_FLOAT(train, grad_clip, 1.0, AT_LEAST(0), "Clip the global gradient norm to this value; 0 = off."),
     KEY_INT(train, log_interval, 10, AT_LEAST(1), "Print a progress line every N steps."),
+    KEY_STRING(train, precision, "bf16", "bf16|fp32", NULL,
+               "GEMM precision on CUDA: `bf16` operands with fp32 accumulation, or `fp32` throughout. "
+               "Master weights, optimizer state and router math are fp32 either way; the CPU is fp32."),
 
     KEY_INT(eval, interval, 200, AT_LEAST(1), "Evaluate (and checkpoint) every N steps, and at the end."),
     KEY_INT(eval, max_tokens, 0, AT_LEAST(0), "Cap on validation tokens; 0 = the whole split."),

@@ -88,6 +88,27 @@ static int append_json_line(const char *path, json_t *obj, char *err, size_t err
     return ok ? 0 : -1;
 }
 
+/* The last evaluation already in metrics.jsonl (a run resumed after its
+ * final step has nothing new to add to the summary). NULL if none. */
+static json_t *read_last_metrics(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    json_t *last = NULL;
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) > 0) {
+        json_error_t je;
+        json_t *o = json_loads(line, 0, &je);
+        if (o) {
+            json_decref(last);
+            last = o;
+        }
+    }
+    free(line);
+    fclose(f);
+    return last;
+}
+
 static int write_json_file(const char *path, json_t *obj, char *err, size_t errcap) {
     FILE *f = moe_atomic_open(path, err, errcap);
     if (!f) return -1;
@@ -133,6 +154,38 @@ static int evaluate(moe_model *m, const moe_dataset *ds, const moe_config *cfg, 
     return rc;
 }
 
+/* ---- device ---- */
+
+/* run.device: "cpu", "cuda", or "auto" (CUDA when built with it and a GPU is
+ * visible). NULL + err when the request cannot be met. */
+static moe_backend *create_backend(const moe_config *cfg, char *err, size_t errcap) {
+    int want_cuda = strcmp(cfg->run.device, "cuda") == 0;
+#ifdef MOE_HAVE_CUDA_BACKEND
+    if (want_cuda || (strcmp(cfg->run.device, "auto") == 0 && moe_cuda_device_count() > 0)) {
+        moe_precision prec = strcmp(cfg->train.precision, "fp32") == 0 ? MOE_PRECISION_FP32 : MOE_PRECISION_BF16;
+        moe_backend *be = moe_backend_cuda_create(0, prec, err, errcap);
+        if (!be) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", err);
+            snprintf(err, errcap, "run.device = \"%s\": %s; set run.device = \"cpu\" to train on the CPU",
+                     cfg->run.device, why);
+        }
+        return be;
+    }
+#else
+    if (want_cuda) {
+        snprintf(err, errcap,
+                 "%s: run.device = \"cuda\", but this moehost was built without the CUDA backend (not available "
+                 "in this build); set run.device = \"cpu\" or \"auto\", or rebuild with the CUDA toolkit",
+                 cfg->source);
+        return NULL;
+    }
+#endif
+    moe_backend *be = moe_backend_cpu_create(cfg->run.threads);
+    if (!be) snprintf(err, errcap, "cannot create the CPU backend (out of memory)");
+    return be;
+}
+
 /* ---- progress display ---- */
 
 static void progress_line(long long step, long long steps, double loss, double tok_s, double eta_s) {
@@ -148,13 +201,6 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
     int rc = -1;
     char run_dir[2048], path_metrics[2200], path_ckpt[2200], path_summary[2200], path_config[2200];
 
-    if (strcmp(cfg->run.device, "cuda") == 0) {
-        snprintf(err, errcap,
-                 "%s: run.device = \"cuda\", but this moehost has no CUDA backend; set run.device = \"cpu\" "
-                 "(or \"auto\")",
-                 cfg->source);
-        return -1;
-    }
     snprintf(run_dir, sizeof run_dir, "%s/%s", cfg->run.out_dir, cfg->run.name);
     snprintf(path_metrics, sizeof path_metrics, "%s/metrics.jsonl", run_dir);
     snprintf(path_ckpt, sizeof path_ckpt, "%s/checkpoint.bin", run_dir);
@@ -197,11 +243,8 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
     json_t *last = NULL;
 
     if (moe_router_lib_open(&lib, cfg->router.plugin, err, errcap) != 0) goto done;
-    be = moe_backend_cpu_create(cfg->run.threads);
-    if (!be) {
-        snprintf(err, errcap, "cannot create the CPU backend");
-        goto done;
-    }
+    be = create_backend(cfg, err, errcap);
+    if (!be) goto done;
     int B = cfg->train.batch_size, eval_B = cfg->eval.batch_size > 0 ? cfg->eval.batch_size : B;
     if (moe_model_create(&model, cfg, be, V, B > eval_B ? B : eval_B, lib.api, err, errcap) != 0) goto done;
     if (moe_mkdirs(run_dir, err, errcap) != 0) goto done;
@@ -300,9 +343,15 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
         }
         interval_loss = interval_seconds = 0.0;
         interval_steps = interval_tokens = 0;
+        if (opt->stop_after > 0 && step >= opt->stop_after && step < steps) {
+            if (!opt->quiet) fprintf(stderr, "stopped after step %lld (--stop-after); continue with --resume\n", step);
+            rc = 0;
+            goto done;
+        }
     }
 
     /* ---- summary ---- */
+    if (!last) last = read_last_metrics(path_metrics);
     {
         json_t *s = json_object();
         json_object_set_new(s, "run", json_string(cfg->run.name));

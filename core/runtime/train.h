@@ -18,6 +18,8 @@
 typedef struct moe_train_options {
     int resume;          /* continue from checkpoint.bin */
     int quiet;           /* no progress output */
+    long long stop_after; /* > 0: end after the checkpoint at the first evaluation at or
+                            past this step, as an interruption would (no summary.json) */
 } moe_train_options;
 
 /* Run training as configured. 0 on success; -1 with a message in err. */

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
 #include "runtime/config.h"
 #include "runtime/data.h"
 #include "runtime/plugin_loader.h"
@@ -29,7 +30,10 @@ static void usage(FILE *out) {
             "\n"
             "usage:\n"
             "  moehost [train] --config FILE [--set section.key=value ...] [--resume] [--quiet]\n"
+            "                [--stop-after STEP]\n"
             "      train and evaluate as FILE says; results go to <run.out_dir>/<run.name>/\n"
+            "      --resume continues from the run's last checkpoint; --stop-after ends the run\n"
+            "      after the first evaluation at or past STEP, as an interruption would\n"
             "  moehost prepare --out DIR [--tokenizer char] [--shard-tokens N] FILE...\n"
             "      tokenize text files into token shards plus vocab.json\n"
             "  moehost plugins\n"
@@ -54,7 +58,7 @@ static int cmd_train(int argc, char **argv) {
     const char *config = NULL;
     const char *sets[MAX_SETS];
     int n_sets = 0;
-    moe_train_options opt = {0, 0};
+    moe_train_options opt = {0, 0, 0};
     for (int i = 0; i < argc; ++i) {
         const char *a = argv[i];
         if (strcmp(a, "--config") == 0 && i + 1 < argc) config = argv[++i];
@@ -64,6 +68,7 @@ static int cmd_train(int argc, char **argv) {
             sets[n_sets++] = argv[++i];
         } else if (strcmp(a, "--resume") == 0) opt.resume = 1;
         else if (strcmp(a, "--quiet") == 0) opt.quiet = 1;
+        else if (strcmp(a, "--stop-after") == 0 && i + 1 < argc) opt.stop_after = atoll(argv[++i]);
         else {
             char msg[512];
             snprintf(msg, sizeof msg, "unknown argument '%s' (see moehost --help)", a);
@@ -177,7 +182,12 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (strcmp(cmd, "--version") == 0) {
+#ifdef MOE_HAVE_CUDA_BACKEND
+        printf("moehost %s (router ABI %s; backends: cpu, cuda; %d CUDA device(s) visible)\n", MOE_VERSION,
+               MOE_ROUTER_ABI_SUPPORTED, moe_cuda_device_count());
+#else
         printf("moehost %s (router ABI %s; backends: cpu)\n", MOE_VERSION, MOE_ROUTER_ABI_SUPPORTED);
+#endif
         return 0;
     }
     if (strcmp(cmd, "train") == 0) return cmd_train(argc - 2, argv + 2);

@@ -94,7 +94,7 @@ static int configs_equal(const moe_config *a, const moe_config *b, int compare_l
                SAME(moe.d_ff) && SAME_STR(moe.activation) && SAME(moe.expert_bias) && SAME_STR(moe.gate) &&
                SAME(moe.gate_hidden) && SAME_STR(moe.drop_policy) && SAME(moe.renorm_after_drop) &&
                SAME(moe.aux_loss_weight) && SAME(moe.z_loss_weight) && SAME_STR(router.plugin) &&
-               SAME(router.n_opts) && SAME(train.steps) && SAME(train.batch_size) && SAME_STR(train.optimizer) &&
+               SAME(router.n_opts) && SAME(train.steps) && SAME(train.batch_size) && SAME_STR(train.optimizer) && SAME_STR(train.precision) &&
                SAME(train.lr) && SAME(train.min_lr_ratio) && SAME(train.warmup_steps) &&
                SAME(train.weight_decay) && SAME(train.beta1) && SAME(train.beta2) && SAME(train.eps) &&
                SAME(train.grad_clip) && SAME(train.log_interval) && SAME(eval.interval) &&
@@ -130,6 +130,7 @@ static void test_defaults(void) {
     CHECK(c.moe.aux_loss_weight == 0.01 && c.moe.z_loss_weight == 0.001);
     CHECK(strcmp(c.router.plugin, "softk") == 0 && c.router.n_opts == 0);
     CHECK(c.train.steps == 1000 && c.train.batch_size == 32 && strcmp(c.train.optimizer, "adamw") == 0);
+    CHECK(strcmp(c.train.precision, "bf16") == 0);
     CHECK(c.train.lr == 3e-4 && c.train.min_lr_ratio == 0.1 && c.train.warmup_steps == 100);
     CHECK(c.train.weight_decay == 0.01 && c.train.beta1 == 0.9 && c.train.beta2 == 0.95 && c.train.eps == 1e-8);
     CHECK(c.train.grad_clip == 1.0 && c.train.log_interval == 10);
@@ -194,6 +195,7 @@ static const char *full_file_body =
     "steps = 50\n"
     "batch_size = 4\n"
     "optimizer = \"adamw\"\n"
+    "precision = \"fp32\"\n"
     "lr = 1e-3\n"
     "min_lr_ratio = 0.0\n"
     "warmup_steps = 5\n"
@@ -224,6 +226,7 @@ static void check_full_values(const moe_config *c) {
     CHECK(c->moe.aux_loss_weight == 0.02 && c->moe.z_loss_weight == 0.0);
     CHECK(strcmp(c->router.plugin, "noisy_topk") == 0);
     CHECK(c->train.steps == 50 && c->train.batch_size == 4 && strcmp(c->train.optimizer, "adamw") == 0);
+    CHECK(strcmp(c->train.precision, "fp32") == 0);
     CHECK(c->train.lr == 1e-3 && c->train.min_lr_ratio == 0.0 && c->train.warmup_steps == 5);
     CHECK(c->train.weight_decay == 0.1 && c->train.beta1 == 0.8 && c->train.beta2 == 0.99 && c->train.eps == 1e-6);
     CHECK(c->train.grad_clip == 0.5 && c->train.log_interval == 2);
@@ -542,7 +545,7 @@ static void test_write_round_trip(void) {
     while (f && fgets(line, sizeof line, f))
         if (strstr(line, " = ")) ++assignments;
     if (f) fclose(f);
-    CHECK_MSG(assignments == 48, "%d key lines", assignments);
+    CHECK_MSG(assignments == 49, "%d key lines", assignments);
 
     /* A folder that does not exist: an error, nothing left behind. */
     CHECK(moe_config_write(a, "/nonexistent/dir/c.toml", err, sizeof err) == -1);

@@ -36,19 +36,18 @@ static void test_table_and_memory(moe_backend *be) {
     CHECK(be != NULL);
     CHECK(strcmp(be->name, "cpu") == 0);
     CHECK(be->device == MOE_DEVICE_CPU);
-    const void *ops[] = {
-        (void *)be->alloc, (void *)be->free, (void *)be->to_host, (void *)be->from_host,
-        (void *)be->copy, (void *)be->zero, (void *)be->sync, (void *)be->gemm,
-        (void *)be->gemm_strided_batched, (void *)be->add_bias, (void *)be->bias_grad,
-        (void *)be->axpy, (void *)be->scale, (void *)be->sumsq, (void *)be->embed_fwd,
-        (void *)be->embed_bwd, (void *)be->layernorm_fwd, (void *)be->layernorm_bwd,
-        (void *)be->rmsnorm_fwd, (void *)be->rmsnorm_bwd, (void *)be->act_fwd, (void *)be->act_bwd,
-        (void *)be->rope_fwd, (void *)be->rope_bwd, (void *)be->attention_fwd,
-        (void *)be->attention_bwd, (void *)be->dropout_fwd, (void *)be->dropout_bwd,
-        (void *)be->xent_fwd_bwd, (void *)be->adamw, (void *)be->capacity_assign,
-        (void *)be->combine_weights, (void *)be->combine_weights_bwd, (void *)be->dispatch,
-        (void *)be->dispatch_bwd, (void *)be->combine, (void *)be->combine_bwd};
-    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; ++i) CHECK_MSG(ops[i] != NULL, "op %zu", i);
+#define CHECK_OP(f) CHECK_MSG(be->f != NULL, "%s is NULL", #f)
+    CHECK_OP(alloc); CHECK_OP(free); CHECK_OP(to_host); CHECK_OP(from_host); CHECK_OP(copy);
+    CHECK_OP(zero); CHECK_OP(sync); CHECK_OP(gemm); CHECK_OP(gemm_strided_batched);
+    CHECK_OP(add_bias); CHECK_OP(bias_grad); CHECK_OP(axpy); CHECK_OP(scale); CHECK_OP(sumsq);
+    CHECK_OP(embed_fwd); CHECK_OP(embed_bwd); CHECK_OP(layernorm_fwd); CHECK_OP(layernorm_bwd);
+    CHECK_OP(rmsnorm_fwd); CHECK_OP(rmsnorm_bwd); CHECK_OP(act_fwd); CHECK_OP(act_bwd);
+    CHECK_OP(rope_fwd); CHECK_OP(rope_bwd); CHECK_OP(attention_fwd); CHECK_OP(attention_bwd);
+    CHECK_OP(dropout_fwd); CHECK_OP(dropout_bwd); CHECK_OP(xent_fwd_bwd); CHECK_OP(adamw);
+    CHECK_OP(capacity_assign); CHECK_OP(combine_weights); CHECK_OP(combine_weights_bwd);
+    CHECK_OP(dispatch); CHECK_OP(dispatch_bwd); CHECK_OP(combine); CHECK_OP(combine_bwd);
+    CHECK_OP(mul); CHECK_OP(aux_losses); CHECK_OP(destroy);
+#undef CHECK_OP
 
     /* alloc: 64-byte aligned and zeroed, for sizes that are not multiples of 64 */
     size_t sizes[] = {0, 1, 63, 100, 4097};
@@ -62,6 +61,15 @@ static void test_table_and_memory(moe_backend *be) {
         be->free(be, p);
     }
     be->free(be, NULL);
+    /* a freed block handed out again must be cleared too, not only fresh pages */
+    for (int round = 0; round < 2; ++round) {
+        unsigned char *p = be->alloc(be, 1000);
+        int zero = 1;
+        for (int i = 0; i < 1000; ++i) zero &= p[i] == 0;
+        CHECK_MSG(zero, "alloc after free not zeroed");
+        memset(p, 0xAB, 1000);
+        be->free(be, p);
+    }
 
     /* from_host -> copy -> to_host round trip, then zero */
     float host[37], back[37];
@@ -152,14 +160,15 @@ static void test_gemm_batched(moe_backend *be) {
         be->gemm_strided_batched(be, ta, tb, M, N, K, -0.75f, A, lda, sA, B, ldb, sB, 2.0f, C, ldc,
                                  sC, batch);
         for (int i = 0; i < batch; ++i) {
-            gemm_ref(ta, tb, M, N, K, -0.75, A + i * sA, lda, B + i * sB, ldb, 2.0, C0 + i * sC, ldc,
-                     ref);
+            gemm_ref(ta, tb, M, N, K, -0.75, A + i * sA, lda, B + i * sB, ldb, 2.0, C0 + i * sC,
+                     ldc, ref);
             char what[48];
             snprintf(what, sizeof what, "batched ta=%d tb=%d entry %d", ta, tb, i);
             check_gemm_result(what, C + i * sC, C0 + i * sC, ldc, ref, M, N);
             /* the gap after each entry is untouched */
             int gap_ok = 1;
-            for (long long j = (long long)M * ldc; j < sC; ++j) gap_ok &= C[i * sC + j] == C0[i * sC + j];
+            for (long long j = (long long)M * ldc; j < sC; ++j)
+                gap_ok &= C[i * sC + j] == C0[i * sC + j];
             CHECK_MSG(gap_ok, "%s: wrote into the gap between entries", what);
         }
         free(A), free(B), free(C0), free(C), free(ref);
@@ -197,6 +206,11 @@ static void test_bias_and_vector_ops(moe_backend *be) {
     for (size_t i = 0; i < n; ++i) want[i] = (double)x[i] * -1.7;
     be->scale(be, x, -1.7f, n);
     CHECK_MSG(max_err(x, want, n) < 1e-6, "scale");
+    for (size_t i = 0; i < n; ++i) want[i] = (double)x[i] * z[i];
+    float *prod = malloc(n * sizeof *prod);
+    be->mul(be, x, z, prod, n);
+    CHECK_MSG(max_err(prod, want, n) < 1e-6, "mul");
+    free(prod);
 
     /* sumsq: double accumulation, several sizes including empty */
     size_t sizes[] = {0, 1, 3, 255, 257, 100003};
@@ -205,7 +219,8 @@ static void test_bias_and_vector_ops(moe_backend *be) {
         double r = 0.0;
         for (size_t i = 0; i < sizes[s]; ++i) r += (double)v[i] * v[i];
         double got = be->sumsq(be, v, sizes[s]);
-        CHECK_MSG(fabs(got - r) <= 1e-12 * (1.0 + r), "sumsq n=%zu: %.17g vs %.17g", sizes[s], got, r);
+        CHECK_MSG(fabs(got - r) <= 1e-12 * (1.0 + r), "sumsq n=%zu: %.17g vs %.17g", sizes[s], got,
+                  r);
         free(v);
     }
     free(y0), free(b), free(y), free(ref), free(db), free(x), free(z), free(want);
@@ -238,7 +253,8 @@ static void test_norms(moe_backend *be) {
     const float eps = 1e-5f;
     float *x = randv((size_t)T * d, -2, 3), *g = randv(d, 0.5f, 1.5f), *b = randv(d, -0.5f, 0.5f);
     for (int t = 0; t < T; ++t) /* rows with different offsets and spreads */
-        for (int i = 0; i < d; ++i) x[(size_t)t * d + i] = x[(size_t)t * d + i] * (1.0f + t) + 0.5f * t;
+        for (int i = 0; i < d; ++i)
+            x[(size_t)t * d + i] = x[(size_t)t * d + i] * (1.0f + t) + 0.5f * t;
     float *y = malloc((size_t)T * d * sizeof *y), mean[7], rstd[7];
     double *ref = malloc((size_t)T * d * sizeof *ref), ref_mean[7], ref_rstd[7];
 
@@ -252,7 +268,8 @@ static void test_norms(moe_backend *be) {
         var /= d;
         ref_mean[t] = m;
         ref_rstd[t] = 1.0 / sqrt(var + eps);
-        for (int i = 0; i < d; ++i) ref[(size_t)t * d + i] = (xr[i] - m) * ref_rstd[t] * g[i] + b[i];
+        for (int i = 0; i < d; ++i)
+            ref[(size_t)t * d + i] = (xr[i] - m) * ref_rstd[t] * g[i] + b[i];
     }
     CHECK_MSG(max_err(y, ref, (size_t)T * d) < 1e-5, "layernorm_fwd y");
     CHECK_MSG(max_err(mean, ref_mean, T) < 1e-6, "layernorm_fwd mean");
@@ -329,7 +346,8 @@ static void test_rope_by_hand(moe_backend *be) {
     CHECK_MSG(max_err(qkv, want, 24) < 1e-6, "rope_bwd undoes rope_fwd");
 }
 
-static void attention_ref(const float *qkv, double *out, double *probs, int B, int S, int H, int hd) {
+static void attention_ref(const float *qkv, double *out, double *probs, int B, int S, int H,
+                          int hd) {
     int C = H * hd;
     double *a = malloc((size_t)S * sizeof *a);
     for (int b = 0; b < B; ++b)
@@ -361,7 +379,8 @@ static void test_attention(moe_backend *be) {
     const int B = 2, S = 6, H = 2, hd = 4, C = H * hd;
     size_t nqkv = (size_t)B * S * 3 * C, nout = (size_t)B * S * C, np = (size_t)B * H * S * S;
     float *qkv = randv(nqkv, -2, 2);
-    float *out = malloc(nout * sizeof *out), *probs = randv(np, 5, 6); /* garbage: must be overwritten */
+    float *out = malloc(nout * sizeof *out);
+    float *probs = randv(np, 5, 6); /* garbage: must be overwritten */
     double *ref_out = malloc(nout * sizeof *ref_out), *ref_p = malloc(np * sizeof *ref_p);
     be->attention_fwd(be, qkv, out, probs, B, S, H, hd);
     attention_ref(qkv, ref_out, ref_p, B, S, H, hd);
@@ -370,7 +389,8 @@ static void test_attention(moe_backend *be) {
     int upper_zero = 1;
     for (int bh = 0; bh < B * H; ++bh)
         for (int s = 0; s < S; ++s)
-            for (int j = s + 1; j < S; ++j) upper_zero &= probs[((size_t)bh * S + s) * S + j] == 0.0f;
+            for (int j = s + 1; j < S; ++j)
+                upper_zero &= probs[((size_t)bh * S + s) * S + j] == 0.0f;
     CHECK_MSG(upper_zero, "probs above the diagonal are not 0");
 
     /* causality: changing the last token's k and v leaves earlier outputs bit for bit */
@@ -455,7 +475,8 @@ static void test_dropout(moe_backend *be) {
     }
     CHECK_MSG(exact, "dropout_fwd differs from mask[i] = uniform(key,i) > p");
     double mean = (double)n * (1.0 - p), sigma = sqrt((double)n * p * (1.0 - p));
-    CHECK_MSG(fabs((double)kept - mean) < 4.0 * sigma, "kept %zu of %zu, expected %.0f", kept, n, mean);
+    CHECK_MSG(fabs((double)kept - mean) < 4.0 * sigma, "kept %zu of %zu, expected %.0f", kept, n,
+              mean);
 
     be->dropout_fwd(be, x, y2, n, p, key);
     CHECK_MSG(memcmp(y, y2, n * sizeof *y) == 0, "same key, different mask");

@@ -167,11 +167,44 @@ static void test_dispatch_combine(moe_backend *be) {
     CHECK_MSG(err < 1e-6, "combine: max error %g", err);
 }
 
+/* lb = E sum_e f[e] P[e] with P[e] = mean_t softmax(lb_logits[t])[e];
+ * z = mean_t logsumexp(logits[t])^2. Gradients are in test_ops_grad.c. */
+static void test_aux_losses_values(moe_backend *be) {
+    enum { T = 5, E = 4 };
+    float lb_logits[T * E], logits[T * E], d_lb[T * E], dlogits[T * E] = {0};
+    moe_test_fill(&rng, lb_logits, T * E, -2, 2);
+    moe_test_fill(&rng, logits, T * E, -2, 2);
+    const float f[E] = {0.4f, 0.1f, 0.3f, 0.2f};
+    double lb = -1.0, z = -1.0;
+    be->aux_losses(be, lb_logits, logits, f, T, E, 0.5f, 0.25f, d_lb, dlogits, &lb, &z);
+    double P[E] = {0}, want_z = 0.0;
+    for (int t = 0; t < T; ++t) {
+        double mx = -INFINITY, sum = 0.0, mz = -INFINITY, sz = 0.0;
+        for (int e = 0; e < E; ++e) mx = fmax(mx, lb_logits[t * E + e]);
+        for (int e = 0; e < E; ++e) sum += exp(lb_logits[t * E + e] - mx);
+        for (int e = 0; e < E; ++e) P[e] += exp(lb_logits[t * E + e] - mx) / sum / T;
+        for (int e = 0; e < E; ++e) mz = fmax(mz, logits[t * E + e]);
+        for (int e = 0; e < E; ++e) sz += exp(logits[t * E + e] - mz);
+        double lse = mz + log(sz);
+        want_z += lse * lse / T;
+    }
+    double want_lb = 0.0;
+    for (int e = 0; e < E; ++e) want_lb += E * f[e] * P[e];
+    CHECK_CLOSE(lb, want_lb, 1e-5, 0.0);
+    CHECK_CLOSE(z, want_z, 1e-5, 0.0);
+    /* uniform routing probabilities give lb = 1 whatever f is */
+    float flat[T * E];
+    for (int i = 0; i < T * E; ++i) flat[i] = 0.3f;
+    be->aux_losses(be, flat, logits, f, T, E, 0.5f, 0.25f, d_lb, dlogits, &lb, &z);
+    CHECK_CLOSE(lb, 1.0, 1e-6, 0.0);
+}
+
 int main(void) {
     moe_backend *be = moe_backend_cpu_create(2);
     test_capacity(be);
     test_combine_weights(be);
     test_dispatch_combine(be);
+    test_aux_losses_values(be);
     moe_backend_destroy(be);
     return moe_test_summary("test_ops_moe");
 }

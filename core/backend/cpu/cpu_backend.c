@@ -46,6 +46,9 @@ static void cpu_zero(moe_backend *be, void *p, size_t bytes) {
 /* Every op has returned by the time it is called: nothing to wait for. */
 static void cpu_sync(moe_backend *be) { (void)be; }
 
+/* The CPU backend owns nothing beyond the table itself. */
+static void cpu_destroy(moe_backend *be) { free(be); }
+
 moe_backend *moe_backend_cpu_create(int threads) {
     moe_backend *be = calloc(1, sizeof *be);
     if (!be) return NULL;
@@ -56,6 +59,9 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->name = "cpu";
     be->device = MOE_DEVICE_CPU;
     be->impl = NULL;
+    be->stream = NULL; /* no streams: every op has finished when it returns */
+    be->device_ordinal = 0;
+    be->destroy = cpu_destroy;
 
     be->alloc = cpu_alloc;
     be->free = cpu_free;
@@ -109,5 +115,8 @@ moe_backend *moe_backend_cpu_create(int threads) {
     return be;
 }
 
-/* The CPU backend owns nothing beyond the table itself. */
-void moe_backend_destroy(moe_backend *be) { free(be); }
+/* Defined here because the CPU backend is always built; each backend frees
+ * itself through its own destroy (the CUDA one has handles and streams). */
+void moe_backend_destroy(moe_backend *be) {
+    if (be && be->destroy) be->destroy(be);
+}

@@ -68,7 +68,8 @@ static inline float gelu(float x) {
     return 0.5f * x * (1.0f + tanhf(u));
 }
 
-/* d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx, du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2) */
+/* d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx,
+ * du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2) */
 static inline float gelu_grad(float x) {
     float u = GELU_SCALE * (x + GELU_CUBE * x * x * x);
     float th = tanhf(u);
@@ -171,7 +172,8 @@ static void dropout_apply(const float *in, float *out, size_t n, float p, moe_rn
     }
 }
 
-void cpu_dropout_fwd(moe_backend *be, const float *x, float *y, size_t n, float p, moe_rng_key key) {
+void cpu_dropout_fwd(moe_backend *be, const float *x, float *y, size_t n, float p,
+                     moe_rng_key key) {
     (void)be;
     dropout_apply(x, y, n, p, key);
 }

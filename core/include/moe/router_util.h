@@ -93,8 +93,12 @@ static inline moe_status moe_options_resolve(const moe_option_spec *spec, int n_
                                              const moe_option *opts, int n_opts,
                                              moe_option *out, char *msg, size_t cap) {
     for (int j = 0; j < n_spec; ++j) moe_opt_parse_default(&spec[j], &out[j]);
+    if (n_opts > 0 && !opts) return moe_fail(msg, cap, MOE_ERR_INVALID_ARG, "%d options given but no option array", n_opts);
     for (int i = 0; i < n_opts; ++i) {
         const moe_option *o = &opts[i];
+        if (!o->key) return moe_fail(msg, cap, MOE_ERR_OPTION, "option %d has no key", i);
+        if (o->type == MOE_OPT_STRING && !o->s)
+            return moe_fail(msg, cap, MOE_ERR_OPTION, "option '%s' is a string without a value", o->key);
         int j = 0;
         while (j < n_spec && strcmp(spec[j].key, o->key) != 0) ++j;
         if (j == n_spec) {
