@@ -16,6 +16,7 @@
 #include "runtime/fsutil.h"
 #include "runtime/metrics.h"
 #include "runtime/plugin_loader.h"
+#include "runtime/session.h"
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -154,38 +155,6 @@ static int evaluate(moe_model *m, const moe_dataset *ds, const moe_config *cfg, 
     return rc;
 }
 
-/* ---- device ---- */
-
-/* run.device: "cpu", "cuda", or "auto" (CUDA when built with it and a GPU is
- * visible). NULL + err when the request cannot be met. */
-static moe_backend *create_backend(const moe_config *cfg, char *err, size_t errcap) {
-    int want_cuda = strcmp(cfg->run.device, "cuda") == 0;
-#ifdef MOE_HAVE_CUDA_BACKEND
-    if (want_cuda || (strcmp(cfg->run.device, "auto") == 0 && moe_cuda_device_count() > 0)) {
-        moe_precision prec = strcmp(cfg->train.precision, "fp32") == 0 ? MOE_PRECISION_FP32 : MOE_PRECISION_BF16;
-        moe_backend *be = moe_backend_cuda_create(0, prec, err, errcap);
-        if (!be) {
-            char why[1024];
-            snprintf(why, sizeof why, "%s", err);
-            snprintf(err, errcap, "run.device = \"%s\": %s; set run.device = \"cpu\" to train on the CPU",
-                     cfg->run.device, why);
-        }
-        return be;
-    }
-#else
-    if (want_cuda) {
-        snprintf(err, errcap,
-                 "%s: run.device = \"cuda\", but this moehost was built without the CUDA backend (not available "
-                 "in this build); set run.device = \"cpu\" or \"auto\", or rebuild with the CUDA toolkit",
-                 cfg->source);
-        return NULL;
-    }
-#endif
-    moe_backend *be = moe_backend_cpu_create(cfg->run.threads);
-    if (!be) snprintf(err, errcap, "cannot create the CPU backend (out of memory)");
-    return be;
-}
-
 /* ---- progress display ---- */
 
 static void progress_line(long long step, long long steps, double loss, double tok_s, double eta_s) {
@@ -221,37 +190,20 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
         return -1;
     }
 
-    moe_dataset ds;
-    memset(&ds, 0, sizeof ds);
-    if (moe_dataset_open(&ds, cfg->data.path, cfg->data.val_fraction, cfg->model.seq_len, err, errcap) != 0)
-        return -1;
-    int V = cfg->model.vocab_size > 0 ? cfg->model.vocab_size : ds.vocab_size;
-    if (V < ds.vocab_size) {
-        snprintf(err, errcap, "%s: model.vocab_size = %d is smaller than the data's vocabulary (%d tokens); set it to 0 "
-                 "to take the data's", cfg->source, V, ds.vocab_size);
-        moe_dataset_close(&ds);
-        return -1;
-    }
-
-    moe_router_lib lib;
-    memset(&lib, 0, sizeof lib);
-    moe_backend *be = NULL;
-    moe_model model;
-    memset(&model, 0, sizeof model);
+    moe_session ses;
     moe_layer_accum *layers = NULL;
     int32_t *bx = NULL, *by = NULL;
     json_t *last = NULL;
-
-    if (moe_router_lib_open(&lib, cfg->router.plugin, err, errcap) != 0) goto done;
-    be = create_backend(cfg, err, errcap);
-    if (!be) goto done;
-    int B = cfg->train.batch_size, eval_B = cfg->eval.batch_size > 0 ? cfg->eval.batch_size : B;
-    if (moe_model_create(&model, cfg, be, V, B > eval_B ? B : eval_B, lib.api, err, errcap) != 0) goto done;
+    if (moe_session_open(&ses, cfg, err, errcap) != 0) return -1;
+    moe_dataset *ds = &ses.ds;
+    moe_backend *be = ses.be;
+    moe_model *model = &ses.model;
+    int B = ses.B, eval_B = ses.eval_B;
     if (moe_mkdirs(run_dir, err, errcap) != 0) goto done;
 
     moe_progress prog = {0, 0, 0.0, INFINITY, 0};
     if (opt->resume) {
-        if (moe_checkpoint_load(path_ckpt, &model, &prog, err, errcap) != 0) goto done;
+        if (moe_checkpoint_load(path_ckpt, model, &prog, err, errcap) != 0) goto done;
         if (truncate_metrics(path_metrics, (long long)prog.step, err, errcap) != 0) goto done;
         if (!opt->quiet)
             fprintf(stderr, "resuming %s from step %llu\n", run_dir, (unsigned long long)prog.step);
@@ -262,7 +214,7 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
     long long steps = cfg->train.steps;
     bx = malloc((size_t)B * S * sizeof(int32_t));
     by = malloc((size_t)B * S * sizeof(int32_t));
-    layers = calloc((size_t)model.n_layers, sizeof *layers);
+    layers = calloc((size_t)model->n_layers, sizeof *layers);
     int tty = !opt->quiet && isatty(STDERR_FILENO);
     double wall_start = now_seconds();
     double interval_loss = 0.0, interval_seconds = 0.0, grad_norm = 0.0;
@@ -273,21 +225,21 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
         /* ---- one training step: the only time tokens/s counts ---- */
         double t0 = now_seconds();
         double lr = learning_rate(tc, step);
-        moe_dataset_train_batch(&ds, (uint64_t)cfg->run.seed, (uint64_t)step, B, S, bx, by);
-        moe_model_zero_grads(&model);
+        moe_dataset_train_batch(ds, (uint64_t)cfg->run.seed, (uint64_t)step, B, S, bx, by);
+        moe_model_zero_grads(model);
         moe_forward_result fr;
-        if (moe_model_forward(&model, bx, by, B, 1, (uint64_t)step, &fr, err, errcap) != 0) goto done;
+        if (moe_model_forward(model, bx, by, B, 1, (uint64_t)step, &fr, err, errcap) != 0) goto done;
         if (!isfinite(fr.loss)) {
             snprintf(err, errcap, "training diverged at step %lld (loss %g); lower train.lr or raise "
                      "train.warmup_steps", step, fr.loss);
             goto done;
         }
-        if (moe_model_backward(&model, (uint64_t)step, err, errcap) != 0) goto done;
-        grad_norm = sqrt(be->sumsq(be, model.params.grads, model.params.total));
+        if (moe_model_backward(model, (uint64_t)step, err, errcap) != 0) goto done;
+        grad_norm = sqrt(be->sumsq(be, model->params.grads, model->params.total));
         if (tc->grad_clip > 0.0 && grad_norm > tc->grad_clip)
-            be->scale(be, model.params.grads, (float)(tc->grad_clip / grad_norm), model.params.total);
-        be->adamw(be, model.params.values, model.params.grads, model.params.adam_m, model.params.adam_v,
-                  model.params.decay_mask, model.params.total, (float)lr, (float)tc->beta1, (float)tc->beta2,
+            be->scale(be, model->params.grads, (float)(tc->grad_clip / grad_norm), model->params.total);
+        be->adamw(be, model->params.values, model->params.grads, model->params.adam_m, model->params.adam_v,
+                  model->params.decay_mask, model->params.total, (float)lr, (float)tc->beta1, (float)tc->beta2,
                   (float)tc->eps, (float)tc->weight_decay, step);
         be->sync(be);
         double dt = now_seconds() - t0;
@@ -310,7 +262,7 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
         /* ---- evaluation, metrics line, checkpoint ---- */
         if (step % cfg->eval.interval != 0 && step != steps) continue;
         eval_result ev = {0, 0, 0, layers};
-        if (evaluate(&model, &ds, cfg, eval_B, &ev, err, errcap) != 0) goto done;
+        if (evaluate(model, ds, cfg, eval_B, &ev, err, errcap) != 0) goto done;
         if (ev.loss < prog.best_val_loss) {
             prog.best_val_loss = ev.loss;
             prog.best_step = (uint64_t)step;
@@ -322,19 +274,19 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
         json_object_set_new(o, "train_loss", json_real(interval_loss / (double)interval_steps));
         json_object_set_new(o, "val_loss", json_real(ev.loss));
         json_object_set_new(o, "val_ppl", json_real(exp(ev.loss)));
-        json_object_set_new(o, "val_bpc", json_real(ev.loss / M_LN2 / ds.chars_per_token));
+        json_object_set_new(o, "val_bpc", json_real(ev.loss / M_LN2 / ds->chars_per_token));
         json_object_set_new(o, "val_acc", json_real(ev.acc));
         json_object_set_new(o, "val_tokens", json_integer(ev.targets));
         json_object_set_new(o, "grad_norm", json_real(grad_norm));
         json_object_set_new(o, "tokens_per_s", json_real(interval_tokens / interval_seconds));
         json_object_set_new(o, "ms_per_step", json_real(1e3 * interval_seconds / (double)interval_steps));
         json_object_set_new(o, "peak_mem_gb", json_real(peak_mem_gib()));
-        moe_metrics_put_routing(o, layers, model.n_layers);
-        for (int l = 0; l < model.n_layers; ++l) moe_layer_accum_free(&layers[l]);
+        moe_metrics_put_routing(o, layers, model->n_layers);
+        for (int l = 0; l < model->n_layers; ++l) moe_layer_accum_free(&layers[l]);
         int wrc = append_json_line(path_metrics, o, err, errcap);
         json_decref(last);
         last = o;
-        if (wrc != 0 || moe_checkpoint_save(path_ckpt, &model, &prog, err, errcap) != 0) goto done;
+        if (wrc != 0 || moe_checkpoint_save(path_ckpt, model, &prog, err, errcap) != 0) goto done;
         if (!opt->quiet) {
             if (tty) fputc('\n', stderr);
             fprintf(stderr, "eval step %lld: val_loss %.4f ppl %.3f acc %.3f drop %.3f load_cv %.3f\n", step, ev.loss,
@@ -355,11 +307,11 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
     {
         json_t *s = json_object();
         json_object_set_new(s, "run", json_string(cfg->run.name));
-        json_object_set_new(s, "router", json_string(lib.api->name));
-        json_object_set_new(s, "router_path", json_string(lib.path));
+        json_object_set_new(s, "router", json_string(ses.lib.api->name));
+        json_object_set_new(s, "router_path", json_string(ses.lib.path));
         json_object_set_new(s, "device", json_string(be->name));
         json_object_set_new(s, "steps", json_integer((json_int_t)prog.step));
-        json_object_set_new(s, "n_params", json_integer((json_int_t)model.params.total));
+        json_object_set_new(s, "n_params", json_integer((json_int_t)model->params.total));
         json_object_set_new(s, "tokens_seen", json_integer((json_int_t)prog.tokens_seen));
         json_object_set_new(s, "train_time_s", json_real(prog.train_seconds));
         json_object_set_new(s, "wall_time_s", json_real(now_seconds() - wall_start));
@@ -383,9 +335,6 @@ done:
     free(bx);
     free(by);
     free(layers);
-    if (model.be) moe_model_destroy(&model);
-    if (be) moe_backend_destroy(be);
-    if (lib.handle) moe_router_lib_close(&lib);
-    moe_dataset_close(&ds);
+    moe_session_close(&ses);
     return rc;
 }
