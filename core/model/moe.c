@@ -386,8 +386,14 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     int d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff, hin = expert_in_width(c);
     int owns_capacity = (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) != 0;
     int perturbs = (L->rinfo.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
+    if (T < 0 || T > c->max_tokens) {
+        snprintf(err, errcap, "MoE layer %d: %d tokens outside [0, %d], the size its buffers were made for", c->layer,
+                 T, c->max_tokens);
+        return -1;
+    }
     L->x = x;
     L->T = T;
+    L->training = training;
     L->C = capacity_for(L, T);
     int C = L->C;
 
@@ -549,7 +555,9 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
      * z-loss gradient already in L->dlogits. */
     int no_grad = (L->rinfo.flags & MOE_ROUTER_NO_GRAD) != 0;
     if (!no_grad) {
-        moe_context ctx = router_context(L, 1, key);
+        /* The backward sees the context the forward saw: a router that draws
+         * noise only in training must not invent noise for an eval forward. */
+        moe_context ctx = router_context(L, L->training, key);
         moe_router_bwd_args ba;
         memset(&ba, 0, sizeof ba);
         ba.struct_size = sizeof ba;

@@ -69,6 +69,7 @@ typedef struct moe_layer {
 
     /* saved activations of the last forward (sized for max_tokens) */
     int T, C, C_max;
+    int training;             /* the training flag of the last forward */
     const float *x;           /* input [T,d] (owned by the caller) */
     float *gate_a, *gate_b, *gate_h; /* gate hidden activations [T,gh] */
     float *logits, *route_logits;    /* [T,E] */

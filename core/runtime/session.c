@@ -1,7 +1,53 @@
 #include "runtime/session.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
+
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+
+double moe_learning_rate(const moe_train_cfg *t, long long step) {
+    if (t->warmup_steps > 0 && step <= t->warmup_steps) return t->lr * (double)step / t->warmup_steps;
+    long long span = t->steps - t->warmup_steps;
+    double progress = span > 0 ? (double)(step - t->warmup_steps) / (double)span : 1.0;
+    if (progress > 1.0) progress = 1.0;
+    double cosine = 0.5 * (1.0 + cos(M_PI * progress));
+    return t->lr * (t->min_lr_ratio + (1.0 - t->min_lr_ratio) * cosine);
+}
+
+int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step, int32_t *x, int32_t *y,
+                           double *loss, double *grad_norm, char *err, size_t errcap) {
+    const moe_train_cfg *tc = &cfg->train;
+    moe_backend *be = s->be;
+    moe_model *m = &s->model;
+    double lr = moe_learning_rate(tc, step);
+    moe_dataset_train_batch(&s->ds, (uint64_t)cfg->run.seed, (uint64_t)step, s->B, cfg->model.seq_len, x, y);
+    moe_model_zero_grads(m);
+    moe_forward_result fr;
+    if (moe_model_forward(m, x, y, s->B, 1, (uint64_t)step, &fr, err, errcap) != 0) return -1;
+    if (!isfinite(fr.loss)) {
+        snprintf(err, errcap, "training diverged at step %lld (loss %g); lower train.lr or raise train.warmup_steps",
+                 step, fr.loss);
+        return -1;
+    }
+    if (moe_model_backward(m, (uint64_t)step, err, errcap) != 0) return -1;
+    double norm = sqrt(be->sumsq(be, m->params.grads, m->params.total));
+    if (!isfinite(norm)) {
+        snprintf(err, errcap, "gradient norm is %g at step %lld; lower train.lr or raise train.warmup_steps", norm,
+                 step);
+        return -1;
+    }
+    if (tc->grad_clip > 0.0 && norm > tc->grad_clip)
+        be->scale(be, m->params.grads, (float)(tc->grad_clip / norm), m->params.total);
+    be->adamw(be, m->params.values, m->params.grads, m->params.adam_m, m->params.adam_v, m->params.decay_mask,
+              m->params.total, (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps,
+              (float)tc->weight_decay, step);
+    *loss = fr.loss;
+    *grad_norm = norm;
+    return 0;
+}
 
 moe_backend *moe_backend_for_config(const moe_config *cfg, char *err, size_t errcap) {
     int want_cuda = strcmp(cfg->run.device, "cuda") == 0;

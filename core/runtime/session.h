@@ -27,6 +27,18 @@ typedef struct moe_session {
 int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t errcap);
 void moe_session_close(moe_session *s);
 
+/* Linear warm-up to lr over warmup_steps, then cosine decay to
+ * lr * min_lr_ratio at the last step. step is 1-based. */
+double moe_learning_rate(const moe_train_cfg *t, long long step);
+
+/* One optimizer step (1-based `step`): the step's batch (x, y: scratch of
+ * B*seq_len ids), forward, backward, global-norm clipping, AdamW. The
+ * backend may still be running when it returns (call be->sync to wait).
+ * Returns the training loss and the gradient norm before clipping.
+ * 0 ok; -1 + err (including a non-finite loss). */
+int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step, int32_t *x, int32_t *y,
+                           double *loss, double *grad_norm, char *err, size_t errcap);
+
 /* run.device: "cpu", "cuda", or "auto" (CUDA when built with it and a GPU
  * is visible). NULL + err when the request cannot be met. */
 moe_backend *moe_backend_for_config(const moe_config *cfg, char *err, size_t errcap);

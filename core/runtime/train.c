@@ -18,9 +18,6 @@
 #include "runtime/plugin_loader.h"
 #include "runtime/session.h"
 
-#ifndef M_PI
-#define M_PI 3.14159265358979323846
-#endif
 #ifndef M_LN2
 #define M_LN2 0.69314718055994530942
 #endif
@@ -36,17 +33,6 @@ static double peak_mem_gib(void) {
     struct rusage ru;
     if (getrusage(RUSAGE_SELF, &ru) != 0) return 0.0;
     return (double)ru.ru_maxrss * 1024.0 / (1024.0 * 1024.0 * 1024.0);
-}
-
-/* Linear warm-up to lr over warmup_steps, then cosine decay to
- * lr * min_lr_ratio at the last step. step is 1-based. */
-static double learning_rate(const moe_train_cfg *t, long long step) {
-    if (t->warmup_steps > 0 && step <= t->warmup_steps) return t->lr * (double)step / t->warmup_steps;
-    long long span = t->steps - t->warmup_steps;
-    double progress = span > 0 ? (double)(step - t->warmup_steps) / (double)span : 1.0;
-    if (progress > 1.0) progress = 1.0;
-    double cosine = 0.5 * (1.0 + cos(M_PI * progress));
-    return t->lr * (t->min_lr_ratio + (1.0 - t->min_lr_ratio) * cosine);
 }
 
 /* Keep only the metrics lines of evaluations at or before `step`: after a
@@ -219,44 +205,28 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
     double wall_start = now_seconds();
     double interval_loss = 0.0, interval_seconds = 0.0, grad_norm = 0.0;
     long long interval_steps = 0, interval_tokens = 0;
-    const moe_train_cfg *tc = &cfg->train;
 
     for (long long step = (long long)prog.step + 1; step <= steps; ++step) {
         /* ---- one training step: the only time tokens/s counts ---- */
         double t0 = now_seconds();
-        double lr = learning_rate(tc, step);
-        moe_dataset_train_batch(ds, (uint64_t)cfg->run.seed, (uint64_t)step, B, S, bx, by);
-        moe_model_zero_grads(model);
-        moe_forward_result fr;
-        if (moe_model_forward(model, bx, by, B, 1, (uint64_t)step, &fr, err, errcap) != 0) goto done;
-        if (!isfinite(fr.loss)) {
-            snprintf(err, errcap, "training diverged at step %lld (loss %g); lower train.lr or raise "
-                     "train.warmup_steps", step, fr.loss);
-            goto done;
-        }
-        if (moe_model_backward(model, (uint64_t)step, err, errcap) != 0) goto done;
-        grad_norm = sqrt(be->sumsq(be, model->params.grads, model->params.total));
-        if (tc->grad_clip > 0.0 && grad_norm > tc->grad_clip)
-            be->scale(be, model->params.grads, (float)(tc->grad_clip / grad_norm), model->params.total);
-        be->adamw(be, model->params.values, model->params.grads, model->params.adam_m, model->params.adam_v,
-                  model->params.decay_mask, model->params.total, (float)lr, (float)tc->beta1, (float)tc->beta2,
-                  (float)tc->eps, (float)tc->weight_decay, step);
+        double lr = moe_learning_rate(&cfg->train, step), loss = 0.0;
+        if (moe_session_train_step(&ses, cfg, step, bx, by, &loss, &grad_norm, err, errcap) != 0) goto done;
         be->sync(be);
         double dt = now_seconds() - t0;
 
         prog.step = (uint64_t)step;
         prog.tokens_seen += (uint64_t)B * S;
         prog.train_seconds += dt;
-        interval_loss += fr.loss;
+        interval_loss += loss;
         interval_seconds += dt;
         interval_steps++;
         interval_tokens += (long long)B * S;
 
-        if (!opt->quiet && (tty || step % tc->log_interval == 0)) {
+        if (!opt->quiet && (tty || step % cfg->train.log_interval == 0)) {
             double tok_s = interval_seconds > 0 ? interval_tokens / interval_seconds : 0.0;
             double eta = prog.train_seconds / (double)step * (double)(steps - step);
-            if (tty) progress_line(step, steps, fr.loss, tok_s, eta);
-            else fprintf(stderr, "step %lld/%lld loss %.4f lr %.3g %.0f tok/s\n", step, steps, fr.loss, lr, tok_s);
+            if (tty) progress_line(step, steps, loss, tok_s, eta);
+            else fprintf(stderr, "step %lld/%lld loss %.4f lr %.3g %.0f tok/s\n", step, steps, loss, lr, tok_s);
         }
 
         /* ---- evaluation, metrics line, checkpoint ---- */
