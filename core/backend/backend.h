@@ -32,6 +32,17 @@ struct moe_backend {
     /* Releases the backend (moe_backend_destroy calls it). */
     void (*destroy)(moe_backend *be);
 
+    /* ---- timing (benchmarks) ---- */
+    /* Markers on the backend's stream (CUDA events; host clock readings on
+     * the CPU). event_elapsed_ms waits for `end` and returns end - start. */
+    void *(*event_create)(moe_backend *be);
+    void (*event_destroy)(moe_backend *be, void *ev);
+    void (*event_record)(moe_backend *be, void *ev);
+    float (*event_elapsed_ms)(moe_backend *be, void *start, void *end);
+    /* Dense GEMM rate measured on this device in TFLOP/s: bf16 operands with
+     * fp32 accumulation on CUDA, fp32 on the CPU. The MFU denominator. */
+    double (*measure_gemm_tflops)(moe_backend *be);
+
     /* ---- memory ---- */
     void *(*alloc)(moe_backend *be, size_t bytes);   /* zeroed; NULL on failure */
     void (*free)(moe_backend *be, void *p);

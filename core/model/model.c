@@ -327,3 +327,22 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
     be->embed_bwd(be, m->ids, m->dres, m->dwte, m->rope ? NULL : m->dwpe, B, S, d);
     return 0;
 }
+
+double moe_model_train_flops(const moe_model *m, int B) {
+    double T = (double)B * m->S, d = m->d, V = m->V, S = m->S, fwd = 0.0;
+    for (int l = 0; l < m->n_layers; ++l) {
+        const moe_layer *L = &m->blocks[l].moe;
+        const moe_layer_cfg *c = &L->cfg;
+        double E = c->num_experts, h = c->d_ff, hin = c->activation == MOE_ACT_SWIGLU ? 2.0 * h : h;
+        double C = ceil(c->capacity_factor * T * L->K_cap / E);
+        double gh = c->gate_hidden > 0 ? c->gate_hidden : d;
+        double gate = c->gate == MOE_GATE_LINEAR ? 2 * T * d * E
+                    : c->gate == MOE_GATE_MLP    ? 2 * T * d * gh + 2 * T * gh * E
+                                                 : 4 * T * d * gh + 2 * T * gh * E;
+        fwd += 2 * T * d * 3 * d + 2 * T * d * d;             /* qkv and output projections */
+        fwd += 2.0 * 2.0 * B * (S * (S + 1) / 2) * d;          /* q k^T and p v over the causal triangle */
+        fwd += gate + 2 * E * C * d * hin + 2 * E * C * h * d; /* gate, expert GEMMs */
+    }
+    fwd += 2 * T * d * V; /* LM head */
+    return 3.0 * fwd;
+}

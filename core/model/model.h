@@ -75,4 +75,10 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
 int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap);
 void moe_model_zero_grads(moe_model *m);
 
+/* Floating-point operations of one training step (forward + backward) on B
+ * sequences, counted as implemented: every GEMM at 2*M*N*K (the experts over
+ * all E*C capacity slots, used or not), attention over the causal triangle,
+ * backward = 2x forward for each GEMM. Elementwise work is not counted. */
+double moe_model_train_flops(const moe_model *m, int B);
+
 #endif

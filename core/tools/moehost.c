@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "runtime/bench.h"
 #include "runtime/config.h"
 #include "runtime/data.h"
 #include "runtime/plugin_loader.h"
@@ -36,6 +37,8 @@ static void usage(FILE *out) {
             "      after the first evaluation at or past STEP, as an interruption would\n"
             "  moehost prepare --out DIR [--tokenizer char] [--shard-tokens N] FILE...\n"
             "      tokenize text files into token shards plus vocab.json\n"
+            "  moehost bench train --config FILE [--set ...] [--warmup N] [--steps N] [--json]\n"
+            "      time training steps only (median of N after warm-up), tokens/s, TFLOP/s, MFU\n"
             "  moehost plugins\n"
             "      list the router plugins found, with their options\n"
             "  moehost config --doc\n"
@@ -52,23 +55,26 @@ static int fail(const char *msg) {
     return 1;
 }
 
-/* ---- train ---- */
+/* ---- config from the command line ---- */
 
-static int cmd_train(int argc, char **argv) {
+/* Arguments shared by the commands that run a config: --config FILE and any
+ * number of --set section.key=value. Other arguments are handed to
+ * `extra`, which returns how many it consumed (0 = unknown). */
+typedef int (*extra_arg_fn)(int argc, char **argv, int i, void *ctx);
+
+static int load_config_args(int argc, char **argv, moe_config *cfg, extra_arg_fn extra, void *ctx) {
     const char *config = NULL;
     const char *sets[MAX_SETS];
     int n_sets = 0;
-    moe_train_options opt = {0, 0, 0};
     for (int i = 0; i < argc; ++i) {
         const char *a = argv[i];
+        int used;
         if (strcmp(a, "--config") == 0 && i + 1 < argc) config = argv[++i];
         else if (strncmp(a, "--config=", 9) == 0) config = a + 9;
         else if (strcmp(a, "--set") == 0 && i + 1 < argc) {
             if (n_sets == MAX_SETS) return fail("too many --set options");
             sets[n_sets++] = argv[++i];
-        } else if (strcmp(a, "--resume") == 0) opt.resume = 1;
-        else if (strcmp(a, "--quiet") == 0) opt.quiet = 1;
-        else if (strcmp(a, "--stop-after") == 0 && i + 1 < argc) opt.stop_after = atoll(argv[++i]);
+        } else if ((used = extra(argc, argv, i, ctx)) > 0) i += used - 1;
         else {
             char msg[512];
             snprintf(msg, sizeof msg, "unknown argument '%s' (see moehost --help)", a);
@@ -76,11 +82,54 @@ static int cmd_train(int argc, char **argv) {
         }
     }
     if (!config) return fail("no config given: moehost --config FILE.toml (see configs/quickstart.toml)");
-    static moe_config cfg;
     char err[ERR_CAP];
-    if (moe_config_load(&cfg, config, sets, n_sets, err, sizeof err) != 0) return fail(err);
-    if (moe_config_validate(&cfg, err, sizeof err) != 0) return fail(err);
+    if (moe_config_load(cfg, config, sets, n_sets, err, sizeof err) != 0) return fail(err);
+    if (moe_config_validate(cfg, err, sizeof err) != 0) return fail(err);
+    return 0;
+}
+
+/* ---- train ---- */
+
+static int train_arg(int argc, char **argv, int i, void *ctx) {
+    moe_train_options *opt = ctx;
+    if (strcmp(argv[i], "--resume") == 0) return opt->resume = 1, 1;
+    if (strcmp(argv[i], "--quiet") == 0) return opt->quiet = 1, 1;
+    if (strcmp(argv[i], "--stop-after") == 0 && i + 1 < argc) return opt->stop_after = atoll(argv[i + 1]), 2;
+    return 0;
+}
+
+static int cmd_train(int argc, char **argv) {
+    static moe_config cfg;
+    moe_train_options opt = {0, 0, 0};
+    if (load_config_args(argc, argv, &cfg, train_arg, &opt) != 0) return 1;
+    char err[ERR_CAP];
     if (moe_train_run(&cfg, &opt, err, sizeof err) != 0) return fail(err);
+    return 0;
+}
+
+/* ---- bench ---- */
+
+static int bench_train_arg(int argc, char **argv, int i, void *ctx) {
+    moe_bench_train_options *opt = ctx;
+    if (strcmp(argv[i], "--warmup") == 0 && i + 1 < argc) return opt->warmup = atoi(argv[i + 1]), 2;
+    if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) return opt->steps = atoi(argv[i + 1]), 2;
+    if (strcmp(argv[i], "--json") == 0) return opt->json = 1, 1;
+    return 0;
+}
+
+static int cmd_bench(int argc, char **argv) {
+    if (argc < 1 || strcmp(argv[0], "train") != 0) {
+        char msg[256];
+        snprintf(msg, sizeof msg,
+                 "'moehost bench %s' is not available in this build (available: bench train)", argc ? argv[0] : "");
+        return fail(msg);
+    }
+    static moe_config cfg;
+    moe_bench_train_options opt = {10, 50, 0};
+    if (load_config_args(argc - 1, argv + 1, &cfg, bench_train_arg, &opt) != 0) return 1;
+    if (opt.warmup < 0 || opt.steps < 1) return fail("bench train needs --warmup >= 0 and --steps >= 1");
+    char err[ERR_CAP];
+    if (moe_bench_train(&cfg, &opt, err, sizeof err) != 0) return fail(err);
     return 0;
 }
 
@@ -200,11 +249,12 @@ int main(int argc, char **argv) {
         }
         return fail("usage: moehost config --doc");
     }
-    if (strcmp(cmd, "bench") == 0 || strcmp(cmd, "report") == 0) {
+    if (strcmp(cmd, "bench") == 0) return cmd_bench(argc - 2, argv + 2);
+    if (strcmp(cmd, "report") == 0) {
         char msg[256];
         snprintf(msg, sizeof msg,
-                 "'moehost %s' is not available in this build (it arrives with the CUDA backend and the "
-                 "experiment reports)",
+                 "'moehost %s' is not available in this build (experiment reports arrive with sweeps and "
+                 "plots)",
                  cmd);
         return fail(msg);
     }

@@ -62,6 +62,11 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->stream = NULL; /* no streams: every op has finished when it returns */
     be->device_ordinal = 0;
     be->destroy = cpu_destroy;
+    be->event_create = cpu_event_create;
+    be->event_destroy = cpu_event_destroy;
+    be->event_record = cpu_event_record;
+    be->event_elapsed_ms = cpu_event_elapsed_ms;
+    be->measure_gemm_tflops = cpu_measure_gemm_tflops;
 
     be->alloc = cpu_alloc;
     be->free = cpu_free;

@@ -71,4 +71,11 @@ void cpu_adamw(moe_backend *be, float *p, const float *g, float *m, float *v, co
  * line of the output. */
 #define CPU_COL_BLOCK 16
 
+/* timing (cpu_timing.c) */
+void *cpu_event_create(moe_backend *be);
+void cpu_event_destroy(moe_backend *be, void *ev);
+void cpu_event_record(moe_backend *be, void *ev);
+float cpu_event_elapsed_ms(moe_backend *be, void *start, void *end);
+double cpu_measure_gemm_tflops(moe_backend *be);
+
 #endif
