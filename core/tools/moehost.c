@@ -75,6 +75,7 @@ static int load_config_args(int argc, char **argv, moe_config *cfg, extra_arg_fn
             if (n_sets == MAX_SETS) return fail("too many --set options");
             sets[n_sets++] = argv[++i];
         } else if ((used = extra(argc, argv, i, ctx)) > 0) i += used - 1;
+        else if (used < 0) return 1;
         else {
             char msg[512];
             snprintf(msg, sizeof msg, "unknown argument '%s' (see moehost --help)", a);
@@ -90,11 +91,25 @@ static int load_config_args(int argc, char **argv, moe_config *cfg, extra_arg_fn
 
 /* ---- train ---- */
 
+/* A whole number >= min from a command-line word, or -1 after reporting. */
+static long long parse_count(const char *flag, const char *word, long long min) {
+    char *end = NULL;
+    long long v = strtoll(word, &end, 10);
+    if (!end || *end != '\0' || end == word || v < min) {
+        fprintf(stderr, "moehost: error: %s needs a whole number >= %lld, got '%s'\n", flag, min, word);
+        return -1;
+    }
+    return v;
+}
+
+/* Extra-argument handlers return the words consumed, 0 for an unknown
+ * argument, or -1 for a known one with a bad value (already reported). */
 static int train_arg(int argc, char **argv, int i, void *ctx) {
     moe_train_options *opt = ctx;
     if (strcmp(argv[i], "--resume") == 0) return opt->resume = 1, 1;
     if (strcmp(argv[i], "--quiet") == 0) return opt->quiet = 1, 1;
-    if (strcmp(argv[i], "--stop-after") == 0 && i + 1 < argc) return opt->stop_after = atoll(argv[i + 1]), 2;
+    if (strcmp(argv[i], "--stop-after") == 0 && i + 1 < argc)
+        return (opt->stop_after = parse_count("--stop-after", argv[i + 1], 1)) < 0 ? -1 : 2;
     return 0;
 }
 
@@ -111,8 +126,11 @@ static int cmd_train(int argc, char **argv) {
 
 static int bench_train_arg(int argc, char **argv, int i, void *ctx) {
     moe_bench_train_options *opt = ctx;
-    if (strcmp(argv[i], "--warmup") == 0 && i + 1 < argc) return opt->warmup = atoi(argv[i + 1]), 2;
-    if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) return opt->steps = atoi(argv[i + 1]), 2;
+    long long v;
+    if (strcmp(argv[i], "--warmup") == 0 && i + 1 < argc)
+        return (v = parse_count("--warmup", argv[i + 1], 0)) < 0 ? -1 : (opt->warmup = (int)v, 2);
+    if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc)
+        return (v = parse_count("--steps", argv[i + 1], 1)) < 0 ? -1 : (opt->steps = (int)v, 2);
     if (strcmp(argv[i], "--json") == 0) return opt->json = 1, 1;
     return 0;
 }
