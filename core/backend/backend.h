@@ -19,6 +19,10 @@
 
 #include "moe/abi.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum moe_act_kind { MOE_ACT_GELU = 0, MOE_ACT_SILU = 1, MOE_ACT_SWIGLU = 2 } moe_act_kind;
 
 typedef struct moe_backend moe_backend;
@@ -150,7 +154,9 @@ struct moe_backend {
      * k-major, then weight descending, ties to the lower token) and take the
      * next free slot of their expert while one is left. Outputs:
      * kept[T,K] = expert or -1 when dropped/empty, slot[T,K] (-1 when not kept),
-     * counts_before[E] (assignments routed to e), counts_after[E] (kept). */
+     * counts_before[E] (assignments routed to e), counts_after[E] (kept);
+     * the two count arrays are HOST memory on every backend (the caller
+     * reads them for statistics right away). */
     void (*capacity_assign)(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,
                             int E, int C, int policy, int32_t *kept, int32_t *slot,
                             int32_t *counts_before, int32_t *counts_after);
@@ -204,5 +210,9 @@ int moe_cuda_device_count(void);
 
 /* Either backend. */
 void moe_backend_destroy(moe_backend *be);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -80,6 +80,10 @@ int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V
     if (!m->rope) decl(P, "wpe", 2, m->S, d, MOE_INIT_NORMAL, s, 1, &m->wpe, &m->dwpe);
 
     m->blocks = calloc((size_t)L, sizeof *m->blocks);
+    if (!m->blocks) {
+        snprintf(err, errcap, "out of memory for %d layers; lower model.n_layers", L);
+        return -1;
+    }
     for (int l = 0; l < L; ++l) {
         moe_block *b = &m->blocks[l];
         char n[64];
@@ -334,7 +338,7 @@ double moe_model_train_flops(const moe_model *m, int B) {
         const moe_layer *L = &m->blocks[l].moe;
         const moe_layer_cfg *c = &L->cfg;
         double E = c->num_experts, h = c->d_ff, hin = c->activation == MOE_ACT_SWIGLU ? 2.0 * h : h;
-        double C = ceil(c->capacity_factor * T * L->K_cap / E);
+        double C = fmin(ceil(c->capacity_factor * T * L->K_cap / E), T);
         double gh = c->gate_hidden > 0 ? c->gate_hidden : d;
         double gate = c->gate == MOE_GATE_LINEAR ? 2 * T * d * E
                     : c->gate == MOE_GATE_MLP    ? 2 * T * d * gh + 2 * T * gh * E

@@ -32,9 +32,12 @@
 static int gate_hidden(const moe_layer_cfg *c) { return c->gate_hidden > 0 ? c->gate_hidden : c->d_model; }
 static int expert_in_width(const moe_layer_cfg *c) { return c->activation == MOE_ACT_SWIGLU ? 2 * c->d_ff : c->d_ff; }
 
-/* C = ceil(CF * T * K / E), at least 1 so every expert can take a token. */
+/* C = ceil(CF * T * K / E), at least 1 so every expert can take a token,
+ * and at most T: an expert never gets more than one assignment per token,
+ * so a larger C would only allocate rows that stay empty. */
 static int capacity_for(const moe_layer *L, int T) {
     double c = ceil(L->cfg.capacity_factor * (double)T * L->K_cap / L->cfg.num_experts);
+    if (c > (double)T) c = (double)T;
     return c < 1.0 ? 1 : (int)c;
 }
 

@@ -35,8 +35,8 @@ int moe_bench_train(const moe_config *cfg, const moe_bench_train_options *opt, c
     qsort(ms, (size_t)opt->steps, sizeof *ms, cmp_float);
     {
         double median = ms[opt->steps / 2], lo = ms[0], hi = ms[opt->steps - 1];
-        double tokens = (double)s.B * S;
-        double flops = moe_model_train_flops(&s.model, s.B);
+        double tokens = (double)s.B * S * cfg->train.grad_accum;
+        double flops = moe_model_train_flops(&s.model, s.B) * cfg->train.grad_accum;
         double tflops = flops / (median * 1e-3) / 1e12;
         double peak = be->measure_gemm_tflops(be);
         json_t *o = json_object();

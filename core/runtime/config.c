@@ -281,8 +281,8 @@ static int check_section(const char *name, const char *where, char *err, size_t 
     if (moe_cfg_find_section(name)) return 0;
     if (strcmp(name, "sweep") == 0)
         return fail(err, errcap,
-                    "%ssweeps are not available in this build; remove the [sweep] table and run each setting "
-                    "separately with --set section.key=value",
+                    "%s[sweep] is read from the config file only (what a sweep varies belongs in the file); "
+                    "edit the file's [sweep] table, or override the base config with --set section.key=value",
                     where);
     const moe_cfg_section *best = NULL;
     int len = (int)strlen(name), best_distance = (len / 3 > 1 ? len / 3 : 1) + 1;
@@ -363,12 +363,15 @@ static int apply_file(loader *L, const char *path) {
     char where[WHERE_CAP], sections[256];
     int rc = 0;
     for (int t = 0; t < doc.n_tables && rc == 0; ++t) {
+        /* [sweep] describes a set of runs, not one: runtime/sweep.c reads it. */
+        if (strcmp(doc.tables[t].name, MOE_SWEEP_SECTION) == 0) continue;
         snprintf(where, sizeof where, "%s:%d: ", path, doc.tables[t].line);
         rc = check_section(doc.tables[t].name, where, L->err, L->errcap);
     }
     for (int e = 0; e < doc.n_entries && rc == 0; ++e) {
         const moe_toml_entry *entry = &doc.entries[e];
         origin o = { FROM_FILE, entry->line };
+        if (strcmp(entry->table, MOE_SWEEP_SECTION) == 0) continue;
         if (entry->table[0] == '\0') {
             snprintf(where, sizeof where, "%s:%d: ", path, entry->line);
             const moe_cfg_key *home = suggest_key(NULL, entry->key);

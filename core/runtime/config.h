@@ -25,7 +25,8 @@ typedef struct moe_run_cfg {
 
 typedef struct moe_data_cfg {
     char path[MOE_CFG_STR];      /* text file, or a folder made by `moehost prepare` */
-    char tokenizer[16];          /* "char" */
+    char tokenizer[16];          /* "char" | "gpt2" */
+    char bpe_dir[MOE_CFG_STR];   /* encoder.json + vocab.bpe, for gpt2 on a text file */
     double val_fraction;         /* tail of the token stream held out, default 0.1 */
 } moe_data_cfg;
 
@@ -73,7 +74,10 @@ typedef struct moe_router_cfg {
 typedef struct moe_train_cfg {
     int steps;
     int batch_size;
-    char optimizer[16];          /* "adamw" */
+    char optimizer[16];          /* "adamw" | "muon" */
+    int grad_accum;              /* micro-batches per optimizer step */
+    double muon_lr, muon_momentum;
+    int muon_ns_steps;
     char precision[16];          /* "bf16" | "fp32": GEMMs on CUDA */
     double lr;
     double min_lr_ratio;         /* cosine decays to lr * min_lr_ratio */
@@ -100,6 +104,11 @@ typedef struct moe_config {
     moe_train_cfg train;
     moe_eval_cfg eval;
 } moe_config;
+
+/* A config file may also hold a [sweep] table: the set of runs to make from
+ * it (runtime/sweep.h reads it; docs/experiments.md). moe_config_load skips
+ * that table, so each run of a sweep loads the same file as its base. */
+#define MOE_SWEEP_SECTION "sweep"
 
 /* Fill cfg with every default. */
 void moe_config_defaults(moe_config *cfg);

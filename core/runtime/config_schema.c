@@ -30,6 +30,7 @@
 #define CLOSED(a, b) { (a), (b), MOE_CFG_HAS_MIN | MOE_CFG_HAS_MAX }
 #define HALF_OPEN(a, b) { (a), (b), MOE_CFG_HAS_MIN | MOE_CFG_HAS_MAX | MOE_CFG_MAX_OPEN }
 #define OPEN(a, b) { (a), (b), MOE_CFG_HAS_MIN | MOE_CFG_HAS_MAX | MOE_CFG_MIN_OPEN | MOE_CFG_MAX_OPEN }
+#define OPEN_CLOSED(a, b) { (a), (b), MOE_CFG_HAS_MIN | MOE_CFG_HAS_MAX | MOE_CFG_MIN_OPEN }
 
 const moe_cfg_section moe_cfg_sections[] = {
     { "run", "Naming, output folder, seed and device." },
@@ -54,15 +55,20 @@ const moe_cfg_key moe_cfg_keys[] = {
                "Required. A text file, or a folder made by `moehost prepare`. A relative path written in "
                "a config file is resolved against the file's folder when it exists there, else against "
                "the working directory."),
-    KEY_STRING(data, tokenizer, "char", "char", "gpt2",
-               "Tokenizer for raw text: one token per character (`gpt2` is not available in this build)."),
+    KEY_STRING(data, tokenizer, "char", "char|gpt2", NULL,
+               "Tokenizer for a text-file data.path: `char` (one token per character) or `gpt2` (GPT-2 "
+               "byte-level BPE). A folder made by `moehost prepare` records its own tokenizer, which is used "
+               "instead."),
+    KEY_STRING(data, bpe_dir, "", NULL, NULL,
+               "Folder holding GPT-2's `encoder.json` and `vocab.bpe`, for `tokenizer = \"gpt2\"` on a text-file "
+               "`data.path` (`scripts/setup_data.sh --gpt2` puts them in `data/gpt2`)."),
     KEY_FLOAT(data, val_fraction, 0.1, OPEN(0, 1), "Fraction of the token stream (its tail) held out for validation."),
 
-    KEY_INT(model, vocab_size, 0, AT_LEAST(0), "Vocabulary size; 0 = taken from the data."),
-    KEY_INT(model, d_model, 256, AT_LEAST(1), "Width of the residual stream; a multiple of n_heads."),
-    KEY_INT(model, n_layers, 4, AT_LEAST(1), "Transformer blocks, each with attention and an MoE feed-forward."),
-    KEY_INT(model, n_heads, 4, AT_LEAST(1), "Attention heads."),
-    KEY_INT(model, seq_len, 256, AT_LEAST(1), "Context length in tokens."),
+    KEY_INT(model, vocab_size, 0, CLOSED(0, 1 << 24), "Vocabulary size; 0 = taken from the data."),
+    KEY_INT(model, d_model, 256, CLOSED(1, 65536), "Width of the residual stream; a multiple of n_heads."),
+    KEY_INT(model, n_layers, 4, CLOSED(1, 1024), "Transformer blocks, each with attention and an MoE feed-forward."),
+    KEY_INT(model, n_heads, 4, CLOSED(1, 1024), "Attention heads."),
+    KEY_INT(model, seq_len, 256, CLOSED(1, 1 << 20), "Context length in tokens."),
     KEY_STRING(model, pos, "learned", "learned|rope", NULL,
                "Position encoding: learned absolute embeddings, or rotary (`rope`, needs an even head dimension)."),
     KEY_FLOAT(model, rope_theta, 10000, ABOVE(0), "RoPE base frequency (used when pos = `rope`)."),
@@ -72,17 +78,17 @@ const moe_cfg_key moe_cfg_keys[] = {
     KEY_FLOAT(model, dropout, 0.0, HALF_OPEN(0, 1), "Dropout probability; 0 = off."),
     KEY_FLOAT(model, init_std, 0.02, ABOVE(0), "Standard deviation of the normal weight initialisation."),
 
-    KEY_INT(moe, num_experts, 8, AT_LEAST(1), "Experts per MoE layer (E)."),
-    KEY_INT(moe, top_k, 2, AT_LEAST(1), "Experts per token (K); at most num_experts."),
-    KEY_FLOAT(moe, capacity_factor, 1.25, ABOVE(0),
+    KEY_INT(moe, num_experts, 8, CLOSED(1, 4096), "Experts per MoE layer (E)."),
+    KEY_INT(moe, top_k, 2, CLOSED(1, 4096), "Experts per token (K); at most num_experts."),
+    KEY_FLOAT(moe, capacity_factor, 1.25, OPEN_CLOSED(0, 1024),
               "Capacity factor CF: each expert keeps at most C = ceil(CF * T * K / E) of the T tokens' assignments."),
-    KEY_INT(moe, d_ff, 1024, AT_LEAST(1), "Hidden width of each expert."),
+    KEY_INT(moe, d_ff, 1024, CLOSED(1, 1 << 20), "Hidden width of each expert."),
     KEY_STRING(moe, activation, "gelu", "gelu|silu|swiglu", NULL,
                "Expert activation (`swiglu` gates the hidden layer)."),
     KEY_BOOL(moe, expert_bias, 1, "Add biases to the expert layers."),
     KEY_STRING(moe, gate, "linear", "linear|mlp|mlp_hadamard", NULL,
                "Gate network that turns a token into router logits."),
-    KEY_INT(moe, gate_hidden, 0, AT_LEAST(0), "Hidden width of the `mlp` and `mlp_hadamard` gates; 0 = d_model."),
+    KEY_INT(moe, gate_hidden, 0, CLOSED(0, 1 << 20), "Hidden width of the `mlp` and `mlp_hadamard` gates; 0 = d_model."),
     KEY_STRING(moe, drop_policy, "position", "position|probs", NULL,
                "Which assignments keep a slot when an expert is full: earlier tokens first (`position`) or "
                "higher router weight first (`probs`)."),
@@ -98,7 +104,9 @@ const moe_cfg_key moe_cfg_keys[] = {
 
     KEY_INT(train, steps, 1000, AT_LEAST(1), "Optimizer steps."),
     KEY_INT(train, batch_size, 32, AT_LEAST(1), "Sequences per step."),
-    KEY_STRING(train, optimizer, "adamw", "adamw", NULL, "Optimizer (`adamw` is the only one in this build)."),
+    KEY_STRING(train, optimizer, "adamw", "adamw|muon", NULL,
+               "`adamw` on every tensor, or `muon`: Muon (orthogonalised Nesterov momentum) on the hidden weight "
+               "matrices and AdamW on embeddings, LM head, norms, biases and router plugin parameters."),
     KEY_FLOAT(train, lr, 3e-4, ABOVE(0), "Peak learning rate."),
     KEY_FLOAT(train, min_lr_ratio, 0.1, CLOSED(0, 1), "The cosine schedule decays to lr * min_lr_ratio."),
     KEY_INT(train, warmup_steps, 100, AT_LEAST(0), "Linear warm-up steps before the cosine decay."),
@@ -108,6 +116,12 @@ const moe_cfg_key moe_cfg_keys[] = {
     KEY_FLOAT(train, eps, 1e-8, ABOVE(0), "AdamW epsilon."),
     KEY_FLOAT(train, grad_clip, 1.0, AT_LEAST(0), "Clip the global gradient norm to this value; 0 = off."),
     KEY_INT(train, log_interval, 10, AT_LEAST(1), "Print a progress line every N steps."),
+    KEY_INT(train, grad_accum, 1, AT_LEAST(1),
+            "Micro-batches of `batch_size` sequences accumulated into each optimizer step."),
+    KEY_FLOAT(train, muon_lr, 0.02, ABOVE(0),
+              "Muon's peak learning rate (follows the same warm-up and cosine schedule as `lr`)."),
+    KEY_FLOAT(train, muon_momentum, 0.95, HALF_OPEN(0, 1), "Muon's Nesterov momentum."),
+    KEY_INT(train, muon_ns_steps, 5, AT_LEAST(1), "Newton-Schulz iterations that orthogonalise Muon's update."),
     KEY_STRING(train, precision, "bf16", "bf16|fp32", NULL,
                "GEMM precision on CUDA: `bf16` operands with fp32 accumulation, or `fp32` throughout. "
                "Master weights, optimizer state and router math are fp32 either way; the CPU is fp32."),
@@ -174,11 +188,11 @@ void moe_cfg_range_text(const moe_cfg_range *r, char *buf, size_t cap) {
     int has_min = (r->flags & MOE_CFG_HAS_MIN) != 0, has_max = (r->flags & MOE_CFG_HAS_MAX) != 0;
     int min_open = (r->flags & MOE_CFG_MIN_OPEN) != 0, max_open = (r->flags & MOE_CFG_MAX_OPEN) != 0;
     if (has_min && has_max)
-        snprintf(buf, cap, "%c%g, %g%c", min_open ? '(' : '[', r->min, r->max, max_open ? ')' : ']');
+        snprintf(buf, cap, "%c%.15g, %.15g%c", min_open ? '(' : '[', r->min, r->max, max_open ? ')' : ']');
     else if (has_min)
-        snprintf(buf, cap, "%s %g", min_open ? ">" : ">=", r->min);
+        snprintf(buf, cap, "%s %.15g", min_open ? ">" : ">=", r->min);
     else if (has_max)
-        snprintf(buf, cap, "%s %g", max_open ? "<" : "<=", r->max);
+        snprintf(buf, cap, "%s %.15g", max_open ? "<" : "<=", r->max);
     else
         snprintf(buf, cap, "%s", "");
 }

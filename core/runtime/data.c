@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 
 #include "moe/philox.h"
+#include "runtime/tokenizer_bpe.h"
 
 #define REPREPARE "re-run `moehost prepare`"
 
@@ -52,7 +53,45 @@ static uint64_t get_u64(const unsigned char *p) {
 
 /* ---- a plain text file, tokenized in memory ---- */
 
-static int open_text(moe_dataset *ds, const char *path, char *err, size_t errcap) {
+/* The text with GPT-2's BPE from bpe_dir into ds. */
+static int encode_text_bpe(moe_dataset *ds, const char *path, const char *text, size_t size,
+                           const char *bpe_dir, char *err, size_t errcap) {
+    if (!bpe_dir || bpe_dir[0] == '\0') {
+        set_err(err, errcap,
+                "%s: the gpt2 tokenizer needs the folder holding encoder.json and vocab.bpe "
+                "(data.bpe_dir; scripts/setup_data.sh --gpt2 puts them in data/gpt2)",
+                path);
+        return -1;
+    }
+    ds->bpe = moe_bpe_load_dir(bpe_dir, err, errcap);
+    if (!ds->bpe) return -1;
+    ds->tokens = malloc(size * sizeof *ds->tokens);
+    if (!ds->tokens) {
+        set_err(err, errcap, "%s: out of memory for %zu token ids", path, size);
+        return -1;
+    }
+    char why[256];
+    long long n = moe_bpe_encode(ds->bpe, text, size, ds->tokens, why, sizeof why);
+    if (n < 0) {
+        set_err(err, errcap, "%s: %s", path, why);
+        return -1;
+    }
+    uint32_t *trimmed = realloc(ds->tokens, (size_t)n * sizeof *ds->tokens);
+    if (trimmed) ds->tokens = trimmed;
+    ds->n_tokens = (size_t)n;
+    ds->vocab_size = moe_bpe_vocab_size(ds->bpe);
+    ds->tokenizer = MOE_TOKENIZER_GPT2;
+    ds->chars_per_token = (double)moe_utf8_count_chars(text, size) / (double)n;
+    return 0;
+}
+
+static int open_text(moe_dataset *ds, const char *path, const char *tokenizer, const char *bpe_dir,
+                     char *err, size_t errcap) {
+    int gpt2 = tokenizer && strcmp(tokenizer, "gpt2") == 0;
+    if (tokenizer && !gpt2 && strcmp(tokenizer, "char") != 0) {
+        set_err(err, errcap, "%s: unknown tokenizer '%s' (known: char, gpt2)", path, tokenizer);
+        return -1;
+    }
     FILE *f = fopen(path, "rb");
     if (!f) {
         set_err(err, errcap, "%s: cannot open (%s); check data.path and its permissions", path,
@@ -86,6 +125,10 @@ static int open_text(moe_dataset *ds, const char *path, char *err, size_t errcap
         return -1;
     }
     int rc = -1;
+    if (gpt2) {
+        rc = encode_text_bpe(ds, path, text, size, bpe_dir, err, errcap);
+        goto done;
+    }
     if (moe_char_vocab_build(&ds->vocab, text, size, err, errcap) != 0) goto done;
     /* At most one token per byte; trimmed to the real count below. */
     ds->tokens = malloc(size * sizeof *ds->tokens);
@@ -158,8 +201,37 @@ done:
     return rc;
 }
 
+/* gpt2: the vocabulary size vocab.json states, and the BPE files beside it
+ * (kept in ds->bpe for decoding), which must agree on it. */
+static int gpt2_from_json(moe_dataset *ds, const char *dir, const json_t *root, const char *path,
+                          char *err, size_t errcap) {
+    const json_t *size = json_object_get(root, "vocab_size");
+    json_int_t n = json_is_integer(size) ? json_integer_value(size) : 0;
+    if (n <= 0 || n > INT_MAX) {
+        set_err(err, errcap, "%s: a gpt2 vocab.json needs a positive integer \"vocab_size\"; "
+                REPREPARE, path);
+        return -1;
+    }
+    char why[1024];
+    ds->bpe = moe_bpe_load_dir(dir, why, sizeof why);
+    if (!ds->bpe) {
+        set_err(err, errcap, "%s: %s; " REPREPARE " --tokenizer gpt2", dir, why);
+        return -1;
+    }
+    if (moe_bpe_vocab_size(ds->bpe) != n) {
+        set_err(err, errcap,
+                "%s: vocab_size %lld, but the folder's encoder.json has %d tokens (files from "
+                "different prepares?); " REPREPARE " --tokenizer gpt2",
+                path, (long long)n, moe_bpe_vocab_size(ds->bpe));
+        return -1;
+    }
+    ds->vocab_size = (int)n;
+    return 0;
+}
+
 /* vocab.json: the tokenizer and the vocabulary size the shards must match;
- * for the char tokenizer also the vocabulary itself (kept in ds->vocab). */
+ * for the char tokenizer also the vocabulary itself (kept in ds->vocab),
+ * for gpt2 the BPE files beside it (kept in ds->bpe). */
 static int read_vocab_json(moe_dataset *ds, const char *dir, char *err, size_t errcap) {
     char *path = join_path(dir, "vocab.json");
     if (!path) {
@@ -181,6 +253,11 @@ static int read_vocab_json(moe_dataset *ds, const char *dir, char *err, size_t e
     }
     const char *tokenizer = json_string_value(json_object_get(root, "tokenizer"));
     const json_t *list = json_object_get(root, "vocab");
+    if (tokenizer && strcmp(tokenizer, "gpt2") == 0) {
+        ds->tokenizer = MOE_TOKENIZER_GPT2;
+        rc = gpt2_from_json(ds, dir, root, path, err, errcap);
+        goto done;
+    }
     if (!tokenizer || !json_is_array(list)) {
         set_err(err, errcap, "%s: needs a \"tokenizer\" string and a \"vocab\" list; " REPREPARE,
                 path);
@@ -188,8 +265,6 @@ static int read_vocab_json(moe_dataset *ds, const char *dir, char *err, size_t e
     }
     if (strcmp(tokenizer, "char") == 0) {
         ds->tokenizer = MOE_TOKENIZER_CHAR;
-    } else if (strcmp(tokenizer, "gpt2") == 0) {
-        ds->tokenizer = MOE_TOKENIZER_GPT2;
     } else {
         set_err(err, errcap, "%s: unknown tokenizer '%s' (known: char, gpt2); " REPREPARE, path,
                 tokenizer);
@@ -201,11 +276,7 @@ static int read_vocab_json(moe_dataset *ds, const char *dir, char *err, size_t e
         goto done;
     }
     ds->vocab_size = (int)n;
-    /* A BPE vocabulary is only needed for its size here; decoding BPE
-     * samples is the BPE tokenizer's business. */
-    if (ds->tokenizer == MOE_TOKENIZER_CHAR &&
-        char_vocab_from_json(&ds->vocab, list, path, err, errcap) != 0)
-        goto done;
+    if (char_vocab_from_json(&ds->vocab, list, path, err, errcap) != 0) goto done;
     rc = 0;
 done:
     json_decref(root);
@@ -428,8 +499,9 @@ static int split(moe_dataset *ds, const char *path, double val_fraction, int seq
     return 0;
 }
 
-int moe_dataset_open(moe_dataset *ds, const char *path, double val_fraction, int seq_len,
-                     char *err, size_t errcap) {
+int moe_dataset_open_with(moe_dataset *ds, const char *path, const char *tokenizer,
+                          const char *bpe_dir, double val_fraction, int seq_len, char *err,
+                          size_t errcap) {
     memset(ds, 0, sizeof *ds);
     if (!(val_fraction > 0.0 && val_fraction < 1.0)) {
         set_err(err, errcap, "data.val_fraction must lie in (0, 1), got %g", val_fraction);
@@ -451,7 +523,7 @@ int moe_dataset_open(moe_dataset *ds, const char *path, double val_fraction, int
     if (S_ISDIR(st.st_mode)) {
         rc = open_prepared(ds, path, err, errcap);
     } else if (S_ISREG(st.st_mode)) {
-        rc = open_text(ds, path, err, errcap);
+        rc = open_text(ds, path, tokenizer, bpe_dir, err, errcap);
     } else {
         set_err(err, errcap, "data.path '%s' is neither a regular file nor a folder", path);
         rc = -1;
@@ -461,10 +533,22 @@ int moe_dataset_open(moe_dataset *ds, const char *path, double val_fraction, int
     return rc;
 }
 
+int moe_dataset_open(moe_dataset *ds, const char *path, double val_fraction, int seq_len,
+                     char *err, size_t errcap) {
+    return moe_dataset_open_with(ds, path, "char", NULL, val_fraction, seq_len, err, errcap);
+}
+
 void moe_dataset_close(moe_dataset *ds) {
     free(ds->tokens);
     moe_char_vocab_free(&ds->vocab);
+    moe_bpe_free(ds->bpe);
     memset(ds, 0, sizeof *ds);
+}
+
+size_t moe_dataset_decode(const moe_dataset *ds, const uint32_t *ids, size_t n, char *out,
+                          size_t cap) {
+    if (ds->bpe) return moe_bpe_decode_text(ds->bpe, ids, n, out, cap);
+    return moe_char_decode(&ds->vocab, ids, n, out, cap);
 }
 
 /* ---- training batches and validation windows ---- */

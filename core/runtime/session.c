@@ -23,16 +23,27 @@ int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step
     moe_backend *be = s->be;
     moe_model *m = &s->model;
     double lr = moe_learning_rate(tc, step);
-    moe_dataset_train_batch(&s->ds, (uint64_t)cfg->run.seed, (uint64_t)step, s->B, cfg->model.seq_len, x, y);
+    int accum = tc->grad_accum > 0 ? tc->grad_accum : 1;
+    double loss_sum = 0.0;
     moe_model_zero_grads(m);
-    moe_forward_result fr;
-    if (moe_model_forward(m, x, y, s->B, 1, (uint64_t)step, &fr, err, errcap) != 0) return -1;
-    if (!isfinite(fr.loss)) {
-        snprintf(err, errcap, "training diverged at step %lld (loss %g); lower train.lr or raise train.warmup_steps",
-                 step, fr.loss);
-        return -1;
+    /* Micro-batch i of step t is numbered (t-1)*accum + i + 1: its data,
+     * dropout and router noise are keyed by that number, so accum = 1 is
+     * exactly the plain step. */
+    for (int i = 0; i < accum; ++i) {
+        uint64_t micro = (uint64_t)(step - 1) * (uint64_t)accum + (uint64_t)i + 1;
+        moe_dataset_train_batch(&s->ds, (uint64_t)cfg->run.seed, micro, s->B, cfg->model.seq_len, x, y);
+        moe_forward_result fr;
+        if (moe_model_forward(m, x, y, s->B, 1, micro, &fr, err, errcap) != 0) return -1;
+        if (!isfinite(fr.loss)) {
+            snprintf(err, errcap, "training diverged at step %lld (loss %g); lower train.lr or raise train.warmup_steps",
+                     step, fr.loss);
+            return -1;
+        }
+        if (moe_model_backward(m, micro, err, errcap) != 0) return -1;
+        loss_sum += fr.loss;
     }
-    if (moe_model_backward(m, (uint64_t)step, err, errcap) != 0) return -1;
+    /* Each micro-batch's gradient is a mean over its tokens; average them. */
+    if (accum > 1) be->scale(be, m->params.grads, 1.0f / (float)accum, m->params.total);
     double norm = sqrt(be->sumsq(be, m->params.grads, m->params.total));
     if (!isfinite(norm)) {
         snprintf(err, errcap, "gradient norm is %g at step %lld; lower train.lr or raise train.warmup_steps", norm,
@@ -41,10 +52,8 @@ int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step
     }
     if (tc->grad_clip > 0.0 && norm > tc->grad_clip)
         be->scale(be, m->params.grads, (float)(tc->grad_clip / norm), m->params.total);
-    be->adamw(be, m->params.values, m->params.grads, m->params.adam_m, m->params.adam_v, m->params.decay_mask,
-              m->params.total, (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps,
-              (float)tc->weight_decay, step);
-    *loss = fr.loss;
+    moe_optimizer_step(&s->opt, tc, m, lr, step);
+    *loss = loss_sum / accum;
     *grad_norm = norm;
     return 0;
 }
@@ -79,7 +88,8 @@ moe_backend *moe_backend_for_config(const moe_config *cfg, char *err, size_t err
 
 int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t errcap) {
     memset(s, 0, sizeof *s);
-    if (moe_dataset_open(&s->ds, cfg->data.path, cfg->data.val_fraction, cfg->model.seq_len, err, errcap) != 0)
+    if (moe_dataset_open_with(&s->ds, cfg->data.path, cfg->data.tokenizer, cfg->data.bpe_dir, cfg->data.val_fraction,
+                              cfg->model.seq_len, err, errcap) != 0)
         return -1;
     int V = cfg->model.vocab_size > 0 ? cfg->model.vocab_size : s->ds.vocab_size;
     if (V < s->ds.vocab_size) {
@@ -94,7 +104,8 @@ int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t er
     s->eval_B = cfg->eval.batch_size > 0 ? cfg->eval.batch_size : s->B;
     if (moe_router_lib_open(&s->lib, cfg->router.plugin, err, errcap) != 0 ||
         !(s->be = moe_backend_for_config(cfg, err, errcap)) ||
-        moe_model_create(&s->model, cfg, s->be, V, s->B > s->eval_B ? s->B : s->eval_B, s->lib.api, err, errcap) != 0) {
+        moe_model_create(&s->model, cfg, s->be, V, s->B > s->eval_B ? s->B : s->eval_B, s->lib.api, err, errcap) != 0 ||
+        moe_optimizer_init(&s->opt, &cfg->train, &s->model, err, errcap) != 0) {
         moe_session_close(s);
         return -1;
     }
@@ -102,6 +113,7 @@ int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t er
 }
 
 void moe_session_close(moe_session *s) {
+    if (s->be) moe_optimizer_free(&s->opt, s->be);
     if (s->model.be) moe_model_destroy(&s->model);
     if (s->be) moe_backend_destroy(s->be);
     if (s->lib.handle) moe_router_lib_close(&s->lib);

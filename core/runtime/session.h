@@ -12,6 +12,7 @@
 #include "model/model.h"
 #include "runtime/config.h"
 #include "runtime/data.h"
+#include "runtime/optim.h"
 #include "runtime/plugin_loader.h"
 
 typedef struct moe_session {
@@ -19,7 +20,8 @@ typedef struct moe_session {
     moe_router_lib lib;
     moe_backend *be;
     moe_model model;
-    int B;          /* training batch */
+    moe_optimizer opt;
+    int B;          /* training batch (one micro-batch when train.grad_accum > 1) */
     int eval_B;     /* evaluation batch */
 } moe_session;
 
@@ -31,8 +33,9 @@ void moe_session_close(moe_session *s);
  * lr * min_lr_ratio at the last step. step is 1-based. */
 double moe_learning_rate(const moe_train_cfg *t, long long step);
 
-/* One optimizer step (1-based `step`): the step's batch (x, y: scratch of
- * B*seq_len ids), forward, backward, global-norm clipping, AdamW. The
+/* One optimizer step (1-based `step`): train.grad_accum micro-batches (x, y:
+ * scratch of B*seq_len ids) each forward and backward, their gradients
+ * averaged, global-norm clipping, then AdamW or Muon. The
  * backend may still be running when it returns (call be->sync to wait).
  * Returns the training loss and the gradient norm before clipping.
  * 0 ok; -1 + err (including a non-finite loss). */

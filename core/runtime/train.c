@@ -215,12 +215,12 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
         double dt = now_seconds() - t0;
 
         prog.step = (uint64_t)step;
-        prog.tokens_seen += (uint64_t)B * S;
+        prog.tokens_seen += (uint64_t)B * S * cfg->train.grad_accum;
         prog.train_seconds += dt;
         interval_loss += loss;
         interval_seconds += dt;
         interval_steps++;
-        interval_tokens += (long long)B * S;
+        interval_tokens += (long long)B * S * cfg->train.grad_accum;
 
         if (!opt->quiet && (tty || step % cfg->train.log_interval == 0)) {
             double tok_s = interval_seconds > 0 ? interval_tokens / interval_seconds : 0.0;

@@ -2,7 +2,7 @@
  * moehost: the command-line front of MoE Routing Bench.
  *
  *   moehost --config X.toml [--set section.key=value ...] [--resume]   train
- *   moehost prepare --out DIR [--tokenizer char] [--shard-tokens N] FILE...
+ *   moehost prepare --out DIR [--tokenizer char|gpt2 --bpe-dir DIR] [--shard-tokens N] FILE...
  *   moehost plugins                                                     list routers
  *   moehost config --doc                                                config reference
  */
@@ -35,8 +35,9 @@ static void usage(FILE *out) {
             "      train and evaluate as FILE says; results go to <run.out_dir>/<run.name>/\n"
             "      --resume continues from the run's last checkpoint; --stop-after ends the run\n"
             "      after the first evaluation at or past STEP, as an interruption would\n"
-            "  moehost prepare --out DIR [--tokenizer char] [--shard-tokens N] FILE...\n"
-            "      tokenize text files into token shards plus vocab.json\n"
+            "  moehost prepare --out DIR [--tokenizer char|gpt2] [--bpe-dir DIR] [--shard-tokens N] FILE...\n"
+            "      tokenize text files into token shards plus vocab.json; gpt2 (byte-level BPE)\n"
+            "      reads encoder.json and vocab.bpe from --bpe-dir (scripts/setup_data.sh --gpt2)\n"
             "  moehost bench train --config FILE [--set ...] [--warmup N] [--steps N] [--json]\n"
             "      time training steps only (median of N after warm-up), tokens/s, TFLOP/s, MFU\n"
             "  moehost plugins\n"
@@ -154,13 +155,14 @@ static int cmd_bench(int argc, char **argv) {
 /* ---- prepare ---- */
 
 static int cmd_prepare(int argc, char **argv) {
-    const char *out = NULL, *tokenizer = "char";
+    const char *out = NULL, *tokenizer = "char", *bpe_dir = NULL;
     long long shard_tokens = 0;
     const char **inputs = calloc((size_t)argc + 1, sizeof *inputs);
     int n_inputs = 0;
     for (int i = 0; i < argc; ++i) {
         if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) out = argv[++i];
         else if (strcmp(argv[i], "--tokenizer") == 0 && i + 1 < argc) tokenizer = argv[++i];
+        else if (strcmp(argv[i], "--bpe-dir") == 0 && i + 1 < argc) bpe_dir = argv[++i];
         else if (strcmp(argv[i], "--shard-tokens") == 0 && i + 1 < argc) shard_tokens = atoll(argv[++i]);
         else if (argv[i][0] == '-') {
             char msg[512];
@@ -173,11 +175,16 @@ static int cmd_prepare(int argc, char **argv) {
     char err[ERR_CAP];
     if (!out) rc = fail("prepare needs --out DIR");
     else if (n_inputs == 0) rc = fail("prepare needs at least one text file");
-    else if (strcmp(tokenizer, "char") != 0) {
-        snprintf(err, sizeof err, "tokenizer '%s' is not available in this build (available: char)", tokenizer);
+    else if (strcmp(tokenizer, "char") != 0 && strcmp(tokenizer, "gpt2") != 0) {
+        snprintf(err, sizeof err, "tokenizer '%s' is not available (available: char, gpt2)", tokenizer);
         rc = fail(err);
-    } else if (moe_prepare(inputs, n_inputs, out, tokenizer, shard_tokens, err, sizeof err) != 0) rc = fail(err);
-    else fprintf(stderr, "prepared %d file(s) into %s\n", n_inputs, out);
+    } else if (bpe_dir && strcmp(tokenizer, "gpt2") != 0) {
+        rc = fail("--bpe-dir goes with --tokenizer gpt2");
+    } else {
+        moe_prepare_opts opts = {tokenizer, bpe_dir, shard_tokens};
+        if (moe_prepare_with(inputs, n_inputs, out, &opts, err, sizeof err) != 0) rc = fail(err);
+        else fprintf(stderr, "prepared %d file(s) into %s\n", n_inputs, out);
+    }
     free(inputs);
     return rc;
 }

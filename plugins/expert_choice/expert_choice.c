@@ -38,6 +38,12 @@ typedef struct ec_state {
     int32_t max_per_token; /* K' of the seed-compatible mode; 0 = the paper's mode */
 } ec_state;
 
+#ifdef MOE_PLUGIN_HAS_CUDA
+/* The CUDA path (expert_choice.cu): its table, and the workspace it needs. */
+extern const moe_router_impl expert_choice_cuda_impl;
+size_t expert_choice_cuda_workspace_bytes(const ec_state *s);
+#endif
+
 /* One token as an expert sees it. */
 typedef struct ec_candidate {
     float score;
@@ -109,6 +115,11 @@ static moe_status ec_query(const void *state, moe_router_info *info) {
         info->flags = MOE_ROUTER_OWNS_CAPACITY;
     }
     info->workspace_bytes = ec_workspace_bytes(s->max_tokens, s->E);
+#ifdef MOE_PLUGIN_HAS_CUDA
+    /* One workspace serves whichever table the host calls: the larger need. */
+    size_t cuda_bytes = expert_choice_cuda_workspace_bytes(s);
+    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
+#endif
     return MOE_OK;
 }
 
@@ -282,7 +293,11 @@ static const struct moe_router_plugin_v1 ec_plugin = {
     .destroy = ec_destroy,
     .query = ec_query,
     .cpu = &ec_cpu,
+#ifdef MOE_PLUGIN_HAS_CUDA
+    .cuda = &expert_choice_cuda_impl,
+#else
     .cuda = NULL,
+#endif
 };
 
 MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &ec_plugin; }

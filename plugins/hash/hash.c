@@ -29,6 +29,12 @@ typedef struct hash_state {
     hash_key key;
 } hash_state;
 
+#ifdef MOE_PLUGIN_HAS_CUDA
+/* The CUDA path (hash.cu): its table, and the workspace it needs. */
+extern const moe_router_impl hash_cuda_impl;
+size_t hash_cuda_workspace_bytes(const hash_state *s);
+#endif
+
 static const moe_option_spec hash_options[] = {
     {"key", MOE_OPT_STRING, "token", "token|position", 0.0, 0.0,
      "what is hashed: the token's vocabulary id (Hash Layers) or its flat position in the batch (seed bench)"},
@@ -116,6 +122,11 @@ static moe_status hash_query(const void *state, moe_router_info *info) {
     info->flags = MOE_ROUTER_IGNORES_LOGITS | MOE_ROUTER_NO_GRAD | MOE_ROUTER_WEIGHT_SUM_EXACT;
     info->weight_sum = 1.0f;
     info->workspace_bytes = 0;
+#ifdef MOE_PLUGIN_HAS_CUDA
+    /* One workspace serves whichever table the host calls: the larger need. */
+    size_t cuda_bytes = hash_cuda_workspace_bytes(s);
+    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
+#endif
     return MOE_OK;
 }
 
@@ -181,7 +192,11 @@ static const struct moe_router_plugin_v1 hash_plugin = {
     .destroy = hash_destroy,
     .query = hash_query,
     .cpu = &hash_cpu,
+#ifdef MOE_PLUGIN_HAS_CUDA
+    .cuda = &hash_cuda_impl,
+#else
     .cuda = NULL,
+#endif
 };
 
 MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &hash_plugin; }

@@ -35,7 +35,14 @@ typedef struct noisy_state {
     int learned;
     float noise_std;
     float temperature;
+    int32_t max_tokens;  /* bound on T: sizes the CUDA path's scratch */
 } noisy_state;
+
+#ifdef MOE_PLUGIN_HAS_CUDA
+/* The CUDA path (noisy_topk.cu): its table, and the workspace it needs. */
+extern const moe_router_impl noisy_topk_cuda_impl;
+size_t noisy_topk_cuda_workspace_bytes(const noisy_state *s);
+#endif
 
 static const moe_option_spec noisy_options[] = {
     {"learned", MOE_OPT_BOOL, "true", NULL, 0.0, 0.0,
@@ -89,6 +96,7 @@ static moe_status noisy_create(const moe_router_dims *dims, const moe_option *op
     s->E = dims->num_experts;
     s->K = dims->top_k;
     s->d_model = dims->d_model;
+    s->max_tokens = dims->max_tokens > 0 ? dims->max_tokens : 0;
     s->learned = learned;
     s->noise_std = (float)moe_option_get(v, NOISY_N_OPTIONS, "noise_std")->f;
     s->temperature = (float)moe_option_get(v, NOISY_N_OPTIONS, "temperature")->f;
@@ -107,6 +115,11 @@ static moe_status noisy_query(const void *state, moe_router_info *info) {
     info->flags = MOE_ROUTER_PERTURBS_LOGITS | MOE_ROUTER_WEIGHT_SUM_EXACT;
     info->weight_sum = 1.0f;
     info->workspace_bytes = 0;
+#ifdef MOE_PLUGIN_HAS_CUDA
+    /* One workspace serves whichever table the host calls: the larger need. */
+    size_t cuda_bytes = noisy_topk_cuda_workspace_bytes(s);
+    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
+#endif
     if (s->learned) {
         /* Zero init as in the paper: every sigma starts at softplus(0) = ln 2
          * and training moves it. Decaying W_noise would pull sigma back
@@ -240,7 +253,11 @@ static const struct moe_router_plugin_v1 noisy_plugin = {
     .destroy = noisy_destroy,
     .query = noisy_query,
     .cpu = &noisy_cpu,
+#ifdef MOE_PLUGIN_HAS_CUDA
+    .cuda = &noisy_topk_cuda_impl,
+#else
     .cuda = NULL,
+#endif
 };
 
 MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &noisy_plugin; }

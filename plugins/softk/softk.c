@@ -33,7 +33,7 @@
  * tau (the option temperature) sharpens the weights below 1 and flattens them
  * above 1; it does not change which experts are chosen.
  *
- * CPU path only for now (cuda = NULL).
+ * The CUDA path (softk.cu) runs the same math, one thread per token.
  */
 #include <moe/router.h>
 
@@ -50,7 +50,14 @@ typedef struct softk_state {
     int32_t top_k;       /* K */
     float temperature;   /* tau */
     softk_normalize normalize;
+    int32_t max_tokens;  /* bound on T: sizes the CUDA path's per-token scratch */
 } softk_state;
+
+#ifdef MOE_PLUGIN_HAS_CUDA
+/* The CUDA path (softk.cu): its table, and the workspace it needs. */
+extern const moe_router_impl softk_cuda_impl;
+size_t softk_cuda_workspace_bytes(const softk_state *s);
+#endif
 
 static const moe_option_spec softk_options[] = {
     {"temperature", MOE_OPT_FLOAT, "1.0", NULL, 1e-3, 1e3,
@@ -88,6 +95,7 @@ static moe_status softk_create(const moe_router_dims *dims, const moe_option *op
     if (!s) return moe_fail(msg, msg_cap, MOE_ERR_NO_MEMORY, "out of memory for the router state");
     s->num_experts = E;
     s->top_k = K;
+    s->max_tokens = dims->max_tokens > 0 ? dims->max_tokens : 0;
     s->temperature = (float)moe_option_get(resolved, SOFTK_N_OPTIONS, "temperature")->f;
     /* The resolved string may point into the caller's config: keep the enum, not the text. */
     s->normalize = strcmp(moe_option_get(resolved, SOFTK_N_OPTIONS, "normalize")->s, "sum") == 0 ? SOFTK_SUM
@@ -141,6 +149,11 @@ static moe_status softk_query(const void *state, moe_router_info *info) {
     info->flags = MOE_ROUTER_WEIGHT_SUM_EXACT;
     info->weight_sum = 1.0f;
     info->workspace_bytes = softk_workspace_bytes(s);
+#ifdef MOE_PLUGIN_HAS_CUDA
+    /* One workspace serves whichever table the host calls: the larger need. */
+    size_t cuda_bytes = softk_cuda_workspace_bytes(s);
+    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
+#endif
     return MOE_OK;
 }
 
@@ -292,7 +305,11 @@ static const struct moe_router_plugin_v1 softk_plugin = {
     .destroy = softk_destroy,
     .query = softk_query,
     .cpu = &softk_cpu,
+#ifdef MOE_PLUGIN_HAS_CUDA
+    .cuda = &softk_cuda_impl,
+#else
     .cuda = NULL,
+#endif
 };
 
 MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &softk_plugin; }

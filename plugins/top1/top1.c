@@ -17,7 +17,7 @@
  *
  * k_out is 1 whatever [moe].top_k says: Switch routing is top-1 by definition.
  *
- * CPU path only for now (cuda = NULL).
+ * The CUDA path (top1.cu) runs the same math, one thread per token.
  */
 #include <moe/router.h>
 
@@ -30,6 +30,12 @@ typedef struct top1_state {
     int32_t num_experts; /* E */
     top1_gate gate;
 } top1_state;
+
+#ifdef MOE_PLUGIN_HAS_CUDA
+/* The CUDA path (top1.cu): its table, and the workspace it needs. */
+extern const moe_router_impl top1_cuda_impl;
+size_t top1_cuda_workspace_bytes(const top1_state *s);
+#endif
 
 static const moe_option_spec top1_options[] = {
     {"gate", MOE_OPT_STRING, "softmax", "softmax|none", 0.0, 0.0,
@@ -96,6 +102,11 @@ static moe_status top1_query(const void *state, moe_router_info *info) {
         info->flags = 0;
     }
     info->workspace_bytes = top1_workspace_bytes(s);
+#ifdef MOE_PLUGIN_HAS_CUDA
+    /* One workspace serves whichever table the host calls: the larger need. */
+    size_t cuda_bytes = top1_cuda_workspace_bytes(s);
+    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
+#endif
     return MOE_OK;
 }
 
@@ -223,7 +234,11 @@ static const struct moe_router_plugin_v1 top1_plugin = {
     .destroy = top1_destroy,
     .query = top1_query,
     .cpu = &top1_cpu,
+#ifdef MOE_PLUGIN_HAS_CUDA
+    .cuda = &top1_cuda_impl,
+#else
     .cuda = NULL,
+#endif
 };
 
 MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &top1_plugin; }

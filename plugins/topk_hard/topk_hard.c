@@ -20,7 +20,7 @@
  *   weight = "one"  the seed bench: weight 1 each (so the K outputs add up),
  *                   no gradient.
  *
- * CPU path only for now (cuda = NULL).
+ * The CUDA path (topk_hard.cu) runs the same math, one thread per token.
  */
 #include <moe/router.h>
 
@@ -34,7 +34,14 @@ typedef struct topk_hard_state {
     int32_t num_experts; /* E */
     int32_t top_k;       /* K */
     topk_hard_weight weight;
+    int32_t max_tokens;  /* bound on T: sizes the CUDA path's per-token scratch */
 } topk_hard_state;
+
+#ifdef MOE_PLUGIN_HAS_CUDA
+/* The CUDA path (topk_hard.cu): its table, and the workspace it needs. */
+extern const moe_router_impl topk_hard_cuda_impl;
+size_t topk_hard_cuda_workspace_bytes(const topk_hard_state *s);
+#endif
 
 static const moe_option_spec topk_hard_options[] = {
     {"weight", MOE_OPT_STRING, "uniform", "uniform|st|one", 0.0, 0.0,
@@ -71,6 +78,7 @@ static moe_status topk_hard_create(const moe_router_dims *dims, const moe_option
     if (!s) return moe_fail(msg, msg_cap, MOE_ERR_NO_MEMORY, "out of memory for the router state");
     s->num_experts = E;
     s->top_k = K;
+    s->max_tokens = dims->max_tokens > 0 ? dims->max_tokens : 0;
     /* The resolved string may point into the caller's config: keep the enum, not the text. */
     const char *w = moe_option_get(resolved, TOPK_HARD_N_OPTIONS, "weight")->s;
     s->weight = strcmp(w, "st") == 0 ? TOPK_HARD_ST : strcmp(w, "one") == 0 ? TOPK_HARD_ONE : TOPK_HARD_UNIFORM;
@@ -108,6 +116,11 @@ static moe_status topk_hard_query(const void *state, moe_router_info *info) {
         break;
     }
     info->workspace_bytes = topk_hard_workspace_bytes(s);
+#ifdef MOE_PLUGIN_HAS_CUDA
+    /* One workspace serves whichever table the host calls: the larger need. */
+    size_t cuda_bytes = topk_hard_cuda_workspace_bytes(s);
+    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
+#endif
     return MOE_OK;
 }
 
@@ -217,7 +230,11 @@ static const struct moe_router_plugin_v1 topk_hard_plugin = {
     .destroy = topk_hard_destroy,
     .query = topk_hard_query,
     .cpu = &topk_hard_cpu,
+#ifdef MOE_PLUGIN_HAS_CUDA
+    .cuda = &topk_hard_cuda_impl,
+#else
     .cuda = NULL,
+#endif
 };
 
 MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &topk_hard_plugin; }

@@ -1,6 +1,6 @@
 /*
  * The loader: the train/val split, training batches (deterministic, inside
- * the train split, y = x shifted by one), validation windows, a BPE-style
+ * the train split, y = x shifted by one), validation windows, a GPT-2 BPE
  * folder written by hand, and the errors for missing, empty, too short and
  * corrupt data, each naming the file at fault.
  */
@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bpe_test_vocab.h"
 #include "data_test_files.h"
 #include "moe/philox.h"
 #include "runtime/data.h"
@@ -145,25 +146,37 @@ static void write_shard(const char *dir, const char *name, uint32_t tokenizer, u
     free(buf);
 }
 
-/* The loader takes BPE folders too: vocab.json gives the size, the
- * headers' character counts give chars_per_token (25 / 10 = 2.5). */
+static void check_open_fails(const char *path, double val_fraction, int seq_len,
+                             const char *needle);
+
+/* The loader takes BPE folders too: vocab.json gives the size, the BPE
+ * files beside it must agree with it, and the headers' character counts
+ * give chars_per_token (25 / 10 = 2.5). */
 static void test_bpe_folder(void) {
     char dir[128];
     snprintf(dir, sizeof dir, "%s/bpe", tmp_dir);
     mkdir(dir, 0755);
-    const char *vocab = "{\"tokenizer\": \"gpt2\", \"vocab\": [\"a\", \"bc\", \"\\u0120the\"]}";
+    const char *vocab = "{\"tokenizer\": \"gpt2\", \"vocab_size\": 272}";
     CHECK(test_write_file(test_path(dir, "vocab.json"), vocab, strlen(vocab)) == 0);
-    const uint32_t first[6] = {0, 1, 2, 0, 1, 2}, second[4] = {2, 2, 1, 0};
-    write_shard(dir, "tokens_000.bin", MOE_TOKENIZER_GPT2, 3, 4, 15, first, 6);
-    write_shard(dir, "tokens_001.bin", MOE_TOKENIZER_GPT2, 3, 2, 10, second, 4);
+    const uint32_t first[6] = {0, 1, 2, 0, 1, 271}, second[4] = {271, 2, 1, 0};
+    write_shard(dir, "tokens_000.bin", MOE_TOKENIZER_GPT2, 272, 4, 15, first, 6);
+    write_shard(dir, "tokens_001.bin", MOE_TOKENIZER_GPT2, 272, 2, 10, second, 4);
     moe_dataset ds;
-    CHECK(moe_dataset_open(&ds, dir, 0.5, 2, err, sizeof err) == 0);
-    CHECK(ds.tokenizer == MOE_TOKENIZER_GPT2 && ds.vocab_size == 3 && ds.vocab.size == 0);
-    const uint32_t want[10] = {0, 1, 2, 0, 1, 2, 2, 2, 1, 0};
+    /* Without encoder.json and vocab.bpe the folder cannot decode: refused. */
+    CHECK(moe_dataset_open(&ds, dir, 0.5, 2, err, sizeof err) == -1);
+    CHECK_MSG(strstr(err, "encoder.json") != NULL, "%s", err);
+    CHECK(write_tiny_vocab(dir) == 0);
+    CHECK_MSG(moe_dataset_open(&ds, dir, 0.5, 2, err, sizeof err) == 0, "%s", err);
+    CHECK(ds.tokenizer == MOE_TOKENIZER_GPT2 && ds.vocab_size == 272 && ds.vocab.size == 0);
+    const uint32_t want[10] = {0, 1, 2, 0, 1, 271, 271, 2, 1, 0};
     CHECK(ds.n_tokens == 10 && memcmp(ds.tokens, want, sizeof want) == 0);
     CHECK(ds.n_train == 5);
     CHECK(ds.chars_per_token == 2.5);
     moe_dataset_close(&ds);
+    /* A vocabulary size the files do not have. */
+    const char *three = "{\"tokenizer\": \"gpt2\", \"vocab_size\": 3}";
+    CHECK(test_write_file(test_path(dir, "vocab.json"), three, strlen(three)) == 0);
+    check_open_fails(dir, 0.5, 2, "vocab_size 3");
 }
 
 /* -1, a message containing `needle`, and nothing left allocated. */

@@ -13,6 +13,7 @@
  *   5  owns capacity, two tokens in slot 0 of expert 0
  *   6  forward returns MOE_ERR_INTERNAL with a message
  *   7  no fault: token t goes to expert t % E with weight 1 (control)
+ *   8  declares 16 bytes of workspace and writes the byte after them
  */
 #include <moe/router.h>
 
@@ -22,7 +23,7 @@ typedef struct bad_state {
 } bad_state;
 
 static const moe_option_spec bad_options[] = {
-    {"mode", MOE_OPT_INT, "0", NULL, 0.0, 7.0, "which fault to produce (see bad_router.c)"},
+    {"mode", MOE_OPT_INT, "0", NULL, 0.0, 8.0, "which fault to produce (see bad_router.c)"},
 };
 #define BAD_N_OPTIONS ((int)(sizeof bad_options / sizeof bad_options[0]))
 
@@ -49,6 +50,7 @@ static moe_status bad_query(const void *state, moe_router_info *info) {
     info->struct_size = sizeof *info;
     info->k_out = 1;
     info->flags = bad_owns_capacity(s) ? MOE_ROUTER_OWNS_CAPACITY : MOE_ROUTER_NO_GRAD;
+    info->workspace_bytes = s->mode == 8 ? 16 : 0;
     return MOE_OK;
 }
 
@@ -80,6 +82,7 @@ static moe_status bad_forward(void *state, const moe_context *ctx, const moe_rou
         a->slot[0] = a->slot[last] = 0;
         break;
     case 6: return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INTERNAL, "deliberate failure for the test");
+    case 8: ((unsigned char *)ctx->workspace)[ctx->workspace_bytes] = 0; break;
     default: break;
     }
     return MOE_OK;

@@ -19,10 +19,17 @@
 #include "moe/router.h"
 #include "test_util.h"
 
+/* Where the built plugins are: $MOE_TEST_PLUGIN_DIR when set (a build
+ * copied to another machine), else the build tree this test was built in. */
+static inline const char *rh_plugin_dir(void) {
+    const char *env = getenv("MOE_TEST_PLUGIN_DIR");
+    return env && *env ? env : MOE_TEST_PLUGIN_DIR;
+}
+
 /* The plugin `name` from the build tree; exits the test on failure. */
 static inline const moe_router_plugin_v1_t *rh_load(const char *name) {
     char path[1024];
-    snprintf(path, sizeof path, "%s/%s.so", MOE_TEST_PLUGIN_DIR, name);
+    snprintf(path, sizeof path, "%s/%s.so", rh_plugin_dir(), name);
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!h) {
         fprintf(stderr, "cannot load %s: %s\n", path, dlerror());

@@ -44,7 +44,12 @@ static rh_router make(const struct moe_router_plugin_v1 *p, int E, int K, int vo
 static void test_table(const struct moe_router_plugin_v1 *p) {
     CHECK(strcmp(p->name, "hash") == 0);
     CHECK(p->struct_size == sizeof(struct moe_router_plugin_v1));
+    /* The CUDA table is there exactly when the build has CUDA. */
+#ifdef MOE_WITH_CUDA
+    CHECK(p->cuda != NULL && p->cuda->forward && p->cuda->backward);
+#else
     CHECK(p->cuda == NULL);
+#endif
     rh_router r = make(p, 8, 2, 100, 16, "token");
     CHECK(r.info.k_out == 2);
     CHECK(r.info.flags == (MOE_ROUTER_IGNORES_LOGITS | MOE_ROUTER_NO_GRAD | MOE_ROUTER_WEIGHT_SUM_EXACT));

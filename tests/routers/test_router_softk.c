@@ -96,7 +96,12 @@ static void test_table(void) {
     CHECK(plugin->description && strlen(plugin->description) > 10);
     CHECK(plugin->create && plugin->destroy && plugin->query);
     CHECK(plugin->cpu && plugin->cpu->forward && plugin->cpu->backward);
+    /* The CUDA table is there exactly when the build has CUDA. */
+#ifdef MOE_WITH_CUDA
+    CHECK(plugin->cuda != NULL && plugin->cuda->forward && plugin->cuda->backward);
+#else
     CHECK(plugin->cuda == NULL);
+#endif
 
     CHECK(plugin->n_options == 2);
     const moe_option_spec *t = &plugin->options[0];

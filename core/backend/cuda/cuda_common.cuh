@@ -1,0 +1,325 @@
+/*
+ * Shared by the CUDA backend's files: the backend's private state, error
+ * checking, scratch memory, launch helpers, fixed-order reductions, and the
+ * declarations of the ops (one file per theme):
+ *
+ *   cuda_backend.cu        creation, memory ops, errors, scratch
+ *   cuda_linalg.cu         gemm (cuBLAS, fp32 or bf16), bias, axpy, scale, mul, sumsq
+ *   cuda_norm_act.cu       layernorm, rmsnorm, activations
+ *   cuda_attention.cu      rope, causal attention
+ *   cuda_embed_dropout.cu  embeddings, dropout
+ *   cuda_loss_optim.cu     cross-entropy, AdamW
+ *   cuda_moe_ops.cu        capacity, combine weights, dispatch, combine, aux losses
+ *   cuda_timing.cu         events, measured GEMM rate (benchmarks)
+ *
+ * Every op runs on the backend's one stream (be->stream), so ops are ordered
+ * among themselves without synchronisation; only the ops that hand results
+ * to the host (to_host, sumsq, capacity_assign's counts, aux_losses' sums)
+ * wait for it.
+ *
+ * Determinism: no floating-point atomics. Every sum is computed in an order
+ * fixed by the launch configuration (which depends only on the sizes), so a
+ * run repeats bit for bit on the same GPU.
+ */
+#ifndef MOE_CUDA_COMMON_CUH
+#define MOE_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* backend.h is a C header without C++ guards; the table's function types and
+ * moe_backend_cuda_create must have C linkage. */
+extern "C" {
+#include "backend/backend.h"
+}
+#include "backend/cuda/cuda_backend.h"
+
+/* ------------------------------------------------------------------ */
+/* Backend state                                                       */
+/* ------------------------------------------------------------------ */
+
+/* Bits of cuda_impl::d_flags, set by kernels that meet an invalid index.
+ * The kernel skips the element (writing zeros where it has an output) and
+ * the host reports the bit at the next check (moe_cuda_backend_check, sync). */
+enum {
+    CUDA_FLAG_TOKEN_ID = 1,  /* embedding id < 0 */
+    CUDA_FLAG_ROUTING = 2,   /* expert >= E, or slot outside [0, C) */
+    CUDA_FLAG_TARGET = 4,    /* cross-entropy target >= V */
+};
+
+struct cuda_impl {
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    moe_precision precision;
+    /* One scratch allocation shared by all ops (bf16 GEMM operands, sort
+     * buffers, reduction partials), grown on demand. An op takes it once,
+     * lays out everything it needs inside, and never holds a pointer into
+     * it across a call that may grow it. Reuse across ops is safe because
+     * all ops run in order on one stream. */
+    void *scratch;
+    size_t scratch_bytes;
+    int *d_flags;           /* device int: CUDA_FLAG_* bits */
+    int sync_each_launch;   /* MOE_CUDA_SYNC_CHECK=1: wait after every kernel so an
+                               asynchronous fault is blamed on the kernel that made it */
+    int errors_printed;
+    char err[512];          /* first error, "" while there is none */
+};
+
+static inline cuda_impl *cuda_state(moe_backend *be) { return (cuda_impl *)be->impl; }
+static inline cudaStream_t cuda_stream(moe_backend *be) { return cuda_state(be)->stream; }
+
+/* ------------------------------------------------------------------ */
+/* Errors                                                              */
+/* ------------------------------------------------------------------ */
+
+/* Records (first one kept) and prints an error: where, what was called, why. */
+void cuda_record_error(moe_backend *be, const char *file, int line, const char *what,
+                       const char *why);
+
+/* Check a CUDA runtime call; on failure record it and leave the op
+ * (`return`, or `return val` in ops that return a value). */
+#define CUDA_OK_OR(be, call, on_fail)                                                    \
+    do {                                                                                 \
+        cudaError_t st_ = (call);                                                        \
+        if (st_ != cudaSuccess) {                                                        \
+            cuda_record_error((be), __FILE__, __LINE__, #call, cudaGetErrorString(st_)); \
+            on_fail;                                                                     \
+        }                                                                                \
+    } while (0)
+#define CUDA_CHECK(be, call) CUDA_OK_OR(be, call, return)
+#define CUDA_CHECK_RET(be, call, val) CUDA_OK_OR(be, call, return (val))
+
+#define CUBLAS_CHECK(be, call)                                                            \
+    do {                                                                                  \
+        cublasStatus_t st_ = (call);                                                      \
+        if (st_ != CUBLAS_STATUS_SUCCESS) {                                               \
+            cuda_record_error((be), __FILE__, __LINE__, #call, cublasGetStatusString(st_)); \
+            return;                                                                       \
+        }                                                                                 \
+    } while (0)
+
+/* After every kernel launch: a bad launch configuration shows here; with
+ * MOE_CUDA_SYNC_CHECK=1 a fault inside the kernel shows here too. Returns 0
+ * when the op may go on. */
+int cuda_after_launch(moe_backend *be, const char *file, int line, const char *kernel);
+#define KERNEL_CHECK(be, kernel_name)                                       \
+    do {                                                                    \
+        if (!cuda_after_launch((be), __FILE__, __LINE__, (kernel_name))) return; \
+    } while (0)
+#define KERNEL_CHECK_RET(be, kernel_name, val)                                   \
+    do {                                                                         \
+        if (!cuda_after_launch((be), __FILE__, __LINE__, (kernel_name))) return (val); \
+    } while (0)
+
+/* ------------------------------------------------------------------ */
+/* Scratch memory                                                      */
+/* ------------------------------------------------------------------ */
+
+/* Lays several arrays out in one scratch allocation, each on a 256-byte
+ * boundary (cuBLAS and CUB like aligned operands). */
+struct ScratchLayout {
+    size_t total = 0;
+    size_t add(size_t bytes) {
+        size_t off = total;
+        total += (bytes + 255) / 256 * 256;
+        return off;
+    }
+};
+
+/* The scratch buffer, at least `bytes` long; NULL (error recorded) on failure. */
+char *cuda_scratch(moe_backend *be, size_t bytes);
+
+/* ------------------------------------------------------------------ */
+/* Launch helpers                                                      */
+/* ------------------------------------------------------------------ */
+
+constexpr int CUDA_THREADS = 256;
+
+/* Blocks for a grid-stride loop over n items: enough to fill the GPU, capped
+ * so the count fits any grid (the loop covers the rest). */
+static inline unsigned cuda_blocks(size_t n, int threads = CUDA_THREADS) {
+    size_t b = (n + (size_t)threads - 1) / (size_t)threads;
+    const size_t cap = 65536;
+    return (unsigned)(b < 1 ? 1 : (b > cap ? cap : b));
+}
+
+#define GRID_STRIDE_LOOP(i, n)                                                  \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)(n); \
+         i += (size_t)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ void cuda_flag(int *flags, int bit) { atomicOr(flags, bit); }
+
+/* ------------------------------------------------------------------ */
+/* Fixed-order reductions                                              */
+/* ------------------------------------------------------------------ */
+
+/* Butterfly sum over a warp. Every lane ends with the same value (each step
+ * adds the same two numbers on both lanes, and float addition commutes). */
+template <class T>
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+template <class T>
+__device__ __forceinline__ T warp_max(T v) {
+    for (int off = 16; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+/* Sum (or max) over the block, returned to every thread. blockDim.x must be
+ * a multiple of 32 and every thread must call it. Each thread combines the
+ * per-warp values in warp order: the same result on every thread and every
+ * run. */
+template <class T, bool IsMax>
+__device__ T block_reduce(T v) {
+    __shared__ T warp_vals[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = IsMax ? warp_max(v) : warp_sum(v);
+    __syncthreads(); /* an earlier call's readers are done with warp_vals */
+    if (lane == 0) warp_vals[warp] = v;
+    __syncthreads();
+    T r = warp_vals[0];
+    for (int w = 1; w < nwarps; ++w) r = IsMax ? fmax(r, warp_vals[w]) : r + warp_vals[w];
+    return r;
+}
+template <class T> __device__ T block_sum(T v) { return block_reduce<T, false>(v); }
+template <class T> __device__ T block_max(T v) { return block_reduce<T, true>(v); }
+
+/* Column sums for weight gradients: out[j] += sum_t f(t, j) over T rows and
+ * N columns, in a fixed order without atomics. Pass 1: a block of 32 columns
+ * x COLSUM_LANES row lanes takes COLSUM_ROWS rows; each thread sums its rows
+ * in order, the lanes are added in lane order, giving one partial per (chunk,
+ * column). Pass 2: each column adds its partials in chunk order. */
+constexpr int COLSUM_LANES = 8;
+constexpr int COLSUM_ROWS = 256;
+
+template <class F>
+__global__ void colsum_partial_kernel(F f, int T, int N, float *partial) {
+    __shared__ float lane_sums[COLSUM_LANES][33]; /* +1 column: no bank conflicts */
+    const int chunk = blockIdx.x;
+    const int j = blockIdx.y * 32 + threadIdx.x;
+    const int t0 = chunk * COLSUM_ROWS;
+    const int t1 = min(T, t0 + COLSUM_ROWS);
+    float acc = 0.0f;
+    if (j < N)
+        for (int t = t0 + threadIdx.y; t < t1; t += COLSUM_LANES) acc += f(t, j);
+    lane_sums[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < N) {
+        float s = lane_sums[0][threadIdx.x];
+        for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][threadIdx.x];
+        partial[(size_t)chunk * N + j] = s;
+    }
+}
+
+__global__ void colsum_finish_kernel(const float *partial, int nchunks, int N, float *out);
+
+template <class F>
+void colsum_accumulate(moe_backend *be, F f, int T, int N, float *out, const char *what) {
+    if (T <= 0 || N <= 0) return;
+    const int nchunks = (T + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    const int ntiles = (N + 31) / 32;
+    if (ntiles > 65535) {
+        cuda_record_error(be, __FILE__, __LINE__, what, "too many columns for colsum (N > 2097120)");
+        return;
+    }
+    float *partial = (float *)cuda_scratch(be, (size_t)nchunks * N * sizeof(float));
+    if (!partial) return;
+    colsum_partial_kernel<F><<<dim3(nchunks, ntiles), dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
+        f, T, N, partial);
+    KERNEL_CHECK(be, what);
+    colsum_finish_kernel<<<cuda_blocks((size_t)N), CUDA_THREADS, 0, cuda_stream(be)>>>(partial, nchunks,
+                                                                                      N, out);
+    KERNEL_CHECK(be, what);
+}
+
+/* ------------------------------------------------------------------ */
+/* The ops (contracts: backend.h)                                      */
+/* ------------------------------------------------------------------ */
+
+/* cuda_timing.cu */
+void *cuda_event_create(moe_backend *be);
+void cuda_event_destroy(moe_backend *be, void *ev);
+void cuda_event_record(moe_backend *be, void *ev);
+float cuda_event_elapsed_ms(moe_backend *be, void *start, void *end);
+double cuda_measure_gemm_tflops(moe_backend *be);
+
+/* cuda_linalg.cu */
+void cuda_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+               int lda, const float *B, int ldb, float beta, float *C, int ldc);
+void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
+                               const float *A, int lda, long long strideA, const float *B, int ldb,
+                               long long strideB, float beta, float *C, int ldc, long long strideC,
+                               int batch);
+void cuda_add_bias(moe_backend *be, float *y, const float *b, int T, int N);
+void cuda_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N);
+void cuda_axpy(moe_backend *be, float a, const float *x, float *y, size_t n);
+void cuda_scale(moe_backend *be, float *x, float a, size_t n);
+void cuda_mul(moe_backend *be, const float *a, const float *b, float *out, size_t n);
+double cuda_sumsq(moe_backend *be, const float *x, size_t n);
+
+/* cuda_norm_act.cu */
+void cuda_layernorm_fwd(moe_backend *be, const float *x, const float *g, const float *b, float *y,
+                        float *mean, float *rstd, int T, int d, float eps);
+void cuda_layernorm_bwd(moe_backend *be, const float *x, const float *g, const float *mean,
+                        const float *rstd, const float *dy, float *dx, float *dg, float *db, int T,
+                        int d);
+void cuda_rmsnorm_fwd(moe_backend *be, const float *x, const float *g, float *y, float *rstd, int T,
+                      int d, float eps);
+void cuda_rmsnorm_bwd(moe_backend *be, const float *x, const float *g, const float *rstd,
+                      const float *dy, float *dx, float *dg, int T, int d);
+void cuda_act_fwd(moe_backend *be, moe_act_kind kind, const float *in, float *out, int T, int n);
+void cuda_act_bwd(moe_backend *be, moe_act_kind kind, const float *in, const float *dout,
+                  float *din, int T, int n);
+
+/* cuda_attention.cu */
+void cuda_rope_fwd(moe_backend *be, float *qkv, int B, int S, int H, int hd, float theta);
+void cuda_rope_bwd(moe_backend *be, float *dqkv, int B, int S, int H, int hd, float theta);
+void cuda_attention_fwd(moe_backend *be, const float *qkv, float *out, float *probs, int B, int S,
+                        int H, int hd);
+void cuda_attention_bwd(moe_backend *be, const float *qkv, const float *probs, const float *dout,
+                        float *dqkv, int B, int S, int H, int hd);
+
+/* cuda_embed_dropout.cu */
+void cuda_embed_fwd(moe_backend *be, const int32_t *ids, const float *wte, const float *wpe,
+                    float *out, int B, int S, int d);
+void cuda_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, float *dwte,
+                    float *dwpe, int B, int S, int d);
+void cuda_dropout_fwd(moe_backend *be, const float *x, float *y, size_t n, float p,
+                      moe_rng_key key);
+void cuda_dropout_bwd(moe_backend *be, const float *dy, float *dx, size_t n, float p,
+                      moe_rng_key key);
+
+/* cuda_loss_optim.cu */
+void cuda_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targets, int T, int V,
+                       float *losses, int32_t *correct, float *dlogits, float grad_scale);
+void cuda_adamw(moe_backend *be, float *p, const float *g, float *m, float *v,
+                const uint8_t *decay, size_t n, float lr, float b1, float b2, float eps, float wd,
+                long long t);
+
+/* cuda_moe_ops.cu */
+void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,
+                          int E, int C, int policy, int32_t *kept, int32_t *slot,
+                          int32_t *counts_before, int32_t *counts_after);
+void cuda_combine_weights(moe_backend *be, const float *weight, const int32_t *kept, int T, int K,
+                          int renorm, float *cw);
+void cuda_combine_weights_bwd(moe_backend *be, const float *weight, const int32_t *kept, int T,
+                              int K, int renorm, const float *dcw, float *dweight);
+void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
+                   int K, int C, int E, int d, float *Xe);
+void cuda_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
+                       int T, int K, int C, int d, float *dx);
+void cuda_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
+                  const float *cw, int T, int K, int C, int d, float *y);
+void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
+                      const float *cw, const float *dy, int T, int K, int C, int E, int d,
+                      float *dYe, float *dcw);
+void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f,
+                     int T, int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb,
+                     double *z);
+
+#endif

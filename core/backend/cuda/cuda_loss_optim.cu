@@ -1,0 +1,145 @@
+/*
+ * Softmax cross-entropy and the AdamW update on the GPU.
+ */
+#include <math.h>
+
+#include "backend/cuda/cuda_common.cuh"
+
+/* ------------------------------------------------------------------ */
+/* Softmax cross-entropy                                               */
+/* ------------------------------------------------------------------ */
+
+constexpr int XENT_THREADS = 256;
+
+/* (value, index) of the larger logit, ties to the lower index (the CPU's
+ * sequential strict > keeps the first maximum). idx < 0 is "none yet". */
+struct arg_best {
+    float v;
+    int idx;
+};
+
+__device__ __forceinline__ arg_best better(arg_best a, arg_best b) {
+    if (a.idx < 0) return b;
+    if (b.idx < 0) return a;
+    if (b.v > a.v || (b.v == a.v && b.idx < a.idx)) return b;
+    return a;
+}
+
+__device__ arg_best block_argmax(arg_best a) {
+    __shared__ float vals[XENT_THREADS / 32];
+    __shared__ int idxs[XENT_THREADS / 32];
+    for (int off = 16; off > 0; off >>= 1) {
+        arg_best o;
+        o.v = __shfl_xor_sync(0xffffffffu, a.v, off);
+        o.idx = __shfl_xor_sync(0xffffffffu, a.idx, off);
+        a = better(a, o);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        vals[warp] = a.v;
+        idxs[warp] = a.idx;
+    }
+    __syncthreads();
+    arg_best r = {vals[0], idxs[0]};
+    for (int w = 1; w < XENT_THREADS / 32; ++w) r = better(r, arg_best{vals[w], idxs[w]});
+    return r;
+}
+
+/* One block per row t:
+ *   loss = logsumexp(l) - l[target] = max + log(sum exp(l - max)) - l[target],
+ * the sum in double as on the CPU (V reaches tens of thousands);
+ *   dl = grad_scale * (softmax - onehot).
+ * The products of dl are rounded one at a time (__fmul_rn, no fused
+ * multiply-add) to follow the CPU's arithmetic. */
+__global__ void xent_kernel(const float *logits, const int32_t *targets, int V, float *losses,
+                            int32_t *correct, float *dlogits, float grad_scale, int *flags) {
+    const int t = blockIdx.x;
+    const float *l = logits + (size_t)t * V;
+    float *dl = dlogits ? dlogits + (size_t)t * V : nullptr;
+    const int target = targets[t];
+    /* every thread sees the same target, so the whole block takes this branch */
+    if (target < 0 || target >= V) {
+        if (target >= V && threadIdx.x == 0) cuda_flag(flags, CUDA_FLAG_TARGET);
+        if (threadIdx.x == 0) {
+            losses[t] = 0.0f;
+            correct[t] = 0;
+        }
+        if (dl)
+            for (int j = threadIdx.x; j < V; j += blockDim.x) dl[j] = 0.0f;
+        return;
+    }
+
+    arg_best best = {0.0f, -1};
+    for (int j = threadIdx.x; j < V; j += blockDim.x) best = better(best, arg_best{l[j], j});
+    best = block_argmax(best);
+    const float maxv = best.v;
+
+    double part = 0.0;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) part += (double)expf(l[j] - maxv);
+    const double sum = block_sum(part);
+
+    if (threadIdx.x == 0) {
+        losses[t] = (float)((double)maxv + log(sum) - (double)l[target]);
+        correct[t] = best.idx == target;
+    }
+    if (dl) {
+        const float inv = (float)(1.0 / sum);
+        for (int j = threadIdx.x; j < V; j += blockDim.x) {
+            float g = __fmul_rn(__fmul_rn(grad_scale, expf(l[j] - maxv)), inv);
+            if (j == target) g = __fsub_rn(g, grad_scale);
+            dl[j] = g;
+        }
+    }
+}
+
+void cuda_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targets, int T, int V,
+                       float *losses, int32_t *correct, float *dlogits, float grad_scale) {
+    if (T <= 0) return;
+    if (V <= 0) {
+        cuda_record_error(be, __FILE__, __LINE__, "xent_fwd_bwd", "V <= 0");
+        return;
+    }
+    xent_kernel<<<(unsigned)T, XENT_THREADS, 0, cuda_stream(be)>>>(logits, targets, V, losses, correct,
+                                                                   dlogits, grad_scale,
+                                                                   cuda_state(be)->d_flags);
+    KERNEL_CHECK(be, "xent_kernel");
+}
+
+/* ------------------------------------------------------------------ */
+/* AdamW                                                               */
+/* ------------------------------------------------------------------ */
+
+/* The CPU's formula, operation for operation, each rounded on its own
+ * (the _rn intrinsics forbid fused multiply-adds): the same inputs give the
+ * same bits as cpu_adamw. bc1, bc2 = 1 - b^t come from the host, computed in
+ * double exactly as the CPU does. */
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, const uint8_t *decay,
+                             size_t n, float lr, float b1, float b2, float eps, float wd, float bc1,
+                             float bc2) {
+    const float one_m_b1 = __fsub_rn(1.0f, b1), one_m_b2 = __fsub_rn(1.0f, b2);
+    GRID_STRIDE_LOOP(i, n) {
+        const float gi = g[i];
+        const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(one_m_b1, gi));
+        const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(one_m_b2, gi), gi));
+        m[i] = mi;
+        v[i] = vi;
+        const float mhat = __fdiv_rn(mi, bc1);
+        const float vhat = __fdiv_rn(vi, bc2);
+        const float pi = p[i];
+        /* decoupled weight decay (Loshchilov & Hutter): applied to p, not to g */
+        const float decay_term = decay && decay[i] ? __fmul_rn(wd, pi) : 0.0f;
+        const float step = __fadd_rn(__fdiv_rn(mhat, __fadd_rn(__fsqrt_rn(vhat), eps)), decay_term);
+        p[i] = __fsub_rn(pi, __fmul_rn(lr, step));
+    }
+}
+
+void cuda_adamw(moe_backend *be, float *p, const float *g, float *m, float *v,
+                const uint8_t *decay, size_t n, float lr, float b1, float b2, float eps, float wd,
+                long long t) {
+    if (!n) return;
+    const float bc1 = (float)(1.0 - pow((double)b1, (double)t));
+    const float bc2 = (float)(1.0 - pow((double)b2, (double)t));
+    adamw_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_stream(be)>>>(p, g, m, v, decay, n, lr, b1, b2,
+                                                                        eps, wd, bc1, bc2);
+    KERNEL_CHECK(be, "adamw_kernel");
+}

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The GPU suite, run on a machine with a CUDA device from the repository root:
+#
+#   scripts/gpu_suite.sh [STAGE] [OUT]
+#
+# STAGE is a folder made by scripts/gpu_stage.sh (a Release build with CUDA:
+# bin/moehost, lib/moe/plugins/*.so, tests/test_gpu_*); OUT receives the logs.
+# It runs, in order: every op CUDA vs CPU; every router plugin CUDA vs CPU;
+# both under compute-sanitizer memcheck; the whole model in fp32 on CUDA vs
+# the CPU for 20 training steps; a bf16 run of the expC settings that must
+# learn; and the training benchmark of each router. The last lines printed
+# are a PASS/FAIL table and the benchmark table.
+set -uo pipefail
+stage=${1:-gpu-stage}
+out=${2:-${OUT:-/tmp/moe-gpu-suite}}
+mkdir -p "$out"
+stage=$(cd "$stage" && pwd)
+moehost="$stage/bin/moehost"
+export MOE_TEST_PLUGIN_DIR="$stage/lib/moe/plugins"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+data=data/tinystories/tinystories_sample.txt
+status=()
+
+record() { # name, exit code, detail
+  local verdict=PASS
+  [ "$2" -eq 0 ] || verdict=FAIL
+  status+=("$(printf '%-34s %s  %s' "$1" "$verdict" "$3")")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+
+# 1-2. ops and plugins, CUDA against CPU on fresh random inputs
+for t in test_gpu_ops test_gpu_routers; do
+  "$stage/tests/$t" >"$out/$t.log" 2>&1
+  rc=$?
+  record "$t" $rc "$(tail -n 1 "$out/$t.log")"
+done
+
+# 3. the same under compute-sanitizer memcheck (smaller sizes keep it quick)
+if command -v compute-sanitizer >/dev/null; then
+  for t in test_gpu_ops test_gpu_routers; do
+    MOE_TEST_SMALL=1 compute-sanitizer --tool memcheck --error-exitcode 99 "$stage/tests/$t" \
+      >"$out/memcheck_$t.log" 2>&1
+    rc=$?
+    record "memcheck $t" $rc "$(grep -E 'ERROR SUMMARY' "$out/memcheck_$t.log" | tail -n 1)"
+  done
+else
+  record "memcheck" 1 "compute-sanitizer not found"
+fi
+
+# 4. the model in fp32: CUDA against the CPU for 20 steps
+tiny=(--config configs/quickstart.toml --set "data.path=$data" --set train.steps=20 --set eval.interval=5
+      --set eval.max_tokens=4096 --set train.precision=fp32 --set model.dropout=0.0 --quiet)
+rm -rf "$out/parity"
+"$moehost" "${tiny[@]}" --set run.device=cpu --set run.out_dir="$out/parity" --set run.name=cpu >"$out/parity_cpu.log" 2>&1
+"$moehost" "${tiny[@]}" --set run.device=cuda --set run.out_dir="$out/parity" --set run.name=cuda >"$out/parity_cuda.log" 2>&1
+python3 - "$out/parity/cpu/metrics.jsonl" "$out/parity/cuda/metrics.jsonl" >"$out/parity.txt" 2>&1 <<'EOF'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]
+b = [json.loads(l) for l in open(sys.argv[2])]
+assert len(a) == len(b) == 4, (len(a), len(b))
+worst = 0.0
+for x, y in zip(a, b):
+    for k in ("train_loss", "val_loss"):
+        worst = max(worst, abs(x[k] - y[k]) / abs(x[k]))
+print(f"max relative loss difference over 20 steps: {worst:.2e}")
+sys.exit(0 if worst <= 1e-4 else 1)
+EOF
+rc=$?
+record "model fp32 CUDA vs CPU, 20 steps" $rc "$(tail -n 1 "$out/parity.txt")"
+
+# 5. a bf16 run of the expC settings learns
+rm -rf "$out/bf16"
+"$moehost" --config configs/expC.toml --set "data.path=$data" --set run.device=cuda --set train.precision=bf16 \
+  --set train.steps=300 --set eval.interval=100 --set eval.max_tokens=65536 --set run.out_dir="$out/bf16" \
+  --set run.name=expC-softk --quiet >"$out/bf16.log" 2>&1
+python3 - "$out/bf16/expC-softk/metrics.jsonl" >"$out/bf16.txt" 2>&1 <<'EOF'
+import json, math, sys
+m = [json.loads(l) for l in open(sys.argv[1])]
+v = [x["val_loss"] for x in m]
+print("val_loss by eval:", " ".join(f"{x:.3f}" for x in v))
+sys.exit(0 if len(v) == 3 and v[-1] < v[0] < math.log(80) else 1)
+EOF
+rc=$?
+record "bf16 expC run learns (300 steps)" $rc "$(tail -n 1 "$out/bf16.txt")"
+
+# 6. training benchmark of every router at the expC settings
+: >"$out/bench.jsonl"
+for r in top1 topk_hard softk hash expert_choice noisy_topk; do
+  "$moehost" bench train --config configs/expC.toml --set "data.path=$data" --set run.device=cuda \
+    --set router.plugin=$r --warmup 10 --steps 50 --json >>"$out/bench.jsonl" 2>"$out/bench_$r.log"
+  rc=$?
+  record "bench train $r" $rc ""
+done
+
+echo
+echo "== GPU suite =="
+printf '%s\n' "${status[@]}"
+echo
+echo "== bench train (expC settings: E=8 K=2 d=256 L=4 S=256 B=32 CF=1.25) =="
+python3 - "$out/bench.jsonl" <<'EOF'
+import json, sys
+print(f"{'router':14s} {'prec':5s} {'ms/step':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>7s}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['router']:14s} {r['precision']:5s} {r['ms_per_step_median']:9.2f} {r['tokens_per_s']:11.0f} "
+          f"{r['achieved_tflops']:8.2f} {100*r['mfu']:6.2f}%")
+EOF
+! printf '%s\n' "${status[@]}" | grep -q " FAIL "

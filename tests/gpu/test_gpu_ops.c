@@ -1,0 +1,1062 @@
+/*
+ * The CUDA backend against the CPU backend, op by op.
+ *
+ * For every op of the moe_backend table: fresh random inputs, the CPU op and
+ * the CUDA op (fp32; the GEMMs also in bf16 mode), then
+ *   - float outputs compared by the norm-wise relative error
+ *     ||gpu - cpu|| / ||cpu|| (TOL_EW for elementwise ops, norms, reductions
+ *     and the MoE ops; TOL_MM for GEMMs and attention, whose long sums are
+ *     ordered differently; TOL_BF16 for the bf16 GEMMs);
+ *   - integer outputs (capacity, argmax) and dropout compared exactly;
+ *   - determinism: each op runs twice on the GPU, the outputs must be
+ *     bitwise equal.
+ * GPU outputs are poisoned before each run (floats: 0xFF bytes, a NaN;
+ * integers: 0x5A bytes, since -1 is a legitimate value), so an element the
+ * kernel forgot to write shows up as a NaN or a wild integer.
+ *
+ * Sizes: the model's (T = 2048 tokens as B = 8 x S = 256, d = 256, 4 heads,
+ * E = 8, K = 2, V = 80), an odd one (T = 999, d = 200, hd = 50, K = 3) that
+ * matches no block size, and T = 1.
+ *
+ * The timing ops (events, measured GEMM rate) are checked for plausible
+ * values only.
+ *
+ * Output: one line per compared output, "PASS|FAIL <size>/<op>.<output>
+ * <rel_err>", and on failure what is needed to diagnose it (size, first bad
+ * index, expected vs got, largest error). The last line is "N passed, M
+ * failed"; the exit status is non-zero on any failure, and 77 (skipped) when
+ * no CUDA device is present. MOE_TEST_SEED=<n> repeats a run's inputs.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "test_util.h"
+
+#define TOL_EW 1e-5   /* elementwise, norms, reductions, MoE ops, loss, optimizer */
+#define TOL_MM 1e-4   /* fp32 GEMMs and attention */
+#define TOL_BF16 1e-2 /* GEMMs with bf16 operands */
+#define TOL_SUMSQ 1e-9 /* double-precision sum of squares */
+
+#define POISON_F32 0xFF /* 0xFFFFFFFF is a NaN */
+#define POISON_I32 0x5A /* 0x5A5A5A5A: no valid index, unlike -1 */
+
+typedef struct cfg {
+    const char *name;
+    int B, S, d, H, E, K, V, hidden;
+} cfg;
+
+static moe_backend *cpu, *gpu, *gpu16; /* gpu16: bf16 GEMMs */
+static moe_test_rng rng;
+static const cfg *cur;      /* the size being tested, for the output lines */
+static int need_reset;      /* a CUDA error was seen: re-create the GPU backends */
+
+/* ------------------------------------------------------------------ */
+/* Memory bookkeeping: everything a test allocates is freed after it    */
+/* ------------------------------------------------------------------ */
+
+#define MAX_BUFS 512
+static void *host_bufs[MAX_BUFS];
+static int n_host;
+static void *dev_bufs[MAX_BUFS];
+static moe_backend *dev_owner[MAX_BUFS];
+static int n_dev;
+
+static void *halloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p || n_host == MAX_BUFS) {
+        fprintf(stderr, "test_gpu_ops: out of host memory or buffer slots\n");
+        exit(2);
+    }
+    host_bufs[n_host++] = p;
+    return p;
+}
+
+static void *dalloc(moe_backend *g, size_t bytes) {
+    void *p = g->alloc(g, bytes);
+    if (!p || n_dev == MAX_BUFS) {
+        fprintf(stderr, "test_gpu_ops: device allocation of %zu bytes failed\n", bytes);
+        exit(2);
+    }
+    dev_owner[n_dev] = g;
+    dev_bufs[n_dev++] = p;
+    return p;
+}
+
+static void free_all(void) {
+    for (int i = 0; i < n_host; ++i) free(host_bufs[i]);
+    n_host = 0;
+    for (int i = 0; i < n_dev; ++i) dev_owner[i]->free(dev_owner[i], dev_bufs[i]);
+    n_dev = 0;
+}
+
+static float *hrand(size_t n, float lo, float hi) {
+    float *x = halloc(n * sizeof *x);
+    moe_test_fill(&rng, x, n, lo, hi);
+    return x;
+}
+
+static void *hdup(const void *src, size_t bytes) {
+    void *p = halloc(bytes);
+    if (bytes) memcpy(p, src, bytes);
+    return p;
+}
+
+/* device copy of host data */
+static void *up(moe_backend *g, const void *h, size_t bytes) {
+    void *d = dalloc(g, bytes);
+    g->from_host(g, d, h, bytes);
+    return d;
+}
+
+/* host copy of device data */
+static void *down(moe_backend *g, const void *d, size_t bytes) {
+    void *h = halloc(bytes);
+    g->to_host(g, h, d, bytes);
+    return h;
+}
+
+static void poison(moe_backend *g, void *d, size_t bytes, int byte) {
+    void *h = malloc(bytes ? bytes : 1);
+    memset(h, byte, bytes);
+    g->from_host(g, d, h, bytes);
+    free(h);
+}
+
+/* a device buffer full of poison */
+static void *dpoison(moe_backend *g, size_t bytes, int byte) {
+    void *d = dalloc(g, bytes);
+    poison(g, d, bytes, byte);
+    return d;
+}
+
+/* ------------------------------------------------------------------ */
+/* Reporting                                                           */
+/* ------------------------------------------------------------------ */
+
+static void pass_line(const char *op, const char *fmt_value, double value) {
+    ++moe_test_passed_;
+    printf("PASS %s/%s ", cur->name, op);
+    printf(fmt_value, value);
+    putchar('\n');
+}
+
+static void fail_line(const char *op, const char *fmt_value, double value) {
+    ++moe_test_failed_;
+    printf("FAIL %s/%s ", cur->name, op);
+    printf(fmt_value, value);
+    putchar('\n');
+}
+
+/* After a GPU op: did the backend record an error? */
+static int gpu_ok(moe_backend *g, const char *op) {
+    char msg[600];
+    if (moe_cuda_backend_check(g, msg, sizeof msg) == 0) return 1;
+    ++moe_test_failed_;
+    printf("FAIL %s/%s cuda-error\n  %s\n", cur->name, op, msg);
+    need_reset = 1;
+    return 0;
+}
+
+/* Norm-wise relative error of got against want; fails on rel > tol or on a
+ * non-finite value where the CPU has a finite one (an unwritten element). */
+static void report_f32(const char *op, const float *got, const float *want, size_t n, double tol) {
+    double num = 0.0, den = 0.0, max_abs = 0.0;
+    size_t imax = 0, nonfinite = 0, first_nonfinite = 0;
+    for (size_t i = 0; i < n; ++i) {
+        double g = got[i], w = want[i];
+        if (!isfinite(g) != !isfinite(w) || !isnan(g) != !isnan(w)) {
+            if (!nonfinite++) first_nonfinite = i;
+            continue;
+        }
+        if (!isfinite(w)) continue; /* both non-finite alike: nothing to measure */
+        double diff = fabs(g - w);
+        num += diff * diff;
+        den += w * w;
+        if (diff > max_abs) {
+            max_abs = diff;
+            imax = i;
+        }
+    }
+    double rel = den > 0.0 ? sqrt(num / den) : sqrt(num);
+    if (nonfinite == 0 && rel <= tol) {
+        pass_line(op, "%.3e", rel);
+        return;
+    }
+    fail_line(op, "%.3e", rel);
+    printf("  n = %zu, tolerance %.1e (norm-wise relative)\n", n, tol);
+    if (nonfinite)
+        printf("  %zu element(s) non-finite on one side only; first at [%zu]: expected %.9g got %.9g\n",
+               nonfinite, first_nonfinite, want[first_nonfinite], got[first_nonfinite]);
+    /* the first element whose error is large against the output's scale */
+    double rms = n ? sqrt(den / (double)n) : 0.0;
+    size_t nbad = 0, first_bad = 0;
+    for (size_t i = 0; i < n; ++i) {
+        double g = got[i], w = want[i];
+        if (!isfinite(g) || !isfinite(w)) continue;
+        if (fabs(g - w) > tol * (fabs(w) + rms) && !nbad++) first_bad = i;
+    }
+    if (nbad)
+        printf("  %zu element(s) off by more than tol*(|expected|+rms); first at [%zu]: expected %.9g got %.9g\n",
+               nbad, first_bad, want[first_bad], got[first_bad]);
+    if (n)
+        printf("  largest abs error %.3e at [%zu]: expected %.9g got %.9g\n", max_abs, imax, want[imax],
+               got[imax]);
+}
+
+static void report_i32(const char *op, const int32_t *got, const int32_t *want, size_t n) {
+    size_t nbad = 0, first = 0;
+    for (size_t i = 0; i < n; ++i)
+        if (got[i] != want[i] && !nbad++) first = i;
+    if (!nbad) {
+        pass_line(op, "%.0f", 0.0);
+        return;
+    }
+    fail_line(op, "%.0f", (double)nbad);
+    printf("  %zu of %zu integers differ (exact compare); first at [%zu]: expected %d got %d\n", nbad, n,
+           first, want[first], got[first]);
+}
+
+/* Bitwise equality (dropout, and the determinism of every op). */
+static void report_bits(const char *op, const void *got, const void *want, size_t n, size_t elem) {
+    const unsigned char *a = got, *b = want;
+    size_t nbad = 0, first = 0;
+    for (size_t i = 0; i < n; ++i)
+        if (memcmp(a + i * elem, b + i * elem, elem) != 0 && !nbad++) first = i;
+    if (!nbad) {
+        pass_line(op, "%.0f", 0.0);
+        return;
+    }
+    fail_line(op, "%.0f", (double)nbad);
+    printf("  %zu of %zu elements differ bitwise; first at [%zu]", nbad, n, first);
+    if (elem == 4) { /* floats: show values and bits */
+        float fa, fb;
+        uint32_t ua, ub;
+        memcpy(&fa, a + first * elem, 4);
+        memcpy(&fb, b + first * elem, 4);
+        memcpy(&ua, a + first * elem, 4);
+        memcpy(&ub, b + first * elem, 4);
+        printf(": expected %.9g (bits %08x) got %.9g (bits %08x)", fb, (unsigned)ub, fa, (unsigned)ua);
+    }
+    putchar('\n');
+}
+
+/* run 0 against run 1 of the same GPU op */
+static void report_repeat(const char *op, const void *run0, const void *run1, size_t n, size_t elem) {
+    char name[256];
+    snprintf(name, sizeof name, "%s:repeat", op);
+    report_bits(name, run1, run0, n, elem);
+}
+
+/* compare with the CPU, then with the second GPU run */
+static void check_f32(const char *op, float *const got[2], const float *want, size_t n, double tol) {
+    report_f32(op, got[0], want, n, tol);
+    report_repeat(op, got[0], got[1], n, sizeof(float));
+}
+
+static void check_i32(const char *op, int32_t *const got[2], const int32_t *want, size_t n) {
+    report_i32(op, got[0], want, n);
+    report_repeat(op, got[0], got[1], n, sizeof(int32_t));
+}
+
+static int T_of(const cfg *c) { return c->B * c->S; }
+
+/* ------------------------------------------------------------------ */
+/* Dense linear algebra                                                */
+/* ------------------------------------------------------------------ */
+
+/* C[M,N] = alpha op(A) op(B) + beta C, row-major, every operand with `pad`
+ * extra columns (ld > width) so wrong leading dimensions show. The padding
+ * of C must be left alone. With beta = 0 the GPU's C starts as NaN, which
+ * must not leak into the result. */
+static void test_gemm_case(moe_backend *g, const char *tag, int ta, int tb, int M, int N, int K,
+                           float alpha, float beta, int pad, double tol) {
+    const int a_rows = ta ? K : M, a_cols = ta ? M : K, lda = a_cols + pad;
+    const int b_rows = tb ? N : K, b_cols = tb ? K : N, ldb = b_cols + pad;
+    const int ldc = N + pad;
+    const size_t nA = (size_t)a_rows * lda, nB = (size_t)b_rows * ldb, nC = (size_t)M * ldc;
+    float *A = hrand(nA, -1, 1), *B = hrand(nB, -1, 1), *C0 = hrand(nC, -1, 1);
+    float *want = hdup(C0, nC * sizeof(float));
+    cpu->gemm(cpu, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, want, ldc);
+
+    float *dA = up(g, A, nA * sizeof(float)), *dB = up(g, B, nB * sizeof(float));
+    float *got[2], *init = NULL;
+    char op[128];
+    snprintf(op, sizeof op, "%s(ta=%d,tb=%d,M=%d,N=%d,K=%d,alpha=%g,beta=%g,pad=%d)", tag, ta, tb, M, N,
+             K, alpha, beta, pad);
+    for (int r = 0; r < 2; ++r) {
+        float *dC;
+        if (beta == 0.0f) {
+            dC = dpoison(g, nC * sizeof(float), POISON_F32);
+        } else {
+            dC = up(g, C0, nC * sizeof(float));
+        }
+        if (!init) init = down(g, dC, nC * sizeof(float));
+        g->gemm(g, ta, tb, M, N, K, alpha, dA, lda, dB, ldb, beta, dC, ldc);
+        if (!gpu_ok(g, op)) return;
+        got[r] = down(g, dC, nC * sizeof(float));
+    }
+    /* compare the M x N part; the padding must still hold its initial bytes */
+    float *g0 = halloc((size_t)M * N * sizeof(float)), *g1 = halloc((size_t)M * N * sizeof(float));
+    float *w = halloc((size_t)M * N * sizeof(float));
+    size_t pad_touched = 0;
+    for (int i = 0; i < M; ++i) {
+        memcpy(g0 + (size_t)i * N, got[0] + (size_t)i * ldc, (size_t)N * sizeof(float));
+        memcpy(g1 + (size_t)i * N, got[1] + (size_t)i * ldc, (size_t)N * sizeof(float));
+        memcpy(w + (size_t)i * N, want + (size_t)i * ldc, (size_t)N * sizeof(float));
+        if (memcmp(got[0] + (size_t)i * ldc + N, init + (size_t)i * ldc + N, (size_t)pad * sizeof(float)))
+            ++pad_touched;
+    }
+    float *gg[2] = {g0, g1};
+    check_f32(op, gg, w, (size_t)M * N, tol);
+    if (pad_touched) {
+        char name[256];
+        snprintf(name, sizeof name, "%s:padding", op);
+        fail_line(name, "%.0f", (double)pad_touched);
+        printf("  %zu row(s) of C had their padding (columns >= N) overwritten\n", pad_touched);
+    }
+}
+
+/* Batched: `batch` products at strides of one matrix plus `gap` elements;
+ * shareB gives B a stride of 0 (one B for the whole batch). */
+static void test_gemm_batched_case(moe_backend *g, const char *tag, int ta, int tb, int M, int N,
+                                   int K, int batch, float alpha, float beta, int gap, int shareB,
+                                   double tol) {
+    const int a_rows = ta ? K : M, a_cols = ta ? M : K;
+    const int b_rows = tb ? N : K, b_cols = tb ? K : N;
+    const long long sA = (long long)a_rows * a_cols + gap;
+    const long long sB = shareB ? 0 : (long long)b_rows * b_cols + gap;
+    const long long sC = (long long)M * N + gap;
+    const size_t nA = (size_t)sA * batch, nC = (size_t)sC * batch;
+    const size_t nB = shareB ? (size_t)b_rows * b_cols : (size_t)sB * batch;
+    float *A = hrand(nA, -1, 1), *B = hrand(nB, -1, 1), *C0 = hrand(nC, -1, 1);
+    float *want = hdup(C0, nC * sizeof(float));
+    cpu->gemm_strided_batched(cpu, ta, tb, M, N, K, alpha, A, a_cols, sA, B, b_cols, sB, beta, want, N,
+                              sC, batch);
+    float *dA = up(g, A, nA * sizeof(float)), *dB = up(g, B, nB * sizeof(float));
+    float *got[2];
+    char op[160];
+    snprintf(op, sizeof op, "%s(ta=%d,tb=%d,M=%d,N=%d,K=%d,batch=%d,alpha=%g,beta=%g,gap=%d%s)", tag, ta,
+             tb, M, N, K, batch, alpha, beta, gap, shareB ? ",strideB=0" : "");
+    for (int r = 0; r < 2; ++r) {
+        float *dC = up(g, C0, nC * sizeof(float));
+        if (beta == 0.0f) /* C is not read: poison the products, keep the gaps' values */
+            for (int b = 0; b < batch; ++b)
+                poison(g, dC + (size_t)b * sC, (size_t)M * N * sizeof(float), POISON_F32);
+        g->gemm_strided_batched(g, ta, tb, M, N, K, alpha, dA, a_cols, sA, dB, b_cols, sB, beta, dC, N, sC,
+                                batch);
+        if (!gpu_ok(g, op)) return;
+        got[r] = down(g, dC, nC * sizeof(float));
+    }
+    /* the gaps hold C0 on both sides, so the whole buffer compares */
+    check_f32(op, got, want, nC, tol);
+}
+
+static void test_gemm(const cfg *c) {
+    const int T = T_of(c), d = c->d;
+    for (int ta = 0; ta < 2; ++ta)
+        for (int tb = 0; tb < 2; ++tb) {
+            test_gemm_case(gpu, "gemm", ta, tb, T, 3 * d, d, 1.0f, 0.0f, 0, TOL_MM);
+            test_gemm_case(gpu16, "gemm_bf16", ta, tb, T, 3 * d, d, 1.0f, 0.0f, 0, TOL_BF16);
+        }
+    /* accumulate into C, scaled, with padded leading dimensions */
+    test_gemm_case(gpu, "gemm", 0, 1, T, c->hidden, d, 0.5f, 0.75f, 3, TOL_MM);
+    test_gemm_case(gpu, "gemm", 1, 0, d, c->hidden, T, -1.0f, 1.0f, 5, TOL_MM);
+    test_gemm_case(gpu16, "gemm_bf16", 0, 1, T, c->hidden, d, 0.5f, 0.75f, 3, TOL_BF16);
+    test_gemm_case(gpu16, "gemm_bf16", 1, 0, d, c->hidden, T, -1.0f, 1.0f, 5, TOL_BF16);
+}
+
+static void test_gemm_batched(const cfg *c) {
+    const int T = T_of(c), d = c->d, h = c->hidden, E = c->E;
+    /* expert capacity at capacity factor 1.25 */
+    const int C = (int)ceil(1.25 * T * c->K / E);
+    /* the expert forward (Xe w1) and the two backward products */
+    test_gemm_batched_case(gpu, "gemm_batched", 0, 0, C, h, d, E, 1.0f, 0.0f, 0, 0, TOL_MM);
+    test_gemm_batched_case(gpu, "gemm_batched", 0, 1, C, d, h, E, 1.0f, 0.0f, 0, 0, TOL_MM);
+    test_gemm_batched_case(gpu, "gemm_batched", 1, 0, d, h, C, E, 1.0f, 1.0f, 0, 0, TOL_MM);
+    test_gemm_batched_case(gpu, "gemm_batched", 1, 1, h, d, C, E, 0.5f, -0.25f, 7, 0, TOL_MM);
+    test_gemm_batched_case(gpu, "gemm_batched", 0, 0, C, h, d, E, 1.0f, 0.0f, 0, 1, TOL_MM);
+    test_gemm_batched_case(gpu16, "gemm_batched_bf16", 0, 0, C, h, d, E, 1.0f, 0.0f, 0, 0, TOL_BF16);
+    test_gemm_batched_case(gpu16, "gemm_batched_bf16", 0, 1, C, d, h, E, 1.0f, 0.0f, 0, 0, TOL_BF16);
+    test_gemm_batched_case(gpu16, "gemm_batched_bf16", 1, 0, d, h, C, E, 1.0f, 1.0f, 0, 0, TOL_BF16);
+    test_gemm_batched_case(gpu16, "gemm_batched_bf16", 1, 1, h, d, C, E, 0.5f, -0.25f, 7, 1, TOL_BF16);
+}
+
+static void test_bias(const cfg *c) {
+    const int T = T_of(c), N = 3 * c->d;
+    const size_t n = (size_t)T * N;
+    float *y0 = hrand(n, -1, 1), *b = hrand((size_t)N, -1, 1), *db0 = hrand((size_t)N, -1, 1);
+    float *want_y = hdup(y0, n * sizeof(float)), *want_db = hdup(db0, (size_t)N * sizeof(float));
+    cpu->add_bias(cpu, want_y, b, T, N);
+    cpu->bias_grad(cpu, y0, want_db, T, N);
+    float *d_b = up(gpu, b, (size_t)N * sizeof(float)), *d_dy = up(gpu, y0, n * sizeof(float));
+    float *got_y[2], *got_db[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_y = up(gpu, y0, n * sizeof(float));
+        gpu->add_bias(gpu, d_y, d_b, T, N);
+        if (!gpu_ok(gpu, "add_bias")) return;
+        got_y[r] = down(gpu, d_y, n * sizeof(float));
+        float *d_db = up(gpu, db0, (size_t)N * sizeof(float));
+        gpu->bias_grad(gpu, d_dy, d_db, T, N);
+        if (!gpu_ok(gpu, "bias_grad")) return;
+        got_db[r] = down(gpu, d_db, (size_t)N * sizeof(float));
+    }
+    check_f32("add_bias.y", got_y, want_y, n, TOL_EW);
+    check_f32("bias_grad.db", got_db, want_db, (size_t)N, TOL_EW);
+}
+
+static void test_vector_ops(const cfg *c) {
+    const size_t n = (size_t)T_of(c) * c->d + 3; /* not a multiple of any block */
+    float *x = hrand(n, -2, 2), *y0 = hrand(n, -2, 2);
+    float *want_axpy = hdup(y0, n * sizeof(float)), *want_scale = hdup(x, n * sizeof(float));
+    float *want_mul = halloc(n * sizeof(float));
+    cpu->axpy(cpu, -0.37f, x, want_axpy, n);
+    cpu->scale(cpu, want_scale, 1.7f, n);
+    cpu->mul(cpu, x, y0, want_mul, n);
+    const double want_sumsq = cpu->sumsq(cpu, x, n);
+    float *d_x = up(gpu, x, n * sizeof(float)), *d_y0 = up(gpu, y0, n * sizeof(float));
+    float *got_axpy[2], *got_scale[2], *got_mul[2];
+    double got_sumsq[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_y = up(gpu, y0, n * sizeof(float));
+        gpu->axpy(gpu, -0.37f, d_x, d_y, n);
+        float *d_s = up(gpu, x, n * sizeof(float));
+        gpu->scale(gpu, d_s, 1.7f, n);
+        float *d_m = dpoison(gpu, n * sizeof(float), POISON_F32);
+        gpu->mul(gpu, d_x, d_y0, d_m, n);
+        got_sumsq[r] = gpu->sumsq(gpu, d_x, n);
+        if (!gpu_ok(gpu, "axpy/scale/mul/sumsq")) return;
+        got_axpy[r] = down(gpu, d_y, n * sizeof(float));
+        got_scale[r] = down(gpu, d_s, n * sizeof(float));
+        got_mul[r] = down(gpu, d_m, n * sizeof(float));
+    }
+    check_f32("axpy.y", got_axpy, want_axpy, n, TOL_EW);
+    check_f32("scale.x", got_scale, want_scale, n, TOL_EW);
+    check_f32("mul.out", got_mul, want_mul, n, TOL_EW);
+    double rel = fabs(got_sumsq[0] - want_sumsq) / fabs(want_sumsq);
+    if (rel <= TOL_SUMSQ) {
+        pass_line("sumsq", "%.3e", rel);
+    } else {
+        fail_line("sumsq", "%.3e", rel);
+        printf("  n = %zu: expected %.17g got %.17g (tolerance %.0e)\n", n, want_sumsq, got_sumsq[0],
+               TOL_SUMSQ);
+    }
+    report_repeat("sumsq", &got_sumsq[0], &got_sumsq[1], 1, sizeof(double));
+}
+
+/* ------------------------------------------------------------------ */
+/* Embeddings, norms, activations                                      */
+/* ------------------------------------------------------------------ */
+
+static void test_embed(const cfg *c) {
+    const int B = c->B, S = c->S, d = c->d, V = c->V, T = T_of(c);
+    const size_t n = (size_t)T * d;
+    int32_t *ids = halloc((size_t)T * sizeof *ids);
+    /* a small vocabulary: ids repeat, as in a char corpus; id 0 very often */
+    for (int i = 0; i < T; ++i)
+        ids[i] = (moe_test_next(&rng) % 4 == 0) ? 0 : (int32_t)(moe_test_next(&rng) % (uint64_t)V);
+    float *wte = hrand((size_t)V * d, -1, 1), *wpe = hrand((size_t)S * d, -1, 1);
+    float *dout = hrand(n, -1, 1), *dwte0 = hrand((size_t)V * d, -1, 1), *dwpe0 = hrand((size_t)S * d, -1, 1);
+    for (int with_pos = 0; with_pos < 2; ++with_pos) {
+        const char *fwd_name = with_pos ? "embed_fwd(wpe).out" : "embed_fwd(no wpe).out";
+        float *want = halloc(n * sizeof(float));
+        cpu->embed_fwd(cpu, ids, wte, with_pos ? wpe : NULL, want, B, S, d);
+        float *want_dwte = hdup(dwte0, (size_t)V * d * sizeof(float));
+        float *want_dwpe = hdup(dwpe0, (size_t)S * d * sizeof(float));
+        cpu->embed_bwd(cpu, ids, dout, want_dwte, with_pos ? want_dwpe : NULL, B, S, d);
+
+        int32_t *d_ids = up(gpu, ids, (size_t)T * sizeof *ids);
+        float *d_wte = up(gpu, wte, (size_t)V * d * sizeof(float)), *d_wpe = up(gpu, wpe, (size_t)S * d * sizeof(float));
+        float *d_dout = up(gpu, dout, n * sizeof(float));
+        float *got[2], *got_dwte[2], *got_dwpe[2];
+        for (int r = 0; r < 2; ++r) {
+            float *d_out = dpoison(gpu, n * sizeof(float), POISON_F32);
+            gpu->embed_fwd(gpu, d_ids, d_wte, with_pos ? d_wpe : NULL, d_out, B, S, d);
+            float *d_dwte = up(gpu, dwte0, (size_t)V * d * sizeof(float));
+            float *d_dwpe = up(gpu, dwpe0, (size_t)S * d * sizeof(float));
+            gpu->embed_bwd(gpu, d_ids, d_dout, d_dwte, with_pos ? d_dwpe : NULL, B, S, d);
+            if (!gpu_ok(gpu, "embed_fwd/embed_bwd")) return;
+            got[r] = down(gpu, d_out, n * sizeof(float));
+            got_dwte[r] = down(gpu, d_dwte, (size_t)V * d * sizeof(float));
+            got_dwpe[r] = down(gpu, d_dwpe, (size_t)S * d * sizeof(float));
+        }
+        check_f32(fwd_name, got, want, n, TOL_EW);
+        check_f32(with_pos ? "embed_bwd(wpe).dwte" : "embed_bwd(no wpe).dwte", got_dwte, want_dwte,
+                  (size_t)V * d, TOL_EW);
+        /* without dwpe, dwpe must be left alone (it still holds dwpe0) */
+        check_f32(with_pos ? "embed_bwd(wpe).dwpe" : "embed_bwd(no wpe).dwpe", got_dwpe, want_dwpe,
+                  (size_t)S * d, TOL_EW);
+    }
+}
+
+static void test_layernorm(const cfg *c) {
+    const int T = T_of(c), d = c->d;
+    const size_t n = (size_t)T * d;
+    const float eps = 1e-5f;
+    float *x = hrand(n, -2, 3), *g = hrand((size_t)d, 0.5f, 1.5f), *b = hrand((size_t)d, -0.5f, 0.5f);
+    float *dy = hrand(n, -1, 1), *dx0 = hrand(n, -1, 1), *dg0 = hrand((size_t)d, -1, 1), *db0 = hrand((size_t)d, -1, 1);
+    float *want_y = halloc(n * sizeof(float)), *want_mean = halloc((size_t)T * sizeof(float));
+    float *want_rstd = halloc((size_t)T * sizeof(float));
+    cpu->layernorm_fwd(cpu, x, g, b, want_y, want_mean, want_rstd, T, d, eps);
+    float *want_dx = hdup(dx0, n * sizeof(float)), *want_dg = hdup(dg0, (size_t)d * sizeof(float));
+    float *want_db = hdup(db0, (size_t)d * sizeof(float));
+    cpu->layernorm_bwd(cpu, x, g, want_mean, want_rstd, dy, want_dx, want_dg, want_db, T, d);
+
+    float *d_x = up(gpu, x, n * sizeof(float)), *d_g = up(gpu, g, (size_t)d * sizeof(float));
+    float *d_b = up(gpu, b, (size_t)d * sizeof(float)), *d_dy = up(gpu, dy, n * sizeof(float));
+    /* the backward gets the CPU's saved statistics, so it is tested alone */
+    float *d_mean_in = up(gpu, want_mean, (size_t)T * sizeof(float));
+    float *d_rstd_in = up(gpu, want_rstd, (size_t)T * sizeof(float));
+    float *got_y[2], *got_mean[2], *got_rstd[2], *got_dx[2], *got_dg[2], *got_db[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_y = dpoison(gpu, n * sizeof(float), POISON_F32);
+        float *d_mean = dpoison(gpu, (size_t)T * sizeof(float), POISON_F32);
+        float *d_rstd = dpoison(gpu, (size_t)T * sizeof(float), POISON_F32);
+        gpu->layernorm_fwd(gpu, d_x, d_g, d_b, d_y, d_mean, d_rstd, T, d, eps);
+        float *d_dx = up(gpu, dx0, n * sizeof(float)), *d_dg = up(gpu, dg0, (size_t)d * sizeof(float));
+        float *d_db = up(gpu, db0, (size_t)d * sizeof(float));
+        gpu->layernorm_bwd(gpu, d_x, d_g, d_mean_in, d_rstd_in, d_dy, d_dx, d_dg, d_db, T, d);
+        if (!gpu_ok(gpu, "layernorm")) return;
+        got_y[r] = down(gpu, d_y, n * sizeof(float));
+        got_mean[r] = down(gpu, d_mean, (size_t)T * sizeof(float));
+        got_rstd[r] = down(gpu, d_rstd, (size_t)T * sizeof(float));
+        got_dx[r] = down(gpu, d_dx, n * sizeof(float));
+        got_dg[r] = down(gpu, d_dg, (size_t)d * sizeof(float));
+        got_db[r] = down(gpu, d_db, (size_t)d * sizeof(float));
+    }
+    check_f32("layernorm_fwd.y", got_y, want_y, n, TOL_EW);
+    check_f32("layernorm_fwd.mean", got_mean, want_mean, (size_t)T, TOL_EW);
+    check_f32("layernorm_fwd.rstd", got_rstd, want_rstd, (size_t)T, TOL_EW);
+    check_f32("layernorm_bwd.dx", got_dx, want_dx, n, TOL_EW);
+    check_f32("layernorm_bwd.dg", got_dg, want_dg, (size_t)d, TOL_EW);
+    check_f32("layernorm_bwd.db", got_db, want_db, (size_t)d, TOL_EW);
+}
+
+static void test_rmsnorm(const cfg *c) {
+    const int T = T_of(c), d = c->d;
+    const size_t n = (size_t)T * d;
+    const float eps = 1e-6f;
+    float *x = hrand(n, -2, 2), *g = hrand((size_t)d, 0.5f, 1.5f);
+    float *dy = hrand(n, -1, 1), *dx0 = hrand(n, -1, 1), *dg0 = hrand((size_t)d, -1, 1);
+    float *want_y = halloc(n * sizeof(float)), *want_rstd = halloc((size_t)T * sizeof(float));
+    cpu->rmsnorm_fwd(cpu, x, g, want_y, want_rstd, T, d, eps);
+    float *want_dx = hdup(dx0, n * sizeof(float)), *want_dg = hdup(dg0, (size_t)d * sizeof(float));
+    cpu->rmsnorm_bwd(cpu, x, g, want_rstd, dy, want_dx, want_dg, T, d);
+
+    float *d_x = up(gpu, x, n * sizeof(float)), *d_g = up(gpu, g, (size_t)d * sizeof(float));
+    float *d_dy = up(gpu, dy, n * sizeof(float));
+    float *d_rstd_in = up(gpu, want_rstd, (size_t)T * sizeof(float));
+    float *got_y[2], *got_rstd[2], *got_dx[2], *got_dg[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_y = dpoison(gpu, n * sizeof(float), POISON_F32);
+        float *d_rstd = dpoison(gpu, (size_t)T * sizeof(float), POISON_F32);
+        gpu->rmsnorm_fwd(gpu, d_x, d_g, d_y, d_rstd, T, d, eps);
+        float *d_dx = up(gpu, dx0, n * sizeof(float)), *d_dg = up(gpu, dg0, (size_t)d * sizeof(float));
+        gpu->rmsnorm_bwd(gpu, d_x, d_g, d_rstd_in, d_dy, d_dx, d_dg, T, d);
+        if (!gpu_ok(gpu, "rmsnorm")) return;
+        got_y[r] = down(gpu, d_y, n * sizeof(float));
+        got_rstd[r] = down(gpu, d_rstd, (size_t)T * sizeof(float));
+        got_dx[r] = down(gpu, d_dx, n * sizeof(float));
+        got_dg[r] = down(gpu, d_dg, (size_t)d * sizeof(float));
+    }
+    check_f32("rmsnorm_fwd.y", got_y, want_y, n, TOL_EW);
+    check_f32("rmsnorm_fwd.rstd", got_rstd, want_rstd, (size_t)T, TOL_EW);
+    check_f32("rmsnorm_bwd.dx", got_dx, want_dx, n, TOL_EW);
+    check_f32("rmsnorm_bwd.dg", got_dg, want_dg, (size_t)d, TOL_EW);
+}
+
+static void test_act(const cfg *c) {
+    static const char *names[3] = {"gelu", "silu", "swiglu"};
+    const int T = T_of(c), n = c->hidden;
+    for (int kind = 0; kind < 3; ++kind) {
+        const size_t n_in = (size_t)T * n * (kind == MOE_ACT_SWIGLU ? 2 : 1), n_out = (size_t)T * n;
+        float *in = hrand(n_in, -4, 4), *dout = hrand(n_out, -1, 1);
+        float *want = halloc(n_out * sizeof(float)), *want_din = halloc(n_in * sizeof(float));
+        cpu->act_fwd(cpu, (moe_act_kind)kind, in, want, T, n);
+        cpu->act_bwd(cpu, (moe_act_kind)kind, in, dout, want_din, T, n);
+        float *d_in = up(gpu, in, n_in * sizeof(float)), *d_dout = up(gpu, dout, n_out * sizeof(float));
+        float *got[2], *got_din[2];
+        for (int r = 0; r < 2; ++r) {
+            float *d_out = dpoison(gpu, n_out * sizeof(float), POISON_F32);
+            float *d_din = dpoison(gpu, n_in * sizeof(float), POISON_F32);
+            gpu->act_fwd(gpu, (moe_act_kind)kind, d_in, d_out, T, n);
+            gpu->act_bwd(gpu, (moe_act_kind)kind, d_in, d_dout, d_din, T, n);
+            if (!gpu_ok(gpu, names[kind])) return;
+            got[r] = down(gpu, d_out, n_out * sizeof(float));
+            got_din[r] = down(gpu, d_din, n_in * sizeof(float));
+        }
+        char op[64];
+        snprintf(op, sizeof op, "act_fwd(%s).out", names[kind]);
+        check_f32(op, got, want, n_out, TOL_EW);
+        snprintf(op, sizeof op, "act_bwd(%s).din", names[kind]);
+        check_f32(op, got_din, want_din, n_in, TOL_EW);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Attention                                                           */
+/* ------------------------------------------------------------------ */
+
+static void test_rope(const cfg *c) {
+    const int B = c->B, S = c->S, H = c->H, hd = c->d / c->H;
+    const size_t n = (size_t)B * S * 3 * H * hd;
+    const float theta = 10000.0f;
+    float *qkv = hrand(n, -1, 1);
+    float *want_f = hdup(qkv, n * sizeof(float)), *want_b = hdup(qkv, n * sizeof(float));
+    cpu->rope_fwd(cpu, want_f, B, S, H, hd, theta);
+    cpu->rope_bwd(cpu, want_b, B, S, H, hd, theta);
+    float *got_f[2], *got_b[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_f = up(gpu, qkv, n * sizeof(float)), *d_b = up(gpu, qkv, n * sizeof(float));
+        gpu->rope_fwd(gpu, d_f, B, S, H, hd, theta);
+        gpu->rope_bwd(gpu, d_b, B, S, H, hd, theta);
+        if (!gpu_ok(gpu, "rope")) return;
+        got_f[r] = down(gpu, d_f, n * sizeof(float));
+        got_b[r] = down(gpu, d_b, n * sizeof(float));
+    }
+    check_f32("rope_fwd.qkv", got_f, want_f, n, TOL_EW);
+    check_f32("rope_bwd.dqkv", got_b, want_b, n, TOL_EW);
+}
+
+static void test_attention(const cfg *c) {
+    const int B = c->B, S = c->S, H = c->H, hd = c->d / c->H;
+    const size_t n_qkv = (size_t)B * S * 3 * H * hd, n_out = (size_t)B * S * H * hd;
+    const size_t n_p = (size_t)B * H * S * S;
+    float *qkv = hrand(n_qkv, -1, 1), *dout = hrand(n_out, -1, 1);
+    float *want_out = halloc(n_out * sizeof(float)), *want_p = halloc(n_p * sizeof(float));
+    float *want_dqkv = halloc(n_qkv * sizeof(float));
+    cpu->attention_fwd(cpu, qkv, want_out, want_p, B, S, H, hd);
+    cpu->attention_bwd(cpu, qkv, want_p, dout, want_dqkv, B, S, H, hd);
+
+    float *d_qkv = up(gpu, qkv, n_qkv * sizeof(float)), *d_dout = up(gpu, dout, n_out * sizeof(float));
+    float *d_p_in = up(gpu, want_p, n_p * sizeof(float)); /* the backward alone, on the CPU's probs */
+    float *got_out[2], *got_p[2], *got_dqkv[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_out = dpoison(gpu, n_out * sizeof(float), POISON_F32);
+        float *d_p = dpoison(gpu, n_p * sizeof(float), POISON_F32);
+        float *d_dqkv = dpoison(gpu, n_qkv * sizeof(float), POISON_F32);
+        gpu->attention_fwd(gpu, d_qkv, d_out, d_p, B, S, H, hd);
+        gpu->attention_bwd(gpu, d_qkv, d_p_in, d_dout, d_dqkv, B, S, H, hd);
+        if (!gpu_ok(gpu, "attention")) return;
+        got_out[r] = down(gpu, d_out, n_out * sizeof(float));
+        got_p[r] = down(gpu, d_p, n_p * sizeof(float));
+        got_dqkv[r] = down(gpu, d_dqkv, n_qkv * sizeof(float));
+    }
+    check_f32("attention_fwd.out", got_out, want_out, n_out, TOL_MM);
+    check_f32("attention_fwd.probs", got_p, want_p, n_p, TOL_MM);
+    check_f32("attention_bwd.dqkv", got_dqkv, want_dqkv, n_qkv, TOL_MM);
+}
+
+/* ------------------------------------------------------------------ */
+/* Dropout, loss, optimizer                                            */
+/* ------------------------------------------------------------------ */
+
+static void test_dropout(const cfg *c) {
+    const size_t n = (size_t)T_of(c) * c->d + 3; /* a partial Philox block at the end */
+    const float ps[2] = {0.1f, 0.0f};
+    moe_rng_key key = {moe_test_next(&rng), moe_test_next(&rng) % 100000, (uint32_t)(moe_test_next(&rng) % 8), 2};
+    float *x = hrand(n, -1, 1);
+    float *d_x = up(gpu, x, n * sizeof(float));
+    for (int pi = 0; pi < 2; ++pi) {
+        const float p = ps[pi];
+        float *want_f = halloc(n * sizeof(float)), *want_b = halloc(n * sizeof(float));
+        cpu->dropout_fwd(cpu, x, want_f, n, p, key);
+        cpu->dropout_bwd(cpu, x, want_b, n, p, key);
+        float *got_f[2], *got_b[2];
+        for (int r = 0; r < 2; ++r) {
+            float *d_f = dpoison(gpu, n * sizeof(float), POISON_F32);
+            float *d_b = dpoison(gpu, n * sizeof(float), POISON_F32);
+            gpu->dropout_fwd(gpu, d_x, d_f, n, p, key);
+            gpu->dropout_bwd(gpu, d_x, d_b, n, p, key);
+            if (!gpu_ok(gpu, "dropout")) return;
+            got_f[r] = down(gpu, d_f, n * sizeof(float));
+            got_b[r] = down(gpu, d_b, n * sizeof(float));
+        }
+        /* the same Philox words and one multiply: the masks and values must be exact */
+        char op[64];
+        snprintf(op, sizeof op, "dropout_fwd(p=%g).y:exact", p);
+        report_bits(op, got_f[0], want_f, n, sizeof(float));
+        snprintf(op, sizeof op, "dropout_fwd(p=%g).y", p);
+        report_repeat(op, got_f[0], got_f[1], n, sizeof(float));
+        snprintf(op, sizeof op, "dropout_bwd(p=%g).dx:exact", p);
+        report_bits(op, got_b[0], want_b, n, sizeof(float));
+        snprintf(op, sizeof op, "dropout_bwd(p=%g).dx", p);
+        report_repeat(op, got_b[0], got_b[1], n, sizeof(float));
+    }
+}
+
+static void test_xent(const cfg *c) {
+    const int T = T_of(c), V = c->V;
+    const size_t n = (size_t)T * V;
+    const float grad_scale = 1.0f / (float)T;
+    float *logits = hrand(n, -4, 4);
+    int32_t *targets = halloc((size_t)T * sizeof *targets);
+    for (int t = 0; t < T; ++t) {
+        targets[t] = (int32_t)(moe_test_next(&rng) % (uint64_t)V);
+        if (t % 17 == 5) targets[t] = -1; /* ignored rows */
+        /* every 7th row: two equal maxima; the lower index must win */
+        if (t % 7 == 3 && V >= 2) {
+            int j1 = (int)(moe_test_next(&rng) % (uint64_t)(V - 1));
+            int j2 = j1 + 1 + (int)(moe_test_next(&rng) % (uint64_t)(V - 1 - j1));
+            logits[(size_t)t * V + j1] = logits[(size_t)t * V + j2] = 5.0f;
+            targets[t] = (t % 14 == 3) ? j1 : j2;
+        }
+    }
+    float *want_loss = halloc((size_t)T * sizeof(float)), *want_dl = halloc(n * sizeof(float));
+    int32_t *want_ok = halloc((size_t)T * sizeof(int32_t));
+    cpu->xent_fwd_bwd(cpu, logits, targets, T, V, want_loss, want_ok, want_dl, grad_scale);
+
+    float *d_logits = up(gpu, logits, n * sizeof(float));
+    int32_t *d_targets = up(gpu, targets, (size_t)T * sizeof(int32_t));
+    float *got_loss[2], *got_dl[2], *got_loss_nodl[2];
+    int32_t *got_ok[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_loss = dpoison(gpu, (size_t)T * sizeof(float), POISON_F32);
+        int32_t *d_ok = dpoison(gpu, (size_t)T * sizeof(int32_t), POISON_I32);
+        float *d_dl = dpoison(gpu, n * sizeof(float), POISON_F32);
+        gpu->xent_fwd_bwd(gpu, d_logits, d_targets, T, V, d_loss, d_ok, d_dl, grad_scale);
+        float *d_loss2 = dpoison(gpu, (size_t)T * sizeof(float), POISON_F32);
+        gpu->xent_fwd_bwd(gpu, d_logits, d_targets, T, V, d_loss2, d_ok, NULL, grad_scale);
+        if (!gpu_ok(gpu, "xent_fwd_bwd")) return;
+        got_loss[r] = down(gpu, d_loss, (size_t)T * sizeof(float));
+        got_ok[r] = down(gpu, d_ok, (size_t)T * sizeof(int32_t));
+        got_dl[r] = down(gpu, d_dl, n * sizeof(float));
+        got_loss_nodl[r] = down(gpu, d_loss2, (size_t)T * sizeof(float));
+    }
+    check_f32("xent.losses", got_loss, want_loss, (size_t)T, TOL_EW);
+    check_i32("xent.correct", got_ok, want_ok, (size_t)T);
+    check_f32("xent.dlogits", got_dl, want_dl, n, TOL_EW);
+    check_f32("xent(dlogits=NULL).losses", got_loss_nodl, want_loss, (size_t)T, TOL_EW);
+}
+
+static void test_adamw(const cfg *c) {
+    const size_t n = (size_t)c->d * c->hidden + 5;
+    float *p = hrand(n, -1, 1), *g = hrand(n, -0.1f, 0.1f), *m = hrand(n, -0.01f, 0.01f);
+    float *v = hrand(n, 0.0f, 1e-3f);
+    uint8_t *decay = halloc(n);
+    for (size_t i = 0; i < n; ++i) decay[i] = (uint8_t)(moe_test_next(&rng) & 1);
+    const long long steps[2] = {1, 1000};
+    for (int si = 0; si < 2; ++si)
+        for (int with_decay = 0; with_decay < 2; ++with_decay) {
+            const long long t = steps[si];
+            const uint8_t *dec = with_decay ? decay : NULL;
+            float *wp = hdup(p, n * 4), *wm = hdup(m, n * 4), *wv = hdup(v, n * 4);
+            cpu->adamw(cpu, wp, g, wm, wv, dec, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
+            float *d_g = up(gpu, g, n * 4);
+            uint8_t *d_dec = with_decay ? up(gpu, decay, n) : NULL;
+            float *gp[2], *gm[2], *gv[2];
+            for (int r = 0; r < 2; ++r) {
+                float *d_p = up(gpu, p, n * 4), *d_m = up(gpu, m, n * 4), *d_v = up(gpu, v, n * 4);
+                gpu->adamw(gpu, d_p, d_g, d_m, d_v, d_dec, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
+                if (!gpu_ok(gpu, "adamw")) return;
+                gp[r] = down(gpu, d_p, n * 4);
+                gm[r] = down(gpu, d_m, n * 4);
+                gv[r] = down(gpu, d_v, n * 4);
+            }
+            char op[64];
+            snprintf(op, sizeof op, "adamw(t=%lld,%s).p", t, with_decay ? "decay" : "no decay");
+            check_f32(op, gp, wp, n, TOL_EW);
+            snprintf(op, sizeof op, "adamw(t=%lld,%s).m", t, with_decay ? "decay" : "no decay");
+            check_f32(op, gm, wm, n, TOL_EW);
+            snprintf(op, sizeof op, "adamw(t=%lld,%s).v", t, with_decay ? "decay" : "no decay");
+            check_f32(op, gv, wv, n, TOL_EW);
+            /* written to follow the CPU operation for operation: report if not bitwise */
+            if (memcmp(gp[0], wp, n * 4) != 0)
+                printf("  note: adamw p is not bitwise equal to the CPU's (within tolerance)\n");
+        }
+}
+
+/* ------------------------------------------------------------------ */
+/* MoE routing core                                                    */
+/* ------------------------------------------------------------------ */
+
+/* A routing of T tokens, K choices each: skewed toward experts 0 and 1 so
+ * capacity drops happen, some empty (-1) choices, weights on a coarse grid
+ * (many ties, including +0.0 and -0.0, which the CPU treats as equal). */
+static void make_routing(int T, int K, int E, int32_t *expert, float *weight) {
+    for (size_t a = 0; a < (size_t)T * K; ++a) {
+        uint64_t r = moe_test_next(&rng) % 100;
+        expert[a] = r < 5 ? -1 : (r < 45 ? (int32_t)(r % 2) : (int32_t)(moe_test_next(&rng) % (uint64_t)E));
+        int level = (int)(moe_test_next(&rng) % 9); /* 0..8 */
+        weight[a] = level == 0 ? 0.0f : (level == 1 ? -0.0f : (float)level / 8.0f);
+    }
+}
+
+static void test_capacity(const cfg *c) {
+    const int T = T_of(c), K = c->K, E = c->E;
+    const size_t nA = (size_t)T * K;
+    int32_t *expert = halloc(nA * sizeof(int32_t));
+    float *weight = halloc(nA * sizeof(float));
+    make_routing(T, K, E, expert, weight);
+    const int Cs[3] = {(int)ceil(1.0 * T * K / E), (int)ceil(0.5 * T * K / E), T * K};
+    int32_t *d_expert = up(gpu, expert, nA * sizeof(int32_t));
+    float *d_weight = up(gpu, weight, nA * sizeof(float));
+    for (int policy = 0; policy < 2; ++policy)
+        for (int ci = 0; ci < 3; ++ci) {
+            const int C = Cs[ci];
+            int32_t *want_kept = halloc(nA * 4), *want_slot = halloc(nA * 4);
+            int32_t *want_before = halloc((size_t)E * 4), *want_after = halloc((size_t)E * 4);
+            cpu->capacity_assign(cpu, expert, weight, T, K, E, C, policy, want_kept, want_slot, want_before,
+                                 want_after);
+            int32_t *kept[2], *slot[2], *before[2], *after[2];
+            for (int r = 0; r < 2; ++r) {
+                int32_t *d_kept = dpoison(gpu, nA * 4, POISON_I32), *d_slot = dpoison(gpu, nA * 4, POISON_I32);
+                /* the counts are host arrays, as core/model/moe.c passes them */
+                before[r] = halloc((size_t)E * 4);
+                after[r] = halloc((size_t)E * 4);
+                memset(before[r], POISON_I32, (size_t)E * 4);
+                memset(after[r], POISON_I32, (size_t)E * 4);
+                gpu->capacity_assign(gpu, d_expert, d_weight, T, K, E, C, policy, d_kept, d_slot, before[r],
+                                     after[r]);
+                if (!gpu_ok(gpu, "capacity_assign")) return;
+                kept[r] = down(gpu, d_kept, nA * 4);
+                slot[r] = down(gpu, d_slot, nA * 4);
+            }
+            char op[96];
+            const char *pol = policy ? "probs" : "position";
+            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).kept", pol, C);
+            check_i32(op, kept, want_kept, nA);
+            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).slot", pol, C);
+            check_i32(op, slot, want_slot, nA);
+            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).counts_before", pol, C);
+            check_i32(op, before, want_before, (size_t)E);
+            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).counts_after", pol, C);
+            check_i32(op, after, want_after, (size_t)E);
+        }
+}
+
+/* combine weights, dispatch, combine and their backwards on one routing
+ * (kept/slot from the CPU's capacity_assign, so these are tested alone) */
+static void test_dispatch_combine(const cfg *c) {
+    const int T = T_of(c), K = c->K, E = c->E, d = c->d;
+    const int C = (int)ceil(1.0 * T * K / E);
+    const size_t nA = (size_t)T * K, nX = (size_t)T * d, nXe = (size_t)E * C * d;
+    int32_t *expert = halloc(nA * 4), *kept = halloc(nA * 4), *slot = halloc(nA * 4);
+    int32_t *before = halloc((size_t)E * 4), *after = halloc((size_t)E * 4);
+    float *weight = halloc(nA * 4);
+    make_routing(T, K, E, expert, weight);
+    for (size_t a = 0; a < nA; ++a) weight[a] = fabsf(weight[a]) + 0.01f * (float)(a % 7);
+    cpu->capacity_assign(cpu, expert, weight, T, K, E, C, 1, kept, slot, before, after);
+    if (T > 1) /* a token with every choice dropped */
+        for (int k = 0; k < K; ++k) kept[(size_t)1 * K + k] = slot[(size_t)1 * K + k] = -1;
+
+    float *x = hrand(nX, -1, 1), *Ye = hrand(nXe, -1, 1), *dy = hrand(nX, -1, 1);
+    float *dXe = hrand(nXe, -1, 1), *dx0 = hrand(nX, -1, 1), *dcw_in = hrand(nA, -1, 1);
+    int32_t *d_kept = up(gpu, kept, nA * 4), *d_slot = up(gpu, slot, nA * 4);
+    float *d_weight = up(gpu, weight, nA * 4), *d_x = up(gpu, x, nX * 4), *d_Ye = up(gpu, Ye, nXe * 4);
+    float *d_dy = up(gpu, dy, nX * 4), *d_dXe = up(gpu, dXe, nXe * 4), *d_dcw_in = up(gpu, dcw_in, nA * 4);
+
+    for (int renorm = 0; renorm < 2; ++renorm) {
+        float *want_cw = halloc(nA * 4), *want_dw = halloc(nA * 4);
+        cpu->combine_weights(cpu, weight, kept, T, K, renorm, want_cw);
+        cpu->combine_weights_bwd(cpu, weight, kept, T, K, renorm, dcw_in, want_dw);
+        float *got_cw[2], *got_dw[2];
+        for (int r = 0; r < 2; ++r) {
+            float *d_cw = dpoison(gpu, nA * 4, POISON_F32), *d_dw = dpoison(gpu, nA * 4, POISON_F32);
+            gpu->combine_weights(gpu, d_weight, d_kept, T, K, renorm, d_cw);
+            gpu->combine_weights_bwd(gpu, d_weight, d_kept, T, K, renorm, d_dcw_in, d_dw);
+            if (!gpu_ok(gpu, "combine_weights")) return;
+            got_cw[r] = down(gpu, d_cw, nA * 4);
+            got_dw[r] = down(gpu, d_dw, nA * 4);
+        }
+        check_f32(renorm ? "combine_weights(renorm).cw" : "combine_weights.cw", got_cw, want_cw, nA, TOL_EW);
+        check_f32(renorm ? "combine_weights_bwd(renorm).dweight" : "combine_weights_bwd.dweight", got_dw,
+                  want_dw, nA, TOL_EW);
+    }
+
+    float *cw = halloc(nA * 4);
+    cpu->combine_weights(cpu, weight, kept, T, K, 1, cw);
+    float *d_cw = up(gpu, cw, nA * 4);
+    float *want_Xe = halloc(nXe * 4), *want_dx = hdup(dx0, nX * 4), *want_y = halloc(nX * 4);
+    float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
+    cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
+    cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, want_dx);
+    cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, want_y);
+    cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
+    float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_Xe = dpoison(gpu, nXe * 4, POISON_F32), *d_dx = up(gpu, dx0, nX * 4);
+        float *d_y = dpoison(gpu, nX * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
+        float *d_dcw = dpoison(gpu, nA * 4, POISON_F32);
+        gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
+        gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, d_dx);
+        gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_y);
+        gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);
+        if (!gpu_ok(gpu, "dispatch/combine")) return;
+        got_Xe[r] = down(gpu, d_Xe, nXe * 4);
+        got_dx[r] = down(gpu, d_dx, nX * 4);
+        got_y[r] = down(gpu, d_y, nX * 4);
+        got_dYe[r] = down(gpu, d_dYe, nXe * 4);
+        got_dcw[r] = down(gpu, d_dcw, nA * 4);
+    }
+    check_f32("dispatch.Xe", got_Xe, want_Xe, nXe, TOL_EW);
+    check_f32("dispatch_bwd.dx", got_dx, want_dx, nX, TOL_EW);
+    check_f32("combine.y", got_y, want_y, nX, TOL_EW);
+    check_f32("combine_bwd.dYe", got_dYe, want_dYe, nXe, TOL_EW);
+    check_f32("combine_bwd.dcw", got_dcw, want_dcw, nA, TOL_EW);
+}
+
+static void test_aux_losses(const cfg *c) {
+    const int T = T_of(c), E = c->E;
+    const size_t n = (size_t)T * E;
+    const float alpha = 0.01f, beta = 0.001f;
+    float *lb_logits = hrand(n, -3, 3), *logits = hrand(n, -3, 3), *dl0 = hrand(n, -1, 1);
+    float *f = hrand((size_t)E, 0.1f, 1.0f); /* host memory, as the contract says */
+    float fsum = 0.0f;
+    for (int e = 0; e < E; ++e) fsum += f[e];
+    for (int e = 0; e < E; ++e) f[e] /= fsum;
+    float *want_dlb = halloc(n * 4), *want_dl = hdup(dl0, n * 4);
+    double want_lb, want_z;
+    cpu->aux_losses(cpu, lb_logits, logits, f, T, E, alpha, beta, want_dlb, want_dl, &want_lb, &want_z);
+    float *d_lbl = up(gpu, lb_logits, n * 4), *d_l = up(gpu, logits, n * 4);
+    float *got_dlb[2], *got_dl[2];
+    double lb[2], z[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_dlb = dpoison(gpu, n * 4, POISON_F32), *d_dl = up(gpu, dl0, n * 4);
+        lb[r] = z[r] = NAN;
+        gpu->aux_losses(gpu, d_lbl, d_l, f, T, E, alpha, beta, d_dlb, d_dl, &lb[r], &z[r]);
+        if (!gpu_ok(gpu, "aux_losses")) return;
+        got_dlb[r] = down(gpu, d_dlb, n * 4);
+        got_dl[r] = down(gpu, d_dl, n * 4);
+    }
+    check_f32("aux_losses.d_lb", got_dlb, want_dlb, n, TOL_EW);
+    check_f32("aux_losses.dlogits", got_dl, want_dl, n, TOL_EW);
+    float glb = (float)lb[0], wlb = (float)want_lb, gz = (float)z[0], wz = (float)want_z;
+    report_f32("aux_losses.lb", &glb, &wlb, 1, TOL_EW);
+    report_f32("aux_losses.z", &gz, &wz, 1, TOL_EW);
+    report_repeat("aux_losses.lb", &lb[0], &lb[1], 1, sizeof(double));
+    report_repeat("aux_losses.z", &z[0], &z[1], 1, sizeof(double));
+}
+
+/* ------------------------------------------------------------------ */
+/* Timing ops (benchmarks)                                             */
+/* ------------------------------------------------------------------ */
+
+/* Events around a GEMM must give a positive, finite time; the measured GEMM
+ * rate must be plausible for a GPU (an H100 gives several hundred TFLOP/s
+ * in bf16). Timings are not compared with the CPU. */
+static void test_timing(void) {
+    const int n = 2048;
+    float *a = hrand((size_t)n * n, -1, 1);
+    float *d_a = up(gpu, a, (size_t)n * n * 4), *d_c = dalloc(gpu, (size_t)n * n * 4);
+    void *ev0 = gpu->event_create(gpu), *ev1 = gpu->event_create(gpu);
+    gpu->event_record(gpu, ev0);
+    gpu->gemm(gpu, 0, 1, n, n, n, 1.0f, d_a, n, d_a, n, 0.0f, d_c, n);
+    gpu->event_record(gpu, ev1);
+    float ms = gpu->event_elapsed_ms(gpu, ev0, ev1);
+    gpu->event_destroy(gpu, ev0);
+    gpu->event_destroy(gpu, ev1);
+    double tflops = gpu->measure_gemm_tflops(gpu);
+    if (!gpu_ok(gpu, "timing")) return;
+    if (ms > 0.0f && ms < 1e4f) {
+        pass_line("event_elapsed_ms(2048^3 fp32 gemm)", "%.3f", ms);
+    } else {
+        fail_line("event_elapsed_ms(2048^3 fp32 gemm)", "%.3f", ms);
+        printf("  expected a time in (0, 10000) ms\n");
+    }
+    if (tflops >= 10.0 && tflops <= 1e4) {
+        pass_line("measure_gemm_tflops", "%.1f", tflops);
+    } else {
+        fail_line("measure_gemm_tflops", "%.1f", tflops);
+        printf("  expected a bf16 GEMM rate in [10, 10000] TFLOP/s\n");
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Driver                                                              */
+/* ------------------------------------------------------------------ */
+
+static int create_gpu(void) {
+    char err[512];
+    gpu = moe_backend_cuda_create(0, MOE_PRECISION_FP32, err, sizeof err);
+    if (!gpu) {
+        printf("FAIL moe_backend_cuda_create(fp32): %s\n", err);
+        return 0;
+    }
+    gpu16 = moe_backend_cuda_create(0, MOE_PRECISION_BF16, err, sizeof err);
+    if (!gpu16) {
+        printf("FAIL moe_backend_cuda_create(bf16): %s\n", err);
+        return 0;
+    }
+    return 1;
+}
+
+static void destroy_gpu(void) {
+    moe_backend_destroy(gpu);
+    moe_backend_destroy(gpu16);
+    gpu = gpu16 = NULL;
+}
+
+typedef void (*op_test)(const cfg *);
+
+int main(void) {
+    if (moe_cuda_device_count() == 0) {
+        printf("no CUDA device\n");
+        return 77;
+    }
+    unsigned long long seed;
+    const char *env = getenv("MOE_TEST_SEED");
+    if (env && *env) {
+        seed = strtoull(env, NULL, 0);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        seed = (unsigned long long)ts.tv_sec * 1000000007ULL ^ (unsigned long long)ts.tv_nsec;
+    }
+    printf("seed %llu (MOE_TEST_SEED=%llu repeats this run)\n", seed, seed);
+    rng.s = seed ? seed : 1;
+    /* attribute an asynchronous fault to the kernel that caused it */
+    setenv("MOE_CUDA_SYNC_CHECK", "1", 0);
+
+    cpu = moe_backend_cpu_create(0);
+    if (!cpu || !create_gpu()) return 1;
+
+    static const cfg cfgs[] = {
+        /* name    B   S    d    H  E  K  V   hidden */
+        {"T2048", 8, 256, 256, 4, 8, 2, 80, 512},
+        {"T999", 3, 333, 200, 4, 6, 3, 97, 300},
+        {"T1", 1, 1, 40, 2, 4, 2, 5, 24},
+    };
+    static const op_test tests[] = {
+        test_gemm, test_gemm_batched, test_bias, test_vector_ops, test_embed,
+        test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
+        test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
+        test_aux_losses,
+    };
+    static const cfg timing_cfg = {"timing", 0, 0, 0, 0, 0, 0, 0, 0};
+    cur = &timing_cfg;
+    test_timing();
+    free_all();
+    if (need_reset) {
+        destroy_gpu();
+        need_reset = 0;
+        if (!create_gpu()) return 1;
+    }
+    for (size_t ci = 0; ci < sizeof cfgs / sizeof cfgs[0]; ++ci) {
+        cur = &cfgs[ci];
+        printf("== %s: B=%d S=%d d=%d H=%d E=%d K=%d V=%d hidden=%d\n", cur->name, cur->B, cur->S, cur->d,
+               cur->H, cur->E, cur->K, cur->V, cur->hidden);
+        for (size_t ti = 0; ti < sizeof tests / sizeof tests[0]; ++ti) {
+            tests[ti](cur);
+            free_all();
+            if (need_reset) { /* start the next test on a fresh backend */
+                destroy_gpu();
+                need_reset = 0;
+                if (!create_gpu()) {
+                    printf("could not re-create the CUDA backend; stopping\n");
+                    printf("%d passed, %d failed\n", moe_test_passed_, moe_test_failed_);
+                    return 1;
+                }
+            }
+        }
+    }
+    destroy_gpu();
+    moe_backend_destroy(cpu);
+    printf("%d passed, %d failed\n", moe_test_passed_, moe_test_failed_);
+    return moe_test_failed_ ? 1 : 0;
+}
