@@ -16,4 +16,7 @@ cp "$build/bin/moehost" "$stage/bin/"
 cp "$build/tests/test_gpu_ops" "$build/tests/test_gpu_routers" "$stage/tests/"
 cp "$build"/lib/moe/plugins/*.so "$stage/lib/moe/plugins/"
 strip --strip-debug "$stage"/bin/* "$stage"/tests/* "$stage"/lib/moe/plugins/*.so
+# The GPU machine may lack gcc's OpenMP runtime: bring it along (gpu_suite.sh
+# puts stage/lib on LD_LIBRARY_PATH).
+cp "$(gcc -print-file-name=libgomp.so.1)" "$stage/lib/"
 du -sh "$stage"

@@ -17,9 +17,43 @@ mkdir -p "$out"
 stage=$(cd "$stage" && pwd)
 moehost="$stage/bin/moehost"
 export MOE_TEST_PLUGIN_DIR="$stage/lib/moe/plugins"
+export LD_LIBRARY_PATH="$stage/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 data=data/tinystories/tinystories_sample.txt
 status=()
+
+# The seed experiments' model (expC: E=8, K=2, d=256, 4 layers, 4 heads,
+# seq 256, batch 32, CF 1.25, AdamW 3e-4), written here so the suite does
+# not depend on how configs/ lays out its sweeps.
+expc="$out/expC_single.toml"
+cat >"$expc" <<EOF_CFG
+[run]
+name = "expC"
+out_dir = "$out/runs"
+[data]
+path = "$data"
+[model]
+d_model = 256
+n_layers = 4
+n_heads = 4
+seq_len = 256
+[moe]
+num_experts = 8
+top_k = 2
+capacity_factor = 1.25
+d_ff = 1024
+[router]
+plugin = "softk"
+[train]
+steps = 1200
+batch_size = 32
+lr = 3e-4
+warmup_steps = 100
+weight_decay = 0.01
+grad_clip = 1.0
+[eval]
+interval = 200
+EOF_CFG
 
 record() { # name, exit code, detail
   local verdict=PASS
@@ -71,7 +105,7 @@ record "model fp32 CUDA vs CPU, 20 steps" $rc "$(tail -n 1 "$out/parity.txt")"
 
 # 5. a bf16 run of the expC settings learns
 rm -rf "$out/bf16"
-"$moehost" --config configs/expC.toml --set "data.path=$data" --set run.device=cuda --set train.precision=bf16 \
+"$moehost" --config "$expc" --set run.device=cuda --set train.precision=bf16 \
   --set train.steps=300 --set eval.interval=100 --set eval.max_tokens=65536 --set run.out_dir="$out/bf16" \
   --set run.name=expC-softk --quiet >"$out/bf16.log" 2>&1
 python3 - "$out/bf16/expC-softk/metrics.jsonl" >"$out/bf16.txt" 2>&1 <<'EOF'
@@ -87,7 +121,7 @@ record "bf16 expC run learns (300 steps)" $rc "$(tail -n 1 "$out/bf16.txt")"
 # 6. training benchmark of every router at the expC settings
 : >"$out/bench.jsonl"
 for r in top1 topk_hard softk hash expert_choice noisy_topk; do
-  "$moehost" bench train --config configs/expC.toml --set "data.path=$data" --set run.device=cuda \
+  "$moehost" bench train --config "$expc" --set run.device=cuda \
     --set router.plugin=$r --warmup 10 --steps 50 --json >>"$out/bench.jsonl" 2>"$out/bench_$r.log"
   rc=$?
   record "bench train $r" $rc ""

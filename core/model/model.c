@@ -61,8 +61,17 @@ int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V
     m->n_layers = mc->n_layers;
     m->n_heads = mc->n_heads;
     m->S = mc->seq_len;
+    /* Token counts index int arrays everywhere: keep a batch well inside int. */
+    long long tokens = (long long)B_max * mc->seq_len;
+    if (tokens > (1LL << 28)) {
+        snprintf(err, errcap,
+                 "a batch of %d sequences of %d tokens is %lld tokens, more than the 2^28 this build handles; lower "
+                 "train.batch_size, eval.batch_size or model.seq_len",
+                 B_max, mc->seq_len, tokens);
+        return -1;
+    }
     m->B_max = B_max;
-    m->T_max = B_max * mc->seq_len;
+    m->T_max = (int)tokens;
     m->rope = strcmp(mc->pos, "rope") == 0;
     m->rms = strcmp(mc->norm, "rmsnorm") == 0;
     m->tied = mc->tie_embeddings;

@@ -281,8 +281,8 @@ static int check_section(const char *name, const char *where, char *err, size_t 
     if (moe_cfg_find_section(name)) return 0;
     if (strcmp(name, "sweep") == 0)
         return fail(err, errcap,
-                    "%s[sweep] is read from the config file only (what a sweep varies belongs in the file); "
-                    "edit the file's [sweep] table, or override the base config with --set section.key=value",
+                    "%s[sweep] belongs to sweeps: `moehost --config FILE` on a file with a [sweep] table takes "
+                    "--set sweep.KEY=VALUE; one run (`moehost train`, or a file without [sweep]) has none",
                     where);
     const moe_cfg_section *best = NULL;
     int len = (int)strlen(name), best_distance = (len / 3 > 1 ? len / 3 : 1) + 1;

@@ -103,7 +103,7 @@ const moe_cfg_key moe_cfg_keys[] = {
                "`noisy_topk`) or the path of a plugin `.so`."),
 
     KEY_INT(train, steps, 1000, AT_LEAST(1), "Optimizer steps."),
-    KEY_INT(train, batch_size, 32, AT_LEAST(1), "Sequences per step."),
+    KEY_INT(train, batch_size, 32, CLOSED(1, 65536), "Sequences per step."),
     KEY_STRING(train, optimizer, "adamw", "adamw|muon", NULL,
                "`adamw` on every tensor, or `muon`: Muon (orthogonalised Nesterov momentum) on the hidden weight "
                "matrices and AdamW on embeddings, LM head, norms, biases and router plugin parameters."),
@@ -128,7 +128,7 @@ const moe_cfg_key moe_cfg_keys[] = {
 
     KEY_INT(eval, interval, 200, AT_LEAST(1), "Evaluate (and checkpoint) every N steps, and at the end."),
     KEY_INT(eval, max_tokens, 0, AT_LEAST(0), "Cap on validation tokens; 0 = the whole split."),
-    KEY_INT(eval, batch_size, 0, AT_LEAST(0), "Sequences per evaluation batch; 0 = train.batch_size."),
+    KEY_INT(eval, batch_size, 0, CLOSED(0, 65536), "Sequences per evaluation batch; 0 = train.batch_size."),
 };
 const int moe_cfg_n_keys = (int)(sizeof moe_cfg_keys / sizeof moe_cfg_keys[0]);
 _Static_assert(sizeof moe_cfg_keys / sizeof moe_cfg_keys[0] <= MOE_CFG_MAX_KEYS, "raise MOE_CFG_MAX_KEYS");

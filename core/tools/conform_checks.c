@@ -1037,8 +1037,9 @@ static void group_determinism(const cf_config *cfg) {
                 }
                 char diff[128];
                 if (compare_forward(&A, &c[0], &c[1], diff, sizeof diff))
-                    tfail(&t_f, "%s: two forward calls with the same inputs and RNG key differ at %s (the workspace "
-                                "held other bytes the second time; is it read before it is written?)",
+                    tfail(&t_f, "%s: two forward calls with the same inputs and RNG key differ at %s (the second "
+                                "call found other bytes in the workspace; causes: rand(), state kept between calls, "
+                                "workspace read before it is written)",
                           where, diff);
                 else if (compare_forward(&A, &c[0], &c[2], diff, sizeof diff))
                     tfail(&t_f, "%s: a second instance with the same inputs and RNG key gives a different %s", where, diff);

@@ -109,7 +109,7 @@ elif "$MOEHOST" --version | grep -q ' 0 CUDA device'; then
 else
     echo "note: this moehost has a CUDA backend and a GPU; the run.device = cuda refusal is not tested"
 fi
-mh_fail "moehost bench" "bench" "not available" -- bench
+mh_fail "moehost bench without a benchmark" "unknown benchmark" "available: train, capacity" -- bench
 mh_fail "unknown command" "frobnicate" "--help" -- frobnicate
 mh_fail "--stop-after without a number" "--stop-after" "soon" -- --config ok.toml --stop-after soon "${Q[@]}"
 

@@ -19,7 +19,7 @@ Q=(--quiet)
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}allocator_may_return_null=1"
 REAL_MOEHOST=$MOEHOST
 if ldd "$MOEHOST" 2>/dev/null | grep -qE 'lib(asan|ubsan)'; then
-    echo "note: sanitizer build; the capped-memory case model.n_layers = 1e8 is skipped"
+    echo "note: sanitizer build; the capped-memory cases (n_layers, batch sizes) are skipped"
 else
     printf '#!/bin/bash\nulimit -v 4000000\nexec "%s" "$@"\n' "$REAL_MOEHOST" >capped.sh
     chmod +x capped.sh
@@ -30,6 +30,17 @@ else
     mh_fail "1024 layers of width 8192 (out of memory)" "out of memory" \
         -- --config ok.toml --set model.n_layers=1024 --set model.d_model=8192 --set model.n_heads=8 \
         --set run.out_dir=big "${Q[@]}"
+    # batch_size * seq_len = 3.2e9 tokens does not fit an int: refused or out
+    # of memory, but with the true count, not one wrapped around through a
+    # negative int (1844674407... = 2^64 - something).
+    mh_fail "train.batch_size = 1e8 (B * seq_len beyond int)" "batch_size" \
+        -- --config ok.toml --set train.batch_size=100000000 --set run.out_dir=big "${Q[@]}"
+    check "train.batch_size = 1e8: no wrapped-around count: $(head -c 300 "$ERR_TXT")" \
+        bash -c "! grep -q 18446744 '$ERR_TXT'"
+    mh_fail "eval.batch_size = 1e8 (B * seq_len beyond int)" "batch_size" \
+        -- --config ok.toml --set eval.batch_size=100000000 --set run.out_dir=big "${Q[@]}"
+    check "eval.batch_size = 1e8: no wrapped-around count: $(head -c 300 "$ERR_TXT")" \
+        bash -c "! grep -q 18446744 '$ERR_TXT'"
 fi
 # capacity_factor 1e30: C = ceil(CF * T * K / E) exceeds any int; an expert
 # never needs more than T slots, so either the run works without drops or

@@ -451,7 +451,7 @@ static void test_overrides(void) {
     expect_set_error("=3", "expected section.key=value", NULL);
     expect_set_error("model.=3", "expected section.key=value", NULL);
     expect_set_error("modle.d_model=3", "--set modle.d_model: unknown section [modle]; did you mean [model]?", NULL);
-    expect_set_error("sweep.lr=[1,2]", "--set sweep.lr: [sweep] is read from the config file only", NULL);
+    expect_set_error("sweep.lr=[1,2]", "--set sweep.lr: [sweep] belongs to sweeps", NULL);
     expect_set_error("model.d_model=abc",
                      "--set model.d_model: model.d_model must be an integer, got a string (\"abc\")",
                      "e.g. --set model.d_model=256");
