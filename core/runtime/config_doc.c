@@ -49,7 +49,14 @@ static void print_intro(FILE *out) {
           "\n"
           "A relative `data.path` written in a config file is resolved against the file's folder when it\n"
           "exists there (and recorded as an absolute path), else it is kept relative to the working\n"
-          "directory. A `data.path` given with `--set` is relative to the working directory.\n",
+          "directory. A `data.path` given with `--set` is relative to the working directory.\n"
+          "\n"
+          "## Sweeps and benchmarks\n"
+          "\n"
+          "A file may also hold a `[sweep]` table: a grid of runs over any of the keys below and a list\n"
+          "of seeds, run by `moehost --config FILE` with summaries and figures at the end\n"
+          "([experiments.md](experiments.md) documents its keys). A file with a `[bench]` table holds\n"
+          "a routing microbenchmark instead of a training run (`configs/expB.toml` documents its keys).\n",
           out);
 }
 

@@ -839,7 +839,10 @@ int moe_report_make(const char *dir, char *err, size_t errcap) {
         if (draw(&R, gnuplot, figs[i].script, figs[i].png, err, errcap) != 0) goto done;
         printf("report: %s/%s (%s)\n", R.fig, figs[i].png, figs[i].what);
     }
-    if (R.n_finished == 0 && R.n_runs > 0)
+    if (R.n_runs == 0)
+        printf("report: frontier, overlay and per-expert load skipped: no run folders (with metrics.jsonl) in %s\n",
+               dir);
+    else if (R.n_finished == 0)
         printf("report: frontier and per-expert load skipped: no finished run (summary.json) in %s\n", dir);
     if (n_cap == 0) printf("report: capacity curves skipped: no capacity data (%s not found)\n", capacity_path);
     fflush(stdout);

@@ -15,6 +15,7 @@
 
 #include "backend/backend.h"
 #include "runtime/bench.h"
+#include "runtime/bench_config.h"
 #include "runtime/bench_routing.h"
 #include "runtime/config.h"
 #include "runtime/data.h"
@@ -171,8 +172,18 @@ static int cmd_run(int argc, char **argv) {
     static config_args ca;
     moe_train_options opt = {0, 0, 0};
     if (parse_config_args(argc, argv, &ca, train_arg, &opt) != 0) return 1;
-    static moe_sweep sw;
     char err[ERR_CAP];
+    /* A [bench] table: a routing microbenchmark, then its report. */
+    static moe_bench_config bc;
+    int bench = moe_bench_config_load(ca.config, ca.sets, ca.n_sets, &bc, err, sizeof err);
+    if (bench < 0) return fail(err);
+    if (bench) {
+        if (moe_bench_config_run(&bc, err, sizeof err) != 0) return fail(err);
+        if (!opt.quiet) fprintf(stderr, "results in %s\n", bc.result_file);
+        if (moe_report_make(bc.result_dir, err, sizeof err) != 0) return fail(err);
+        return 0;
+    }
+    static moe_sweep sw;
     int has = moe_sweep_load(ca.config, &sw, err, sizeof err);
     if (has < 0) return fail(err);
     /* --set sweep.KEY=... changes the [sweep] table; the others go to every run. */

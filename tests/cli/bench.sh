@@ -51,4 +51,31 @@ mh_fail "bench capacity with K > E" "exceeds" -- bench capacity --device cpu --t
 mh_fail "bench capacity with a router that owns capacity" "top-k router" \
     -- bench capacity --device cpu --tokens 64 --hidden 8 --experts 4 --k 2 --router expert_choice
 mh_fail "unknown benchmark" "unknown benchmark" -- bench nonsense
+
+# A [bench] config (experiment B) runs as `moehost --config`, writes its JSON
+# lines and the capacity curves, and never overwrites an earlier result.
+cat >expB.toml <<'TOML'
+[bench]
+kind = "capacity"
+name = "expB"
+out_dir = "bruns"
+device = "cpu"
+tokens = 128
+hidden = 8
+experts = [4]
+k = [1, 2]
+capacity_factors = [0.5, 1.0, 2.0]
+iters = 2
+warmup = 0
+TOML
+if mh --config expB.toml --quiet; then
+    check "expB wrote 6 points" python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open("bruns/expB/capacity.jsonl")]
+sys.exit(0 if len(rows) == 6 and {r["K"] for r in rows} == {1, 2} else 1)'
+    check "expB drew the capacity curves" test -s bruns/expB/figures/capacity_drop_rate.png
+fi
+mh_fail "rerunning a benchmark config" "already holds" -- --config expB.toml --quiet
+mh_fail "--set bench.k with a bad value" "bench.k" -- --config expB.toml --set 'bench.k=[0]' --set bench.name=x
+mh_fail "unknown [bench] key" "unknown key bench.nope" -- --config expB.toml --set bench.nope=1
 finish
