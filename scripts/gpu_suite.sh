@@ -82,6 +82,13 @@ else
   record "memcheck" 1 "compute-sanitizer not found"
 fi
 
+# 3b. every plugin through the conformance tool on the GPU (CPU/CUDA parity)
+for r in top1 topk_hard softk hash expert_choice noisy_topk; do
+  "$stage/bin/moe-conform" "$MOE_TEST_PLUGIN_DIR/$r.so" --device cuda >"$out/conform_$r.log" 2>&1
+  rc=$?
+  record "moe-conform --device cuda $r" $rc "$(grep -cE 'PASS' "$out/conform_$r.log") rows passed"
+done
+
 # 4. the model in fp32: CUDA against the CPU for 20 steps
 tiny=(--config configs/quickstart.toml --set "data.path=$data" --set train.steps=20 --set eval.interval=5
       --set eval.max_tokens=4096 --set train.precision=fp32 --set model.dropout=0.0 --quiet)
@@ -127,6 +134,13 @@ for r in top1 topk_hard softk hash expert_choice noisy_topk; do
   record "bench train $r" $rc ""
 done
 
+# 7. dispatch + combine at the reference point (T=16384, d=4096, E=128, K=2,
+# CF 1.25), and the capacity grid of experiment B
+"$moehost" bench dispatch-combine --device cuda --iters 100 >"$out/dispatch_combine.jsonl" 2>"$out/dispatch_combine.log"
+record "bench dispatch-combine" $? ""
+"$moehost" bench capacity --device cuda --iters 20 --out "$out/capacity.jsonl" >/dev/null 2>"$out/capacity.log"
+record "bench capacity (expB grid)" $? ""
+
 echo
 echo "== GPU suite =="
 printf '%s\n' "${status[@]}"
@@ -139,5 +153,17 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"{r['router']:14s} {r['precision']:5s} {r['ms_per_step_median']:9.2f} {r['tokens_per_s']:11.0f} "
           f"{r['achieved_tflops']:8.2f} {100*r['mfu']:6.2f}%")
+EOF
+echo
+echo "== dispatch + combine (fp32 activations), and expB's grid at K=2 =="
+python3 - "$out/dispatch_combine.jsonl" "$out/capacity.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for f in sys.argv[1:] for l in open(f)]
+print(f"{'E':>4s} {'K':>2s} {'CF':>5s} {'drop':>7s} {'ms':>8s} {'GiB/s':>8s} {'of copy':>8s}")
+for r in rows:
+    if r["bench"] == "dispatch-combine" or (r["K"] == 2 and r["E"] == 128):
+        print(f"{r['E']:4d} {r['K']:2d} {r['capacity_factor']:5.2f} {r['drop_rate']:7.4f} {r['ms']:8.3f} "
+              f"{r['bw_GiBps_strict']:8.1f} {100*r['fraction_of_copy']:7.1f}%")
+print(f"copy bandwidth measured: {rows[0]['copy_GiBps']:.0f} GiB/s (read + write)")
 EOF
 ! printf '%s\n' "${status[@]}" | grep -q " FAIL "
