@@ -50,7 +50,12 @@ struct moe_backend {
     /* ---- memory ---- */
     void *(*alloc)(moe_backend *be, size_t bytes);   /* zeroed; NULL on failure */
     void (*free)(moe_backend *be, void *p);
+    /* Waits for the ops before it, then copies: dst_host is ready on return. */
     void (*to_host)(moe_backend *be, void *dst_host, const void *src, size_t bytes);
+    /* Ordered after the ops before it, like an op; src_host may be reused or
+     * freed as soon as it returns. It need not wait: CUDA stages copies of
+     * up to 1 MiB through pinned memory and returns at once (larger ones
+     * wait). */
     void (*from_host)(moe_backend *be, void *dst, const void *src_host, size_t bytes);
     void (*copy)(moe_backend *be, void *dst, const void *src, size_t bytes);
     void (*zero)(moe_backend *be, void *p, size_t bytes);
@@ -154,9 +159,11 @@ struct moe_backend {
      * k-major, then weight descending, ties to the lower token) and take the
      * next free slot of their expert while one is left. Outputs:
      * kept[T,K] = expert or -1 when dropped/empty, slot[T,K] (-1 when not kept),
-     * counts_before[E] (assignments routed to e), counts_after[E] (kept);
-     * the two count arrays are HOST memory on every backend (the caller
-     * reads them for statistics right away). */
+     * counts_before[E] (assignments routed to e), counts_after[E] (kept),
+     * both in backend memory like the other outputs, so nothing waits.
+     * (For tools written against the earlier contract, CUDA still accepts
+     * host arrays for the counts and then waits so they can be read at
+     * once.) */
     void (*capacity_assign)(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,
                             int E, int C, int policy, int32_t *kept, int32_t *slot,
                             int32_t *counts_before, int32_t *counts_after);
@@ -188,10 +195,70 @@ struct moe_backend {
      * f[E] (host memory) is the fraction of assignments routed to each expert.
      * lb_logits are the logits routing used (l, or l' for noisy routers).
      * Writes d_lb[T,E] = alpha * d lb / d lb_logits (overwrite) and adds
-     * beta * d z / d logits into dlogits (accumulate); returns lb and z. */
+     * beta * d z / d logits into dlogits (accumulate); returns lb and z in
+     * host doubles (CUDA waits for them). The model uses aux_losses_counts,
+     * which keeps everything in backend memory. */
     void (*aux_losses)(moe_backend *be, const float *lb_logits, const float *logits, const float *f,
                        int T, int E, float alpha, float beta, float *d_lb, float *dlogits,
                        double *lb, double *z);
+    /* aux_losses without a round trip: f is computed from counts[E]
+     * (backend memory, assignments routed to each expert, capacity_assign's
+     * counts_before) as f[e] = (float)counts[e] / (float)sum_e counts[e]
+     * (0 when the sum is 0), and lb, z go to out[0], out[1] (doubles in
+     * backend memory). Same results as aux_losses given that f. */
+    void (*aux_losses_counts)(moe_backend *be, const float *lb_logits, const float *logits,
+                              const int32_t *counts, int T, int E, float alpha, float beta,
+                              float *d_lb, float *dlogits, double *out);
+
+    /* ---- checks and reductions whose results stay in backend memory ----
+     * Nothing here waits: the caller reads the results when it needs them
+     * (core/model reads every layer's records and scalars in one copy per
+     * training step). */
+
+    /* Validates a router plugin's output (design.md, "Plugin ABI").
+     * Assignments a = t*K + k are visited in order, and for each: expert in
+     * [-1, E) (MOE_CHECK_EXPERT); for expert >= 0, weight finite and >= 0
+     * (MOE_CHECK_WEIGHT); when slot != NULL and expert >= 0, slot in [0, C)
+     * (MOE_CHECK_SLOT). The first failure in that order is recorded. When
+     * none fails and slot != NULL, the first assignment whose (expert, slot)
+     * an earlier assignment already holds is recorded (MOE_CHECK_SLOT_TWICE).
+     * A record is written only while record[0] == 0, so the first error of a
+     * layer stays. When slot != NULL (the router owns capacity), kept[T*K]
+     * receives expert where expert is in [0, E) and slot in [0, C), else -1:
+     * the kept mask, safe to dispatch whatever the plugin wrote. */
+    void (*check_routing)(moe_backend *be, const int32_t *expert, const float *weight,
+                          const int32_t *slot, int T, int K, int E, int C, int32_t *kept,
+                          int32_t *record);
+    /* Records {code, i} for the first i < n (n < 2^31) with p[i] != value,
+     * while record[0] == 0 (guard zones). */
+    void (*check_bytes)(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code,
+                        int32_t *record);
+    /* counts[e] = number of a < T*K with kept[a] == e (overwrite; entries
+     * outside [0, E) are not counted). */
+    void (*expert_counts)(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
+    /* out[0] = sum_t losses[t] (double), out[1] = sum_t correct[t] (exact in a
+     * double); out in backend memory, summed in an order fixed by T. The CPU
+     * adds in token order. */
+    void (*xent_sums)(moe_backend *be, const float *losses, const int32_t *correct, int T,
+                      double *out);
+    /* Global-norm clipping in place: norm = sqrt(sumsq(g, n)) is written to
+     * norm_out[0] (a double in backend memory); when clip > 0 and norm >
+     * clip, g is scaled by (float)(clip / norm) as scale() would. */
+    void (*clip_grad_norm)(moe_backend *be, float *g, size_t n, double clip, double *norm_out);
+};
+
+/* A check record: MOE_CHECK_RECORD_WORDS int32 in backend memory, all 0
+ * while nothing failed. [0] the code (below, or check_bytes' caller's code),
+ * [1] t (token; for check_bytes the byte index), [2] k, [3] the offending
+ * value (expert, slot, the weight's float bits, or the byte), [4] E for
+ * MOE_CHECK_EXPERT, C for MOE_CHECK_SLOT, the expert for
+ * MOE_CHECK_SLOT_TWICE. */
+#define MOE_CHECK_RECORD_WORDS 8
+enum {
+    MOE_CHECK_EXPERT = 1,
+    MOE_CHECK_WEIGHT = 2,
+    MOE_CHECK_SLOT = 3,
+    MOE_CHECK_SLOT_TWICE = 4,
 };
 
 /* The CPU backend (always built). threads <= 0 keeps OpenMP's default. */

@@ -143,6 +143,30 @@ int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V
         m->dwlm = m->dwte;
     }
 
+    /* the results block (model.h): xent sums per pending forward (+1 for
+     * forwards with out), the gradient norm, per layer lb and z, per layer
+     * the check record */
+    m->max_pending = cfg->train.grad_accum > 0 ? cfg->train.grad_accum : 1;
+    size_t xent_bytes = 2 * ((size_t)m->max_pending + 1) * sizeof(double);
+    size_t norm_off = xent_bytes, aux_off = norm_off + 2 * sizeof(double);
+    size_t rec_off = aux_off + 2 * (size_t)L * sizeof(double);
+    m->results_bytes = rec_off + (size_t)L * MOE_CHECK_RECORD_WORDS * sizeof(int32_t);
+    m->results = be->alloc(be, m->results_bytes);
+    m->results_host = calloc(1, m->results_bytes);
+    m->pending_targets = calloc((size_t)m->max_pending, sizeof *m->pending_targets);
+    m->results_out = calloc((size_t)m->max_pending, sizeof *m->results_out);
+    if (!m->results || !m->results_host || !m->pending_targets || !m->results_out) {
+        snprintf(err, errcap, "out of memory for the model's results block");
+        return -1;
+    }
+    m->xent_sums = (double *)m->results;
+    m->grad_norm = (double *)((char *)m->results + norm_off);
+    for (int l = 0; l < L; ++l) {
+        moe_layer *ml = &m->blocks[l].moe;
+        ml->scalars = (double *)((char *)m->results + aux_off) + 2 * (size_t)l;
+        ml->record = (int32_t *)((char *)m->results + rec_off) + (size_t)l * MOE_CHECK_RECORD_WORDS;
+    }
+
     /* activations for T_max tokens */
     size_t T = (size_t)m->T_max, f = sizeof(float);
     int ok = 1;
@@ -197,6 +221,10 @@ void moe_model_destroy(moe_model *m) {
     be->free(be, m->ids);
     be->free(be, m->targets);
     be->free(be, m->correct);
+    be->free(be, m->results);
+    free(m->results_host);
+    free(m->pending_targets);
+    free(m->results_out);
     free(m->x);
     free(m->blocks);
     moe_params_free(&m->params, be);
@@ -232,6 +260,77 @@ static void residual_add(moe_model *m, const float *x_in, float *branch, float *
     be->axpy(be, 1.0f, branch, x_out, n);
 }
 
+/* ============================ results block ============================= */
+
+/* The host copy's parts, at the offsets of the device block's. */
+static const double *host_part(const moe_model *m, const void *dev) {
+    return (const double *)((const char *)m->results_host + ((const char *)dev - (const char *)m->results));
+}
+
+/* One copy of the block (a wait), then the check records, layer by layer. */
+static int read_results(moe_model *m, char *err, size_t errcap) {
+    moe_backend *be = m->be;
+    be->to_host(be, m->results_host, m->results, m->results_bytes);
+    for (int l = 0; l < m->n_layers; ++l) {
+        moe_layer *L = &m->blocks[l].moe;
+        const int32_t *rec = (const int32_t *)host_part(m, L->record);
+        if (moe_layer_record_message(L, rec, err, errcap) == 0) continue;
+        /* clear every record, so a caller that carries on starts clean */
+        const moe_layer *L0 = &m->blocks[0].moe;
+        be->zero(be, L0->record, (size_t)m->n_layers * MOE_CHECK_RECORD_WORDS * sizeof(int32_t));
+        return -1;
+    }
+    return 0;
+}
+
+/* A call that failed on the host (a plugin refusing its input) after an
+ * earlier layer's output failed its checks on the device: the record names
+ * the cause, so it replaces the message. Only on error paths (a wait). */
+static int prefer_record(moe_model *m, char *err, size_t errcap) {
+    if (m->be->device == MOE_DEVICE_CPU) return -1; /* the CPU reports records at once */
+    char why[1024];
+    if (read_results(m, why, sizeof why) != 0) snprintf(err, errcap, "%s", why);
+    return -1;
+}
+
+/* The weighted auxiliary losses of the last forward, summed over layers in
+ * layer order as moe_layer_forward's aux_total did. */
+static double results_aux(const moe_model *m) {
+    double aux = 0.0;
+    for (int l = 0; l < m->n_layers; ++l) {
+        const moe_layer *L = &m->blocks[l].moe;
+        const double *sc = host_part(m, L->scalars);
+        aux += L->cfg.aux_loss_weight * sc[0] + L->cfg.z_loss_weight * sc[1];
+    }
+    return aux;
+}
+
+static void fill_result(const moe_model *m, int slot, long long n_targets, double aux, moe_forward_result *out) {
+    const double *sums = host_part(m, m->xent_sums + 2 * (size_t)slot);
+    out->n_targets = n_targets;
+    out->n_correct = (long long)sums[1];
+    out->loss = n_targets ? sums[0] / (double)n_targets : 0.0;
+    out->aux = aux;
+}
+
+int moe_model_collect(moe_model *m, double *grad_norm, char *err, size_t errcap) {
+    int n = m->n_pending;
+    m->n_pending = 0;
+    m->n_results = 0;
+    if (read_results(m, err, errcap) != 0) return -1;
+    double aux = results_aux(m);
+    for (int i = 0; i < n; ++i) fill_result(m, i, m->pending_targets[i], aux, &m->results_out[i]);
+    m->n_results = n;
+    if (grad_norm) *grad_norm = *host_part(m, m->grad_norm);
+    return 0;
+}
+
+int moe_model_check(moe_model *m, char *err, size_t errcap) { return moe_model_collect(m, NULL, err, errcap); }
+
+void moe_model_set_collect_stats(moe_model *m, int on) {
+    for (int l = 0; l < m->n_layers; ++l) m->blocks[l].moe.collect_stats = on;
+}
+
 /* =============================== forward ================================ */
 
 int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, int B, int training,
@@ -242,10 +341,15 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
         snprintf(err, errcap, "batch of %d sequences outside [1, %d]", B, m->B_max);
         return -1;
     }
+    if (!out && m->n_pending >= m->max_pending) {
+        snprintf(err, errcap, "%d forwards already pending (the most train.grad_accum = %d allows); read them with "
+                 "moe_model_collect", m->n_pending, m->max_pending);
+        return -1;
+    }
     m->T = T;
     be->from_host(be, m->ids, ids, (size_t)T * sizeof(int32_t));
     be->from_host(be, m->targets, targets, (size_t)T * sizeof(int32_t));
-    memset(out, 0, sizeof *out);
+    if (out) memset(out, 0, sizeof *out);
 
     /* embeddings */
     be->embed_fwd(be, m->ids, m->wte, m->rope ? NULL : m->wpe, m->x[0], B, S, d);
@@ -265,9 +369,9 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
         residual_add(m, m->x[l], m->tmp1, b->x_mid, T, training, step, 1 + 2 * l);
         /* MoE branch */
         norm_fwd(m, b->x_mid, b->n2g, b->n2b, b->n2, b->n2_mean, b->n2_rstd, T);
-        if (moe_layer_forward(&b->moe, b->n2, m->ids, T, training, router_key(m, step, l), m->tmp1, &out->aux,
-                              err, errcap) != 0)
-            return -1;
+        if (moe_layer_forward(&b->moe, b->n2, m->ids, T, training, router_key(m, step, l), m->tmp1, NULL, err,
+                              errcap) != 0)
+            return prefer_record(m, err, errcap);
         residual_add(m, b->x_mid, m->tmp1, m->x[l + 1], T, training, step, 2 + 2 * l);
     }
 
@@ -278,20 +382,15 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
     for (int t = 0; t < T; ++t) n_targets += targets[t] >= 0;
     float scale = n_targets ? 1.0f / (float)n_targets : 0.0f;
     be->xent_fwd_bwd(be, m->logits, m->targets, T, V, m->losses, m->correct, training ? m->dlogits : NULL, scale);
-
-    float *losses = malloc((size_t)T * sizeof(float));
-    int32_t *correct = malloc((size_t)T * sizeof(int32_t));
-    be->to_host(be, losses, m->losses, (size_t)T * sizeof(float));
-    be->to_host(be, correct, m->correct, (size_t)T * sizeof(int32_t));
-    double sum = 0.0;
-    for (int t = 0; t < T; ++t) {
-        sum += losses[t];
-        out->n_correct += correct[t];
+    /* two numbers on the device instead of 2T copied back */
+    int slot = out ? m->max_pending : m->n_pending;
+    be->xent_sums(be, m->losses, m->correct, T, m->xent_sums + 2 * (size_t)slot);
+    if (!out) {
+        m->pending_targets[m->n_pending++] = n_targets;
+        return 0;
     }
-    free(losses);
-    free(correct);
-    out->n_targets = n_targets;
-    out->loss = n_targets ? sum / (double)n_targets : 0.0;
+    if (read_results(m, err, errcap) != 0) return -1;
+    fill_result(m, slot, n_targets, results_aux(m), out);
     return 0;
 }
 
@@ -316,7 +415,7 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
         else be->copy(be, m->tmp1, m->dres, n * sizeof(float));
         be->zero(be, m->tmp2, n * sizeof(float));
         if (moe_layer_backward(&b->moe, m->ids, m->tmp1, m->tmp2, router_key(m, step, l), err, errcap) != 0)
-            return -1;
+            return prefer_record(m, err, errcap);
         norm_bwd(m, b->x_mid, b->n2g, b->n2_mean, b->n2_rstd, m->tmp2, m->dres, b->dn2g, b->dn2b, T);
         /* attention branch: dres is now d x_mid */
         if (dropping) be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 1 + 2 * l));

@@ -15,6 +15,13 @@
 #include "model/params.h"
 #include "runtime/config.h"
 
+typedef struct moe_forward_result {
+    double loss;            /* mean cross-entropy over the targets */
+    double aux;             /* weighted auxiliary losses summed over layers */
+    long long n_targets;
+    long long n_correct;
+} moe_forward_result;
+
 typedef struct moe_block {
     /* parameters and gradients (into the flat buffers) */
     float *n1g, *dn1g, *n1b, *dn1b;   /* attention norm (b only for LayerNorm) */
@@ -50,14 +57,22 @@ typedef struct moe_model {
     /* backward scratch */
     float *dres, *tmp1, *tmp2, *dqkv, *dlogits;
     int T;                  /* tokens in the last forward */
-} moe_model;
 
-typedef struct moe_forward_result {
-    double loss;            /* mean cross-entropy over the targets */
-    double aux;             /* weighted auxiliary losses summed over layers */
-    long long n_targets;
-    long long n_correct;
-} moe_forward_result;
+    /* What the host reads after the device has run, in ONE block of backend
+     * memory so a training step reads it in one copy: per forward the
+     * cross-entropy sums (xent_sums: loss sum, correct count), the gradient
+     * norm (the session's clip_grad_norm writes it), every layer's lb and z
+     * (its moe_layer.scalars) and check record (its moe_layer.record). */
+    void *results;
+    void *results_host;     /* host copy of the block */
+    size_t results_bytes;
+    double *xent_sums;      /* [2 * (max_pending + 1)]; the last pair serves forwards with out */
+    double *grad_norm;      /* [1] */
+    int max_pending, n_pending;
+    long long *pending_targets;    /* [max_pending] n_targets of each pending forward */
+    moe_forward_result *results_out; /* [max_pending] filled by moe_model_collect */
+    int n_results;
+} moe_model;
 
 /* Build the model for `cfg` with vocabulary V; one router instance per
  * layer from `router`. B_max is the largest batch forward will see.
@@ -67,9 +82,25 @@ int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V
 void moe_model_destroy(moe_model *m);
 
 /* Forward B sequences of S tokens (ids, targets in host memory). training
- * enables dropout and router noise; step keys the random numbers. */
+ * enables dropout and router noise; step keys the random numbers.
+ * With out: waits, reads the results block in one copy, fills *out and
+ * reports the router checks (as moe_model_check): evaluation and tests.
+ * Without (out == NULL): nothing waits; the result is kept pending (at most
+ * max_pending = train.grad_accum forwards) for moe_model_collect. */
 int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, int B, int training,
                       uint64_t step, moe_forward_result *out, char *err, size_t errcap);
+/* The end of a training step: reads the results block in one copy (the one
+ * wait of a step), fills m->results_out[0 .. m->n_results) with the pending
+ * forwards' results in order (aux: the last forward's), *grad_norm (if not
+ * NULL) with what clip_grad_norm wrote to m->grad_norm, and checks every
+ * layer's record. 0, or -1 with the first failing layer's message (naming
+ * the router, what is wrong and where; the records are then cleared). */
+int moe_model_collect(moe_model *m, double *grad_norm, char *err, size_t errcap);
+/* The router checks alone (pending results are dropped): one copy. */
+int moe_model_check(moe_model *m, char *err, size_t errcap);
+/* Routing statistics (moe_layer.stats) on every forward while on (host
+ * copies, a wait per layer): for evaluation. Off after creation. */
+void moe_model_set_collect_stats(moe_model *m, int on);
 /* Backward of loss + aux of the last forward; gradients accumulate into
  * m->params.grads (zero them with moe_model_zero_grads). */
 int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap);

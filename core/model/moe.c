@@ -12,7 +12,10 @@
  *   beta * mean(logsumexp(l)^2), whose gradients reach the gate.
  *
  * Every numerical step is a backend op, so this file is the same for the
- * CPU and CUDA backends. Routing statistics are computed on host copies.
+ * CPU and CUDA backends. Nothing here waits for the device in a training
+ * step: counts, auxiliary losses and the checks of the plugin's output stay
+ * in backend memory until the model reads them, once per step. Routing
+ * statistics (evaluation) are computed on host copies when asked for.
  */
 #include "model/moe.h"
 
@@ -187,6 +190,12 @@ int moe_layer_alloc(moe_layer *L, char *err, size_t errcap) {
         memset(guard, WORKSPACE_GUARD_BYTE, sizeof guard);
         be->from_host(be, (char *)L->router_workspace + L->rinfo.workspace_bytes, guard, sizeof guard);
     }
+    L->counts = alloc_tracked(be, 2 * E * i32, &ok);
+    if (!L->scalars || !L->record) {
+        L->owns_results = 1;
+        L->scalars = alloc_tracked(be, 2 * sizeof(double), &ok);
+        L->record = alloc_tracked(be, MOE_CHECK_RECORD_WORDS * i32, &ok);
+    }
     L->stats.counts_before = calloc(E, sizeof(int32_t));
     L->stats.counts_after = calloc(E, sizeof(int32_t));
     if (!ok || !L->stats.counts_before || !L->stats.counts_after) {
@@ -208,6 +217,11 @@ void moe_layer_destroy(moe_layer *L) {
     be->free(be, L->slot);
     be->free(be, L->kept);
     be->free(be, L->router_workspace);
+    be->free(be, L->counts);
+    if (L->owns_results) {
+        be->free(be, L->scalars);
+        be->free(be, L->record);
+    }
     if (L->router_state) L->router->destroy(L->router_state);
     free(L->stats.counts_before);
     free(L->stats.counts_after);
@@ -233,19 +247,11 @@ static moe_context router_context(moe_layer *L, int training, moe_rng_key key) {
     return c;
 }
 
-/* 0 if the guard zone after the workspace is intact, else -1 + err. */
-static int check_workspace_guard(moe_layer *L, const char *call, char *err, size_t errcap) {
-    unsigned char guard[WORKSPACE_GUARD_BYTES];
-    L->be->to_host(L->be, guard, (const char *)L->router_workspace + L->rinfo.workspace_bytes, sizeof guard);
-    for (size_t i = 0; i < sizeof guard; ++i)
-        if (guard[i] != WORKSPACE_GUARD_BYTE) {
-            snprintf(err, errcap,
-                     "router '%s' wrote past its workspace in %s (it declared %zu bytes; byte %zu after the end was "
-                     "changed): the plugin must declare all the scratch it uses in query()",
-                     L->router->name, call, L->rinfo.workspace_bytes, i);
-            return -1;
-        }
-    return 0;
+/* Records (without waiting) whether the guard zone after the workspace was
+ * changed. */
+static void check_workspace_guard(moe_layer *L, int32_t code) {
+    L->be->check_bytes(L->be, (const char *)L->router_workspace + L->rinfo.workspace_bytes, WORKSPACE_GUARD_BYTES,
+                       WORKSPACE_GUARD_BYTE, code, L->record);
 }
 
 /* ---- gate network: logits = gate(x) ---- */
@@ -303,32 +309,57 @@ static void gate_backward(moe_layer *L, const float *x, float *dx, int T) {
 }
 
 /* ---- checks on what the plugin returned: a broken plugin must give an
- * error, never an out-of-bounds write in dispatch ---- */
+ * error, never an out-of-bounds write in dispatch. The backend's
+ * check_routing / check_bytes fill L->record; the messages are made here. */
 
-static int check_assignment(moe_layer *L, const int32_t *expert, const float *weight, const int32_t *slot,
-                            int T, int C, char *err, size_t errcap) {
-    int E = L->cfg.num_experts, Ko = L->rinfo.k_out;
-    for (int t = 0; t < T; ++t)
-        for (int k = 0; k < Ko; ++k) {
-            size_t a = (size_t)t * Ko + k;
-            int e = expert[a];
-            if (e < -1 || e >= E) {
-                snprintf(err, errcap, "router '%s' returned expert[%d,%d] = %d, outside [-1, %d)",
-                         L->router->name, t, k, e, E);
-                return -1;
-            }
-            if (e >= 0 && !(isfinite(weight[a]) && weight[a] >= 0.0f)) {
-                snprintf(err, errcap, "router '%s' returned weight[%d,%d] = %g; weights must be finite and >= 0",
-                         L->router->name, t, k, weight[a]);
-                return -1;
-            }
-            if (slot && e >= 0 && (slot[a] < 0 || slot[a] >= C)) {
-                snprintf(err, errcap, "router '%s' returned slot[%d,%d] = %d, outside its capacity [0, %d)",
-                         L->router->name, t, k, slot[a], C);
-                return -1;
-            }
-        }
-    return 0;
+int moe_layer_record_message(const moe_layer *L, const int32_t *r, char *err, size_t errcap) {
+    const char *name = L->router->name;
+    switch (r[0]) {
+    case 0: return 0;
+    case MOE_CHECK_EXPERT:
+        snprintf(err, errcap, "router '%s' returned expert[%d,%d] = %d, outside [-1, %d)", name, r[1], r[2], r[3],
+                 r[4]);
+        break;
+    case MOE_CHECK_WEIGHT: {
+        float w;
+        memcpy(&w, &r[3], sizeof w);
+        snprintf(err, errcap, "router '%s' returned weight[%d,%d] = %g; weights must be finite and >= 0", name, r[1],
+                 r[2], w);
+        break;
+    }
+    case MOE_CHECK_SLOT:
+        snprintf(err, errcap, "router '%s' returned slot[%d,%d] = %d, outside its capacity [0, %d)", name, r[1], r[2],
+                 r[3], r[4]);
+        break;
+    case MOE_CHECK_SLOT_TWICE:
+        snprintf(err, errcap, "router '%s' gave two tokens slot %d of expert %d", name, r[3], r[4]);
+        break;
+    case MOE_CHECK_GUARD_FORWARD:
+    case MOE_CHECK_GUARD_BACKWARD:
+        snprintf(err, errcap,
+                 "router '%s' wrote past its workspace in %s (it declared %zu bytes; byte %d after the end was "
+                 "changed): the plugin must declare all the scratch it uses in query()",
+                 name, r[0] == MOE_CHECK_GUARD_FORWARD ? "forward" : "backward", L->rinfo.workspace_bytes, r[1]);
+        break;
+    default:
+        snprintf(err, errcap, "router '%s' (layer %d): check record with unknown code %d", name, L->cfg.layer, r[0]);
+        break;
+    }
+    return -1;
+}
+
+int moe_layer_check(moe_layer *L, char *err, size_t errcap) {
+    int32_t r[MOE_CHECK_RECORD_WORDS];
+    L->be->to_host(L->be, r, L->record, sizeof r);
+    if (moe_layer_record_message(L, r, err, errcap) == 0) return 0;
+    L->be->zero(L->be, L->record, sizeof r);
+    return -1;
+}
+
+/* On the CPU the record is host memory and every op has finished: report at
+ * once, as before, so no bad index reaches the CPU's capacity loop. */
+static int check_now(moe_layer *L, char *err, size_t errcap) {
+    return L->be->device == MOE_DEVICE_CPU ? moe_layer_check(L, err, errcap) : 0;
 }
 
 /* ---- statistics of this routing step, from host copies ---- */
@@ -426,95 +457,88 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
         snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s", L->router->name, c->layer, L->msg);
         return -1;
     }
-    if (check_workspace_guard(L, "forward", err, errcap) != 0) return -1;
-
-    /* Host copies for validation and statistics (no copy on the CPU backend
-     * would be needed, but the path is the same for CUDA). */
+    /* Checks of the plugin's output, recorded in L->record (the guard first:
+     * a plugin that overran its workspace is named for that). For a router
+     * that owns capacity this also writes kept = expert where expert and
+     * slot are valid (-1 elsewhere). */
     size_t nA = (size_t)T * Ko;
-    int32_t *h_expert = malloc((nA ? nA : 1) * sizeof(int32_t));
-    int32_t *h_slot = malloc((nA ? nA : 1) * sizeof(int32_t));
-    int32_t *h_kept = malloc((nA ? nA : 1) * sizeof(int32_t));
-    float *h_weight = malloc((nA ? nA : 1) * sizeof(float));
-    float *h_cw = malloc((nA ? nA : 1) * sizeof(float));
-    float *h_logits = malloc(((size_t)T * E + 1) * sizeof(float));
-    float *f = malloc((size_t)E * sizeof(float));
-    be->to_host(be, h_expert, L->expert, nA * sizeof(int32_t));
-    be->to_host(be, h_weight, L->weight, nA * sizeof(float));
-    if (owns_capacity) be->to_host(be, h_slot, L->slot, nA * sizeof(int32_t));
-    int rc = check_assignment(L, h_expert, h_weight, owns_capacity ? h_slot : NULL, T, C, err, errcap);
+    check_workspace_guard(L, MOE_CHECK_GUARD_FORWARD);
+    be->check_routing(be, L->expert, L->weight, owns_capacity ? L->slot : NULL, T, Ko, E, C,
+                      owns_capacity ? L->kept : NULL, L->record);
+    if (check_now(L, err, errcap) != 0) return -1;
 
-    if (rc == 0) {
-        /* 3. capacity: at most C assignments per expert, by priority */
-        if (owns_capacity) {
-            /* The router chose slots; kept = expert; count for the stats. */
-            memset(L->stats.counts_before, 0, (size_t)E * sizeof(int32_t));
-            for (size_t a = 0; a < nA; ++a)
-                if (h_expert[a] >= 0) L->stats.counts_before[h_expert[a]]++;
-            memcpy(L->stats.counts_after, L->stats.counts_before, (size_t)E * sizeof(int32_t));
-            be->copy(be, L->kept, L->expert, nA * sizeof(int32_t));
-            memcpy(h_kept, h_expert, nA * sizeof(int32_t));
-            /* Slots must be distinct within an expert, or two tokens would
-             * share one expert row. */
-            int32_t *seen = calloc((size_t)E * C, sizeof(int32_t));
-            for (size_t a = 0; a < nA && rc == 0; ++a) {
-                if (h_expert[a] < 0) continue;
-                if (seen[(size_t)h_expert[a] * C + h_slot[a]]++) {
-                    snprintf(err, errcap, "router '%s' gave two tokens slot %d of expert %d",
-                             L->router->name, h_slot[a], h_expert[a]);
-                    rc = -1;
-                }
-            }
-            free(seen);
-        } else {
-            be->capacity_assign(be, L->expert, L->weight, T, Ko, E, C, c->drop_policy, L->kept, L->slot,
-                                L->stats.counts_before, L->stats.counts_after);
-            be->to_host(be, h_kept, L->kept, nA * sizeof(int32_t));
+    /* 3. capacity: at most C assignments per expert, by priority */
+    int32_t *counts_before = L->counts, *counts_after = L->counts + E;
+    if (owns_capacity) {
+        /* The router chose slots; kept (above) = expert; count for f and the stats. */
+        be->expert_counts(be, L->kept, T, Ko, E, counts_before);
+        be->copy(be, counts_after, counts_before, (size_t)E * sizeof(int32_t));
+    } else {
+        be->capacity_assign(be, L->expert, L->weight, T, Ko, E, C, c->drop_policy, L->kept, L->slot, counts_before,
+                            counts_after);
+    }
+
+    /* 4. combine weights, renormalised over kept assignments if asked */
+    be->combine_weights(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->cw);
+
+    /* 5. dispatch: Xe[e, slot] = x[t] */
+    be->dispatch(be, x, L->kept, L->slot, T, Ko, C, E, d, L->Xe);
+
+    /* 6. experts: H = Xe w1 + b1; A = act(H); Ye = A w2 + b2, per expert */
+    be->gemm_strided_batched(be, 0, 0, C, hin, d, 1.0f, L->Xe, d, (long long)C * d, L->w1, hin,
+                             (long long)d * hin, 0.0f, L->H, hin, (long long)C * hin, E);
+    if (c->expert_bias)
+        for (int e = 0; e < E; ++e) be->add_bias(be, L->H + (size_t)e * C * hin, L->b1 + (size_t)e * hin, C, hin);
+    be->act_fwd(be, c->activation, L->H, L->A, E * C, h);
+    be->gemm_strided_batched(be, 0, 0, C, d, h, 1.0f, L->A, h, (long long)C * h, L->w2, d,
+                             (long long)h * d, 0.0f, L->Ye, d, (long long)C * d, E);
+    if (c->expert_bias)
+        for (int e = 0; e < E; ++e) be->add_bias(be, L->Ye + (size_t)e * C * d, L->b2 + (size_t)e * d, C, d);
+
+    /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] */
+    be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, y);
+
+    /* 8. auxiliary losses, f from the counts on the device; their gradients
+     *    are prepared now: the load-balancing one into L->probs (d_lb), the
+     *    z-loss one into L->dlogits. lb and z go to L->scalars. */
+    be->zero(be, L->dlogits, (size_t)T * E * sizeof(float));
+    be->aux_losses_counts(be, perturbs ? L->route_logits : L->logits, L->logits, counts_before, T, E,
+                          c->aux_loss_weight, c->z_loss_weight, L->probs, L->dlogits, L->scalars);
+
+    if (aux_total || L->collect_stats) {
+        double sc[2];
+        be->to_host(be, sc, L->scalars, sizeof sc);
+        L->stats.aux_loss = sc[0];
+        L->stats.z_loss = sc[1];
+        if (aux_total) *aux_total += c->aux_loss_weight * L->stats.aux_loss + c->z_loss_weight * L->stats.z_loss;
+    }
+    if (L->collect_stats) {
+        /* Host copies for the statistics (evaluation only). */
+        int32_t *h_expert = malloc((nA ? nA : 1) * sizeof(int32_t));
+        int32_t *h_kept = malloc((nA ? nA : 1) * sizeof(int32_t));
+        float *h_cw = malloc((nA ? nA : 1) * sizeof(float));
+        float *h_logits = malloc(((size_t)T * E + 1) * sizeof(float));
+        if (!h_expert || !h_kept || !h_cw || !h_logits) {
+            free(h_expert);
+            free(h_kept);
+            free(h_cw);
+            free(h_logits);
+            snprintf(err, errcap, "MoE layer %d: out of host memory for routing statistics (T=%d)", c->layer, T);
+            return -1;
         }
-    }
-    if (rc == 0) {
-        /* 4. combine weights, renormalised over kept assignments if asked */
-        be->combine_weights(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->cw);
+        be->to_host(be, h_expert, L->expert, nA * sizeof(int32_t));
+        be->to_host(be, h_kept, L->kept, nA * sizeof(int32_t));
         be->to_host(be, h_cw, L->cw, nA * sizeof(float));
-
-        /* 5. dispatch: Xe[e, slot] = x[t] */
-        be->dispatch(be, x, L->kept, L->slot, T, Ko, C, E, d, L->Xe);
-
-        /* 6. experts: H = Xe w1 + b1; A = act(H); Ye = A w2 + b2, per expert */
-        be->gemm_strided_batched(be, 0, 0, C, hin, d, 1.0f, L->Xe, d, (long long)C * d, L->w1, hin,
-                                 (long long)d * hin, 0.0f, L->H, hin, (long long)C * hin, E);
-        if (c->expert_bias)
-            for (int e = 0; e < E; ++e) be->add_bias(be, L->H + (size_t)e * C * hin, L->b1 + (size_t)e * hin, C, hin);
-        be->act_fwd(be, c->activation, L->H, L->A, E * C, h);
-        be->gemm_strided_batched(be, 0, 0, C, d, h, 1.0f, L->A, h, (long long)C * h, L->w2, d,
-                                 (long long)h * d, 0.0f, L->Ye, d, (long long)C * d, E);
-        if (c->expert_bias)
-            for (int e = 0; e < E; ++e) be->add_bias(be, L->Ye + (size_t)e * C * d, L->b2 + (size_t)e * d, C, d);
-
-        /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] */
-        be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, y);
-
-        /* 8. auxiliary losses; their gradients are prepared now: the
-         *    load-balancing one into L->probs (d_lb), the z-loss one into
-         *    L->dlogits. */
-        long long routed = 0;
-        for (int e = 0; e < E; ++e) routed += L->stats.counts_before[e];
-        for (int e = 0; e < E; ++e) f[e] = routed ? (float)L->stats.counts_before[e] / (float)routed : 0.0f;
-        be->zero(be, L->dlogits, (size_t)T * E * sizeof(float));
-        be->aux_losses(be, perturbs ? L->route_logits : L->logits, L->logits, f, T, E, c->aux_loss_weight,
-                       c->z_loss_weight, L->probs, L->dlogits, &L->stats.aux_loss, &L->stats.z_loss);
-        *aux_total += c->aux_loss_weight * L->stats.aux_loss + c->z_loss_weight * L->stats.z_loss;
-
         be->to_host(be, h_logits, L->logits, (size_t)T * E * sizeof(float));
+        be->to_host(be, L->stats.counts_before, counts_before, (size_t)E * sizeof(int32_t));
+        be->to_host(be, L->stats.counts_after, counts_after, (size_t)E * sizeof(int32_t));
         routing_stats(L, h_logits, h_expert, h_kept, h_cw, T);
+        free(h_expert);
+        free(h_kept);
+        free(h_cw);
+        free(h_logits);
     }
-    free(h_expert);
-    free(h_slot);
-    free(h_kept);
-    free(h_weight);
-    free(h_cw);
-    free(h_logits);
-    free(f);
-    return rc;
+    return 0;
 }
 
 /* ================================ backward =============================== */
@@ -587,7 +611,8 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
             snprintf(err, errcap, "router '%s' (layer %d) backward failed: %s", L->router->name, c->layer, L->msg);
             return -1;
         }
-        if (check_workspace_guard(L, "backward", err, errcap) != 0) return -1;
+        check_workspace_guard(L, MOE_CHECK_GUARD_BACKWARD);
+        if (check_now(L, err, errcap) != 0) return -1;
         be->axpy(be, 1.0f, L->router_dlogits, L->dlogits, (size_t)T * E);
     }
     /* The load-balancing gradient reaches the logits directly unless the

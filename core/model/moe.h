@@ -27,7 +27,9 @@ typedef struct moe_layer_cfg {
     float init_std;
 } moe_layer_cfg;
 
-/* Routing statistics of the last forward (host memory). */
+/* Routing statistics of the last forward (host memory), filled only by
+ * forwards run with collect_stats set: they need host copies of the routing
+ * (a wait per layer), which evaluation can afford and training cannot. */
 typedef struct moe_layer_stats {
     int T, C, K;              /* tokens, capacity, assignments per token counted for capacity */
     long long assigned;       /* non-empty assignments the router made */
@@ -81,27 +83,61 @@ typedef struct moe_layer {
     float *probs;                    /* [T,E] d(weighted load-balancing loss)/d(routing logits) */
     float *router_dlogits;           /* [T,E] the plugin's backward output */
 
+    /* Results that stay in backend memory (no wait in a training step):
+     * counts[2E] (assignments routed to each expert, then kept), scalars[2]
+     * (unweighted lb and z of the last forward) and the check record
+     * (MOE_CHECK_RECORD_WORDS, backend.h) of the router's outputs and its
+     * workspace guard. The model points scalars and record into one block
+     * it reads in a single copy; a layer used alone allocates its own. */
+    int32_t *counts;
+    double *scalars;
+    int32_t *record;
+    int owns_results;
+
+    int collect_stats;        /* fill `stats` on each forward (waits) */
     moe_layer_stats stats;
     char *msg;                /* plugin message buffer */
 } moe_layer;
+
+/* Check codes of the workspace guard, beside backend.h's MOE_CHECK_*. */
+enum { MOE_CHECK_GUARD_FORWARD = 16, MOE_CHECK_GUARD_BACKWARD = 17 };
 
 /* Create the router instance and declare the layer's parameters into
  * `params` (and router buffers into `buffers`). 0 ok, -1 + err. */
 int moe_layer_create(moe_layer *L, const moe_layer_cfg *cfg, moe_backend *be,
                      const moe_router_plugin_v1_t *router, const moe_option *opts, int n_opts,
                      moe_param_set *params, moe_param_set *buffers, char *err, size_t errcap);
-/* Allocate activation memory (after the parameters are allocated). */
+/* Allocate activation memory (after the parameters are allocated). When
+ * L->scalars and L->record are set beforehand (the model does), they are
+ * used instead of the layer's own. */
 int moe_layer_alloc(moe_layer *L, char *err, size_t errcap);
 void moe_layer_destroy(moe_layer *L);
 
-/* y[T,d] = MoE(x[T,d]). token_ids feed id-keyed routers. Returns 0, or -1
- * with the plugin's message (prefixed by its name) in err. The auxiliary
- * losses' weighted value is added to *aux_total. */
+/* y[T,d] = MoE(x[T,d]). token_ids feed id-keyed routers. Returns -1 with
+ * the plugin's message (prefixed by its name) in err when the plugin's call
+ * fails. The checks of what the plugin returned (indices, weights, slots,
+ * the workspace guard) go to L->record without waiting; on the CPU, whose
+ * memory is the host's, they are also read at once and a failure is
+ * returned here (the CPU's capacity loop must not see a bad index). On
+ * CUDA the kernels skip bad indices and the caller reports the record
+ * (moe_model_check, or moe_layer_check below).
+ * aux_total: when not NULL, the weighted auxiliary losses are read back
+ * (a wait) and added to it; the model passes NULL and reads L->scalars
+ * with its other results. */
 int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
                       moe_rng_key key, float *y, double *aux_total, char *err, size_t errcap);
 /* Given dy, accumulate dx and parameter gradients (the auxiliary losses'
- * gradients were prepared by the forward). */
+ * gradients were prepared by the forward). The guard check after the
+ * plugin's backward is recorded as in the forward. */
 int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, float *dx,
                        moe_rng_key key, char *err, size_t errcap);
+
+/* The message for a check record of this layer (a host copy of L->record):
+ * 0 when it is clear, else -1 with the message naming the router, what is
+ * wrong and where. */
+int moe_layer_record_message(const moe_layer *L, const int32_t *record, char *err, size_t errcap);
+/* Reads L->record (a wait on CUDA): 0, or -1 with its message; a reported
+ * record is cleared. */
+int moe_layer_check(moe_layer *L, char *err, size_t errcap);
 
 #endif

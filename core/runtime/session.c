@@ -28,31 +28,41 @@ int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step
     moe_model_zero_grads(m);
     /* Micro-batch i of step t is numbered (t-1)*accum + i + 1: its data,
      * dropout and router noise are keyed by that number, so accum = 1 is
-     * exactly the plain step. */
+     * exactly the plain step. The forwards leave their results on the
+     * device (nothing waits until moe_model_collect below). */
     for (int i = 0; i < accum; ++i) {
         uint64_t micro = (uint64_t)(step - 1) * (uint64_t)accum + (uint64_t)i + 1;
         moe_dataset_train_batch(&s->ds, (uint64_t)cfg->run.seed, micro, s->B, cfg->model.seq_len, x, y);
-        moe_forward_result fr;
-        if (moe_model_forward(m, x, y, s->B, 1, micro, &fr, err, errcap) != 0) return -1;
-        if (!isfinite(fr.loss)) {
-            snprintf(err, errcap, "training diverged at step %lld (loss %g); lower train.lr or raise train.warmup_steps",
-                     step, fr.loss);
-            return -1;
-        }
+        if (moe_model_forward(m, x, y, s->B, 1, micro, NULL, err, errcap) != 0) return -1;
         if (moe_model_backward(m, micro, err, errcap) != 0) return -1;
-        loss_sum += fr.loss;
     }
     /* Each micro-batch's gradient is a mean over its tokens; average them. */
     if (accum > 1) be->scale(be, m->params.grads, 1.0f / (float)accum, m->params.total);
-    double norm = sqrt(be->sumsq(be, m->params.grads, m->params.total));
+    /* Global-norm clipping on the device; the norm lands in the model's
+     * results block. */
+    be->clip_grad_norm(be, m->params.grads, m->params.total, tc->grad_clip, m->grad_norm);
+    moe_optimizer_step(&s->opt, tc, m, lr, step);
+
+    /* The step's one wait: losses, gradient norm and every router check in
+     * one copy. A failed check or a non-finite value is reported after the
+     * optimizer has run; the caller stops the run then, and nothing of this
+     * step is saved. */
+    double norm = 0.0;
+    if (moe_model_collect(m, &norm, err, errcap) != 0) return -1;
+    for (int i = 0; i < m->n_results; ++i) {
+        double l = m->results_out[i].loss;
+        if (!isfinite(l)) {
+            snprintf(err, errcap, "training diverged at step %lld (loss %g); lower train.lr or raise train.warmup_steps",
+                     step, l);
+            return -1;
+        }
+        loss_sum += l;
+    }
     if (!isfinite(norm)) {
         snprintf(err, errcap, "gradient norm is %g at step %lld; lower train.lr or raise train.warmup_steps", norm,
                  step);
         return -1;
     }
-    if (tc->grad_clip > 0.0 && norm > tc->grad_clip)
-        be->scale(be, m->params.grads, (float)(tc->grad_clip / norm), m->params.total);
-    moe_optimizer_step(&s->opt, tc, m, lr, step);
     *loss = loss_sum / accum;
     *grad_norm = norm;
     return 0;

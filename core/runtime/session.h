@@ -35,10 +35,12 @@ double moe_learning_rate(const moe_train_cfg *t, long long step);
 
 /* One optimizer step (1-based `step`): train.grad_accum micro-batches (x, y:
  * scratch of B*seq_len ids) each forward and backward, their gradients
- * averaged, global-norm clipping, then AdamW or Muon. The
- * backend may still be running when it returns (call be->sync to wait).
- * Returns the training loss and the gradient norm before clipping.
- * 0 ok; -1 + err (including a non-finite loss). */
+ * averaged, global-norm clipping, then AdamW or Muon. The step waits for
+ * the device once, at its end, to read the losses, the gradient norm and
+ * the router checks (moe_model_collect); Muon's Newton-Schulz scaling
+ * waits once per matrix. Returns the training loss and the gradient norm
+ * before clipping. 0 ok; -1 + err (a router's invalid output, a non-finite
+ * loss or gradient norm). */
 int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step, int32_t *x, int32_t *y,
                            double *loss, double *grad_norm, char *err, size_t errcap);
 

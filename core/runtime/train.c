@@ -122,6 +122,10 @@ static int evaluate(moe_model *m, const moe_dataset *ds, const moe_config *cfg, 
     long long correct = 0, targets = 0;
     int rc = 0;
     for (int l = 0; l < m->n_layers; ++l) moe_layer_accum_init(&r->layers[l], cfg->moe.num_experts);
+    /* Routing statistics come from host copies of each layer's routing: on
+     * for evaluation only. Each forward with a result reads the router
+     * checks too (moe_model_forward), so a bad router stops here. */
+    moe_model_set_collect_stats(m, 1);
     for (size_t w0 = 0; w0 < W && rc == 0; w0 += (size_t)eval_B) {
         int B = (int)((W - w0) < (size_t)eval_B ? (W - w0) : (size_t)eval_B);
         for (int b = 0; b < B; ++b) moe_dataset_val_window(ds, w0 + (size_t)b, S, x + (size_t)b * S, y + (size_t)b * S);
@@ -133,6 +137,7 @@ static int evaluate(moe_model *m, const moe_dataset *ds, const moe_config *cfg, 
         targets += fr.n_targets;
         for (int l = 0; l < m->n_layers; ++l) moe_layer_accum_add(&r->layers[l], &m->blocks[l].moe.stats);
     }
+    moe_model_set_collect_stats(m, 0);
     free(x);
     free(y);
     r->loss = targets ? loss_sum / (double)targets : 0.0;

@@ -32,10 +32,8 @@ static moe_status lfb_create(const moe_router_dims *dims, const moe_option *opts
     if (dims->num_experts < 1 || dims->top_k < 1)
         return moe_fail(msg, cap, MOE_ERR_INVALID_ARG, "num_experts = %d, top_k = %d; both must be >= 1",
                         dims->num_experts, dims->top_k);
-    if (dims->top_k > dims->num_experts)
-        return moe_fail(msg, cap, MOE_ERR_INVALID_ARG,
-                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", dims->top_k,
-                        dims->num_experts);
+    st = moe_router_check_dims(dims, msg, cap); /* top_k <= num_experts */
+    if (st != MOE_OK) return st;
     lfb_state *s = malloc(sizeof *s);
     if (!s) return moe_fail(msg, cap, MOE_ERR_NO_MEMORY, "out of memory");
     s->E = dims->num_experts;
@@ -69,36 +67,14 @@ static moe_status lfb_query(const void *state, moe_router_info *info) {
     return MOE_OK;
 }
 
-static moe_status lfb_check(const lfb_state *s, const moe_context *ctx, int32_t T, int32_t E, int32_t k_out,
-                            float *const *buffers) {
-    if (T < 0 || E != s->E || k_out != s->K)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "called with T = %d, E = %d, k_out = %d; this instance has E = %d, k_out = %d", T, E, k_out,
-                        s->E, s->K);
-    if (T > 0 && (!buffers || !buffers[0]))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "the bias buffer is missing");
-    if (T > 0 && (!ctx->workspace || ctx->workspace_bytes < LFB_WORKSPACE_BYTES(s->E)))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "workspace of %zu bytes, query() asked for %zu",
-                        ctx->workspace_bytes, LFB_WORKSPACE_BYTES(s->E));
-    return MOE_OK;
-}
-
-static moe_status lfb_check_logits(const moe_context *ctx, const float *l, int32_t T, int32_t E) {
-    for (size_t i = 0; i < (size_t)T * E; ++i)
-        if (!isfinite(l[i]))
-            return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                            "logit of token %zu, expert %zu is %g; routing needs finite logits", i / (size_t)E,
-                            i % (size_t)E, (double)l[i]);
-    return MOE_OK;
-}
-
 /* ---- CPU path ---- */
 
 static moe_status lfb_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
     const lfb_state *s = state;
-    moe_status st = lfb_check(s, ctx, a->T, a->E, a->k_out, a->buffers);
+    moe_status st = lfb_check_call(s, ctx, a->T, a->E, a->k_out, a->buffers);
     if (st != MOE_OK || a->T == 0) return st;
-    st = lfb_check_logits(ctx, a->logits, a->T, s->E);
+    /* "logit of token t, expert e is nan; routing needs finite logits" */
+    st = moe_router_check_token_logits_cpu(ctx, a->logits, a->T, s->E);
     if (st != MOE_OK) return st;
     const int32_t T = a->T, E = s->E, K = s->K;
     float *bias = a->buffers[0];
@@ -118,9 +94,9 @@ static moe_status lfb_forward(void *state, const moe_context *ctx, const moe_rou
 
 static moe_status lfb_backward(void *state, const moe_context *ctx, const moe_router_bwd_args *a) {
     const lfb_state *s = state;
-    moe_status st = lfb_check(s, ctx, a->T, a->E, a->k_out, a->buffers);
+    moe_status st = lfb_check_call(s, ctx, a->T, a->E, a->k_out, a->buffers);
     if (st != MOE_OK || a->T == 0) return st;
-    st = lfb_check_logits(ctx, a->logits, a->T, s->E);
+    st = moe_router_check_token_logits_cpu(ctx, a->logits, a->T, s->E);
     if (st != MOE_OK) return st;
     const int32_t E = s->E, K = s->K;
     /* The experts forward chose (the bias has moved since, so they are read,
@@ -137,26 +113,12 @@ static moe_status lfb_backward(void *state, const moe_context *ctx, const moe_ro
 
 static const moe_router_impl lfb_cpu = {lfb_forward, lfb_backward};
 
-/* The CUDA table lives in loss_free_bias.cu, compiled when CUDA is enabled. */
-#ifdef MOE_PLUGIN_HAS_CUDA
+/* The CUDA table lives in loss_free_bias.cu, compiled when CUDA is enabled
+ * (MOE_ROUTER_CUDA_IMPL names it only then, NULL otherwise). */
 extern const moe_router_impl lfb_cuda;
-#define LFB_CUDA_TABLE (&lfb_cuda)
-#else
-#define LFB_CUDA_TABLE NULL
-#endif
 
-static const struct moe_router_plugin_v1 lfb_plugin = {
-    .abi_version = MOE_ROUTER_ABI_VERSION,
-    .struct_size = sizeof(struct moe_router_plugin_v1),
-    .name = "loss_free_bias",
-    .description = "auxiliary-loss-free balancing (DeepSeek-V3): top-K of score + per-expert bias, weights from the score",
-    .options = lfb_options,
-    .n_options = LFB_N_OPTIONS,
-    .create = lfb_create,
-    .destroy = lfb_destroy,
-    .query = lfb_query,
-    .cpu = &lfb_cpu,
-    .cuda = LFB_CUDA_TABLE,
-};
-
-MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &lfb_plugin; }
+/* The table (MOE_ROUTER_ABI_VERSION, the fields below in order) and the
+ * exported moe_router_plugin_v1(). */
+MOE_ROUTER_PLUGIN_V1("loss_free_bias",
+                     "auxiliary-loss-free balancing (DeepSeek-V3): top-K of score + per-expert bias, weights from the score",
+                     lfb_options, lfb_create, lfb_destroy, lfb_query, &lfb_cpu, MOE_ROUTER_CUDA_IMPL(lfb_cuda))

@@ -56,6 +56,22 @@ typedef struct lfb_state {
  * CUDA path uses to report the first non-finite logit. */
 #define LFB_WORKSPACE_BYTES(E) ((size_t)((E) + 1) * sizeof(int32_t))
 
+/* The checks of a call, the same on both devices (host code): the shapes the
+ * instance was created for, the bias buffer, the workspace. */
+static inline moe_status lfb_check_call(const lfb_state *s, const moe_context *ctx, int32_t T, int32_t E,
+                                        int32_t k_out, float *const *buffers) {
+    if (T < 0 || E != s->E || k_out != s->K)
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
+                        "called with T = %d, E = %d, k_out = %d; this instance has E = %d, k_out = %d", T, E, k_out,
+                        s->E, s->K);
+    if (T > 0 && (!buffers || !buffers[0]))
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "the bias buffer is missing");
+    if (T > 0 && (!ctx->workspace || ctx->workspace_bytes < LFB_WORKSPACE_BYTES(s->E)))
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "workspace of %zu bytes, query() asked for %zu",
+                        ctx->workspace_bytes, LFB_WORKSPACE_BYTES(s->E));
+    return MOE_OK;
+}
+
 /* Row statistics of the softmax score: max and sum of exp(l - max). */
 MOE_HD void lfb_softmax_stats(const float *l, int E, double *m, double *z) {
     double mx = l[0];

@@ -38,11 +38,10 @@ typedef struct ec_state {
     int32_t max_per_token; /* K' of the seed-compatible mode; 0 = the paper's mode */
 } ec_state;
 
-#ifdef MOE_PLUGIN_HAS_CUDA
-/* The CUDA path (expert_choice.cu): its table, and the workspace it needs. */
+/* The CUDA path (expert_choice.cu): its table, and the workspace it needs. Defined
+ * only when the build compiles expert_choice.cu; MOE_ROUTER_IF_CUDA uses them only then. */
 extern const moe_router_impl expert_choice_cuda_impl;
 size_t expert_choice_cuda_workspace_bytes(const ec_state *s);
-#endif
 
 /* One token as an expert sees it. */
 typedef struct ec_candidate {
@@ -74,15 +73,8 @@ static moe_status ec_create(const moe_router_dims *dims, const moe_option *opts,
     moe_status st = moe_options_resolve(ec_options, EC_N_OPTIONS, opts, n_opts, v, msg, msg_cap);
     if (st != MOE_OK) return st;
     if (!dims || !state) return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "create: dims and state must not be NULL");
-    if (dims->num_experts < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "num_experts = %d; set [moe].num_experts >= 1",
-                        dims->num_experts);
-    if (dims->top_k < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "top_k = %d; set [moe].top_k >= 1", dims->top_k);
-    if (dims->top_k > dims->num_experts)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", dims->top_k,
-                        dims->num_experts);
+    st = moe_router_check_dims(dims, msg, msg_cap);
+    if (st != MOE_OK) return st;
     if (dims->max_tokens < 0)
         return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "max_tokens = %d is negative", dims->max_tokens);
     int32_t kp = (int32_t)moe_option_get(v, EC_N_OPTIONS, "max_per_token")->i;
@@ -114,37 +106,21 @@ static moe_status ec_query(const void *state, moe_router_info *info) {
     } else {
         info->flags = MOE_ROUTER_OWNS_CAPACITY;
     }
-    info->workspace_bytes = ec_workspace_bytes(s->max_tokens, s->E);
-#ifdef MOE_PLUGIN_HAS_CUDA
     /* One workspace serves whichever table the host calls: the larger need. */
-    size_t cuda_bytes = expert_choice_cuda_workspace_bytes(s);
-    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
-#endif
+    info->workspace_bytes = moe_router_max_bytes(ec_workspace_bytes(s->max_tokens, s->E),
+                                                 MOE_ROUTER_IF_CUDA(expert_choice_cuda_workspace_bytes(s), 0));
     return MOE_OK;
 }
 
 /* Checks shared by forward and backward: shapes, logits, workspace. */
 static moe_status ec_check_common(const ec_state *s, const moe_context *ctx, int32_t T, int32_t E, int32_t k_out,
                                   const float *logits) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", T);
-    if (E != s->E || k_out != ec_k_out(s))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "called with E = %d, k_out = %d; this instance has E = %d, k_out = %d", E, k_out, s->E,
-                        ec_k_out(s));
-    if (T == 0) return MOE_OK;
+    moe_status st = moe_router_check_shape(ctx, T, E, k_out, s->E, ec_k_out(s));
+    if (st != MOE_OK || T == 0) return st;
     if (!logits) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "logits must not be NULL");
-    for (int32_t t = 0; t < T; ++t)
-        for (int32_t e = 0; e < E; ++e)
-            if (!isfinite(logits[(size_t)t * E + e]))
-                return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                                "logit of token %d, expert %d is %g; routing needs finite logits", t, e,
-                                (double)logits[(size_t)t * E + e]);
-    size_t need = ec_workspace_bytes(T, E);
-    if (!ctx->workspace || ctx->workspace_bytes < need)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes is too small for T = %d (needs %zu; max_tokens = %d)",
-                        ctx->workspace ? ctx->workspace_bytes : (size_t)0, T, need, s->max_tokens);
-    return MOE_OK;
+    st = moe_router_check_token_logits_cpu(ctx, logits, T, E);
+    if (st != MOE_OK) return st;
+    return moe_router_check_workspace_for(ctx, ec_workspace_bytes(T, E), T, s->max_tokens);
 }
 
 /* Routing order of tokens within one expert: larger score first, ties to the
@@ -249,11 +225,9 @@ static moe_status ec_backward(void *state, const moe_context *ctx, const moe_rou
     if (!a->expert || !a->weight || !a->dweight || !a->dlogits)
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "backward: expert, weight, dweight and dlogits must not be NULL");
-    for (size_t i = 0; i < (size_t)T * k_out; ++i)
-        if (a->expert[i] < -1 || a->expert[i] >= E)
-            return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                            "backward: token %d, entry %d names expert %d, outside [-1, %d)", (int)(i / k_out),
-                            (int)(i % k_out), a->expert[i], E);
+    /* Forward's entries: an expert, or -1 for an empty one. */
+    st = moe_router_check_expert_entries_cpu(ctx, a->expert, T, k_out, -1, E);
+    if (st != MOE_OK) return st;
 
     float *S = ctx->workspace; /* one row, S[t,:] */
     for (int32_t t = 0; t < T; ++t) {
@@ -282,22 +256,6 @@ static moe_status ec_backward(void *state, const moe_context *ctx, const moe_rou
 
 static const moe_router_impl ec_cpu = {ec_forward, ec_backward};
 
-static const struct moe_router_plugin_v1 ec_plugin = {
-    .abi_version = MOE_ROUTER_ABI_VERSION,
-    .struct_size = sizeof(struct moe_router_plugin_v1),
-    .name = "expert_choice",
-    .description = "Expert Choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score",
-    .options = ec_options,
-    .n_options = EC_N_OPTIONS,
-    .create = ec_create,
-    .destroy = ec_destroy,
-    .query = ec_query,
-    .cpu = &ec_cpu,
-#ifdef MOE_PLUGIN_HAS_CUDA
-    .cuda = &expert_choice_cuda_impl,
-#else
-    .cuda = NULL,
-#endif
-};
-
-MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &ec_plugin; }
+MOE_ROUTER_PLUGIN_V1("expert_choice",
+                     "Expert Choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score",
+                     ec_options, ec_create, ec_destroy, ec_query, &ec_cpu, MOE_ROUTER_CUDA_IMPL(expert_choice_cuda_impl))

@@ -34,8 +34,7 @@
  * Pointers in the arguments are device pointers; everything runs on
  * ctx->stream.
  */
-#include <cuda_runtime.h>
-#include <moe/router.h>
+#include <moe/router_cuda.cuh>
 
 /* The instance state exactly as expert_choice.c defines it: both files read one struct. */
 typedef struct ec_state {
@@ -44,9 +43,7 @@ typedef struct ec_state {
     int32_t max_per_token; /* K' of the seed-compatible mode; 0 = the paper's mode */
 } ec_state;
 
-#define EC_THREADS 256
 #define EC_SORT_THREADS 1024
-#define EC_NO_FLAG 0xFFFFFFFFFFFFFFFFull
 
 static int32_t ec_k_out(const ec_state *s) { return s->max_per_token > 0 ? s->max_per_token : s->E; }
 
@@ -80,31 +77,6 @@ static ec_layout ec_layout_for(const ec_state *s, int32_t T) {
  * has not picked yet: the size always counts them. */
 extern "C" size_t expert_choice_cuda_workspace_bytes(const ec_state *s) {
     return ec_layout_for(s, s->max_tokens).total;
-}
-
-/* ---- errors ------------------------------------------------------------------ */
-
-/* A failed CUDA call becomes MOE_ERR_DEVICE with the call named. */
-static moe_status ec_cuda_status(const moe_context *ctx, cudaError_t err, const char *what) {
-    if (err == cudaSuccess) return MOE_OK;
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_DEVICE, "%s failed: %s (%s)", what, cudaGetErrorString(err),
-                    cudaGetErrorName(err));
-}
-#define EC_CUDA(call)                                                   \
-    do {                                                                \
-        moe_status st_ = ec_cuda_status(ctx, (call), #call);            \
-        if (st_ != MOE_OK) return st_;                                  \
-    } while (0)
-/* A bad launch configuration is reported by the next cudaGetLastError. */
-#define EC_LAUNCHED(kernel)                                                            \
-    do {                                                                               \
-        moe_status st_ = ec_cuda_status(ctx, cudaGetLastError(), "launch of " #kernel); \
-        if (st_ != MOE_OK) return st_;                                                 \
-    } while (0)
-
-static unsigned ec_blocks(size_t n, size_t cap) {
-    size_t b = (n + EC_THREADS - 1) / EC_THREADS;
-    return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
 }
 
 /* ---- glibc's expf ------------------------------------------------------------------
@@ -188,19 +160,6 @@ __device__ unsigned long long ec_key(float score, int32_t t) {
 __device__ int32_t ec_key_token(unsigned long long key) { return (int32_t)(0xFFFFFFFFu - (uint32_t)key); }
 
 /* ---- kernels ------------------------------------------------------------------- */
-
-/* flag = the smallest t*E + e whose logit is not finite: atomicMin keeps the
- * first in row-major order, the one the CPU loop reports. */
-__global__ void ec_find_nonfinite(const float *logits, size_t n, unsigned long long *flag) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (!isfinite(logits[i])) atomicMin(flag, (unsigned long long)i);
-}
-
-/* flag = the first entry naming an expert outside [-1, E). */
-__global__ void ec_find_bad_expert(const int32_t *expert, size_t n, int32_t E, unsigned long long *flag) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (expert[i] < -1 || expert[i] >= E) atomicMin(flag, (unsigned long long)i);
-}
 
 /* S[t,:] = softmax(l[t,:]) */
 __global__ void ec_scores_kernel(const float *logits, int32_t T, int32_t E, float *S) {
@@ -331,59 +290,23 @@ __global__ void ec_backward_kernel(const float *logits, const int32_t *expert_in
 
 /* ---- host side ------------------------------------------------------------------- */
 
-/* ec_check_common's checks, against this path's workspace (the logits' values
- * are checked on the device, see ec_cuda_check_values). */
+/* ec_check_common's checks, against this path's workspace (the values are
+ * checked on the device, see ec_cuda_check_values). */
 static moe_status ec_cuda_check_common(const ec_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                        int32_t k_out, const float *logits) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", T);
-    if (E != s->E || k_out != ec_k_out(s))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "called with E = %d, k_out = %d; this instance has E = %d, k_out = %d", E, k_out, s->E,
-                        ec_k_out(s));
-    if (T == 0) return MOE_OK;
+    moe_status st = moe_router_check_shape(ctx, T, E, k_out, s->E, ec_k_out(s));
+    if (st != MOE_OK || T == 0) return st;
     if (!logits) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "logits must not be NULL");
-    size_t need = ec_layout_for(s, T).total;
-    if (!ctx->workspace || ctx->workspace_bytes < need)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes is too small for T = %d (needs %zu; max_tokens = %d)",
-                        ctx->workspace ? ctx->workspace_bytes : (size_t)0, T, need, s->max_tokens);
-    return MOE_OK;
+    return moe_router_check_workspace_for(ctx, ec_layout_for(s, T).total, T, s->max_tokens);
 }
 
 /* The first non-finite logit and, given `expert`, the first entry outside
- * [-1, E), found on the device before anything is written: the one copy back
- * of a call. The logits are reported first, as the CPU checks them first. */
+ * [-1, E), found on the device before anything is written (the one copy back
+ * of a call), reported as the CPU reports them. */
 static moe_status ec_cuda_check_values(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
                                        int32_t E, const int32_t *expert, int32_t k_out) {
-    unsigned long long *flags = (unsigned long long *)ctx->workspace;
-    const size_t n = (size_t)T * E, nk = (size_t)T * k_out;
-    EC_CUDA(cudaMemsetAsync(flags, 0xFF, 2 * sizeof *flags, stream));
-    ec_find_nonfinite<<<ec_blocks(n, 1024), EC_THREADS, 0, stream>>>(logits, n, &flags[0]);
-    EC_LAUNCHED(ec_find_nonfinite);
-    if (expert) {
-        ec_find_bad_expert<<<ec_blocks(nk, 1024), EC_THREADS, 0, stream>>>(expert, nk, E, &flags[1]);
-        EC_LAUNCHED(ec_find_bad_expert);
-    }
-    unsigned long long first[2] = {0, 0};
-    EC_CUDA(cudaMemcpyAsync(first, flags, sizeof first, cudaMemcpyDeviceToHost, stream));
-    EC_CUDA(cudaStreamSynchronize(stream));
-    if (first[0] != EC_NO_FLAG) {
-        float v = 0.0f; /* only on failure: fetch the value to name it */
-        EC_CUDA(cudaMemcpyAsync(&v, logits + first[0], sizeof v, cudaMemcpyDeviceToHost, stream));
-        EC_CUDA(cudaStreamSynchronize(stream));
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "logit of token %d, expert %d is %g; routing needs finite logits", (int)(first[0] / E),
-                        (int)(first[0] % E), (double)v);
-    }
-    if (expert && first[1] != EC_NO_FLAG) {
-        int32_t bad = 0;
-        EC_CUDA(cudaMemcpyAsync(&bad, expert + first[1], sizeof bad, cudaMemcpyDeviceToHost, stream));
-        EC_CUDA(cudaStreamSynchronize(stream));
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: token %d, entry %d names expert %d, outside [-1, %d)", (int)(first[1] / k_out),
-                        (int)(first[1] % k_out), bad, E);
-    }
-    return MOE_OK;
+    return moe_router_cuda_check_values(ctx, stream, logits, T, E, expert, k_out, -1,
+                                        (unsigned long long *)ctx->workspace);
 }
 
 /* Every expert takes its top C: all at once with the keys in shared memory
@@ -396,18 +319,19 @@ static moe_status ec_cuda_select(const moe_context *ctx, cudaStream_t stream, co
     /* Threads loop over the keys, so a short list needs no more than T. */
     const unsigned threads = T < EC_SORT_THREADS ? (unsigned)((T + 31) / 32 * 32) : EC_SORT_THREADS;
     int device = 0, max_shared = 0;
-    EC_CUDA(cudaGetDevice(&device));
-    EC_CUDA(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    MOE_ROUTER_CUDA(cudaGetDevice(&device));
+    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (key_bytes <= (size_t)max_shared) {
         if (key_bytes > 48 * 1024)
-            EC_CUDA(cudaFuncSetAttribute(ec_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_bytes));
+            MOE_ROUTER_CUDA(
+                cudaFuncSetAttribute(ec_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)key_bytes));
         ec_select_kernel<<<(unsigned)E, threads, key_bytes, stream>>>(S, T, E, C, 0, NULL, rank);
-        EC_LAUNCHED(ec_select_kernel);
+        MOE_ROUTER_LAUNCHED(ec_select_kernel);
         return MOE_OK;
     }
     for (int32_t e = 0; e < E; ++e) {
         ec_select_kernel<<<1, threads, 0, stream>>>(S, T, E, C, e, keys, rank);
-        EC_LAUNCHED(ec_select_kernel);
+        MOE_ROUTER_LAUNCHED(ec_select_kernel);
     }
     return MOE_OK;
 }
@@ -434,17 +358,18 @@ static moe_status ec_cuda_forward(void *state, const moe_context *ctx, const moe
     float *S = (float *)(ws + L.S);
     int32_t *rank = (int32_t *)(ws + L.rank);
 
-    ec_scores_kernel<<<ec_blocks((size_t)T, (size_t)1 << 30), EC_THREADS, 0, stream>>>(a->logits, T, E, S);
-    EC_LAUNCHED(ec_scores_kernel);
-    EC_CUDA(cudaMemsetAsync(rank, 0xFF, (size_t)T * E * sizeof(int32_t), stream)); /* -1: not taken */
+    ec_scores_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+        a->logits, T, E, S);
+    MOE_ROUTER_LAUNCHED(ec_scores_kernel);
+    MOE_ROUTER_CUDA(cudaMemsetAsync(rank, 0xFF, (size_t)T * E * sizeof(int32_t), stream)); /* -1: not taken */
     if (C > 0) {
         st = ec_cuda_select(ctx, stream, S, T, E, C, (unsigned long long *)(ws + L.keys), rank);
         if (st != MOE_OK) return st;
     }
     /* Seed mode builds its masked logit rows in S, which no one reads again. */
-    ec_assign_kernel<<<ec_blocks((size_t)T, (size_t)1 << 30), EC_THREADS, 0, stream>>>(
+    ec_assign_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->logits, S, rank, T, E, k_out, owns_capacity, owns_capacity ? NULL : S, a->expert, a->weight, a->slot);
-    EC_LAUNCHED(ec_assign_kernel);
+    MOE_ROUTER_LAUNCHED(ec_assign_kernel);
     return MOE_OK;
 }
 
@@ -464,9 +389,9 @@ static moe_status ec_cuda_backward(void *state, const moe_context *ctx, const mo
     if (st != MOE_OK) return st;
 
     float *S = (float *)((char *)ctx->workspace + ec_layout_for(s, T).S);
-    ec_backward_kernel<<<ec_blocks((size_t)T, (size_t)1 << 30), EC_THREADS, 0, stream>>>(
+    ec_backward_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->logits, a->expert, a->weight, a->dweight, T, E, k_out, s->max_per_token == 0, S, a->dlogits);
-    EC_LAUNCHED(ec_backward_kernel);
+    MOE_ROUTER_LAUNCHED(ec_backward_kernel);
     return MOE_OK;
 }
 

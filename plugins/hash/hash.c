@@ -29,11 +29,10 @@ typedef struct hash_state {
     hash_key key;
 } hash_state;
 
-#ifdef MOE_PLUGIN_HAS_CUDA
-/* The CUDA path (hash.cu): its table, and the workspace it needs. */
+/* The CUDA path (hash.cu): its table, and the workspace it needs. Defined
+ * only when the build compiles hash.cu; MOE_ROUTER_IF_CUDA uses them only then. */
 extern const moe_router_impl hash_cuda_impl;
 size_t hash_cuda_workspace_bytes(const hash_state *s);
-#endif
 
 static const moe_option_spec hash_options[] = {
     {"key", MOE_OPT_STRING, "token", "token|position", 0.0, 0.0,
@@ -86,15 +85,8 @@ static moe_status hash_create(const moe_router_dims *dims, const moe_option *opt
     moe_status st = moe_options_resolve(hash_options, HASH_N_OPTIONS, opts, n_opts, v, msg, msg_cap);
     if (st != MOE_OK) return st;
     if (!dims || !state) return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "create: dims and state must not be NULL");
-    if (dims->num_experts < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "num_experts = %d; set [moe].num_experts >= 1",
-                        dims->num_experts);
-    if (dims->top_k < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "top_k = %d; set [moe].top_k >= 1", dims->top_k);
-    if (dims->top_k > dims->num_experts)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", dims->top_k,
-                        dims->num_experts);
+    st = moe_router_check_dims(dims, msg, msg_cap);
+    if (st != MOE_OK) return st;
     hash_key key = strcmp(moe_option_get(v, HASH_N_OPTIONS, "key")->s, "position") == 0 ? HASH_KEY_POSITION
                                                                                          : HASH_KEY_TOKEN;
     if (key == HASH_KEY_TOKEN && dims->vocab_size < 1)
@@ -121,28 +113,15 @@ static moe_status hash_query(const void *state, moe_router_info *info) {
     info->k_out = s->K;
     info->flags = MOE_ROUTER_IGNORES_LOGITS | MOE_ROUTER_NO_GRAD | MOE_ROUTER_WEIGHT_SUM_EXACT;
     info->weight_sum = 1.0f;
-    info->workspace_bytes = 0;
-#ifdef MOE_PLUGIN_HAS_CUDA
-    /* One workspace serves whichever table the host calls: the larger need. */
-    size_t cuda_bytes = hash_cuda_workspace_bytes(s);
-    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
-#endif
-    return MOE_OK;
-}
-
-/* Shapes the host passes must be the ones this instance was created for. */
-static moe_status hash_check_shape(const hash_state *s, const moe_context *ctx, int32_t T, int32_t E, int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", T);
-    if (E != s->E || k_out != s->K)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "called with E = %d, k_out = %d; this instance has E = %d, k_out = %d", E, k_out, s->E, s->K);
+    /* The CPU path needs none; the CUDA path's flag block when it is built. */
+    info->workspace_bytes = MOE_ROUTER_IF_CUDA(hash_cuda_workspace_bytes(s), 0);
     return MOE_OK;
 }
 
 static moe_status hash_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
     const hash_state *s = state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
-    moe_status st = hash_check_shape(s, ctx, a->T, a->E, a->k_out);
+    moe_status st = moe_router_check_shape(ctx, a->T, a->E, a->k_out, s->E, s->K);
     if (st != MOE_OK || a->T == 0) return st;
     if (!a->expert || !a->weight)
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "forward: expert and weight must not be NULL");
@@ -172,7 +151,7 @@ static moe_status hash_forward(void *state, const moe_context *ctx, const moe_ro
 static moe_status hash_backward(void *state, const moe_context *ctx, const moe_router_bwd_args *a) {
     const hash_state *s = state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
-    moe_status st = hash_check_shape(s, ctx, a->T, a->E, a->k_out);
+    moe_status st = moe_router_check_shape(ctx, a->T, a->E, a->k_out, s->E, s->K);
     if (st != MOE_OK || a->T == 0) return st;
     if (!a->dlogits) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "backward: dlogits must not be NULL");
     memset(a->dlogits, 0, (size_t)a->T * (size_t)s->E * sizeof(float));
@@ -181,22 +160,7 @@ static moe_status hash_backward(void *state, const moe_context *ctx, const moe_r
 
 static const moe_router_impl hash_cpu = {hash_forward, hash_backward};
 
-static const struct moe_router_plugin_v1 hash_plugin = {
-    .abi_version = MOE_ROUTER_ABI_VERSION,
-    .struct_size = sizeof(struct moe_router_plugin_v1),
-    .name = "hash",
-    .description = "Hash Layers (Roller et al. 2021): K distinct experts from a fixed hash of the token id, weight 1/K",
-    .options = hash_options,
-    .n_options = HASH_N_OPTIONS,
-    .create = hash_create,
-    .destroy = hash_destroy,
-    .query = hash_query,
-    .cpu = &hash_cpu,
-#ifdef MOE_PLUGIN_HAS_CUDA
-    .cuda = &hash_cuda_impl,
-#else
-    .cuda = NULL,
-#endif
-};
-
-MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &hash_plugin; }
+MOE_ROUTER_PLUGIN_V1("hash",
+                     "Hash Layers (Roller et al. 2021): K distinct experts from a fixed hash of the token id, weight 1/K",
+                     hash_options, hash_create, hash_destroy, hash_query, &hash_cpu,
+                     MOE_ROUTER_CUDA_IMPL(hash_cuda_impl))

@@ -15,8 +15,7 @@
  * Pointers in the arguments are device pointers; everything runs on
  * ctx->stream.
  */
-#include <cuda_runtime.h>
-#include <moe/router.h>
+#include <moe/router_cuda.cuh>
 
 /* The instance state exactly as hash.c defines it: both files read one struct. */
 typedef enum hash_key { HASH_KEY_TOKEN = 0, HASH_KEY_POSITION = 1 } hash_key;
@@ -27,38 +26,9 @@ typedef struct hash_state {
 } hash_state;
 
 /* Workspace: one 256-byte block for the error flag (the first bad token). */
-#define HASH_FLAG_BYTES 256
-#define HASH_THREADS 256
-#define HASH_NO_FLAG 0xFFFFFFFFFFFFFFFFull
-
 extern "C" size_t hash_cuda_workspace_bytes(const hash_state *s) {
     (void)s;
-    return HASH_FLAG_BYTES;
-}
-
-/* ---- errors ------------------------------------------------------------------ */
-
-/* A failed CUDA call becomes MOE_ERR_DEVICE with the call named. */
-static moe_status hash_cuda_status(const moe_context *ctx, cudaError_t err, const char *what) {
-    if (err == cudaSuccess) return MOE_OK;
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_DEVICE, "%s failed: %s (%s)", what, cudaGetErrorString(err),
-                    cudaGetErrorName(err));
-}
-#define HASH_CUDA(call)                                                 \
-    do {                                                                \
-        moe_status st_ = hash_cuda_status(ctx, (call), #call);          \
-        if (st_ != MOE_OK) return st_;                                  \
-    } while (0)
-/* A bad launch configuration is reported by the next cudaGetLastError. */
-#define HASH_LAUNCHED(kernel)                                                            \
-    do {                                                                                 \
-        moe_status st_ = hash_cuda_status(ctx, cudaGetLastError(), "launch of " #kernel); \
-        if (st_ != MOE_OK) return st_;                                                   \
-    } while (0)
-
-static unsigned hash_blocks(size_t n, size_t cap) {
-    size_t b = (n + HASH_THREADS - 1) / HASH_THREADS;
-    return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
+    return MOE_ROUTER_CUDA_FLAG_BYTES;
 }
 
 /* ---- the hash (device copies of hash.c's; see there for why) ------------------- */
@@ -94,13 +64,6 @@ __device__ void hash_experts(uint64_t h, int32_t E, int32_t K, int32_t *experts)
 
 /* ---- kernels ------------------------------------------------------------------- */
 
-/* flag = the smallest t whose id lies outside [0, vocab): atomicMin keeps the
- * first, the one the CPU loop reports. */
-__global__ void hash_find_bad_id(const int32_t *token_ids, int32_t T, int32_t vocab, unsigned long long *flag) {
-    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < T; t += (int64_t)gridDim.x * blockDim.x)
-        if (token_ids[t] < 0 || token_ids[t] >= vocab) atomicMin(flag, (unsigned long long)t);
-}
-
 /* token_ids = NULL hashes the position t (key = "position"). */
 __global__ void hash_forward_kernel(const int32_t *token_ids, int32_t T, int32_t E, int32_t K, float w,
                                     int32_t *expert, float *weight) {
@@ -113,34 +76,21 @@ __global__ void hash_forward_kernel(const int32_t *token_ids, int32_t T, int32_t
 
 /* ---- host side ------------------------------------------------------------------- */
 
-/* Shapes the host passes must be the ones this instance was created for. */
-static moe_status hash_cuda_check_shape(const hash_state *s, const moe_context *ctx, int32_t T, int32_t E,
-                                        int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", T);
-    if (E != s->E || k_out != s->K)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "called with E = %d, k_out = %d; this instance has E = %d, k_out = %d", E, k_out, s->E, s->K);
-    return MOE_OK;
-}
-
-/* Every id is checked before any output is written: the one copy back of a call. */
+/* Every id is checked before any output is written: the first id outside
+ * [0, vocab) is flagged on the device, and one copy brings the flag home. */
 static moe_status hash_cuda_check_ids(const hash_state *s, const moe_context *ctx, cudaStream_t stream,
                                       const int32_t *token_ids, int32_t T) {
-    size_t need = hash_cuda_workspace_bytes(s);
-    if (!ctx->workspace || ctx->workspace_bytes < need)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes given, query() asked for %zu", ctx->workspace_bytes, need);
+    moe_status st = moe_router_check_workspace(ctx, hash_cuda_workspace_bytes(s));
+    if (st != MOE_OK) return st;
     unsigned long long *flag = (unsigned long long *)ctx->workspace;
-    HASH_CUDA(cudaMemsetAsync(flag, 0xFF, sizeof *flag, stream));
-    hash_find_bad_id<<<hash_blocks((size_t)T, 1024), HASH_THREADS, 0, stream>>>(token_ids, T, s->vocab_size, flag);
-    HASH_LAUNCHED(hash_find_bad_id);
+    MOE_ROUTER_CUDA(cudaMemsetAsync(flag, 0xFF, sizeof *flag, stream));
+    st = moe_router_cuda_flag_out_of_range(ctx, stream, token_ids, (size_t)T, 0, s->vocab_size, flag);
     unsigned long long first = 0;
-    HASH_CUDA(cudaMemcpyAsync(&first, flag, sizeof first, cudaMemcpyDeviceToHost, stream));
-    HASH_CUDA(cudaStreamSynchronize(stream));
-    if (first == HASH_NO_FLAG) return MOE_OK;
+    if (st == MOE_OK) st = moe_router_cuda_read_flags(ctx, stream, flag, &first, 1);
+    if (st != MOE_OK || first == MOE_ROUTER_NO_FLAG) return st;
     int32_t id = 0; /* only on failure: fetch the id to name it */
-    HASH_CUDA(cudaMemcpyAsync(&id, token_ids + first, sizeof id, cudaMemcpyDeviceToHost, stream));
-    HASH_CUDA(cudaStreamSynchronize(stream));
+    st = moe_router_cuda_fetch(ctx, stream, &id, token_ids + first, sizeof id);
+    if (st != MOE_OK) return st;
     return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "token %d has id %d, outside the vocabulary [0, %d)",
                     (int)first, id, s->vocab_size);
 }
@@ -148,7 +98,7 @@ static moe_status hash_cuda_check_ids(const hash_state *s, const moe_context *ct
 static moe_status hash_cuda_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
     const hash_state *s = (const hash_state *)state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
-    moe_status st = hash_cuda_check_shape(s, ctx, a->T, a->E, a->k_out);
+    moe_status st = moe_router_check_shape(ctx, a->T, a->E, a->k_out, s->E, s->K);
     if (st != MOE_OK || a->T == 0) return st;
     if (!a->expert || !a->weight)
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "forward: expert and weight must not be NULL");
@@ -161,9 +111,9 @@ static moe_status hash_cuda_forward(void *state, const moe_context *ctx, const m
         st = hash_cuda_check_ids(s, ctx, stream, ids, a->T);
         if (st != MOE_OK) return st;
     }
-    hash_forward_kernel<<<hash_blocks((size_t)a->T, (size_t)1 << 30), HASH_THREADS, 0, stream>>>(
+    hash_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         ids, a->T, s->E, s->K, 1.0f / (float)s->K, a->expert, a->weight);
-    HASH_LAUNCHED(hash_forward_kernel);
+    MOE_ROUTER_LAUNCHED(hash_forward_kernel);
     return MOE_OK;
 }
 
@@ -173,10 +123,10 @@ static moe_status hash_cuda_forward(void *state, const moe_context *ctx, const m
 static moe_status hash_cuda_backward(void *state, const moe_context *ctx, const moe_router_bwd_args *a) {
     const hash_state *s = (const hash_state *)state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
-    moe_status st = hash_cuda_check_shape(s, ctx, a->T, a->E, a->k_out);
+    moe_status st = moe_router_check_shape(ctx, a->T, a->E, a->k_out, s->E, s->K);
     if (st != MOE_OK || a->T == 0) return st;
     if (!a->dlogits) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "backward: dlogits must not be NULL");
-    HASH_CUDA(cudaMemsetAsync(a->dlogits, 0, (size_t)a->T * (size_t)s->E * sizeof(float), (cudaStream_t)ctx->stream));
+    MOE_ROUTER_CUDA(cudaMemsetAsync(a->dlogits, 0, (size_t)a->T * (size_t)s->E * sizeof(float), (cudaStream_t)ctx->stream));
     return MOE_OK;
 }
 

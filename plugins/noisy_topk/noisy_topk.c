@@ -38,11 +38,10 @@ typedef struct noisy_state {
     int32_t max_tokens;  /* bound on T: sizes the CUDA path's scratch */
 } noisy_state;
 
-#ifdef MOE_PLUGIN_HAS_CUDA
-/* The CUDA path (noisy_topk.cu): its table, and the workspace it needs. */
+/* The CUDA path (noisy_topk.cu): its table, and the workspace it needs. Defined
+ * only when the build compiles noisy_topk.cu; MOE_ROUTER_IF_CUDA uses them only then. */
 extern const moe_router_impl noisy_topk_cuda_impl;
 size_t noisy_topk_cuda_workspace_bytes(const noisy_state *s);
-#endif
 
 static const moe_option_spec noisy_options[] = {
     {"learned", MOE_OPT_BOOL, "true", NULL, 0.0, 0.0,
@@ -77,15 +76,8 @@ static moe_status noisy_create(const moe_router_dims *dims, const moe_option *op
     moe_status st = moe_options_resolve(noisy_options, NOISY_N_OPTIONS, opts, n_opts, v, msg, msg_cap);
     if (st != MOE_OK) return st;
     if (!dims || !state) return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "create: dims and state must not be NULL");
-    if (dims->num_experts < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "num_experts = %d; set [moe].num_experts >= 1",
-                        dims->num_experts);
-    if (dims->top_k < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "top_k = %d; set [moe].top_k >= 1", dims->top_k);
-    if (dims->top_k > dims->num_experts)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", dims->top_k,
-                        dims->num_experts);
+    st = moe_router_check_dims(dims, msg, msg_cap);
+    if (st != MOE_OK) return st;
     int learned = moe_option_get(v, NOISY_N_OPTIONS, "learned")->i != 0;
     if (learned && dims->d_model < 1)
         return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
@@ -114,12 +106,8 @@ static moe_status noisy_query(const void *state, moe_router_info *info) {
     info->k_out = s->K;
     info->flags = MOE_ROUTER_PERTURBS_LOGITS | MOE_ROUTER_WEIGHT_SUM_EXACT;
     info->weight_sum = 1.0f;
-    info->workspace_bytes = 0;
-#ifdef MOE_PLUGIN_HAS_CUDA
-    /* One workspace serves whichever table the host calls: the larger need. */
-    size_t cuda_bytes = noisy_topk_cuda_workspace_bytes(s);
-    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
-#endif
+    /* The CPU path needs none; the CUDA path's flags and scratch when it is built. */
+    info->workspace_bytes = MOE_ROUTER_IF_CUDA(noisy_topk_cuda_workspace_bytes(s), 0);
     if (s->learned) {
         /* Zero init as in the paper: every sigma starts at softplus(0) = ln 2
          * and training moves it. Decaying W_noise would pull sigma back
@@ -141,18 +129,11 @@ static moe_status noisy_query(const void *state, moe_router_info *info) {
  * reads x and W_noise. */
 static moe_status noisy_check_common(const noisy_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                      int32_t k_out, const float *logits, const float *x, float *const *params) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", T);
-    if (E != s->E || k_out != s->K)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "called with E = %d, k_out = %d; this instance has E = %d, k_out = %d", E, k_out, s->E, s->K);
-    if (T == 0) return MOE_OK;
+    moe_status st = moe_router_check_shape(ctx, T, E, k_out, s->E, s->K);
+    if (st != MOE_OK || T == 0) return st;
     if (!logits) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "logits must not be NULL");
-    for (int32_t t = 0; t < T; ++t)
-        for (int32_t e = 0; e < E; ++e)
-            if (!isfinite(logits[(size_t)t * E + e]))
-                return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                                "logit of token %d, expert %d is %g; routing needs finite logits", t, e,
-                                (double)logits[(size_t)t * E + e]);
+    st = moe_router_check_token_logits_cpu(ctx, logits, T, E);
+    if (st != MOE_OK) return st;
     if (s->learned && ctx->training && (!x || !params || !params[0]))
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "learned noise in training needs x and the w_noise parameter (got NULL)");
@@ -209,11 +190,9 @@ static moe_status noisy_backward(void *state, const moe_context *ctx, const moe_
     if (noise_path && (!a->dx || !a->param_grads || !a->param_grads[0]))
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "backward: learned noise in training needs dx and the w_noise gradient (got NULL)");
-    for (size_t i = 0; i < (size_t)a->T * K; ++i)
-        if (a->expert[i] < 0 || a->expert[i] >= E)
-            return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                            "backward: token %d, entry %d names expert %d, outside [0, %d)", (int)(i / K),
-                            (int)(i % K), a->expert[i], E);
+    /* Forward fills every entry: an expert, never -1. */
+    st = moe_router_check_expert_entries_cpu(ctx, a->expert, a->T, K, 0, E);
+    if (st != MOE_OK) return st;
 
     for (int32_t t = 0; t < a->T; ++t) {
         /* dl' is built in the dlogits row, which is also the final dlogits. */
@@ -242,22 +221,7 @@ static moe_status noisy_backward(void *state, const moe_context *ctx, const moe_
 
 static const moe_router_impl noisy_cpu = {noisy_forward, noisy_backward};
 
-static const struct moe_router_plugin_v1 noisy_plugin = {
-    .abi_version = MOE_ROUTER_ABI_VERSION,
-    .struct_size = sizeof(struct moe_router_plugin_v1),
-    .name = "noisy_topk",
-    .description = "Noisy Top-K (Shazeer et al. 2017): softk on l + sigma * N(0,1) in training, sigma fixed or learned",
-    .options = noisy_options,
-    .n_options = NOISY_N_OPTIONS,
-    .create = noisy_create,
-    .destroy = noisy_destroy,
-    .query = noisy_query,
-    .cpu = &noisy_cpu,
-#ifdef MOE_PLUGIN_HAS_CUDA
-    .cuda = &noisy_topk_cuda_impl,
-#else
-    .cuda = NULL,
-#endif
-};
-
-MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &noisy_plugin; }
+MOE_ROUTER_PLUGIN_V1("noisy_topk",
+                     "Noisy Top-K (Shazeer et al. 2017): softk on l + sigma * N(0,1) in training, sigma fixed or learned",
+                     noisy_options, noisy_create, noisy_destroy, noisy_query, &noisy_cpu,
+                     MOE_ROUTER_CUDA_IMPL(noisy_topk_cuda_impl))

@@ -35,8 +35,7 @@
  * Pointers in the arguments are device pointers (params and param_grads are
  * host arrays of device pointers); everything runs on ctx->stream.
  */
-#include <cuda_runtime.h>
-#include <moe/router.h>
+#include <moe/router_cuda.cuh>
 
 /* The instance state exactly as noisy_topk.c defines it: both files read one struct. */
 typedef struct noisy_state {
@@ -47,48 +46,18 @@ typedef struct noisy_state {
     int32_t max_tokens;
 } noisy_state;
 
-#define NOISY_THREADS 256
-#define NOISY_NO_FLAG 0xFFFFFFFFFFFFFFFFull
-
 /* Workspace for T tokens:
  *   flags   256 bytes   [0] first non-finite logit (t*E + e); [1] forward: first
  *                       non-finite perturbed logit, backward: first expert
  *                       entry outside [0, E) (t*K + j)
  *   dpre    [T,E] float learned noise only: dL/dpre, summed over t for dW and
  *                       over e for dx by the passes that follow */
-#define NOISY_FLAG_BYTES 256
-
 static size_t noisy_cuda_bytes_for(const noisy_state *s, int32_t T) {
-    return NOISY_FLAG_BYTES + (s->learned ? (size_t)T * s->E * sizeof(float) : 0);
+    return MOE_ROUTER_CUDA_FLAG_BYTES + (s->learned ? (size_t)T * s->E * sizeof(float) : 0);
 }
 
 extern "C" size_t noisy_topk_cuda_workspace_bytes(const noisy_state *s) {
     return noisy_cuda_bytes_for(s, s->max_tokens);
-}
-
-/* ---- errors ------------------------------------------------------------------ */
-
-/* A failed CUDA call becomes MOE_ERR_DEVICE with the call named. */
-static moe_status noisy_cuda_status(const moe_context *ctx, cudaError_t err, const char *what) {
-    if (err == cudaSuccess) return MOE_OK;
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_DEVICE, "%s failed: %s (%s)", what, cudaGetErrorString(err),
-                    cudaGetErrorName(err));
-}
-#define NOISY_CUDA(call)                                                \
-    do {                                                                \
-        moe_status st_ = noisy_cuda_status(ctx, (call), #call);         \
-        if (st_ != MOE_OK) return st_;                                  \
-    } while (0)
-/* A bad launch configuration is reported by the next cudaGetLastError. */
-#define NOISY_LAUNCHED(kernel)                                                            \
-    do {                                                                                  \
-        moe_status st_ = noisy_cuda_status(ctx, cudaGetLastError(), "launch of " #kernel); \
-        if (st_ != MOE_OK) return st_;                                                    \
-    } while (0)
-
-static unsigned noisy_blocks(size_t n, size_t cap) {
-    size_t b = (n + NOISY_THREADS - 1) / NOISY_THREADS;
-    return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
 }
 
 /* ---- the noise (device copies of noisy_topk.c's) ------------------------------- */
@@ -146,18 +115,6 @@ __global__ void noisy_route_kernel(const float *route_logits, int32_t T, int32_t
     moe_softk_weights(lp, expert, K, temperature, weight_out + (size_t)t * K);
 }
 
-/* flag = the smallest t*E + e whose logit is not finite (backward). */
-__global__ void noisy_find_nonfinite(const float *logits, size_t n, unsigned long long *flag) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (!isfinite(logits[i])) atomicMin(flag, (unsigned long long)i);
-}
-
-/* flag = the first entry naming an expert outside [0, E). */
-__global__ void noisy_find_bad_expert(const int32_t *expert, size_t n, int32_t E, unsigned long long *flag) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (expert[i] < 0 || expert[i] >= E) atomicMin(flag, (unsigned long long)i);
-}
-
 /* dl' = d_route_logits (or 0) + the softk backward of dweight; dl'/dl = 1, so
  * dl' is also dlogits. */
 __global__ void noisy_dlp_kernel(const int32_t *expert, const float *weight, const float *dweight,
@@ -212,54 +169,35 @@ __global__ void noisy_dx_kernel(const float *dpre, const float *w_noise, int32_t
  * values are checked on the device). */
 static moe_status noisy_cuda_check_common(const noisy_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                           int32_t k_out, const float *logits, const float *x, float *const *params) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", T);
-    if (E != s->E || k_out != s->K)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "called with E = %d, k_out = %d; this instance has E = %d, k_out = %d", E, k_out, s->E, s->K);
-    if (T == 0) return MOE_OK;
+    moe_status st = moe_router_check_shape(ctx, T, E, k_out, s->E, s->K);
+    if (st != MOE_OK || T == 0) return st;
     if (!logits) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "logits must not be NULL");
     if (s->learned && ctx->training && (!x || !params || !params[0]))
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "learned noise in training needs x and the w_noise parameter (got NULL)");
-    size_t need = noisy_cuda_bytes_for(s, T);
-    if (!ctx->workspace || ctx->workspace_bytes < need)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes is too small for T = %d (needs %zu; max_tokens = %d)",
-                        ctx->workspace ? ctx->workspace_bytes : (size_t)0, T, need, s->max_tokens);
-    return MOE_OK;
+    return moe_router_check_workspace_for(ctx, noisy_cuda_bytes_for(s, T), T, s->max_tokens);
 }
 
-/* Brings the two flags home (the one copy back of a call) and turns the first
- * set one into the CPU's message: logits first, as the CPU checks them first. */
-static moe_status noisy_cuda_read_flags(const moe_context *ctx, cudaStream_t stream, const float *logits,
-                                        const float *route_logits, const int32_t *expert, int32_t E, int32_t K) {
-    const unsigned long long *flags = (const unsigned long long *)ctx->workspace;
+/* Brings the perturb kernel's two flags home (the one copy back of a call)
+ * and turns the first set one into the CPU's message: logits first, as the
+ * CPU checks them first, then the perturbed logits. */
+static moe_status noisy_cuda_read_perturb_flags(const moe_context *ctx, cudaStream_t stream, const float *logits,
+                                                const float *route_logits, int32_t E) {
     unsigned long long first[2] = {0, 0};
-    NOISY_CUDA(cudaMemcpyAsync(first, flags, sizeof first, cudaMemcpyDeviceToHost, stream));
-    NOISY_CUDA(cudaStreamSynchronize(stream));
-    if (first[0] != NOISY_NO_FLAG) {
-        float v = 0.0f; /* only on failure: fetch the value to name it */
-        NOISY_CUDA(cudaMemcpyAsync(&v, logits + first[0], sizeof v, cudaMemcpyDeviceToHost, stream));
-        NOISY_CUDA(cudaStreamSynchronize(stream));
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "logit of token %d, expert %d is %g; routing needs finite logits", (int)(first[0] / E),
-                        (int)(first[0] % E), (double)v);
+    moe_status st =
+        moe_router_cuda_read_flags(ctx, stream, (const unsigned long long *)ctx->workspace, first, 2);
+    if (st != MOE_OK) return st;
+    float v = 0.0f; /* only on failure: fetch the value to name it */
+    if (first[0] != MOE_ROUTER_NO_FLAG) {
+        st = moe_router_cuda_fetch(ctx, stream, &v, logits + first[0], sizeof v);
+        return st != MOE_OK ? st : moe_router_fail_token_logit(ctx, first[0] / E, first[0] % E, v);
     }
-    if (first[1] == NOISY_NO_FLAG) return MOE_OK;
-    if (route_logits) {
-        float v = 0.0f;
-        NOISY_CUDA(cudaMemcpyAsync(&v, route_logits + first[1], sizeof v, cudaMemcpyDeviceToHost, stream));
-        NOISY_CUDA(cudaStreamSynchronize(stream));
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "perturbed logit of token %d, expert %d is %g; check x and w_noise", (int)(first[1] / E),
-                        (int)(first[1] % E), (double)v);
-    }
-    int32_t bad = 0;
-    NOISY_CUDA(cudaMemcpyAsync(&bad, expert + first[1], sizeof bad, cudaMemcpyDeviceToHost, stream));
-    NOISY_CUDA(cudaStreamSynchronize(stream));
+    if (first[1] == MOE_ROUTER_NO_FLAG) return MOE_OK;
+    st = moe_router_cuda_fetch(ctx, stream, &v, route_logits + first[1], sizeof v);
+    if (st != MOE_OK) return st;
     return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                    "backward: token %d, entry %d names expert %d, outside [0, %d)", (int)(first[1] / K),
-                    (int)(first[1] % K), bad, E);
+                    "perturbed logit of token %d, expert %d is %g; check x and w_noise", (int)(first[1] / E),
+                    (int)(first[1] % E), (double)v);
 }
 
 static moe_status noisy_cuda_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
@@ -275,19 +213,19 @@ static moe_status noisy_cuda_forward(void *state, const moe_context *ctx, const 
     const float *w_noise = s->learned && ctx->training ? a->params[0] : NULL;
     unsigned long long *flags = (unsigned long long *)ctx->workspace;
 
-    NOISY_CUDA(cudaMemsetAsync(flags, 0xFF, 2 * sizeof *flags, stream));
-    noisy_perturb_kernel<<<noisy_blocks((size_t)T * E, 1u << 16), NOISY_THREADS, 0, stream>>>(
+    MOE_ROUTER_CUDA(cudaMemsetAsync(flags, 0xFF, 2 * sizeof *flags, stream));
+    noisy_perturb_kernel<<<moe_router_cuda_blocks((size_t)T * E, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->logits, T, E, ctx->training != 0, ctx->rng, s->noise_std, a->x, w_noise, s->d_model, a->route_logits,
         flags);
-    NOISY_LAUNCHED(noisy_perturb_kernel);
+    MOE_ROUTER_LAUNCHED(noisy_perturb_kernel);
     /* route_logits is written by now; expert and weight only once l and l'
      * are known to be finite. */
-    st = noisy_cuda_read_flags(ctx, stream, a->logits, a->route_logits, NULL, E, K);
+    st = noisy_cuda_read_perturb_flags(ctx, stream, a->logits, a->route_logits, E);
     if (st != MOE_OK) return st;
 
-    noisy_route_kernel<<<noisy_blocks((size_t)T, (size_t)1 << 30), NOISY_THREADS, 0, stream>>>(
+    noisy_route_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->route_logits, T, E, K, s->temperature, a->expert, a->weight);
-    NOISY_LAUNCHED(noisy_route_kernel);
+    MOE_ROUTER_LAUNCHED(noisy_route_kernel);
     return MOE_OK;
 }
 
@@ -305,32 +243,28 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "backward: learned noise in training needs dx and the w_noise gradient (got NULL)");
     cudaStream_t stream = (cudaStream_t)ctx->stream;
-    unsigned long long *flags = (unsigned long long *)ctx->workspace;
-    const size_t n = (size_t)T * E, nk = (size_t)T * K;
-
-    NOISY_CUDA(cudaMemsetAsync(flags, 0xFF, 2 * sizeof *flags, stream));
-    noisy_find_bad_expert<<<noisy_blocks(nk, 1024), NOISY_THREADS, 0, stream>>>(a->expert, nk, E, &flags[1]);
-    NOISY_LAUNCHED(noisy_find_bad_expert);
-    noisy_find_nonfinite<<<noisy_blocks(n, 1024), NOISY_THREADS, 0, stream>>>(a->logits, n, &flags[0]);
-    NOISY_LAUNCHED(noisy_find_nonfinite);
-    st = noisy_cuda_read_flags(ctx, stream, a->logits, NULL, a->expert, E, K);
+    const size_t n = (size_t)T * E;
+    /* Non-finite logits and expert entries outside [0, E), in one copy back. */
+    st = moe_router_cuda_check_values(ctx, stream, a->logits, T, E, a->expert, K, 0,
+                                      (unsigned long long *)ctx->workspace);
     if (st != MOE_OK) return st;
 
-    noisy_dlp_kernel<<<noisy_blocks((size_t)T, (size_t)1 << 30), NOISY_THREADS, 0, stream>>>(
+    noisy_dlp_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->expert, a->weight, a->dweight, a->d_route_logits, T, E, K, s->temperature, a->dlogits);
-    NOISY_LAUNCHED(noisy_dlp_kernel);
+    MOE_ROUTER_LAUNCHED(noisy_dlp_kernel);
     if (!noise_path) return MOE_OK;
 
-    float *dpre = (float *)((char *)ctx->workspace + NOISY_FLAG_BYTES);
+    float *dpre = (float *)((char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES);
     const float *W = a->params[0];
-    noisy_dpre_kernel<<<noisy_blocks(n, 1u << 16), NOISY_THREADS, 0, stream>>>(a->dlogits, a->x, W, T, E, D, ctx->rng,
-                                                                               dpre);
-    NOISY_LAUNCHED(noisy_dpre_kernel);
-    noisy_dw_kernel<<<noisy_blocks((size_t)D * E, 1u << 16), NOISY_THREADS, 0, stream>>>(a->x, dpre, T, E, D,
-                                                                                         a->param_grads[0]);
-    NOISY_LAUNCHED(noisy_dw_kernel);
-    noisy_dx_kernel<<<noisy_blocks((size_t)T * D, 1u << 16), NOISY_THREADS, 0, stream>>>(dpre, W, T, E, D, a->dx);
-    NOISY_LAUNCHED(noisy_dx_kernel);
+    noisy_dpre_kernel<<<moe_router_cuda_blocks(n, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+        a->dlogits, a->x, W, T, E, D, ctx->rng, dpre);
+    MOE_ROUTER_LAUNCHED(noisy_dpre_kernel);
+    noisy_dw_kernel<<<moe_router_cuda_blocks((size_t)D * E, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+        a->x, dpre, T, E, D, a->param_grads[0]);
+    MOE_ROUTER_LAUNCHED(noisy_dw_kernel);
+    noisy_dx_kernel<<<moe_router_cuda_blocks((size_t)T * D, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+        dpre, W, T, E, D, a->dx);
+    MOE_ROUTER_LAUNCHED(noisy_dx_kernel);
     return MOE_OK;
 }
 

@@ -53,11 +53,10 @@ typedef struct softk_state {
     int32_t max_tokens;  /* bound on T: sizes the CUDA path's per-token scratch */
 } softk_state;
 
-#ifdef MOE_PLUGIN_HAS_CUDA
-/* The CUDA path (softk.cu): its table, and the workspace it needs. */
+/* The CUDA path (softk.cu): its table, and the workspace it needs. Defined
+ * only when the build compiles softk.cu; MOE_ROUTER_IF_CUDA uses them only then. */
 extern const moe_router_impl softk_cuda_impl;
 size_t softk_cuda_workspace_bytes(const softk_state *s);
-#endif
 
 static const moe_option_spec softk_options[] = {
     {"temperature", MOE_OPT_FLOAT, "1.0", NULL, 1e-3, 1e3,
@@ -72,29 +71,16 @@ static const moe_option_spec softk_options[] = {
 
 static moe_status softk_create(const moe_router_dims *dims, const moe_option *opts, int32_t n_opts,
                                void **state, char *msg, size_t msg_cap) {
-    if (!dims || !state || n_opts < 0 || (n_opts > 0 && !opts))
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "create: dims and state must not be NULL, options must be an array of n_opts >= 0");
-    *state = NULL;
-
     moe_option resolved[SOFTK_N_OPTIONS];
-    moe_status st = moe_options_resolve(softk_options, SOFTK_N_OPTIONS, opts, n_opts, resolved, msg, msg_cap);
+    moe_status st = moe_router_check_create_args(dims, opts, n_opts, state, msg, msg_cap);
+    if (st == MOE_OK) st = moe_options_resolve(softk_options, SOFTK_N_OPTIONS, opts, n_opts, resolved, msg, msg_cap);
+    if (st == MOE_OK) st = moe_router_check_dims(dims, msg, msg_cap);
     if (st != MOE_OK) return st;
-
-    const int32_t E = dims->num_experts, K = dims->top_k;
-    if (E < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "num_experts = %d; set [moe].num_experts >= 1", (int)E);
-    if (K < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "top_k = %d; set [moe].top_k >= 1", (int)K);
-    if (K > E)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", (int)K, (int)E);
 
     softk_state *s = malloc(sizeof *s);
     if (!s) return moe_fail(msg, msg_cap, MOE_ERR_NO_MEMORY, "out of memory for the router state");
-    s->num_experts = E;
-    s->top_k = K;
+    s->num_experts = dims->num_experts;
+    s->top_k = dims->top_k;
     s->max_tokens = dims->max_tokens > 0 ? dims->max_tokens : 0;
     s->temperature = (float)moe_option_get(resolved, SOFTK_N_OPTIONS, "temperature")->f;
     /* The resolved string may point into the caller's config: keep the enum, not the text. */
@@ -140,20 +126,14 @@ static softk_scratch softk_carve(const softk_state *s, void *workspace) {
 
 static moe_status softk_query(const void *state, moe_router_info *info) {
     const softk_state *s = state;
-    if (!s || !info || info->struct_size < sizeof *info) return MOE_ERR_INVALID_ARG;
-    uint32_t host_size = info->struct_size;
-    memset(info, 0, sizeof *info);
-    info->struct_size = host_size;
+    if (!s || moe_router_info_reset(info) != MOE_OK) return MOE_ERR_INVALID_ARG;
     info->k_out = s->top_k;
     /* Both normalizations divide by their own sum over the K selected. */
     info->flags = MOE_ROUTER_WEIGHT_SUM_EXACT;
     info->weight_sum = 1.0f;
-    info->workspace_bytes = softk_workspace_bytes(s);
-#ifdef MOE_PLUGIN_HAS_CUDA
     /* One workspace serves whichever table the host calls: the larger need. */
-    size_t cuda_bytes = softk_cuda_workspace_bytes(s);
-    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
-#endif
+    info->workspace_bytes =
+        moe_router_max_bytes(softk_workspace_bytes(s), MOE_ROUTER_IF_CUDA(softk_cuda_workspace_bytes(s), 0));
     return MOE_OK;
 }
 
@@ -161,34 +141,10 @@ static moe_status softk_query(const void *state, moe_router_info *info) {
 
 static moe_status softk_check_call(const softk_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                    int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", (int)T);
-    if (E != s->num_experts)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "E = %d but this instance was created with num_experts = %d", (int)E,
-                        (int)s->num_experts);
-    if (k_out != s->top_k)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "k_out = %d but this instance writes top_k = %d assignments per token", (int)k_out,
-                        (int)s->top_k);
-    size_t need = softk_workspace_bytes(s);
-    if (T > 0 && (!ctx->workspace || ctx->workspace_bytes < need))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes given, query() asked for %zu", ctx->workspace_bytes, need);
-    return MOE_OK;
-}
-
-/* All logits are checked before any output is written, so a failed call
- * leaves no half-routed batch behind. */
-static moe_status softk_check_logits(const moe_context *ctx, const float *logits, int32_t T, int32_t E) {
-    for (int32_t t = 0; t < T; ++t)
-        for (int32_t j = 0; j < E; ++j) {
-            float v = logits[(size_t)t * E + j];
-            if (!isfinite(v))
-                return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                                "logit[%d,%d] is %s: the gate produced a non-finite value", (int)t, (int)j,
-                                isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
-        }
-    return MOE_OK;
+    moe_status st = moe_router_check_T_E(ctx, T, E, s->num_experts);
+    if (st == MOE_OK) st = moe_router_check_k_out(ctx, k_out, s->top_k);
+    if (st == MOE_OK && T > 0) st = moe_router_check_workspace(ctx, softk_workspace_bytes(s));
+    return st;
 }
 
 /* ---- the two normalizations, one row each ---------------------------------- */
@@ -233,10 +189,8 @@ static moe_status softk_forward(void *state, const moe_context *ctx, const moe_r
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = softk_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->expert || !a->weight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "forward: logits, expert and weight must not be NULL when T = %d > 0", (int)a->T);
-    st = softk_check_logits(ctx, a->logits, a->T, a->E);
+    st = moe_router_check_fwd_args(ctx, a);
+    if (st == MOE_OK) st = moe_router_check_logits_cpu(ctx, a->logits, a->T, a->E);
     if (st != MOE_OK) return st;
 
     const int32_t T = a->T, E = a->E, K = s->top_k;
@@ -260,10 +214,9 @@ static moe_status softk_backward(void *state, const moe_context *ctx, const moe_
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = softk_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->dweight || !a->dlogits)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: logits, dweight and dlogits must not be NULL when T = %d > 0", (int)a->T);
-    st = softk_check_logits(ctx, a->logits, a->T, a->E);
+    st = moe_router_check_present(ctx, a->T, a->logits && a->dweight && a->dlogits,
+                                  "backward: logits, dweight and dlogits");
+    if (st == MOE_OK) st = moe_router_check_logits_cpu(ctx, a->logits, a->T, a->E);
     if (st != MOE_OK) return st;
 
     const int32_t T = a->T, E = a->E, K = s->top_k;
@@ -294,22 +247,6 @@ static moe_status softk_backward(void *state, const moe_context *ctx, const moe_
 
 static const moe_router_impl softk_cpu = {softk_forward, softk_backward};
 
-static const struct moe_router_plugin_v1 softk_plugin = {
-    .abi_version = MOE_ROUTER_ABI_VERSION,
-    .struct_size = sizeof(struct moe_router_plugin_v1),
-    .name = "softk",
-    .description = "top-K experts by logit, weighted by a softmax over the selected logits / temperature",
-    .options = softk_options,
-    .n_options = SOFTK_N_OPTIONS,
-    .create = softk_create,
-    .destroy = softk_destroy,
-    .query = softk_query,
-    .cpu = &softk_cpu,
-#ifdef MOE_PLUGIN_HAS_CUDA
-    .cuda = &softk_cuda_impl,
-#else
-    .cuda = NULL,
-#endif
-};
-
-MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &softk_plugin; }
+MOE_ROUTER_PLUGIN_V1("softk", "top-K experts by logit, weighted by a softmax over the selected logits / temperature",
+                     softk_options, softk_create, softk_destroy, softk_query, &softk_cpu,
+                     MOE_ROUTER_CUDA_IMPL(softk_cuda_impl))

@@ -18,8 +18,7 @@
  * Pointers in the arguments are device pointers; everything runs on
  * ctx->stream.
  */
-#include <cuda_runtime.h>
-#include <moe/router.h>
+#include <moe/router_cuda.cuh>
 
 /* Floor of the selected probabilities in normalize = "sum" (softk.c's SOFTK_SUM_FLOOR). */
 #define SOFTK_SUM_FLOOR 1e-9f
@@ -41,10 +40,6 @@ typedef struct softk_state {
  *     dp[K]   gradient at the selected p   "sum" only
  *     idx[K]  selected experts
  * The CPU loop reuses one row; here every token runs at once. */
-#define SOFTK_FLAG_BYTES 256
-#define SOFTK_THREADS 256
-#define SOFTK_NO_FLAG 0xFFFFFFFFFFFFFFFFull
-
 typedef struct softk_scratch {
     float *p;
     float *w;
@@ -69,35 +64,10 @@ __device__ softk_scratch softk_carve(char *rows, int32_t E, int32_t K, int sum, 
 }
 
 static size_t softk_cuda_bytes_for(const softk_state *s, int32_t T) {
-    return SOFTK_FLAG_BYTES + (size_t)T * softk_row_bytes(s->num_experts, s->top_k, s->normalize == SOFTK_SUM);
+    return MOE_ROUTER_CUDA_FLAG_BYTES + (size_t)T * softk_row_bytes(s->num_experts, s->top_k, s->normalize == SOFTK_SUM);
 }
 
 extern "C" size_t softk_cuda_workspace_bytes(const softk_state *s) { return softk_cuda_bytes_for(s, s->max_tokens); }
-
-/* ---- errors ------------------------------------------------------------------ */
-
-/* A failed CUDA call becomes MOE_ERR_DEVICE with the call named. */
-static moe_status softk_cuda_status(const moe_context *ctx, cudaError_t err, const char *what) {
-    if (err == cudaSuccess) return MOE_OK;
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_DEVICE, "%s failed: %s (%s)", what, cudaGetErrorString(err),
-                    cudaGetErrorName(err));
-}
-#define SOFTK_CUDA(call)                                                \
-    do {                                                                \
-        moe_status st_ = softk_cuda_status(ctx, (call), #call);         \
-        if (st_ != MOE_OK) return st_;                                  \
-    } while (0)
-/* A bad launch configuration is reported by the next cudaGetLastError. */
-#define SOFTK_LAUNCHED(kernel)                                                            \
-    do {                                                                                  \
-        moe_status st_ = softk_cuda_status(ctx, cudaGetLastError(), "launch of " #kernel); \
-        if (st_ != MOE_OK) return st_;                                                    \
-    } while (0)
-
-static unsigned softk_blocks(size_t n, size_t cap) {
-    size_t b = (n + SOFTK_THREADS - 1) / SOFTK_THREADS;
-    return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
-}
 
 /* ---- the two normalizations, one row each (device copies of softk.c's) ---------- */
 
@@ -135,13 +105,6 @@ __device__ void softk_sum_backward(const int32_t *idx, int32_t K, int32_t E, flo
 }
 
 /* ---- kernels ------------------------------------------------------------------- */
-
-/* flag = the smallest t*E + j whose logit is not finite: atomicMin keeps the
- * first in row-major order, the one the CPU loop reports. */
-__global__ void softk_find_nonfinite(const float *logits, size_t n, unsigned long long *flag) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (!isfinite(logits[i])) atomicMin(flag, (unsigned long long)i);
-}
 
 __global__ void softk_forward_kernel(const float *logits, int32_t T, int32_t E, int32_t K, float tau, int sum,
                                      char *rows, int32_t *expert, float *weight) {
@@ -185,42 +148,10 @@ __global__ void softk_backward_kernel(const float *logits, const float *dweight,
 /* The checks of softk_check_call, against this path's workspace. */
 static moe_status softk_cuda_check_call(const softk_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                         int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", (int)T);
-    if (E != s->num_experts)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "E = %d but this instance was created with num_experts = %d", (int)E,
-                        (int)s->num_experts);
-    if (k_out != s->top_k)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "k_out = %d but this instance writes top_k = %d assignments per token", (int)k_out,
-                        (int)s->top_k);
-    size_t need = softk_cuda_bytes_for(s, T);
-    if (T > 0 && (!ctx->workspace || ctx->workspace_bytes < need))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes is too small for T = %d (needs %zu; max_tokens = %d)",
-                        ctx->workspace ? ctx->workspace_bytes : (size_t)0, (int)T, need, (int)s->max_tokens);
-    return MOE_OK;
-}
-
-/* Every logit is checked before any output is written, so a failed call
- * leaves no half-routed batch behind: the one copy back of a call. */
-static moe_status softk_cuda_check_logits(const moe_context *ctx, cudaStream_t stream, const float *logits,
-                                          int32_t T, int32_t E) {
-    unsigned long long *flag = (unsigned long long *)ctx->workspace;
-    const size_t n = (size_t)T * E;
-    SOFTK_CUDA(cudaMemsetAsync(flag, 0xFF, sizeof *flag, stream));
-    softk_find_nonfinite<<<softk_blocks(n, 1024), SOFTK_THREADS, 0, stream>>>(logits, n, flag);
-    SOFTK_LAUNCHED(softk_find_nonfinite);
-    unsigned long long first = 0;
-    SOFTK_CUDA(cudaMemcpyAsync(&first, flag, sizeof first, cudaMemcpyDeviceToHost, stream));
-    SOFTK_CUDA(cudaStreamSynchronize(stream));
-    if (first == SOFTK_NO_FLAG) return MOE_OK;
-    float v = 0.0f; /* only on failure: fetch the value to name it */
-    SOFTK_CUDA(cudaMemcpyAsync(&v, logits + first, sizeof v, cudaMemcpyDeviceToHost, stream));
-    SOFTK_CUDA(cudaStreamSynchronize(stream));
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                    "logit[%d,%d] is %s: the gate produced a non-finite value", (int)(first / E), (int)(first % E),
-                    isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+    moe_status st = moe_router_check_T_E(ctx, T, E, s->num_experts);
+    if (st == MOE_OK) st = moe_router_check_k_out(ctx, k_out, s->top_k);
+    if (st == MOE_OK && T > 0) st = moe_router_check_workspace_for(ctx, softk_cuda_bytes_for(s, T), T, s->max_tokens);
+    return st;
 }
 
 static moe_status softk_cuda_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
@@ -228,17 +159,16 @@ static moe_status softk_cuda_forward(void *state, const moe_context *ctx, const 
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = softk_cuda_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->expert || !a->weight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "forward: logits, expert and weight must not be NULL when T = %d > 0", (int)a->T);
     cudaStream_t stream = (cudaStream_t)ctx->stream;
-    st = softk_cuda_check_logits(ctx, stream, a->logits, a->T, a->E);
+    unsigned long long *flag = (unsigned long long *)ctx->workspace; /* every logit finite: the one copy back */
+    st = moe_router_check_fwd_args(ctx, a);
+    if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, a->T, a->E, flag);
     if (st != MOE_OK) return st;
 
-    char *rows = (char *)ctx->workspace + SOFTK_FLAG_BYTES;
-    softk_forward_kernel<<<softk_blocks((size_t)a->T, (size_t)1 << 30), SOFTK_THREADS, 0, stream>>>(
+    char *rows = (char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES;
+    softk_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->logits, a->T, a->E, s->top_k, s->temperature, s->normalize == SOFTK_SUM, rows, a->expert, a->weight);
-    SOFTK_LAUNCHED(softk_forward_kernel);
+    MOE_ROUTER_LAUNCHED(softk_forward_kernel);
     return MOE_OK;
 }
 
@@ -247,17 +177,18 @@ static moe_status softk_cuda_backward(void *state, const moe_context *ctx, const
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = softk_cuda_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->dweight || !a->dlogits)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: logits, dweight and dlogits must not be NULL when T = %d > 0", (int)a->T);
     cudaStream_t stream = (cudaStream_t)ctx->stream;
-    st = softk_cuda_check_logits(ctx, stream, a->logits, a->T, a->E);
+    unsigned long long *flag = (unsigned long long *)ctx->workspace;
+    st = moe_router_check_present(ctx, a->T, a->logits && a->dweight && a->dlogits,
+                                  "backward: logits, dweight and dlogits");
+    if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, a->T, a->E, flag);
     if (st != MOE_OK) return st;
 
-    char *rows = (char *)ctx->workspace + SOFTK_FLAG_BYTES;
-    softk_backward_kernel<<<softk_blocks((size_t)a->T, (size_t)1 << 30), SOFTK_THREADS, 0, stream>>>(
-        a->logits, a->dweight, a->T, a->E, s->top_k, s->temperature, s->normalize == SOFTK_SUM, rows, a->dlogits);
-    SOFTK_LAUNCHED(softk_backward_kernel);
+    char *rows = (char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES;
+    softk_backward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0,
+                            stream>>>(a->logits, a->dweight, a->T, a->E, s->top_k, s->temperature,
+                                      s->normalize == SOFTK_SUM, rows, a->dlogits);
+    MOE_ROUTER_LAUNCHED(softk_backward_kernel);
     return MOE_OK;
 }
 

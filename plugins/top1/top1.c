@@ -31,11 +31,10 @@ typedef struct top1_state {
     top1_gate gate;
 } top1_state;
 
-#ifdef MOE_PLUGIN_HAS_CUDA
-/* The CUDA path (top1.cu): its table, and the workspace it needs. */
+/* The CUDA path (top1.cu): its table, and the workspace it needs. Defined
+ * only when the build compiles top1.cu; MOE_ROUTER_IF_CUDA uses them only then. */
 extern const moe_router_impl top1_cuda_impl;
 size_t top1_cuda_workspace_bytes(const top1_state *s);
-#endif
 
 static const moe_option_spec top1_options[] = {
     {"gate", MOE_OPT_STRING, "softmax", "softmax|none", 0.0, 0.0,
@@ -48,30 +47,16 @@ static const moe_option_spec top1_options[] = {
 
 static moe_status top1_create(const moe_router_dims *dims, const moe_option *opts, int32_t n_opts,
                               void **state, char *msg, size_t msg_cap) {
-    if (!dims || !state || n_opts < 0 || (n_opts > 0 && !opts))
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "create: dims and state must not be NULL, options must be an array of n_opts >= 0");
-    *state = NULL;
-
     moe_option resolved[TOP1_N_OPTIONS];
-    moe_status st = moe_options_resolve(top1_options, TOP1_N_OPTIONS, opts, n_opts, resolved, msg, msg_cap);
+    moe_status st = moe_router_check_create_args(dims, opts, n_opts, state, msg, msg_cap);
+    if (st == MOE_OK) st = moe_options_resolve(top1_options, TOP1_N_OPTIONS, opts, n_opts, resolved, msg, msg_cap);
+    /* top1 ignores top_k but still refuses a config that no router could serve. */
+    if (st == MOE_OK) st = moe_router_check_dims(dims, msg, msg_cap);
     if (st != MOE_OK) return st;
-
-    /* top1 ignores top_k but still refuses a config that no router could serve,
-     * so the same [moe] section does not pass here and fail with another router. */
-    const int32_t E = dims->num_experts, K = dims->top_k;
-    if (E < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "num_experts = %d; set [moe].num_experts >= 1", (int)E);
-    if (K < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "top_k = %d; set [moe].top_k >= 1", (int)K);
-    if (K > E)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", (int)K, (int)E);
 
     top1_state *s = malloc(sizeof *s);
     if (!s) return moe_fail(msg, msg_cap, MOE_ERR_NO_MEMORY, "out of memory for the router state");
-    s->num_experts = E;
+    s->num_experts = dims->num_experts;
     /* The resolved string may point into the caller's config: keep the enum, not the text. */
     s->gate = strcmp(moe_option_get(resolved, TOP1_N_OPTIONS, "gate")->s, "none") == 0 ? TOP1_GATE_NONE
                                                                                        : TOP1_GATE_SOFTMAX;
@@ -89,10 +74,7 @@ static size_t top1_workspace_bytes(const top1_state *s) {
 
 static moe_status top1_query(const void *state, moe_router_info *info) {
     const top1_state *s = state;
-    if (!s || !info || info->struct_size < sizeof *info) return MOE_ERR_INVALID_ARG;
-    uint32_t host_size = info->struct_size;
-    memset(info, 0, sizeof *info);
-    info->struct_size = host_size;
+    if (!s || moe_router_info_reset(info) != MOE_OK) return MOE_ERR_INVALID_ARG;
     info->k_out = 1;
     if (s->gate == TOP1_GATE_NONE) {
         info->flags = MOE_ROUTER_NO_GRAD | MOE_ROUTER_WEIGHT_SUM_EXACT;
@@ -101,12 +83,9 @@ static moe_status top1_query(const void *state, moe_router_info *info) {
         /* p_e < 1 varies per token: no exact weight sum to promise. */
         info->flags = 0;
     }
-    info->workspace_bytes = top1_workspace_bytes(s);
-#ifdef MOE_PLUGIN_HAS_CUDA
     /* One workspace serves whichever table the host calls: the larger need. */
-    size_t cuda_bytes = top1_cuda_workspace_bytes(s);
-    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
-#endif
+    info->workspace_bytes =
+        moe_router_max_bytes(top1_workspace_bytes(s), MOE_ROUTER_IF_CUDA(top1_cuda_workspace_bytes(s), 0));
     return MOE_OK;
 }
 
@@ -114,33 +93,13 @@ static moe_status top1_query(const void *state, moe_router_info *info) {
 
 static moe_status top1_check_call(const top1_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                   int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", (int)T);
-    if (E != s->num_experts)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "E = %d but this instance was created with num_experts = %d", (int)E,
-                        (int)s->num_experts);
+    moe_status st = moe_router_check_T_E(ctx, T, E, s->num_experts);
+    if (st != MOE_OK) return st;
     if (k_out != 1)
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "k_out = %d but top1 writes exactly 1 assignment per token", (int)k_out);
     size_t need = top1_workspace_bytes(s);
-    if (T > 0 && need > 0 && (!ctx->workspace || ctx->workspace_bytes < need))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes given, query() asked for %zu", ctx->workspace_bytes, need);
-    return MOE_OK;
-}
-
-/* All logits are checked before any output is written, so a failed call
- * leaves no half-routed batch behind. */
-static moe_status top1_check_logits(const moe_context *ctx, const float *logits, int32_t T, int32_t E) {
-    for (int32_t t = 0; t < T; ++t)
-        for (int32_t j = 0; j < E; ++j) {
-            float v = logits[(size_t)t * E + j];
-            if (!isfinite(v))
-                return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                                "logit[%d,%d] is %s: the gate produced a non-finite value", (int)t, (int)j,
-                                isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
-        }
-    return MOE_OK;
+    return T > 0 && need > 0 ? moe_router_check_workspace(ctx, need) : MOE_OK;
 }
 
 /* ---- CPU path --------------------------------------------------------------- */
@@ -159,10 +118,8 @@ static moe_status top1_forward(void *state, const moe_context *ctx, const moe_ro
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = top1_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->expert || !a->weight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "forward: logits, expert and weight must not be NULL when T = %d > 0", (int)a->T);
-    st = top1_check_logits(ctx, a->logits, a->T, a->E);
+    st = moe_router_check_fwd_args(ctx, a);
+    if (st == MOE_OK) st = moe_router_check_logits_cpu(ctx, a->logits, a->T, a->E);
     if (st != MOE_OK) return st;
 
     const int32_t T = a->T, E = a->E;
@@ -185,10 +142,8 @@ static moe_status top1_backward(void *state, const moe_context *ctx, const moe_r
     const top1_state *s = state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = top1_check_call(s, ctx, a->T, a->E, a->k_out);
+    if (st == MOE_OK) st = moe_router_check_present(ctx, a->T, a->dlogits != NULL, "backward: dlogits");
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->dlogits)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: dlogits must not be NULL when T = %d > 0", (int)a->T);
 
     const int32_t T = a->T, E = a->E;
     if (s->gate == TOP1_GATE_NONE) {
@@ -198,10 +153,8 @@ static moe_status top1_backward(void *state, const moe_context *ctx, const moe_r
         return MOE_OK;
     }
 
-    if (!a->logits || !a->dweight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: logits and dweight must not be NULL when T = %d > 0", (int)a->T);
-    st = top1_check_logits(ctx, a->logits, T, E);
+    st = moe_router_check_present(ctx, T, a->logits && a->dweight, "backward: logits and dweight");
+    if (st == MOE_OK) st = moe_router_check_logits_cpu(ctx, a->logits, T, E);
     if (st != MOE_OK) return st;
 
     /* The choice e is recomputed from the logits rather than read from
@@ -223,22 +176,6 @@ static moe_status top1_backward(void *state, const moe_context *ctx, const moe_r
 
 static const moe_router_impl top1_cpu = {top1_forward, top1_backward};
 
-static const struct moe_router_plugin_v1 top1_plugin = {
-    .abi_version = MOE_ROUTER_ABI_VERSION,
-    .struct_size = sizeof(struct moe_router_plugin_v1),
-    .name = "top1",
-    .description = "Switch routing (Fedus et al. 2021): one expert per token, weight softmax(l)[argmax l]",
-    .options = top1_options,
-    .n_options = TOP1_N_OPTIONS,
-    .create = top1_create,
-    .destroy = top1_destroy,
-    .query = top1_query,
-    .cpu = &top1_cpu,
-#ifdef MOE_PLUGIN_HAS_CUDA
-    .cuda = &top1_cuda_impl,
-#else
-    .cuda = NULL,
-#endif
-};
-
-MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &top1_plugin; }
+MOE_ROUTER_PLUGIN_V1("top1", "Switch routing (Fedus et al. 2021): one expert per token, weight softmax(l)[argmax l]",
+                     top1_options, top1_create, top1_destroy, top1_query, &top1_cpu,
+                     MOE_ROUTER_CUDA_IMPL(top1_cuda_impl))

@@ -15,8 +15,7 @@
  * Pointers in the arguments are device pointers; everything runs on
  * ctx->stream.
  */
-#include <cuda_runtime.h>
-#include <moe/router.h>
+#include <moe/router_cuda.cuh>
 
 /* The instance state exactly as top1.c defines it: both files read one struct. */
 typedef enum top1_gate { TOP1_GATE_SOFTMAX, TOP1_GATE_NONE } top1_gate;
@@ -28,48 +27,12 @@ typedef struct top1_state {
 /* Workspace: one 256-byte block for the error flag (the host aligns the
  * workspace to 256 bytes). p[E] of the CPU path is not needed: a thread keeps
  * the softmax's max and sum in registers instead. */
-#define TOP1_FLAG_BYTES 256
-#define TOP1_THREADS 256
-#define TOP1_NO_FLAG 0xFFFFFFFFFFFFFFFFull
-
 extern "C" size_t top1_cuda_workspace_bytes(const top1_state *s) {
     (void)s;
-    return TOP1_FLAG_BYTES;
-}
-
-/* ---- errors ------------------------------------------------------------------ */
-
-/* A failed CUDA call becomes MOE_ERR_DEVICE with the call named. */
-static moe_status top1_cuda_status(const moe_context *ctx, cudaError_t err, const char *what) {
-    if (err == cudaSuccess) return MOE_OK;
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_DEVICE, "%s failed: %s (%s)", what, cudaGetErrorString(err),
-                    cudaGetErrorName(err));
-}
-#define TOP1_CUDA(call)                                                 \
-    do {                                                                \
-        moe_status st_ = top1_cuda_status(ctx, (call), #call);          \
-        if (st_ != MOE_OK) return st_;                                  \
-    } while (0)
-/* A bad launch configuration is reported by the next cudaGetLastError. */
-#define TOP1_LAUNCHED(kernel)                                                       \
-    do {                                                                            \
-        moe_status st_ = top1_cuda_status(ctx, cudaGetLastError(), "launch of " #kernel); \
-        if (st_ != MOE_OK) return st_;                                              \
-    } while (0)
-
-static unsigned top1_blocks(size_t n, size_t cap) {
-    size_t b = (n + TOP1_THREADS - 1) / TOP1_THREADS;
-    return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
+    return MOE_ROUTER_CUDA_FLAG_BYTES;
 }
 
 /* ---- kernels ------------------------------------------------------------------- */
-
-/* flag = the smallest t*E + j whose logit is not finite: atomicMin keeps the
- * first in row-major order, the one the CPU loop reports. */
-__global__ void top1_find_nonfinite(const float *logits, size_t n, unsigned long long *flag) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (!isfinite(logits[i])) atomicMin(flag, (unsigned long long)i);
-}
 
 /* The max m and the sum s of moe_softmax_row(l, p, E, 1): the same loops in the
  * same order, so p_j = exp(l_j - m) / s is the float the CPU stores in p[j].
@@ -128,40 +91,12 @@ __global__ void top1_backward_kernel(const float *logits, const float *dweight, 
 /* The checks of top1_check_call, against this path's workspace. */
 static moe_status top1_cuda_check_call(const top1_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                        int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", (int)T);
-    if (E != s->num_experts)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "E = %d but this instance was created with num_experts = %d", (int)E,
-                        (int)s->num_experts);
+    moe_status st = moe_router_check_T_E(ctx, T, E, s->num_experts);
+    if (st != MOE_OK) return st;
     if (k_out != 1)
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "k_out = %d but top1 writes exactly 1 assignment per token", (int)k_out);
-    size_t need = top1_cuda_workspace_bytes(s);
-    if (T > 0 && (!ctx->workspace || ctx->workspace_bytes < need))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes given, query() asked for %zu", ctx->workspace_bytes, need);
-    return MOE_OK;
-}
-
-/* Every logit is checked before any output is written, so a failed call
- * leaves no half-routed batch behind: the one copy back of a call. */
-static moe_status top1_cuda_check_logits(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
-                                         int32_t E) {
-    unsigned long long *flag = (unsigned long long *)ctx->workspace;
-    const size_t n = (size_t)T * E;
-    TOP1_CUDA(cudaMemsetAsync(flag, 0xFF, sizeof *flag, stream));
-    top1_find_nonfinite<<<top1_blocks(n, 1024), TOP1_THREADS, 0, stream>>>(logits, n, flag);
-    TOP1_LAUNCHED(top1_find_nonfinite);
-    unsigned long long first = 0;
-    TOP1_CUDA(cudaMemcpyAsync(&first, flag, sizeof first, cudaMemcpyDeviceToHost, stream));
-    TOP1_CUDA(cudaStreamSynchronize(stream));
-    if (first == TOP1_NO_FLAG) return MOE_OK;
-    float v = 0.0f; /* only on failure: fetch the value to name it */
-    TOP1_CUDA(cudaMemcpyAsync(&v, logits + first, sizeof v, cudaMemcpyDeviceToHost, stream));
-    TOP1_CUDA(cudaStreamSynchronize(stream));
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                    "logit[%d,%d] is %s: the gate produced a non-finite value", (int)(first / E), (int)(first % E),
-                    isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+    return T > 0 ? moe_router_check_workspace(ctx, top1_cuda_workspace_bytes(s)) : MOE_OK;
 }
 
 static moe_status top1_cuda_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
@@ -169,16 +104,15 @@ static moe_status top1_cuda_forward(void *state, const moe_context *ctx, const m
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = top1_cuda_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->expert || !a->weight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "forward: logits, expert and weight must not be NULL when T = %d > 0", (int)a->T);
     cudaStream_t stream = (cudaStream_t)ctx->stream;
-    st = top1_cuda_check_logits(ctx, stream, a->logits, a->T, a->E);
+    unsigned long long *flag = (unsigned long long *)ctx->workspace; /* every logit finite: the one copy back */
+    st = moe_router_check_fwd_args(ctx, a);
+    if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, a->T, a->E, flag);
     if (st != MOE_OK) return st;
 
-    top1_forward_kernel<<<top1_blocks((size_t)a->T, (size_t)1 << 30), TOP1_THREADS, 0, stream>>>(
+    top1_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->logits, a->T, a->E, s->gate == TOP1_GATE_NONE, a->expert, a->weight);
-    TOP1_LAUNCHED(top1_forward_kernel);
+    MOE_ROUTER_LAUNCHED(top1_forward_kernel);
     return MOE_OK;
 }
 
@@ -186,27 +120,24 @@ static moe_status top1_cuda_backward(void *state, const moe_context *ctx, const 
     const top1_state *s = (const top1_state *)state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = top1_cuda_check_call(s, ctx, a->T, a->E, a->k_out);
+    if (st == MOE_OK) st = moe_router_check_present(ctx, a->T, a->dlogits != NULL, "backward: dlogits");
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->dlogits)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: dlogits must not be NULL when T = %d > 0", (int)a->T);
     cudaStream_t stream = (cudaStream_t)ctx->stream;
+    unsigned long long *flag = (unsigned long long *)ctx->workspace;
     const int32_t T = a->T, E = a->E;
     if (s->gate == TOP1_GATE_NONE) {
         /* weight = 1 does not depend on l; dlogits is an output, so zeros. */
-        TOP1_CUDA(cudaMemsetAsync(a->dlogits, 0, (size_t)T * E * sizeof(float), stream));
+        MOE_ROUTER_CUDA(cudaMemsetAsync(a->dlogits, 0, (size_t)T * E * sizeof(float), stream));
         return MOE_OK;
     }
 
-    if (!a->logits || !a->dweight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: logits and dweight must not be NULL when T = %d > 0", (int)a->T);
-    st = top1_cuda_check_logits(ctx, stream, a->logits, T, E);
+    st = moe_router_check_present(ctx, T, a->logits && a->dweight, "backward: logits and dweight");
+    if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, T, E, flag);
     if (st != MOE_OK) return st;
 
-    top1_backward_kernel<<<top1_blocks((size_t)T, (size_t)1 << 30), TOP1_THREADS, 0, stream>>>(a->logits, a->dweight,
-                                                                                              T, E, a->dlogits);
-    TOP1_LAUNCHED(top1_backward_kernel);
+    top1_backward_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+        a->logits, a->dweight, T, E, a->dlogits);
+    MOE_ROUTER_LAUNCHED(top1_backward_kernel);
     return MOE_OK;
 }
 

@@ -37,11 +37,10 @@ typedef struct topk_hard_state {
     int32_t max_tokens;  /* bound on T: sizes the CUDA path's per-token scratch */
 } topk_hard_state;
 
-#ifdef MOE_PLUGIN_HAS_CUDA
-/* The CUDA path (topk_hard.cu): its table, and the workspace it needs. */
+/* The CUDA path (topk_hard.cu): its table, and the workspace it needs. Defined
+ * only when the build compiles topk_hard.cu; MOE_ROUTER_IF_CUDA uses them only then. */
 extern const moe_router_impl topk_hard_cuda_impl;
 size_t topk_hard_cuda_workspace_bytes(const topk_hard_state *s);
-#endif
 
 static const moe_option_spec topk_hard_options[] = {
     {"weight", MOE_OPT_STRING, "uniform", "uniform|st|one", 0.0, 0.0,
@@ -54,30 +53,17 @@ static const moe_option_spec topk_hard_options[] = {
 
 static moe_status topk_hard_create(const moe_router_dims *dims, const moe_option *opts, int32_t n_opts,
                                    void **state, char *msg, size_t msg_cap) {
-    if (!dims || !state || n_opts < 0 || (n_opts > 0 && !opts))
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "create: dims and state must not be NULL, options must be an array of n_opts >= 0");
-    *state = NULL;
-
     moe_option resolved[TOPK_HARD_N_OPTIONS];
-    moe_status st =
-        moe_options_resolve(topk_hard_options, TOPK_HARD_N_OPTIONS, opts, n_opts, resolved, msg, msg_cap);
+    moe_status st = moe_router_check_create_args(dims, opts, n_opts, state, msg, msg_cap);
+    if (st == MOE_OK)
+        st = moe_options_resolve(topk_hard_options, TOPK_HARD_N_OPTIONS, opts, n_opts, resolved, msg, msg_cap);
+    if (st == MOE_OK) st = moe_router_check_dims(dims, msg, msg_cap);
     if (st != MOE_OK) return st;
-
-    const int32_t E = dims->num_experts, K = dims->top_k;
-    if (E < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "num_experts = %d; set [moe].num_experts >= 1", (int)E);
-    if (K < 1)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG, "top_k = %d; set [moe].top_k >= 1", (int)K);
-    if (K > E)
-        return moe_fail(msg, msg_cap, MOE_ERR_INVALID_ARG,
-                        "top_k = %d exceeds num_experts = %d; set [moe].top_k <= num_experts", (int)K, (int)E);
 
     topk_hard_state *s = malloc(sizeof *s);
     if (!s) return moe_fail(msg, msg_cap, MOE_ERR_NO_MEMORY, "out of memory for the router state");
-    s->num_experts = E;
-    s->top_k = K;
+    s->num_experts = dims->num_experts;
+    s->top_k = dims->top_k;
     s->max_tokens = dims->max_tokens > 0 ? dims->max_tokens : 0;
     /* The resolved string may point into the caller's config: keep the enum, not the text. */
     const char *w = moe_option_get(resolved, TOPK_HARD_N_OPTIONS, "weight")->s;
@@ -96,10 +82,7 @@ static size_t topk_hard_workspace_bytes(const topk_hard_state *s) {
 
 static moe_status topk_hard_query(const void *state, moe_router_info *info) {
     const topk_hard_state *s = state;
-    if (!s || !info || info->struct_size < sizeof *info) return MOE_ERR_INVALID_ARG;
-    uint32_t host_size = info->struct_size;
-    memset(info, 0, sizeof *info);
-    info->struct_size = host_size;
+    if (!s || moe_router_info_reset(info) != MOE_OK) return MOE_ERR_INVALID_ARG;
     info->k_out = s->top_k;
     switch (s->weight) {
     case TOPK_HARD_UNIFORM:
@@ -115,12 +98,9 @@ static moe_status topk_hard_query(const void *state, moe_router_info *info) {
         info->weight_sum = (float)s->top_k;
         break;
     }
-    info->workspace_bytes = topk_hard_workspace_bytes(s);
-#ifdef MOE_PLUGIN_HAS_CUDA
     /* One workspace serves whichever table the host calls: the larger need. */
-    size_t cuda_bytes = topk_hard_cuda_workspace_bytes(s);
-    if (cuda_bytes > info->workspace_bytes) info->workspace_bytes = cuda_bytes;
-#endif
+    info->workspace_bytes = moe_router_max_bytes(topk_hard_workspace_bytes(s),
+                                                 MOE_ROUTER_IF_CUDA(topk_hard_cuda_workspace_bytes(s), 0));
     return MOE_OK;
 }
 
@@ -128,34 +108,11 @@ static moe_status topk_hard_query(const void *state, moe_router_info *info) {
 
 static moe_status topk_hard_check_call(const topk_hard_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                        int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", (int)T);
-    if (E != s->num_experts)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "E = %d but this instance was created with num_experts = %d", (int)E,
-                        (int)s->num_experts);
-    if (k_out != s->top_k)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "k_out = %d but this instance writes top_k = %d assignments per token", (int)k_out,
-                        (int)s->top_k);
+    moe_status st = moe_router_check_T_E(ctx, T, E, s->num_experts);
+    if (st == MOE_OK) st = moe_router_check_k_out(ctx, k_out, s->top_k);
     size_t need = topk_hard_workspace_bytes(s);
-    if (T > 0 && need > 0 && (!ctx->workspace || ctx->workspace_bytes < need))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes given, query() asked for %zu", ctx->workspace_bytes, need);
-    return MOE_OK;
-}
-
-/* All logits are checked before any output is written, so a failed call
- * leaves no half-routed batch behind. */
-static moe_status topk_hard_check_logits(const moe_context *ctx, const float *logits, int32_t T, int32_t E) {
-    for (int32_t t = 0; t < T; ++t)
-        for (int32_t j = 0; j < E; ++j) {
-            float v = logits[(size_t)t * E + j];
-            if (!isfinite(v))
-                return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                                "logit[%d,%d] is %s: the gate produced a non-finite value", (int)t, (int)j,
-                                isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
-        }
-    return MOE_OK;
+    if (st == MOE_OK && T > 0 && need > 0) st = moe_router_check_workspace(ctx, need);
+    return st;
 }
 
 /* ---- CPU path --------------------------------------------------------------- */
@@ -165,10 +122,8 @@ static moe_status topk_hard_forward(void *state, const moe_context *ctx, const m
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = topk_hard_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->expert || !a->weight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "forward: logits, expert and weight must not be NULL when T = %d > 0", (int)a->T);
-    st = topk_hard_check_logits(ctx, a->logits, a->T, a->E);
+    st = moe_router_check_fwd_args(ctx, a);
+    if (st == MOE_OK) st = moe_router_check_logits_cpu(ctx, a->logits, a->T, a->E);
     if (st != MOE_OK) return st;
 
     const int32_t T = a->T, E = a->E, K = s->top_k;
@@ -185,20 +140,16 @@ static moe_status topk_hard_backward(void *state, const moe_context *ctx, const 
     const topk_hard_state *s = state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = topk_hard_check_call(s, ctx, a->T, a->E, a->k_out);
+    if (st == MOE_OK) st = moe_router_check_present(ctx, a->T, a->dlogits != NULL, "backward: dlogits");
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->dlogits)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: dlogits must not be NULL when T = %d > 0", (int)a->T);
 
     const int32_t T = a->T, E = a->E, K = s->top_k;
     /* dlogits is an output: every entry is written, zeros where no gradient flows. */
     memset(a->dlogits, 0, (size_t)T * E * sizeof(float));
     if (s->weight != TOPK_HARD_ST) return MOE_OK;
 
-    if (!a->logits || !a->dweight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: logits and dweight must not be NULL when T = %d > 0", (int)a->T);
-    st = topk_hard_check_logits(ctx, a->logits, T, E);
+    st = moe_router_check_present(ctx, T, a->logits && a->dweight, "backward: logits and dweight");
+    if (st == MOE_OK) st = moe_router_check_logits_cpu(ctx, a->logits, T, E);
     if (st != MOE_OK) return st;
 
     /* The selection is recomputed from the logits rather than read from
@@ -219,22 +170,7 @@ static moe_status topk_hard_backward(void *state, const moe_context *ctx, const 
 
 static const moe_router_impl topk_hard_cpu = {topk_hard_forward, topk_hard_backward};
 
-static const struct moe_router_plugin_v1 topk_hard_plugin = {
-    .abi_version = MOE_ROUTER_ABI_VERSION,
-    .struct_size = sizeof(struct moe_router_plugin_v1),
-    .name = "topk_hard",
-    .description = "top-K experts by logit with fixed weights 1/K (or 1), optional straight-through gradient",
-    .options = topk_hard_options,
-    .n_options = TOPK_HARD_N_OPTIONS,
-    .create = topk_hard_create,
-    .destroy = topk_hard_destroy,
-    .query = topk_hard_query,
-    .cpu = &topk_hard_cpu,
-#ifdef MOE_PLUGIN_HAS_CUDA
-    .cuda = &topk_hard_cuda_impl,
-#else
-    .cuda = NULL,
-#endif
-};
-
-MOE_EXPORT const struct moe_router_plugin_v1 *moe_router_plugin_v1(void) { return &topk_hard_plugin; }
+MOE_ROUTER_PLUGIN_V1("topk_hard",
+                     "top-K experts by logit with fixed weights 1/K (or 1), optional straight-through gradient",
+                     topk_hard_options, topk_hard_create, topk_hard_destroy, topk_hard_query, &topk_hard_cpu,
+                     MOE_ROUTER_CUDA_IMPL(topk_hard_cuda_impl))

@@ -18,8 +18,7 @@
  * Pointers in the arguments are device pointers; everything runs on
  * ctx->stream.
  */
-#include <cuda_runtime.h>
-#include <moe/router.h>
+#include <moe/router_cuda.cuh>
 
 /* The instance state exactly as topk_hard.c defines it: both files read one struct. */
 typedef enum topk_hard_weight { TOPK_HARD_UNIFORM, TOPK_HARD_ST, TOPK_HARD_ONE } topk_hard_weight;
@@ -36,52 +35,16 @@ typedef struct topk_hard_state {
  *   idx[T,K] int32          "st" backward: selected experts
  * The CPU loop reuses one row of w and idx; here every token runs at once and
  * needs its own row. */
-#define TOPK_HARD_FLAG_BYTES 256
-#define TOPK_HARD_THREADS 256
-#define TOPK_HARD_NO_FLAG 0xFFFFFFFFFFFFFFFFull
-
 static size_t topk_hard_cuda_bytes_for(const topk_hard_state *s, int32_t T) {
     size_t scratch = s->weight == TOPK_HARD_ST ? (size_t)T * s->top_k * (sizeof(float) + sizeof(int32_t)) : 0;
-    return TOPK_HARD_FLAG_BYTES + scratch;
+    return MOE_ROUTER_CUDA_FLAG_BYTES + scratch;
 }
 
 extern "C" size_t topk_hard_cuda_workspace_bytes(const topk_hard_state *s) {
     return topk_hard_cuda_bytes_for(s, s->max_tokens);
 }
 
-/* ---- errors ------------------------------------------------------------------ */
-
-/* A failed CUDA call becomes MOE_ERR_DEVICE with the call named. */
-static moe_status topk_hard_cuda_status(const moe_context *ctx, cudaError_t err, const char *what) {
-    if (err == cudaSuccess) return MOE_OK;
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_DEVICE, "%s failed: %s (%s)", what, cudaGetErrorString(err),
-                    cudaGetErrorName(err));
-}
-#define TOPK_HARD_CUDA(call)                                            \
-    do {                                                                \
-        moe_status st_ = topk_hard_cuda_status(ctx, (call), #call);     \
-        if (st_ != MOE_OK) return st_;                                  \
-    } while (0)
-/* A bad launch configuration is reported by the next cudaGetLastError. */
-#define TOPK_HARD_LAUNCHED(kernel)                                                            \
-    do {                                                                                      \
-        moe_status st_ = topk_hard_cuda_status(ctx, cudaGetLastError(), "launch of " #kernel); \
-        if (st_ != MOE_OK) return st_;                                                        \
-    } while (0)
-
-static unsigned topk_hard_blocks(size_t n, size_t cap) {
-    size_t b = (n + TOPK_HARD_THREADS - 1) / TOPK_HARD_THREADS;
-    return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
-}
-
 /* ---- kernels ------------------------------------------------------------------- */
-
-/* flag = the smallest t*E + j whose logit is not finite: atomicMin keeps the
- * first in row-major order, the one the CPU loop reports. */
-__global__ void topk_hard_find_nonfinite(const float *logits, size_t n, unsigned long long *flag) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (!isfinite(logits[i])) atomicMin(flag, (unsigned long long)i);
-}
 
 __global__ void topk_hard_forward_kernel(const float *logits, int32_t T, int32_t E, int32_t K, float w,
                                          int32_t *expert, float *weight) {
@@ -113,42 +76,11 @@ __global__ void topk_hard_st_backward_kernel(const float *logits, const float *d
 /* The checks of topk_hard_check_call, against this path's workspace. */
 static moe_status topk_hard_cuda_check_call(const topk_hard_state *s, const moe_context *ctx, int32_t T, int32_t E,
                                             int32_t k_out) {
-    if (T < 0) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d is negative", (int)T);
-    if (E != s->num_experts)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "E = %d but this instance was created with num_experts = %d", (int)E,
-                        (int)s->num_experts);
-    if (k_out != s->top_k)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "k_out = %d but this instance writes top_k = %d assignments per token", (int)k_out,
-                        (int)s->top_k);
-    size_t need = topk_hard_cuda_bytes_for(s, T);
-    if (T > 0 && (!ctx->workspace || ctx->workspace_bytes < need))
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "workspace of %zu bytes is too small for T = %d (needs %zu; max_tokens = %d)",
-                        ctx->workspace ? ctx->workspace_bytes : (size_t)0, (int)T, need, (int)s->max_tokens);
-    return MOE_OK;
-}
-
-/* Every logit is checked before any output is written, so a failed call
- * leaves no half-routed batch behind: the one copy back of a call. */
-static moe_status topk_hard_cuda_check_logits(const moe_context *ctx, cudaStream_t stream, const float *logits,
-                                              int32_t T, int32_t E) {
-    unsigned long long *flag = (unsigned long long *)ctx->workspace;
-    const size_t n = (size_t)T * E;
-    TOPK_HARD_CUDA(cudaMemsetAsync(flag, 0xFF, sizeof *flag, stream));
-    topk_hard_find_nonfinite<<<topk_hard_blocks(n, 1024), TOPK_HARD_THREADS, 0, stream>>>(logits, n, flag);
-    TOPK_HARD_LAUNCHED(topk_hard_find_nonfinite);
-    unsigned long long first = 0;
-    TOPK_HARD_CUDA(cudaMemcpyAsync(&first, flag, sizeof first, cudaMemcpyDeviceToHost, stream));
-    TOPK_HARD_CUDA(cudaStreamSynchronize(stream));
-    if (first == TOPK_HARD_NO_FLAG) return MOE_OK;
-    float v = 0.0f; /* only on failure: fetch the value to name it */
-    TOPK_HARD_CUDA(cudaMemcpyAsync(&v, logits + first, sizeof v, cudaMemcpyDeviceToHost, stream));
-    TOPK_HARD_CUDA(cudaStreamSynchronize(stream));
-    return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                    "logit[%d,%d] is %s: the gate produced a non-finite value", (int)(first / E), (int)(first % E),
-                    isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"));
+    moe_status st = moe_router_check_T_E(ctx, T, E, s->num_experts);
+    if (st == MOE_OK) st = moe_router_check_k_out(ctx, k_out, s->top_k);
+    if (st == MOE_OK && T > 0)
+        st = moe_router_check_workspace_for(ctx, topk_hard_cuda_bytes_for(s, T), T, s->max_tokens);
+    return st;
 }
 
 static moe_status topk_hard_cuda_forward(void *state, const moe_context *ctx, const moe_router_fwd_args *a) {
@@ -156,18 +88,17 @@ static moe_status topk_hard_cuda_forward(void *state, const moe_context *ctx, co
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = topk_hard_cuda_check_call(s, ctx, a->T, a->E, a->k_out);
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->logits || !a->expert || !a->weight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "forward: logits, expert and weight must not be NULL when T = %d > 0", (int)a->T);
     cudaStream_t stream = (cudaStream_t)ctx->stream;
-    st = topk_hard_cuda_check_logits(ctx, stream, a->logits, a->T, a->E);
+    unsigned long long *flag = (unsigned long long *)ctx->workspace; /* every logit finite: the one copy back */
+    st = moe_router_check_fwd_args(ctx, a);
+    if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, a->T, a->E, flag);
     if (st != MOE_OK) return st;
 
     /* "st" shares the uniform forward pass; only its backward differs. */
     const float w = s->weight == TOPK_HARD_ONE ? 1.0f : 1.0f / (float)s->top_k;
-    topk_hard_forward_kernel<<<topk_hard_blocks((size_t)a->T, (size_t)1 << 30), TOPK_HARD_THREADS, 0, stream>>>(
-        a->logits, a->T, a->E, s->top_k, w, a->expert, a->weight);
-    TOPK_HARD_LAUNCHED(topk_hard_forward_kernel);
+    topk_hard_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0,
+                               stream>>>(a->logits, a->T, a->E, s->top_k, w, a->expert, a->weight);
+    MOE_ROUTER_LAUNCHED(topk_hard_forward_kernel);
     return MOE_OK;
 }
 
@@ -175,28 +106,25 @@ static moe_status topk_hard_cuda_backward(void *state, const moe_context *ctx, c
     const topk_hard_state *s = (const topk_hard_state *)state;
     if (!s || !ctx || !a) return MOE_ERR_INVALID_ARG;
     moe_status st = topk_hard_cuda_check_call(s, ctx, a->T, a->E, a->k_out);
+    if (st == MOE_OK) st = moe_router_check_present(ctx, a->T, a->dlogits != NULL, "backward: dlogits");
     if (st != MOE_OK || a->T == 0) return st;
-    if (!a->dlogits)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: dlogits must not be NULL when T = %d > 0", (int)a->T);
     cudaStream_t stream = (cudaStream_t)ctx->stream;
+    unsigned long long *flag = (unsigned long long *)ctx->workspace;
     const int32_t T = a->T, E = a->E, K = s->top_k;
     /* dlogits is an output: every entry is written, zeros where no gradient flows. */
-    TOPK_HARD_CUDA(cudaMemsetAsync(a->dlogits, 0, (size_t)T * E * sizeof(float), stream));
+    MOE_ROUTER_CUDA(cudaMemsetAsync(a->dlogits, 0, (size_t)T * E * sizeof(float), stream));
     if (s->weight != TOPK_HARD_ST) return MOE_OK;
 
-    if (!a->logits || !a->dweight)
-        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
-                        "backward: logits and dweight must not be NULL when T = %d > 0", (int)a->T);
-    st = topk_hard_cuda_check_logits(ctx, stream, a->logits, T, E);
+    st = moe_router_check_present(ctx, T, a->logits && a->dweight, "backward: logits and dweight");
+    if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, T, E, flag);
     if (st != MOE_OK) return st;
 
-    char *base = (char *)ctx->workspace + TOPK_HARD_FLAG_BYTES;
+    char *base = (char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES;
     float *w = (float *)base;                            /* [T,K] */
     int32_t *idx = (int32_t *)(w + (size_t)T * K);       /* [T,K] */
-    topk_hard_st_backward_kernel<<<topk_hard_blocks((size_t)T, (size_t)1 << 30), TOPK_HARD_THREADS, 0, stream>>>(
-        a->logits, a->dweight, T, E, K, w, idx, a->dlogits);
-    TOPK_HARD_LAUNCHED(topk_hard_st_backward_kernel);
+    topk_hard_st_backward_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0,
+                                   stream>>>(a->logits, a->dweight, T, E, K, w, idx, a->dlogits);
+    MOE_ROUTER_LAUNCHED(topk_hard_st_backward_kernel);
     return MOE_OK;
 }
 

@@ -18,6 +18,13 @@
  * E = 8, K = 2, V = 80), an odd one (T = 999, d = 200, hd = 50, K = 3) that
  * matches no block size, and T = 1.
  *
+ * The ops whose results stay on the device (capacity counts in device
+ * arrays, aux_losses_counts, check_routing's record and kept mask for every
+ * fault bad_router.c can make, check_bytes, expert_counts, xent_sums,
+ * clip_grad_norm) are compared with the CPU the same way: records, masks and
+ * counts exactly. from_host's pinned staging is checked by many small copies
+ * whose source is overwritten at once.
+ *
  * The timing ops (events, measured GEMM rate) are checked for plausible
  * values only.
  *
@@ -803,19 +810,27 @@ static void test_capacity(const cfg *c) {
             int32_t *want_before = halloc((size_t)E * 4), *want_after = halloc((size_t)E * 4);
             cpu->capacity_assign(cpu, expert, weight, T, K, E, C, policy, want_kept, want_slot, want_before,
                                  want_after);
-            int32_t *kept[2], *slot[2], *before[2], *after[2];
+            int32_t *kept[2], *slot[2], *before[2], *after[2], *h_before[2], *h_after[2];
             for (int r = 0; r < 2; ++r) {
                 int32_t *d_kept = dpoison(gpu, nA * 4, POISON_I32), *d_slot = dpoison(gpu, nA * 4, POISON_I32);
-                /* the counts are host arrays, as core/model/moe.c passes them */
-                before[r] = halloc((size_t)E * 4);
-                after[r] = halloc((size_t)E * 4);
-                memset(before[r], POISON_I32, (size_t)E * 4);
-                memset(after[r], POISON_I32, (size_t)E * 4);
-                gpu->capacity_assign(gpu, d_expert, d_weight, T, K, E, C, policy, d_kept, d_slot, before[r],
-                                     after[r]);
+                /* the counts are device arrays, as core/model/moe.c passes them */
+                int32_t *d_before = dpoison(gpu, (size_t)E * 4, POISON_I32);
+                int32_t *d_after = dpoison(gpu, (size_t)E * 4, POISON_I32);
+                gpu->capacity_assign(gpu, d_expert, d_weight, T, K, E, C, policy, d_kept, d_slot, d_before,
+                                     d_after);
                 if (!gpu_ok(gpu, "capacity_assign")) return;
                 kept[r] = down(gpu, d_kept, nA * 4);
                 slot[r] = down(gpu, d_slot, nA * 4);
+                before[r] = down(gpu, d_before, (size_t)E * 4);
+                after[r] = down(gpu, d_after, (size_t)E * 4);
+                /* host arrays (the earlier contract, still used by bench_routing) */
+                h_before[r] = halloc((size_t)E * 4);
+                h_after[r] = halloc((size_t)E * 4);
+                memset(h_before[r], POISON_I32, (size_t)E * 4);
+                memset(h_after[r], POISON_I32, (size_t)E * 4);
+                gpu->capacity_assign(gpu, d_expert, d_weight, T, K, E, C, policy, d_kept, d_slot, h_before[r],
+                                     h_after[r]);
+                if (!gpu_ok(gpu, "capacity_assign(host counts)")) return;
             }
             char op[96];
             const char *pol = policy ? "probs" : "position";
@@ -827,6 +842,10 @@ static void test_capacity(const cfg *c) {
             check_i32(op, before, want_before, (size_t)E);
             snprintf(op, sizeof op, "capacity_assign(%s,C=%d).counts_after", pol, C);
             check_i32(op, after, want_after, (size_t)E);
+            snprintf(op, sizeof op, "capacity_assign(%s,C=%d,host counts).counts_before", pol, C);
+            check_i32(op, h_before, want_before, (size_t)E);
+            snprintf(op, sizeof op, "capacity_assign(%s,C=%d,host counts).counts_after", pol, C);
+            check_i32(op, h_after, want_after, (size_t)E);
         }
 }
 
@@ -933,6 +952,307 @@ static void test_aux_losses(const cfg *c) {
     report_repeat("aux_losses.z", &z[0], &z[1], 1, sizeof(double));
 }
 
+/* aux_losses_counts: f from device counts, lb and z to a device buffer. */
+static void test_aux_losses_counts(const cfg *c) {
+    const int T = T_of(c), E = c->E;
+    const size_t n = (size_t)T * E;
+    const float alpha = 0.01f, beta = 0.001f;
+    float *lb_logits = hrand(n, -3, 3), *logits = hrand(n, -3, 3), *dl0 = hrand(n, -1, 1);
+    int32_t *counts = halloc((size_t)E * 4);
+    for (int e = 0; e < E; ++e) counts[e] = (int32_t)(moe_test_next(&rng) % (uint64_t)(2 * T + 1));
+    if (E > 1) counts[1] = 0; /* an idle expert */
+    float *want_dlb = halloc(n * 4), *want_dl = hdup(dl0, n * 4);
+    double want[2];
+    cpu->aux_losses_counts(cpu, lb_logits, logits, counts, T, E, alpha, beta, want_dlb, want_dl, want);
+    float *d_lbl = up(gpu, lb_logits, n * 4), *d_l = up(gpu, logits, n * 4);
+    int32_t *d_counts = up(gpu, counts, (size_t)E * 4);
+    float *got_dlb[2], *got_dl[2];
+    double *got[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_dlb = dpoison(gpu, n * 4, POISON_F32), *d_dl = up(gpu, dl0, n * 4);
+        double *d_out = dpoison(gpu, 2 * sizeof(double), POISON_F32);
+        gpu->aux_losses_counts(gpu, d_lbl, d_l, d_counts, T, E, alpha, beta, d_dlb, d_dl, d_out);
+        if (!gpu_ok(gpu, "aux_losses_counts")) return;
+        got_dlb[r] = down(gpu, d_dlb, n * 4);
+        got_dl[r] = down(gpu, d_dl, n * 4);
+        got[r] = down(gpu, d_out, 2 * sizeof(double));
+    }
+    check_f32("aux_losses_counts.d_lb", got_dlb, want_dlb, n, TOL_EW);
+    check_f32("aux_losses_counts.dlogits", got_dl, want_dl, n, TOL_EW);
+    float glb = (float)got[0][0], wlb = (float)want[0], gz = (float)got[0][1], wz = (float)want[1];
+    report_f32("aux_losses_counts.lb", &glb, &wlb, 1, TOL_EW);
+    report_f32("aux_losses_counts.z", &gz, &wz, 1, TOL_EW);
+    report_repeat("aux_losses_counts.out", got[0], got[1], 2, sizeof(double));
+    /* all counts 0: f = 0, so lb = 0 (z as before) */
+    memset(counts, 0, (size_t)E * 4);
+    int32_t *d_zero = up(gpu, counts, (size_t)E * 4);
+    cpu->aux_losses_counts(cpu, lb_logits, logits, counts, T, E, alpha, beta, want_dlb, want_dl, want);
+    double *d_out = dpoison(gpu, 2 * sizeof(double), POISON_F32);
+    float *d_dlb = dpoison(gpu, n * 4, POISON_F32), *d_dl = up(gpu, dl0, n * 4);
+    gpu->aux_losses_counts(gpu, d_lbl, d_l, d_zero, T, E, alpha, beta, d_dlb, d_dl, d_out);
+    if (!gpu_ok(gpu, "aux_losses_counts(no counts)")) return;
+    double *g0 = down(gpu, d_out, 2 * sizeof(double));
+    float g0lb = (float)g0[0], w0lb = (float)want[0];
+    report_f32("aux_losses_counts(counts 0).lb", &g0lb, &w0lb, 1, TOL_EW);
+}
+
+/* A valid routing for check_routing: K choices per token, distinct experts
+ * per token, weights in (0, 1]; with slots, every (expert, slot) distinct
+ * and inside [0, C), C = T (room for every token). */
+static void make_valid_routing(int T, int K, int E, int with_slot, int32_t *expert, float *weight, int32_t *slot) {
+    int32_t *next = calloc((size_t)E, sizeof *next);
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < K; ++k) {
+            size_t a = (size_t)t * K + k;
+            int e = (int)((moe_test_next(&rng) % (uint64_t)E + (uint64_t)k) % (uint64_t)E);
+            if (moe_test_next(&rng) % 10 == 0 || k >= E) e = -1; /* empty choices */
+            expert[a] = e;
+            weight[a] = e < 0 ? (moe_test_next(&rng) & 1 ? 0.0f : -1.0f) /* ignored for empty */
+                              : 0.125f * (float)(1 + moe_test_next(&rng) % 8);
+            if (with_slot) slot[a] = e < 0 ? (int32_t)(moe_test_next(&rng) % 7) - 3 : next[e]++;
+        }
+    free(next);
+}
+
+/* Runs check_routing on both backends and compares record and kept. */
+static void check_routing_case(const char *what, const int32_t *expert, const float *weight, const int32_t *slot,
+                               int T, int K, int E, int C, const int32_t *record0) {
+    const size_t nA = (size_t)T * K, nR = MOE_CHECK_RECORD_WORDS;
+    int32_t *want_rec = hdup(record0, nR * 4), *want_kept = halloc(nA * 4 + 4);
+    memset(want_kept, POISON_I32, nA * 4 + 4);
+    cpu->check_routing(cpu, expert, weight, slot, T, K, E, C, slot ? want_kept : NULL, want_rec);
+    int32_t *d_expert = up(gpu, expert, nA * 4 + 4), *d_slot = slot ? up(gpu, slot, nA * 4 + 4) : NULL;
+    float *d_weight = up(gpu, weight, nA * 4 + 4);
+    int32_t *rec[2], *kept[2];
+    for (int r = 0; r < 2; ++r) {
+        int32_t *d_rec = up(gpu, record0, nR * 4);
+        int32_t *d_kept = dpoison(gpu, nA * 4 + 4, POISON_I32);
+        gpu->check_routing(gpu, d_expert, d_weight, d_slot, T, K, E, C, slot ? d_kept : NULL, d_rec);
+        if (!gpu_ok(gpu, "check_routing")) return;
+        rec[r] = down(gpu, d_rec, nR * 4);
+        kept[r] = down(gpu, d_kept, nA * 4 + 4);
+    }
+    char op[160];
+    snprintf(op, sizeof op, "check_routing(%s).record", what);
+    check_i32(op, rec, want_rec, nR);
+    if (slot) {
+        snprintf(op, sizeof op, "check_routing(%s).kept", what);
+        check_i32(op, kept, want_kept, nA);
+    }
+}
+
+/* Every fault the host must name, alone and two at once (the earlier one
+ * in (t, k) order, or the one checked first within an assignment, must be
+ * the one recorded), with and without router-owned slots. */
+static void test_check_routing(const cfg *c) {
+    const int T = T_of(c), K = c->K, E = c->E, C = T;
+    const size_t nA = (size_t)T * K;
+    int32_t *expert = halloc(nA * 4 + 4), *slot = halloc(nA * 4 + 4);
+    float *weight = halloc(nA * 4 + 4);
+    int32_t *clear = halloc(MOE_CHECK_RECORD_WORDS * 4), *taken = halloc(MOE_CHECK_RECORD_WORDS * 4);
+    memset(clear, 0, MOE_CHECK_RECORD_WORDS * 4);
+    for (int i = 0; i < MOE_CHECK_RECORD_WORDS; ++i) taken[i] = 100 + i; /* an earlier error: must stay */
+    taken[0] = 16;
+    for (int with_slot = 0; with_slot < 2; ++with_slot) {
+        int32_t *sl = with_slot ? slot : NULL;
+        const char *tag = with_slot ? "owns capacity" : "no slots";
+        char what[96];
+        make_valid_routing(T, K, E, with_slot, expert, weight, slot);
+        snprintf(what, sizeof what, "%s, valid", tag);
+        check_routing_case(what, expert, weight, sl, T, K, E, C, clear);
+        const size_t late = nA - 1, early = nA / 3;
+        /* faults: 0 expert = E, 1 expert = -2, 2 weight NaN, 3 weight -0.5,
+         * 4 weight +Inf, 5 slot = C, 6 slot = -1, 7 duplicate (expert, slot) */
+        for (int fault = 0; fault < 8; ++fault) {
+            if (fault >= 5 && !with_slot) break;
+            for (int pair = 0; pair < 2; ++pair) {
+                make_valid_routing(T, K, E, with_slot, expert, weight, slot);
+                size_t at = pair ? early : late;
+                if (expert[at] < 0) expert[at] = 0;
+                if (weight[at] <= 0.0f) weight[at] = 0.5f;
+                switch (fault) {
+                case 0: expert[at] = E; break;
+                case 1: expert[at] = -2; break;
+                case 2: weight[at] = NAN; break;
+                case 3: weight[at] = -0.5f; break;
+                case 4: weight[at] = INFINITY; break;
+                case 5: slot[at] = C; break;
+                case 6: slot[at] = -1; break;
+                case 7: /* the same (expert, slot) as an earlier assignment */
+                    if (at == 0) break;
+                    for (size_t b = 0; b < at; ++b)
+                        if (expert[b] >= 0) {
+                            expert[at] = expert[b];
+                            slot[at] = slot[b];
+                            break;
+                        }
+                    break;
+                }
+                if (pair) { /* a second, later fault of another kind: the first must win */
+                    if (fault == 7) {
+                        if (expert[late] >= 0 && late != at) weight[late] = -1.0f; /* range errors go first */
+                    } else {
+                        expert[late] = E + 3;
+                        if (late > 0) weight[late - 1] = NAN;
+                    }
+                }
+                snprintf(what, sizeof what, "%s, fault %d at [%zu]%s", tag, fault, at, pair ? " + a later one" : "");
+                check_routing_case(what, expert, weight, sl, T, K, E, C, clear);
+            }
+        }
+        /* an error already recorded stays */
+        make_valid_routing(T, K, E, with_slot, expert, weight, slot);
+        expert[0] = -5;
+        snprintf(what, sizeof what, "%s, record already set", tag);
+        check_routing_case(what, expert, weight, sl, T, K, E, C, taken);
+    }
+}
+
+static void test_check_bytes(const cfg *c) {
+    const size_t n = 256 + (size_t)c->d; /* a guard zone and an odd size */
+    uint8_t *buf = halloc(n);
+    int32_t *clear = halloc(MOE_CHECK_RECORD_WORDS * 4);
+    memset(clear, 0, MOE_CHECK_RECORD_WORDS * 4);
+    const size_t spots[4][2] = {{n, n}, {n - 1, n}, {7, n - 1}, {0, 200}}; /* {first, second} changed bytes */
+    for (int i = 0; i < 4; ++i) {
+        memset(buf, 0xA5, n);
+        if (spots[i][0] < n) buf[spots[i][0]] = 0x00;
+        if (spots[i][1] < n) buf[spots[i][1]] = 0x5A;
+        int32_t *want = hdup(clear, MOE_CHECK_RECORD_WORDS * 4);
+        cpu->check_bytes(cpu, buf, n, 0xA5, 17, want);
+        uint8_t *d_buf = up(gpu, buf, n);
+        int32_t *got[2];
+        for (int r = 0; r < 2; ++r) {
+            int32_t *d_rec = up(gpu, clear, MOE_CHECK_RECORD_WORDS * 4);
+            gpu->check_bytes(gpu, d_buf, n, 0xA5, 17, d_rec);
+            if (!gpu_ok(gpu, "check_bytes")) return;
+            got[r] = down(gpu, d_rec, MOE_CHECK_RECORD_WORDS * 4);
+        }
+        char op[64];
+        snprintf(op, sizeof op, "check_bytes(case %d).record", i);
+        check_i32(op, got, want, MOE_CHECK_RECORD_WORDS);
+    }
+}
+
+static void test_expert_counts(const cfg *c) {
+    const int T = T_of(c), K = c->K, E = c->E;
+    const size_t nA = (size_t)T * K;
+    int32_t *kept = halloc(nA * 4 + 4);
+    for (size_t a = 0; a < nA; ++a) {
+        uint64_t r = moe_test_next(&rng) % 100;
+        kept[a] = r < 10 ? -1 : (r < 12 ? (int32_t)E + (int32_t)(r % 3) : (r < 50 ? 0 : (int32_t)(r % (uint64_t)E)));
+    }
+    int32_t *want = halloc((size_t)E * 4);
+    cpu->expert_counts(cpu, kept, T, K, E, want);
+    int32_t *d_kept = up(gpu, kept, nA * 4 + 4);
+    int32_t *got[2];
+    for (int r = 0; r < 2; ++r) {
+        int32_t *d_counts = dpoison(gpu, (size_t)E * 4, POISON_I32);
+        gpu->expert_counts(gpu, d_kept, T, K, E, d_counts);
+        if (!gpu_ok(gpu, "expert_counts")) return;
+        got[r] = down(gpu, d_counts, (size_t)E * 4);
+    }
+    check_i32("expert_counts.counts", got, want, (size_t)E);
+}
+
+static void test_xent_sums(const cfg *c) {
+    const int T = T_of(c);
+    float *losses = hrand((size_t)T, 0.0f, 6.0f);
+    int32_t *correct = halloc((size_t)T * 4);
+    for (int t = 0; t < T; ++t) correct[t] = (int32_t)(moe_test_next(&rng) & 1);
+    double want[2];
+    cpu->xent_sums(cpu, losses, correct, T, want);
+    float *d_losses = up(gpu, losses, (size_t)T * 4);
+    int32_t *d_correct = up(gpu, correct, (size_t)T * 4);
+    double *got[2];
+    for (int r = 0; r < 2; ++r) {
+        double *d_out = dpoison(gpu, 2 * sizeof(double), POISON_F32);
+        gpu->xent_sums(gpu, d_losses, d_correct, T, d_out);
+        if (!gpu_ok(gpu, "xent_sums")) return;
+        got[r] = down(gpu, d_out, 2 * sizeof(double));
+    }
+    double rel = fabs(got[0][0] - want[0]) / fmax(fabs(want[0]), 1e-300);
+    if (rel <= TOL_SUMSQ) pass_line("xent_sums.loss_sum", "%.3e", rel);
+    else {
+        fail_line("xent_sums.loss_sum", "%.3e", rel);
+        printf("  expected %.17g got %.17g\n", want[0], got[0][0]);
+    }
+    if (got[0][1] == want[1]) pass_line("xent_sums.correct:exact", "%.0f", 0.0);
+    else {
+        fail_line("xent_sums.correct:exact", "%.0f", got[0][1] - want[1]);
+        printf("  expected %.17g got %.17g\n", want[1], got[0][1]);
+    }
+    report_repeat("xent_sums.out", got[0], got[1], 2, sizeof(double));
+}
+
+static void test_clip_grad_norm(const cfg *c) {
+    const size_t n = (size_t)c->d * c->hidden + 7;
+    float *g = hrand(n, -0.1f, 0.1f);
+    const double norm = sqrt(cpu->sumsq(cpu, g, n));
+    const double clips[3] = {0.0, 2.0 * norm, 0.25 * norm}; /* off, not reached, clipping */
+    float *d_g0 = up(gpu, g, n * 4);
+    for (int ci = 0; ci < 3; ++ci) {
+        float *want_g = hdup(g, n * 4);
+        double want_norm;
+        cpu->clip_grad_norm(cpu, want_g, n, clips[ci], &want_norm);
+        float *got_g[2];
+        double got_norm[2];
+        for (int r = 0; r < 2; ++r) {
+            float *d_g = dalloc(gpu, n * 4);
+            gpu->copy(gpu, d_g, d_g0, n * 4);
+            double *d_norm = dpoison(gpu, sizeof(double), POISON_F32);
+            gpu->clip_grad_norm(gpu, d_g, n, clips[ci], d_norm);
+            if (!gpu_ok(gpu, "clip_grad_norm")) return;
+            got_g[r] = down(gpu, d_g, n * 4);
+            double *h = down(gpu, d_norm, sizeof(double));
+            got_norm[r] = *h;
+        }
+        char op[64];
+        snprintf(op, sizeof op, "clip_grad_norm(clip=%s).g", ci == 0 ? "off" : ci == 1 ? "2 norm" : "norm/4");
+        check_f32(op, got_g, want_g, n, TOL_EW);
+        if (ci != 2 && memcmp(got_g[0], g, n * 4) != 0) {
+            fail_line(op, "%.0f", 1.0);
+            printf("  gradients changed although the norm is under the clip\n");
+        }
+        double rel = fabs(got_norm[0] - want_norm) / want_norm;
+        snprintf(op, sizeof op, "clip_grad_norm(clip=%s).norm", ci == 0 ? "off" : ci == 1 ? "2 norm" : "norm/4");
+        if (rel <= TOL_SUMSQ) pass_line(op, "%.3e", rel);
+        else {
+            fail_line(op, "%.3e", rel);
+            printf("  expected %.17g got %.17g\n", want_norm, got_norm[0]);
+        }
+        report_repeat(op, &got_norm[0], &got_norm[1], 1, sizeof(double));
+    }
+}
+
+/* from_host returns before its copy lands (pinned staging): the source may
+ * be overwritten at once, and many small copies in a row (more than the
+ * staging holds) must all arrive. */
+static void test_from_host_staging(const cfg *c) {
+    const size_t chunk = (size_t)(c->d * 32 + 4) * 4; /* ~32 KB: a batch of ids */
+    const int copies = 80;                           /* > 2 MiB in all: both halves reused */
+    float *src = halloc(chunk), *want = halloc(chunk * copies);
+    float **dst = halloc(sizeof(float *) * copies);
+    for (int i = 0; i < copies; ++i) {
+        moe_test_fill(&rng, src, chunk / 4, -1, 1);
+        memcpy(want + (size_t)i * (chunk / 4), src, chunk);
+        dst[i] = dalloc(gpu, chunk);
+        gpu->from_host(gpu, dst[i], src, chunk);
+        memset(src, 0xFF, chunk); /* reuse at once */
+    }
+    if (!gpu_ok(gpu, "from_host")) return;
+    size_t bad = 0;
+    for (int i = 0; i < copies; ++i) {
+        float *got = down(gpu, dst[i], chunk);
+        if (memcmp(got, want + (size_t)i * (chunk / 4), chunk) != 0) ++bad;
+    }
+    if (!bad) pass_line("from_host(80 staged copies, source reused)", "%.0f", 0.0);
+    else {
+        fail_line("from_host(80 staged copies, source reused)", "%.0f", (double)bad);
+        printf("  %zu of %d copies arrived wrong\n", bad, copies);
+    }
+}
+
 /* ------------------------------------------------------------------ */
 /* Timing ops (benchmarks)                                             */
 /* ------------------------------------------------------------------ */
@@ -1026,7 +1346,8 @@ int main(void) {
         test_gemm, test_gemm_batched, test_bias, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
-        test_aux_losses,
+        test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes,
+        test_expert_counts, test_xent_sums, test_clip_grad_norm, test_from_host_staging,
     };
     static const cfg timing_cfg = {"timing", 0, 0, 0, 0, 0, 0, 0, 0};
     cur = &timing_cfg;

@@ -45,7 +45,6 @@
  * another machine). MOE_TEST_QUICK=1 keeps T <= 37 (for compute-sanitizer).
  */
 #include <cuda_runtime_api.h>
-#include <dlfcn.h>
 #include <float.h>
 #include <inttypes.h>
 #include <time.h>
@@ -84,27 +83,6 @@ static void *host_alloc(size_t bytes) {
     if (!p) {
         fprintf(stderr, "out of host memory (%zu bytes)\n", bytes);
         exit(1);
-    }
-    return p;
-}
-
-/* ---- plugins ----------------------------------------------------------- */
-
-static const moe_router_plugin_v1_t *load_plugin(const char *name) {
-    const char *dir = getenv("MOE_TEST_PLUGIN_DIR");
-    if (!dir || !*dir) dir = MOE_TEST_PLUGIN_DIR;
-    char path[1024];
-    snprintf(path, sizeof path, "%s/%s.so", dir, name);
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-        fprintf(stderr, "cannot load %s: %s\n", path, dlerror());
-        return NULL;
-    }
-    moe_router_plugin_v1_fn fn = (moe_router_plugin_v1_fn)dlsym(h, MOE_ROUTER_SYMBOL_V1);
-    const moe_router_plugin_v1_t *p = fn ? fn() : NULL;
-    if (!p || p->abi_version != MOE_ROUTER_ABI_VERSION || p->struct_size < sizeof *p || !p->cpu) {
-        fprintf(stderr, "%s: no usable %s table\n", path, MOE_ROUTER_SYMBOL_V1);
-        return NULL;
     }
     return p;
 }
@@ -198,6 +176,20 @@ typedef struct sizes {
     size_t nTE, nTK, nTD, np[MOE_MAX_PLUGIN_TENSORS];
     int n_params, owns, perturbs;
 } sizes;
+
+/* The buffer sizes of T tokens through instance r. */
+static sizes sizes_for(const rh_router *r, int T) {
+    sizes z;
+    memset(&z, 0, sizeof z);
+    z.nTE = (size_t)T * r->dims.num_experts;
+    z.nTK = (size_t)T * r->info.k_out;
+    z.nTD = (size_t)T * D_MODEL;
+    z.n_params = r->info.n_params;
+    for (int i = 0; i < z.n_params; ++i) z.np[i] = r->param_size[i];
+    z.owns = (r->info.flags & MOE_ROUTER_OWNS_CAPACITY) != 0;
+    z.perturbs = (r->info.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
+    return z;
+}
 
 static void io_alloc(io *o, const sizes *z, int device) {
     memset(o, 0, sizeof *o);
@@ -367,15 +359,7 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
         return;
     }
     const int T = c->T, E = c->E, k = r.info.k_out;
-    sizes z;
-    memset(&z, 0, sizeof z);
-    z.nTE = (size_t)T * E;
-    z.nTK = (size_t)T * k;
-    z.nTD = (size_t)T * D_MODEL;
-    z.n_params = r.info.n_params;
-    for (int i = 0; i < z.n_params; ++i) z.np[i] = r.param_size[i];
-    z.owns = (r.info.flags & MOE_ROUTER_OWNS_CAPACITY) != 0;
-    z.perturbs = (r.info.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
+    const sizes z = sizes_for(&r, T);
     const int capacity = (int)ceil(CAPACITY_FACTOR * T * c->K / E);
     const moe_rng_key key = {seed ^ 0x5EEDull, 7, 3, MOE_RNG_STREAM_ROUTER};
 
@@ -666,15 +650,7 @@ static void run_bad_inputs(const moe_router_plugin_v1_t *p, const tcase *c, uint
         return;
     }
     const int T = c->T, E = c->E, k = r.info.k_out;
-    sizes z;
-    memset(&z, 0, sizeof z);
-    z.nTE = (size_t)T * E;
-    z.nTK = (size_t)T * k;
-    z.nTD = (size_t)T * D_MODEL;
-    z.n_params = r.info.n_params;
-    for (int i = 0; i < z.n_params; ++i) z.np[i] = r.param_size[i];
-    z.owns = (r.info.flags & MOE_ROUTER_OWNS_CAPACITY) != 0;
-    z.perturbs = (r.info.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
+    const sizes z = sizes_for(&r, T);
     const int capacity = (int)ceil(CAPACITY_FACTOR * T * c->K / E);
     const moe_rng_key key = {seed, 1, 0, MOE_RNG_STREAM_ROUTER};
     const int is_hash = strcmp(c->plugin, "hash") == 0;
@@ -885,7 +861,7 @@ int main(void) {
     uint64_t case_seed = seed;
     for (int si = 0; si < n_settings; ++si) {
         const setting *s = &settings[si];
-        const moe_router_plugin_v1_t *p = load_plugin(s->plugin);
+        const moe_router_plugin_v1_t *p = rh_try_load(s->plugin);
         tcase c;
         memset(&c, 0, sizeof c);
         c.plugin = s->plugin;

@@ -117,6 +117,7 @@ static int h_open_dims(harness *h, const lcase *lc, int d, int E, uint64_t seed)
         return -1;
     }
     h->Ko = h->L.rinfo.k_out;
+    h->L.collect_stats = 1; /* the tests check the routing statistics of every forward */
     /* Random values everywhere (biases and w_noise included, which start at
      * zero), so every gradient term is exercised. */
     moe_test_rng r = {seed * 7919u + 17u};

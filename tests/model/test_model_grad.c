@@ -106,6 +106,7 @@ static int mh_open(mh *h, const mcase *mc, moe_router_lib *lib, uint64_t seed) {
     }
     h->targets[3] = -1; /* an ignored target */
     h->Ko = h->m.blocks[0].moe.rinfo.k_out;
+    moe_model_set_collect_stats(&h->m, 1); /* gradcheck reads the layers' drop counts */
     h->base_route = calloc((size_t)2 * h->m.n_layers * h->T * h->Ko, sizeof(int32_t));
     return 0;
 }

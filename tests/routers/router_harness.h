@@ -26,25 +26,32 @@ static inline const char *rh_plugin_dir(void) {
     return env && *env ? env : MOE_TEST_PLUGIN_DIR;
 }
 
-/* The plugin `name` from the build tree; exits the test on failure. */
-static inline const moe_router_plugin_v1_t *rh_load(const char *name) {
+/* The plugin `name` from the build tree, or NULL (with the reason on stderr). */
+static inline const moe_router_plugin_v1_t *rh_try_load(const char *name) {
     char path[1024];
     snprintf(path, sizeof path, "%s/%s.so", rh_plugin_dir(), name);
     void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!h) {
         fprintf(stderr, "cannot load %s: %s\n", path, dlerror());
-        exit(2);
+        return NULL;
     }
     moe_router_plugin_v1_fn fn = (moe_router_plugin_v1_fn)dlsym(h, MOE_ROUTER_SYMBOL_V1);
     if (!fn) {
         fprintf(stderr, "%s exports no %s\n", path, MOE_ROUTER_SYMBOL_V1);
-        exit(2);
+        return NULL;
     }
     const moe_router_plugin_v1_t *p = fn();
     if (!p || p->abi_version != MOE_ROUTER_ABI_VERSION || p->struct_size < sizeof *p || !p->cpu) {
         fprintf(stderr, "%s: bad plugin table\n", path);
-        exit(2);
+        return NULL;
     }
+    return p;
+}
+
+/* The plugin `name` from the build tree; exits the test on failure. */
+static inline const moe_router_plugin_v1_t *rh_load(const char *name) {
+    const moe_router_plugin_v1_t *p = rh_try_load(name);
+    if (!p) exit(2);
     return p;
 }
 
@@ -120,6 +127,16 @@ static inline moe_status rh_create(rh_router *r, const moe_router_plugin_v1_t *p
     /* Exactly the declared size, so ASan sees a plugin that overruns it. */
     r->workspace = calloc(r->info.workspace_bytes ? r->info.workspace_bytes : 1, 1);
     return MOE_OK;
+}
+
+/* Create an instance the test cannot go on without: a failure ends the program. */
+static inline void rh_create_or_exit(rh_router *r, const moe_router_plugin_v1_t *p, moe_router_dims dims,
+                                     const moe_option *opts, int n_opts) {
+    moe_status st = rh_create(r, p, dims, opts, n_opts);
+    if (st != MOE_OK) {
+        fprintf(stderr, "create(E=%d, K=%d) failed (%d): %s\n", dims.num_experts, dims.top_k, (int)st, r->msg);
+        exit(1);
+    }
 }
 
 static inline void rh_destroy(rh_router *r) {
@@ -203,6 +220,51 @@ static inline moe_status rh_forward(rh_router *r, rh_call *c) {
     a.slot = c->slot;
     a.route_logits = c->route_logits;
     return r->plugin->cpu->forward(r->state, &ctx, &a);
+}
+
+/* Forward T tokens of logits[T,E] (nothing else: no x, no ids, training 0);
+ * the caller frees c's outputs with rh_free_outputs. */
+static inline moe_status rh_route(rh_router *r, int T, const float *logits, rh_call *c) {
+    memset(c, 0, sizeof *c);
+    c->T = T;
+    c->logits = logits;
+    rh_alloc_outputs(r, c);
+    return rh_forward(r, c);
+}
+
+/* Forward through the CPU table with the arguments given one by one, so that
+ * a test can pass NULL pointers and wrong shapes (evaluation, key 0). */
+static inline moe_status rh_forward_raw(rh_router *r, int T, int E, int k_out, const float *logits, int32_t *expert,
+                                        float *weight) {
+    moe_rng_key key = {0, 0, 0, 0};
+    moe_context ctx = rh_context(r, 0, key);
+    moe_router_fwd_args a;
+    memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.T = T;
+    a.E = E;
+    a.k_out = k_out;
+    a.logits = logits;
+    a.expert = expert;
+    a.weight = weight;
+    return r->plugin->cpu->forward(r->state, &ctx, &a);
+}
+
+/* Backward likewise (training, key 0). */
+static inline moe_status rh_backward_raw(rh_router *r, int T, int E, int k_out, const float *logits,
+                                         const float *dweight, float *dlogits) {
+    moe_rng_key key = {0, 0, 0, 0};
+    moe_context ctx = rh_context(r, 1, key);
+    moe_router_bwd_args a;
+    memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.T = T;
+    a.E = E;
+    a.k_out = k_out;
+    a.logits = logits;
+    a.dweight = dweight;
+    a.dlogits = dlogits;
+    return r->plugin->cpu->backward(r->state, &ctx, &a);
 }
 
 /* Backward of the probe loss L = sum(cw .* weight) + sum(cr .* route_logits).
@@ -331,6 +393,171 @@ static inline int rh_check_gradients(rh_router *r, rh_call *c, float *logits, fl
     free(dx);
     free(ref);
     return skipped;
+}
+
+/* Rows that are a shuffled 0, 0.8, 1.6, ... plus noise in [-0.2, 0.2), less
+ * 1.5: entries of a row differ by at least 0.4, far more than a finite
+ * difference step, so no routing decision flips during a gradient check. */
+static inline void rh_gapped_logits(uint64_t seed, int T, int E, float *l) {
+    moe_test_rng rng = {seed};
+    for (int t = 0; t < T; ++t) {
+        float *row = l + (size_t)t * E;
+        for (int j = 0; j < E; ++j) row[j] = 0.8f * (float)j;
+        for (int j = E - 1; j > 0; --j) {
+            int i = (int)(moe_test_next(&rng) % (uint64_t)(j + 1));
+            float tmp = row[i];
+            row[i] = row[j];
+            row[j] = tmp;
+        }
+        for (int j = 0; j < E; ++j) row[j] += moe_test_uniform(&rng, -0.2f, 0.2f) - 1.5f;
+    }
+}
+
+/* ---- checks every router's test makes ---------------------------------------- */
+
+/* The table: its name, ABI version and size, a description, the entry
+ * points, a CUDA table exactly when the build has CUDA, n_options options. */
+static inline void rh_check_table(const moe_router_plugin_v1_t *p, const char *name, int n_options) {
+    CHECK_MSG(strcmp(p->name, name) == 0, "table name '%s', expected '%s'", p->name, name);
+    CHECK(p->abi_version == MOE_ROUTER_ABI_VERSION);
+    CHECK(p->struct_size == sizeof(struct moe_router_plugin_v1));
+    CHECK_MSG(p->description && strlen(p->description) > 10, "%s: no description", name);
+    CHECK_MSG(p->create && p->destroy && p->query, "%s: create, destroy or query missing", name);
+    CHECK_MSG(p->cpu && p->cpu->forward && p->cpu->backward, "%s: the CPU table is incomplete", name);
+#ifdef MOE_WITH_CUDA
+    CHECK_MSG(p->cuda != NULL && p->cuda->forward && p->cuda->backward, "%s: a CUDA build without a CUDA table", name);
+#else
+    CHECK_MSG(p->cuda == NULL, "%s: a CUDA table in a build without CUDA", name);
+#endif
+    CHECK_MSG(p->n_options == n_options, "%s: %d options, expected %d", name, p->n_options, n_options);
+}
+
+/* Option spec i: key, type, default, choices (NULL: none), range (min < max:
+ * exactly [min, max]; else none), and a help text. */
+static inline void rh_check_option(const moe_router_plugin_v1_t *p, int i, const char *key, moe_opt_type type,
+                                   const char *default_value, const char *choices, double min, double max) {
+    const moe_option_spec *o = &p->options[i];
+    CHECK_MSG(strcmp(o->key, key) == 0, "%s option %d: key '%s', expected '%s'", p->name, i, o->key, key);
+    CHECK_MSG(o->type == type, "%s option '%s': type %d, expected %d", p->name, key, (int)o->type, (int)type);
+    CHECK_MSG(strcmp(o->default_value, default_value) == 0, "%s option '%s': default '%s', expected '%s'", p->name,
+              key, o->default_value, default_value);
+    if (choices)
+        CHECK_MSG(o->choices && strcmp(o->choices, choices) == 0, "%s option '%s': choices '%s', expected '%s'",
+                  p->name, key, o->choices ? o->choices : "(none)", choices);
+    else
+        CHECK_MSG(o->choices == NULL, "%s option '%s': choices '%s', expected none", p->name, key, o->choices);
+    if (min < max)
+        CHECK_MSG(o->min == min && o->max == max, "%s option '%s': range [%g, %g], expected [%g, %g]", p->name, key,
+                  o->min, o->max, min, max);
+    else
+        CHECK_MSG(!(o->min < o->max), "%s option '%s': a range [%g, %g], expected none", p->name, key, o->min,
+                  o->max);
+    CHECK_MSG(o->help && strlen(o->help) > 10, "%s option '%s': no help text", p->name, key);
+}
+
+/* create() must answer `want` with a message containing `a` and `b` (each
+ * may be NULL) and leave no instance. */
+static inline void rh_expect_create_error(const moe_router_plugin_v1_t *p, moe_router_dims dims,
+                                          const moe_option *opts, int n_opts, moe_status want, const char *a,
+                                          const char *b) {
+    rh_router r;
+    moe_status st = rh_create(&r, p, dims, opts, n_opts);
+    CHECK_MSG(st == want, "%s create(E=%d, K=%d%s%s): status %d, expected %d: %s", p->name, dims.num_experts,
+              dims.top_k, n_opts ? ", option " : "", n_opts ? opts[0].key : "", (int)st, (int)want, r.msg);
+    CHECK_MSG((!a || strstr(r.msg, a)) && (!b || strstr(r.msg, b)), "%s: message '%s' lacks '%s' or '%s'", p->name,
+              r.msg, a ? a : "", b ? b : "");
+    CHECK_MSG(r.state == NULL, "%s: a refused create left an instance", p->name);
+    rh_destroy(&r);
+}
+
+/* create() with the one option `opt` must refuse it with MOE_ERR_OPTION and a
+ * message containing `a` and `b` (the key, and the value or the keys the
+ * router accepts; each may be NULL). */
+static inline void rh_expect_option_error(const moe_router_plugin_v1_t *p, moe_router_dims dims, moe_option opt,
+                                          const char *a, const char *b) {
+    rh_expect_create_error(p, dims, &opt, 1, MOE_ERR_OPTION, a, b);
+}
+
+/* The [moe] shapes no router can serve, with the other dims of `base`:
+ * top_k = 9 > num_experts = 8, top_k = 0, num_experts = 0. */
+static inline void rh_check_refuses_bad_dims(const moe_router_plugin_v1_t *p, moe_router_dims base) {
+    moe_router_dims d = base;
+    d.num_experts = 8;
+    d.top_k = 9;
+    rh_expect_create_error(p, d, NULL, 0, MOE_ERR_INVALID_ARG, "top_k = 9", "num_experts = 8");
+    d.top_k = 0;
+    rh_expect_create_error(p, d, NULL, 0, MOE_ERR_INVALID_ARG, "top_k", NULL);
+    d.num_experts = 0;
+    d.top_k = 1;
+    rh_expect_create_error(p, d, NULL, 0, MOE_ERR_INVALID_ARG, "num_experts", NULL);
+}
+
+/* A router that reads the logits refuses non-finite ones in forward and
+ * backward, naming the first as logit[t,e] with NaN, +Inf or -Inf. `r` has
+ * E = 4; two tokens, rows [0, 1, 2, 3] and [3, 2, 1, 0] with one bad entry. */
+static inline void rh_check_refuses_nonfinite_logits(rh_router *r) {
+    float l[8] = {0, 1, 2, 3, 3, 2, 1, 0};
+    const float g[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    float dl[8];
+    rh_call c;
+    l[6] = NAN;
+    CHECK(rh_route(r, 2, l, &c) == MOE_ERR_INVALID_ARG);
+    CHECK_MSG(strstr(r->msg, "logit[1,2]") && strstr(r->msg, "NaN"), "%s msg: %s", r->plugin->name, r->msg);
+    CHECK(rh_backward(r, &c, g, NULL, dl, NULL) == MOE_ERR_INVALID_ARG);
+    CHECK_MSG(strstr(r->msg, "logit[1,2]") != NULL, "%s msg: %s", r->plugin->name, r->msg);
+    rh_free_outputs(&c);
+
+    l[6] = 1;
+    l[3] = INFINITY;
+    CHECK(rh_route(r, 2, l, &c) == MOE_ERR_INVALID_ARG);
+    CHECK_MSG(strstr(r->msg, "logit[0,3]") && strstr(r->msg, "+Inf"), "%s msg: %s", r->plugin->name, r->msg);
+    rh_free_outputs(&c);
+
+    l[3] = 3;
+    l[4] = -INFINITY;
+    CHECK(rh_route(r, 2, l, &c) == MOE_ERR_INVALID_ARG);
+    CHECK_MSG(strstr(r->msg, "logit[1,0]") && strstr(r->msg, "-Inf"), "%s msg: %s", r->plugin->name, r->msg);
+    rh_free_outputs(&c);
+}
+
+/* A router that reads the logits refuses, for two tokens of l[2,E], a forward
+ * without logits, expert or weight, a backward without dlogits, dweight or
+ * logits, and T = -1. */
+static inline void rh_check_refuses_missing_args(rh_router *r, const float *l) {
+    const int E = r->dims.num_experts, k = r->info.k_out;
+    int32_t expert[64];
+    float weight[64], dl[64], g[64];
+    for (int i = 0; i < 64; ++i) g[i] = 1.0f;
+    if (2 * k > 64 || 2 * E > 64) {
+        CHECK_MSG(0, "rh_check_refuses_missing_args: E = %d, k_out = %d is too large", E, k);
+        return;
+    }
+    CHECK(rh_forward_raw(r, 2, E, k, NULL, expert, weight) == MOE_ERR_INVALID_ARG);
+    CHECK(rh_forward_raw(r, 2, E, k, l, NULL, weight) == MOE_ERR_INVALID_ARG);
+    CHECK(rh_forward_raw(r, 2, E, k, l, expert, NULL) == MOE_ERR_INVALID_ARG);
+    CHECK(rh_forward_raw(r, -1, E, k, l, expert, weight) == MOE_ERR_INVALID_ARG);
+    CHECK(rh_backward_raw(r, 2, E, k, l, g, NULL) == MOE_ERR_INVALID_ARG);
+    CHECK(rh_backward_raw(r, 2, E, k, l, NULL, dl) == MOE_ERR_INVALID_ARG);
+    CHECK(rh_backward_raw(r, 2, E, k, NULL, g, dl) == MOE_ERR_INVALID_ARG);
+}
+
+/* Two forwards of the same logits[T,E], and two backwards of the same
+ * g[T,k_out], are bitwise equal. */
+static inline void rh_check_determinism(rh_router *r, int T, const float *l, const float *g) {
+    const size_t n = (size_t)T * r->info.k_out, ne = (size_t)T * r->dims.num_experts;
+    float *dla = malloc(ne * sizeof(float)), *dlb = malloc(ne * sizeof(float));
+    rh_call a, b;
+    CHECK(rh_route(r, T, l, &a) == MOE_OK);
+    CHECK(rh_route(r, T, l, &b) == MOE_OK);
+    CHECK_MSG(memcmp(a.expert, b.expert, sizeof(int32_t) * n) == 0, "%s: experts differ", r->plugin->name);
+    CHECK_MSG(memcmp(a.weight, b.weight, sizeof(float) * n) == 0, "%s: weights differ", r->plugin->name);
+    CHECK(rh_backward(r, &a, g, NULL, dla, NULL) == MOE_OK);
+    CHECK(rh_backward(r, &b, g, NULL, dlb, NULL) == MOE_OK);
+    CHECK_MSG(memcmp(dla, dlb, sizeof(float) * ne) == 0, "%s: dlogits differ", r->plugin->name);
+    rh_free_outputs(&a);
+    rh_free_outputs(&b);
+    free(dla);
+    free(dlb);
 }
 
 /* An option value for tests. */

@@ -40,13 +40,7 @@ static void check_row(const rh_call *c, int k_out, int t, const int32_t *ex, con
 }
 
 static void test_table(const struct moe_router_plugin_v1 *p) {
-    CHECK(strcmp(p->name, "expert_choice") == 0);
-    /* The CUDA table is there exactly when the build has CUDA. */
-#ifdef MOE_WITH_CUDA
-    CHECK(p->cuda != NULL && p->cuda->forward && p->cuda->backward);
-#else
-    CHECK(p->cuda == NULL);
-#endif
+    rh_check_table(p, "expert_choice", 1);
     rh_router r = make(p, 8, 2, 32, 0);
     CHECK(r.info.k_out == 8);
     CHECK(r.info.flags == MOE_ROUTER_OWNS_CAPACITY);
@@ -345,26 +339,14 @@ static void test_gradients(const struct moe_router_plugin_v1 *p, int max_per_tok
 
 static void test_errors(const struct moe_router_plugin_v1 *p) {
     rh_router r;
-    moe_option o;
-    moe_router_dims d = rh_dims(8, 2, 8, 100, 16, 1.25);
-
-    o = rh_opt_int("capacity", 3);
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'capacity'") != NULL, "%s", r.msg);
-    o = rh_opt_float("max_per_token", 1.5);
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'max_per_token'") != NULL, "%s", r.msg);
-    o = rh_opt_str("max_per_token", "two");
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'max_per_token'") != NULL, "%s", r.msg);
-    o = rh_opt_int("max_per_token", -1);
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'max_per_token'") != NULL, "%s", r.msg);
-    o = rh_opt_int("max_per_token", 9); /* in [0, 1024] but more than E = 8 */
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'max_per_token'") != NULL && strstr(r.msg, "num_experts = 8") != NULL, "%s", r.msg);
-    CHECK(rh_create(&r, p, rh_dims(8, 9, 8, 100, 16, 1.25), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK_MSG(strstr(r.msg, "top_k = 9") != NULL && strstr(r.msg, "num_experts = 8") != NULL, "%s", r.msg);
+    const moe_router_dims d = rh_dims(8, 2, 8, 100, 16, 1.25);
+    rh_expect_option_error(p, d, rh_opt_int("capacity", 3), "'capacity'", NULL);
+    rh_expect_option_error(p, d, rh_opt_float("max_per_token", 1.5), "'max_per_token'", NULL);
+    rh_expect_option_error(p, d, rh_opt_str("max_per_token", "two"), "'max_per_token'", NULL);
+    rh_expect_option_error(p, d, rh_opt_int("max_per_token", -1), "'max_per_token'", NULL);
+    /* in [0, 1024] but more than E = 8 */
+    rh_expect_option_error(p, d, rh_opt_int("max_per_token", 9), "'max_per_token'", "num_experts = 8");
+    rh_check_refuses_bad_dims(p, d);
 
     for (int kp = 0; kp <= 2; kp += 2) {
         r = make(p, 4, 2, 4, kp);

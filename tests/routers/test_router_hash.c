@@ -42,14 +42,7 @@ static rh_router make(const struct moe_router_plugin_v1 *p, int E, int K, int vo
 }
 
 static void test_table(const struct moe_router_plugin_v1 *p) {
-    CHECK(strcmp(p->name, "hash") == 0);
-    CHECK(p->struct_size == sizeof(struct moe_router_plugin_v1));
-    /* The CUDA table is there exactly when the build has CUDA. */
-#ifdef MOE_WITH_CUDA
-    CHECK(p->cuda != NULL && p->cuda->forward && p->cuda->backward);
-#else
-    CHECK(p->cuda == NULL);
-#endif
+    rh_check_table(p, "hash", 1);
     rh_router r = make(p, 8, 2, 100, 16, "token");
     CHECK(r.info.k_out == 2);
     CHECK(r.info.flags == (MOE_ROUTER_IGNORES_LOGITS | MOE_ROUTER_NO_GRAD | MOE_ROUTER_WEIGHT_SUM_EXACT));
@@ -217,25 +210,14 @@ static void test_backward_and_empty(const struct moe_router_plugin_v1 *p) {
 }
 
 static void test_errors(const struct moe_router_plugin_v1 *p) {
-    rh_router r;
-    moe_option o;
+    const moe_router_dims d = rh_dims(8, 2, 16, 100, 8, 1.0);
+    rh_expect_option_error(p, d, rh_opt_str("hash", "token"), "'hash'", NULL);
+    rh_expect_option_error(p, d, rh_opt_int("key", 3), "'key'", NULL);
+    rh_expect_option_error(p, d, rh_opt_str("key", "word"), "'key'", "word");
+    rh_check_refuses_bad_dims(p, d);
+    rh_expect_create_error(p, rh_dims(8, 2, 16, 0, 8, 1.0), NULL, 0, MOE_ERR_INVALID_ARG, NULL, NULL); /* no vocabulary */
 
-    o = rh_opt_str("hash", "token");
-    CHECK(rh_create(&r, p, rh_dims(8, 2, 16, 100, 8, 1.0), &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'hash'") != NULL, "%s", r.msg);
-    o = rh_opt_int("key", 3);
-    CHECK(rh_create(&r, p, rh_dims(8, 2, 16, 100, 8, 1.0), &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'key'") != NULL, "%s", r.msg);
-    o = rh_opt_str("key", "word");
-    CHECK(rh_create(&r, p, rh_dims(8, 2, 16, 100, 8, 1.0), &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'key'") != NULL && strstr(r.msg, "word") != NULL, "%s", r.msg);
-    CHECK(rh_create(&r, p, rh_dims(8, 9, 16, 100, 8, 1.0), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK_MSG(strstr(r.msg, "top_k = 9") != NULL && strstr(r.msg, "num_experts = 8") != NULL, "%s", r.msg);
-    CHECK(rh_create(&r, p, rh_dims(8, 0, 16, 100, 8, 1.0), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK(rh_create(&r, p, rh_dims(0, 1, 16, 100, 8, 1.0), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK(rh_create(&r, p, rh_dims(8, 2, 16, 0, 8, 1.0), NULL, 0) == MOE_ERR_INVALID_ARG); /* no vocabulary */
-
-    r = make(p, 8, 2, 100, 8, "token");
+    rh_router r = make(p, 8, 2, 100, 8, "token");
     int32_t ids[4] = {0, 99, 100, 5};
     rh_call c = {.T = 4, .ids = ids};
     rh_alloc_outputs(&r, &c);

@@ -17,13 +17,7 @@ static moe_status make(rh_router *r, const struct moe_router_plugin_v1 *p, int E
 }
 
 static void test_table(const struct moe_router_plugin_v1 *p) {
-    CHECK(strcmp(p->name, "noisy_topk") == 0);
-    /* The CUDA table is there exactly when the build has CUDA. */
-#ifdef MOE_WITH_CUDA
-    CHECK(p->cuda != NULL && p->cuda->forward && p->cuda->backward);
-#else
-    CHECK(p->cuda == NULL);
-#endif
+    rh_check_table(p, "noisy_topk", 3);
     rh_router r;
     make(&r, p, 8, 2, 16, 32, NULL, 0);
     CHECK(r.info.k_out == 2);
@@ -265,30 +259,17 @@ static void test_accumulation(const struct moe_router_plugin_v1 *p) {
 
 static void test_errors(const struct moe_router_plugin_v1 *p) {
     rh_router r;
-    moe_option o;
-    moe_router_dims d = rh_dims(8, 2, 4, 100, 8, 1.25);
-
-    o = rh_opt_float("sigma", 1.0);
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'sigma'") != NULL, "%s", r.msg);
-    o = rh_opt_str("learned", "yes");
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'learned'") != NULL, "%s", r.msg);
-    o = rh_opt_str("noise_std", "1.0");
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'noise_std'") != NULL, "%s", r.msg);
-    o = rh_opt_float("noise_std", -0.1);
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'noise_std'") != NULL, "%s", r.msg);
-    o = rh_opt_float("temperature", 0.0);
-    CHECK(rh_create(&r, p, d, &o, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "'temperature'") != NULL, "%s", r.msg);
-    o = rh_opt_int("noise_std", 2); /* an integer is accepted where a number is expected */
+    const moe_router_dims d = rh_dims(8, 2, 4, 100, 8, 1.25);
+    rh_expect_option_error(p, d, rh_opt_float("sigma", 1.0), "'sigma'", NULL);
+    rh_expect_option_error(p, d, rh_opt_str("learned", "yes"), "'learned'", NULL);
+    rh_expect_option_error(p, d, rh_opt_str("noise_std", "1.0"), "'noise_std'", NULL);
+    rh_expect_option_error(p, d, rh_opt_float("noise_std", -0.1), "'noise_std'", NULL);
+    rh_expect_option_error(p, d, rh_opt_float("temperature", 0.0), "'temperature'", NULL);
+    moe_option o = rh_opt_int("noise_std", 2); /* an integer is accepted where a number is expected */
     CHECK(rh_create(&r, p, d, &o, 1) == MOE_OK);
     rh_destroy(&r);
-    CHECK(rh_create(&r, p, rh_dims(8, 9, 4, 100, 8, 1.25), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK_MSG(strstr(r.msg, "top_k = 9") != NULL && strstr(r.msg, "num_experts = 8") != NULL, "%s", r.msg);
-    CHECK(rh_create(&r, p, rh_dims(8, 2, 0, 100, 8, 1.25), NULL, 0) == MOE_ERR_INVALID_ARG); /* learned, no d */
+    rh_check_refuses_bad_dims(p, d);
+    rh_expect_create_error(p, rh_dims(8, 2, 0, 100, 8, 1.25), NULL, 0, MOE_ERR_INVALID_ARG, NULL, NULL); /* learned, no d */
 
     enum { T = 3, E = 4, D = 2 };
     make(&r, p, E, 2, D, T, NULL, 0);

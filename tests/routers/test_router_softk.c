@@ -10,14 +10,9 @@
 
 static const struct moe_router_plugin_v1 *plugin;
 
-/* An instance with E experts and [moe].top_k = K; the test cannot go on
- * without one, so a failure here ends the program. */
+/* An instance with E experts and [moe].top_k = K (a failure ends the program). */
 static void make(rh_router *r, int E, int K, const moe_option *opts, int n_opts) {
-    moe_status st = rh_create(r, plugin, rh_dims(E, K, 4, 0, 64, 1.25), opts, n_opts);
-    if (st != MOE_OK) {
-        fprintf(stderr, "create(E=%d, K=%d) failed (%d): %s\n", E, K, (int)st, r->msg);
-        exit(1);
-    }
+    rh_create_or_exit(r, plugin, rh_dims(E, K, 4, 0, 64, 1.25), opts, n_opts);
 }
 
 /* An instance with the given normalize and temperature. */
@@ -26,99 +21,12 @@ static void make_nt(rh_router *r, int E, int K, const char *normalize, double te
     make(r, E, K, o, 2);
 }
 
-/* Forward T tokens; the caller frees c's outputs with rh_free_outputs. */
-static moe_status route(rh_router *r, int T, const float *logits, rh_call *c) {
-    memset(c, 0, sizeof *c);
-    c->T = T;
-    c->logits = logits;
-    rh_alloc_outputs(r, c);
-    return rh_forward(r, c);
-}
-
-/* forward through the CPU table with arguments given one by one, so that
- * tests can pass NULL pointers and wrong shapes. */
-static moe_status forward_raw(rh_router *r, int T, int E, int k_out, const float *logits, int32_t *expert,
-                              float *weight) {
-    moe_rng_key key = {0, 0, 0, 0};
-    moe_context ctx = rh_context(r, 0, key);
-    moe_router_fwd_args a;
-    memset(&a, 0, sizeof a);
-    a.struct_size = sizeof a;
-    a.T = T;
-    a.E = E;
-    a.k_out = k_out;
-    a.logits = logits;
-    a.expert = expert;
-    a.weight = weight;
-    return r->plugin->cpu->forward(r->state, &ctx, &a);
-}
-
-static moe_status backward_raw(rh_router *r, int T, int E, int k_out, const float *logits, const float *dweight,
-                               float *dlogits) {
-    moe_rng_key key = {0, 0, 0, 0};
-    moe_context ctx = rh_context(r, 1, key);
-    moe_router_bwd_args a;
-    memset(&a, 0, sizeof a);
-    a.struct_size = sizeof a;
-    a.T = T;
-    a.E = E;
-    a.k_out = k_out;
-    a.logits = logits;
-    a.dweight = dweight;
-    a.dlogits = dlogits;
-    return r->plugin->cpu->backward(r->state, &ctx, &a);
-}
-
-/* Rows that are a shuffled 0, 0.8, 1.6, ... plus noise in [-0.2, 0.2):
- * entries of a row differ by at least 0.4, far more than the finite
- * difference step, so no routing decision flips during a gradient check. */
-static void gapped_logits(uint64_t seed, int T, int E, float *l) {
-    moe_test_rng rng = {seed};
-    for (int t = 0; t < T; ++t) {
-        float *row = l + (size_t)t * E;
-        for (int j = 0; j < E; ++j) row[j] = 0.8f * (float)j;
-        for (int j = E - 1; j > 0; --j) {
-            int i = (int)(moe_test_next(&rng) % (uint64_t)(j + 1));
-            float tmp = row[i];
-            row[i] = row[j];
-            row[j] = tmp;
-        }
-        for (int j = 0; j < E; ++j) row[j] += moe_test_uniform(&rng, -0.2f, 0.2f) - 1.5f;
-    }
-}
-
 /* ---- the table and the info ------------------------------------------------ */
 
 static void test_table(void) {
-    CHECK(strcmp(plugin->name, "softk") == 0);
-    CHECK(plugin->abi_version == MOE_ROUTER_ABI_VERSION);
-    CHECK(plugin->struct_size == sizeof(struct moe_router_plugin_v1));
-    CHECK(plugin->description && strlen(plugin->description) > 10);
-    CHECK(plugin->create && plugin->destroy && plugin->query);
-    CHECK(plugin->cpu && plugin->cpu->forward && plugin->cpu->backward);
-    /* The CUDA table is there exactly when the build has CUDA. */
-#ifdef MOE_WITH_CUDA
-    CHECK(plugin->cuda != NULL && plugin->cuda->forward && plugin->cuda->backward);
-#else
-    CHECK(plugin->cuda == NULL);
-#endif
-
-    CHECK(plugin->n_options == 2);
-    const moe_option_spec *t = &plugin->options[0];
-    CHECK(strcmp(t->key, "temperature") == 0);
-    CHECK(t->type == MOE_OPT_FLOAT);
-    CHECK(strcmp(t->default_value, "1.0") == 0);
-    CHECK(t->choices == NULL);
-    CHECK(t->min == 1e-3 && t->max == 1e3);
-    CHECK(t->help && strlen(t->help) > 10);
-
-    const moe_option_spec *n = &plugin->options[1];
-    CHECK(strcmp(n->key, "normalize") == 0);
-    CHECK(n->type == MOE_OPT_STRING);
-    CHECK(strcmp(n->default_value, "softmax") == 0);
-    CHECK(n->choices && strcmp(n->choices, "softmax|sum") == 0);
-    CHECK(!(n->min < n->max));
-    CHECK(n->help && strlen(n->help) > 10);
+    rh_check_table(plugin, "softk", 2);
+    rh_check_option(plugin, 0, "temperature", MOE_OPT_FLOAT, "1.0", NULL, 1e-3, 1e3);
+    rh_check_option(plugin, 1, "normalize", MOE_OPT_STRING, "softmax", "softmax|sum", 0.0, 0.0);
 }
 
 static void test_info(void) {
@@ -150,7 +58,7 @@ static void test_forward_hand(void) {
      *   w = [e^2, e^1] / (e^2 + e^1) = [e / (1 + e), 1 / (1 + e)]
      *     = [2.718281828 / 3.718281828, 1 / 3.718281828] = [0.731058579, 0.268941421] */
     make(&r, 4, 2, NULL, 0);
-    CHECK(route(&r, 1, l, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, l, &c) == MOE_OK);
     CHECK(c.expert[0] == 2 && c.expert[1] == 0);
     CHECK_CLOSE(c.weight[0], 0.731058579, 1e-6, 0);
     CHECK_CLOSE(c.weight[1], 0.268941421, 1e-6, 0);
@@ -161,7 +69,7 @@ static void test_forward_hand(void) {
      *   w = [e^2 / (1 + e^2), 1 / (1 + e^2)] = [7.389056099 / 8.389056099, ...]
      *     = [0.880797078, 0.119202922] */
     make_nt(&r, 4, 2, "softmax", 0.5);
-    CHECK(route(&r, 1, l, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, l, &c) == MOE_OK);
     CHECK(c.expert[0] == 2 && c.expert[1] == 0); /* the choice does not change */
     CHECK_CLOSE(c.weight[0], 0.880797078, 1e-6, 0);
     CHECK_CLOSE(c.weight[1], 0.119202922, 1e-6, 0);
@@ -174,7 +82,7 @@ static void test_forward_hand(void) {
      * Given as the integer 2, which a number option accepts. */
     moe_option t2 = rh_opt_int("temperature", 2);
     make(&r, 4, 2, &t2, 1);
-    CHECK(route(&r, 1, l, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, l, &c) == MOE_OK);
     CHECK_CLOSE(c.weight[0], 0.622459331, 1e-6, 0);
     CHECK_CLOSE(c.weight[1], 0.377540669, 1e-6, 0);
     rh_free_outputs(&c);
@@ -188,7 +96,7 @@ static void test_forward_hand(void) {
      *   w   = [0.643914260 / 0.880797078, 0.236882818 / 0.880797078] = [0.731058579, 0.268941421]
      * the softmax-over-selected values again: Z cancels in the ratio. */
     make_nt(&r, 4, 2, "sum", 1.0);
-    CHECK(route(&r, 1, l, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, l, &c) == MOE_OK);
     CHECK(c.expert[0] == 2 && c.expert[1] == 0);
     CHECK_CLOSE(c.weight[0], 0.731058579, 1e-6, 0);
     CHECK_CLOSE(c.weight[1], 0.268941421, 1e-6, 0);
@@ -202,14 +110,14 @@ static void test_forward_hand(void) {
      *   softmax: w_1 = e^-30 / (1 + e^-30) = 9.3576e-14 */
     const float far[] = {0, -30, -40};
     make_nt(&r, 3, 2, "sum", 1.0);
-    CHECK(route(&r, 1, far, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, far, &c) == MOE_OK);
     CHECK(c.expert[0] == 0 && c.expert[1] == 1);
     CHECK_CLOSE(c.weight[0], 1.0, 1e-6, 0);
     CHECK_CLOSE(c.weight[1], 1e-9, 1e-4, 0);
     rh_free_outputs(&c);
     rh_destroy(&r);
     make_nt(&r, 3, 2, "softmax", 1.0);
-    CHECK(route(&r, 1, far, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, far, &c) == MOE_OK);
     CHECK_CLOSE(c.weight[1], 9.3576e-14, 1e-3, 0);
     rh_free_outputs(&c);
     rh_destroy(&r);
@@ -222,7 +130,7 @@ static void test_forward_shapes(void) {
     /* Ties go to the lower index: [2, 2, 2], K = 2 picks 0 and 1, 1/2 each. */
     const float ties[] = {2, 2, 2};
     make(&r, 3, 2, NULL, 0);
-    CHECK(route(&r, 1, ties, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, ties, &c) == MOE_OK);
     CHECK(c.expert[0] == 0 && c.expert[1] == 1);
     CHECK(c.weight[0] == 0.5f && c.weight[1] == 0.5f);
     rh_free_outputs(&c);
@@ -234,7 +142,7 @@ static void test_forward_shapes(void) {
     const char *norms[] = {"softmax", "sum"};
     for (int i = 0; i < 2; ++i) {
         make_nt(&r, 3, 3, norms[i], 1.0);
-        CHECK(route(&r, 1, logs, &c) == MOE_OK);
+        CHECK(rh_route(&r, 1, logs, &c) == MOE_OK);
         CHECK(c.expert[0] == 2 && c.expert[1] == 1 && c.expert[2] == 0);
         CHECK_CLOSE(c.weight[0], 1.0 / 2.0, 1e-6, 0);
         CHECK_CLOSE(c.weight[1], 1.0 / 3.0, 1e-6, 0);
@@ -250,7 +158,7 @@ static void test_forward_shapes(void) {
         const float g[] = {0.7f, -2};
         float dl[6] = {7, 7, 7, 7, 7, 7};
         make_nt(&r, 3, 1, norms[i], 0.5);
-        CHECK(route(&r, 2, l, &c) == MOE_OK);
+        CHECK(rh_route(&r, 2, l, &c) == MOE_OK);
         CHECK(c.expert[0] == 2 && c.expert[1] == 1);
         CHECK(c.weight[0] == 1.0f && c.weight[1] == 1.0f);
         CHECK(rh_backward(&r, &c, g, NULL, dl, NULL) == MOE_OK);
@@ -263,7 +171,7 @@ static void test_forward_shapes(void) {
      * both led by 5 then 1, each pair 1 apart: w = [e / (1 + e), 1 / (1 + e)]. */
     const float same[] = {0, 2, 0, 0, 0, 3, 0, 0, -4, -2, -4, -4, -4, -1, -4, -4};
     make(&r, 8, 2, NULL, 0);
-    CHECK(route(&r, 2, same, &c) == MOE_OK);
+    CHECK(rh_route(&r, 2, same, &c) == MOE_OK);
     for (int t = 0; t < 2; ++t) {
         CHECK(c.expert[2 * t] == 5 && c.expert[2 * t + 1] == 1);
         CHECK_CLOSE(c.weight[2 * t], 0.731058579, 1e-6, 0);
@@ -272,8 +180,8 @@ static void test_forward_shapes(void) {
     rh_free_outputs(&c);
 
     /* T = 0 is a valid call that touches nothing, even with NULL pointers. */
-    CHECK(forward_raw(&r, 0, 8, 2, NULL, NULL, NULL) == MOE_OK);
-    CHECK(backward_raw(&r, 0, 8, 2, NULL, NULL, NULL) == MOE_OK);
+    CHECK(rh_forward_raw(&r, 0, 8, 2, NULL, NULL, NULL) == MOE_OK);
+    CHECK(rh_backward_raw(&r, 0, 8, 2, NULL, NULL, NULL) == MOE_OK);
     rh_destroy(&r);
 }
 
@@ -296,7 +204,7 @@ static void test_backward_hand(void) {
     for (int i = 0; i < 2; ++i) {
         make_nt(&r, 4, 2, norms[i], 1.0);
         for (int j = 0; j < 4; ++j) dl[j] = 7; /* overwritten, not accumulated */
-        CHECK(route(&r, 1, l, &c) == MOE_OK);
+        CHECK(rh_route(&r, 1, l, &c) == MOE_OK);
         CHECK(rh_backward(&r, &c, g, NULL, dl, NULL) == MOE_OK);
         CHECK_CLOSE(dl[2], 0.294917900, 1e-5, 1e-7);
         CHECK_CLOSE(dl[0], -0.294917900, 1e-5, 1e-7);
@@ -323,7 +231,7 @@ static void test_backward_hand(void) {
      *   dl_2 = w_0 (g_0 - 0.321195617) / 0.5 = 0.880797078 *  0.178804383 * 2 =  0.314980756
      *   dl_0 = w_1 (g_1 - 0.321195617) / 0.5 = 0.119202922 * -1.321195617 * 2 = -0.314980756 */
     make_nt(&r, 4, 2, "softmax", 0.5);
-    CHECK(route(&r, 1, l, &c) == MOE_OK);
+    CHECK(rh_route(&r, 1, l, &c) == MOE_OK);
     CHECK(rh_backward(&r, &c, g, NULL, dl, NULL) == MOE_OK);
     CHECK_CLOSE(dl[2], 0.314980756, 1e-5, 1e-7);
     CHECK_CLOSE(dl[0], -0.314980756, 1e-5, 1e-7);
@@ -342,7 +250,7 @@ static void test_gradients_fd(void) {
                 rh_router r;
                 rh_call c;
                 float l[T * E];
-                gapped_logits(100 + (uint64_t)(10 * n + 3 * ti + K), T, E, l);
+                rh_gapped_logits(100 + (uint64_t)(10 * n + 3 * ti + K), T, E, l);
                 make_nt(&r, E, K, norms[n], temps[ti]);
                 memset(&c, 0, sizeof c);
                 c.T = T;
@@ -367,8 +275,8 @@ static void test_sum_matches_softmax(void) {
     rh_call cs, cm;
     make_nt(&rs, E, K, "softmax", 0.7);
     make_nt(&rm, E, K, "sum", 0.7);
-    CHECK(route(&rs, T, l, &cs) == MOE_OK);
-    CHECK(route(&rm, T, l, &cm) == MOE_OK);
+    CHECK(rh_route(&rs, T, l, &cs) == MOE_OK);
+    CHECK(rh_route(&rm, T, l, &cm) == MOE_OK);
     CHECK(memcmp(cs.expert, cm.expert, sizeof(int32_t) * T * K) == 0);
     for (int i = 0; i < T * K; ++i) CHECK_CLOSE(cm.weight[i], cs.weight[i], 1e-5, 1e-7);
     CHECK(rh_backward(&rs, &cs, g, NULL, dl_soft, NULL) == MOE_OK);
@@ -386,35 +294,16 @@ static void test_bad_options(void) {
     rh_router r;
     const moe_router_dims dims = rh_dims(4, 2, 4, 0, 16, 1.0);
 
-    moe_option unknown = rh_opt_str("gate", "none");
-    CHECK(rh_create(&r, plugin, dims, &unknown, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "gate") && strstr(r.msg, "temperature") && strstr(r.msg, "normalize"), "msg: %s",
-              r.msg);
-    CHECK(r.state == NULL);
-    rh_destroy(&r);
-
-    moe_option as_string = rh_opt_str("temperature", "hot");
-    CHECK(rh_create(&r, plugin, dims, &as_string, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "temperature") != NULL, "msg: %s", r.msg);
-    rh_destroy(&r);
-
-    moe_option as_bool = rh_opt_bool("normalize", 1);
-    CHECK(rh_create(&r, plugin, dims, &as_bool, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "normalize") != NULL, "msg: %s", r.msg);
-    rh_destroy(&r);
-
-    moe_option bad_choice = rh_opt_str("normalize", "l1");
-    CHECK(rh_create(&r, plugin, dims, &bad_choice, 1) == MOE_ERR_OPTION);
-    CHECK_MSG(strstr(r.msg, "normalize") && strstr(r.msg, "l1"), "msg: %s", r.msg);
-    rh_destroy(&r);
+    /* unknown: the message names it and the keys softk accepts */
+    rh_expect_option_error(plugin, dims, rh_opt_str("gate", "none"), "gate", "temperature");
+    rh_expect_option_error(plugin, dims, rh_opt_str("gate", "none"), "normalize", NULL);
+    rh_expect_option_error(plugin, dims, rh_opt_str("temperature", "hot"), "temperature", NULL); /* wrong type */
+    rh_expect_option_error(plugin, dims, rh_opt_bool("normalize", 1), "normalize", NULL);       /* wrong type */
+    rh_expect_option_error(plugin, dims, rh_opt_str("normalize", "l1"), "normalize", "l1");     /* bad choice */
 
     const double out_of_range[] = {0.0, -1.0, 9e-4, 1001.0, 1e9};
-    for (int i = 0; i < 5; ++i) {
-        moe_option t = rh_opt_float("temperature", out_of_range[i]);
-        CHECK(rh_create(&r, plugin, dims, &t, 1) == MOE_ERR_OPTION);
-        CHECK_MSG(strstr(r.msg, "temperature") != NULL, "msg: %s", r.msg);
-        rh_destroy(&r);
-    }
+    for (int i = 0; i < 5; ++i)
+        rh_expect_option_error(plugin, dims, rh_opt_float("temperature", out_of_range[i]), "temperature", NULL);
     /* The ends of the range are allowed. */
     const double edges[] = {1e-3, 1e3};
     for (int i = 0; i < 2; ++i) {
@@ -423,62 +312,24 @@ static void test_bad_options(void) {
         rh_destroy(&r);
     }
 
-    CHECK(rh_create(&r, plugin, rh_dims(8, 9, 4, 0, 16, 1.0), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK_MSG(strstr(r.msg, "top_k = 9") && strstr(r.msg, "num_experts = 8"), "msg: %s", r.msg);
-    rh_destroy(&r);
-
-    CHECK(rh_create(&r, plugin, rh_dims(8, 0, 4, 0, 16, 1.0), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK_MSG(strstr(r.msg, "top_k") != NULL, "msg: %s", r.msg);
-    rh_destroy(&r);
-
-    CHECK(rh_create(&r, plugin, rh_dims(0, 1, 4, 0, 16, 1.0), NULL, 0) == MOE_ERR_INVALID_ARG);
-    CHECK_MSG(strstr(r.msg, "num_experts") != NULL, "msg: %s", r.msg);
-    rh_destroy(&r);
+    rh_check_refuses_bad_dims(plugin, dims);
 }
 
 static void test_bad_inputs(void) {
     const char *norms[] = {"softmax", "sum"};
     for (int n = 0; n < 2; ++n) {
         rh_router r;
-        rh_call c;
         make_nt(&r, 4, 2, norms[n], 1.0);
+        rh_check_refuses_nonfinite_logits(&r);
 
-        float l[8] = {0, 1, 2, 3, 3, 2, 1, 0};
-        const float g[4] = {1, 1, 1, 1};
-        float dl[8];
-        l[6] = NAN;
-        CHECK(route(&r, 2, l, &c) == MOE_ERR_INVALID_ARG);
-        CHECK_MSG(strstr(r.msg, "logit[1,2]") && strstr(r.msg, "NaN"), "msg: %s", r.msg);
-        CHECK(rh_backward(&r, &c, g, NULL, dl, NULL) == MOE_ERR_INVALID_ARG);
-        CHECK_MSG(strstr(r.msg, "logit[1,2]") != NULL, "msg: %s", r.msg);
-        rh_free_outputs(&c);
-
-        l[6] = 1;
-        l[3] = INFINITY;
-        CHECK(route(&r, 2, l, &c) == MOE_ERR_INVALID_ARG);
-        CHECK_MSG(strstr(r.msg, "logit[0,3]") && strstr(r.msg, "+Inf"), "msg: %s", r.msg);
-        rh_free_outputs(&c);
-
-        l[3] = 3;
-        l[4] = -INFINITY;
-        CHECK(route(&r, 2, l, &c) == MOE_ERR_INVALID_ARG);
-        CHECK_MSG(strstr(r.msg, "logit[1,0]") && strstr(r.msg, "-Inf"), "msg: %s", r.msg);
-        rh_free_outputs(&c);
-        l[4] = 3;
-
+        const float l[8] = {0, 1, 2, 3, 3, 2, 1, 0};
         int32_t expert[4];
         float weight[4];
-        CHECK(forward_raw(&r, 2, 4, 2, NULL, expert, weight) == MOE_ERR_INVALID_ARG);
-        CHECK(forward_raw(&r, 2, 4, 2, l, NULL, weight) == MOE_ERR_INVALID_ARG);
-        CHECK(forward_raw(&r, 2, 4, 2, l, expert, NULL) == MOE_ERR_INVALID_ARG);
-        CHECK(forward_raw(&r, -1, 4, 2, l, expert, weight) == MOE_ERR_INVALID_ARG);
-        CHECK(forward_raw(&r, 2, 3, 2, l, expert, weight) == MOE_ERR_INVALID_ARG); /* E differs from create */
-        CHECK(forward_raw(&r, 2, 4, 1, l, expert, weight) == MOE_ERR_INVALID_ARG); /* k_out differs from K */
-        CHECK(backward_raw(&r, 2, 4, 2, l, g, NULL) == MOE_ERR_INVALID_ARG);
-        CHECK(backward_raw(&r, 2, 4, 2, l, NULL, dl) == MOE_ERR_INVALID_ARG);
-        CHECK(backward_raw(&r, 2, 4, 2, NULL, g, dl) == MOE_ERR_INVALID_ARG);
+        rh_check_refuses_missing_args(&r, l);
+        CHECK(rh_forward_raw(&r, 2, 3, 2, l, expert, weight) == MOE_ERR_INVALID_ARG); /* E differs from create */
+        CHECK(rh_forward_raw(&r, 2, 4, 1, l, expert, weight) == MOE_ERR_INVALID_ARG); /* k_out differs from K */
         /* and the good call still works: row 0 = [0, 1, 2, 3], row 1 = [3, 2, 1, 0] */
-        CHECK(forward_raw(&r, 2, 4, 2, l, expert, weight) == MOE_OK);
+        CHECK(rh_forward_raw(&r, 2, 4, 2, l, expert, weight) == MOE_OK);
         CHECK(expert[0] == 3 && expert[1] == 2 && expert[2] == 0 && expert[3] == 1);
         rh_destroy(&r);
     }
@@ -488,22 +339,13 @@ static void test_determinism(void) {
     const char *norms[] = {"softmax", "sum"};
     for (int n = 0; n < 2; ++n) {
         rh_router r;
-        rh_call a, b;
         enum { T = 64, E = 16, K = 4 };
-        float l[T * E], g[T * K], dla[T * E], dlb[T * E];
+        float l[T * E], g[T * K];
         moe_test_rng rng = {99};
         moe_test_fill(&rng, l, T * E, -4.0f, 4.0f);
         moe_test_fill(&rng, g, T * K, -1.0f, 1.0f);
         make_nt(&r, E, K, norms[n], 0.8);
-        CHECK(route(&r, T, l, &a) == MOE_OK);
-        CHECK(route(&r, T, l, &b) == MOE_OK);
-        CHECK(memcmp(a.expert, b.expert, sizeof(int32_t) * T * K) == 0);
-        CHECK(memcmp(a.weight, b.weight, sizeof(float) * T * K) == 0);
-        CHECK(rh_backward(&r, &a, g, NULL, dla, NULL) == MOE_OK);
-        CHECK(rh_backward(&r, &b, g, NULL, dlb, NULL) == MOE_OK);
-        CHECK(memcmp(dla, dlb, sizeof dla) == 0);
-        rh_free_outputs(&a);
-        rh_free_outputs(&b);
+        rh_check_determinism(&r, T, l, g);
         rh_destroy(&r);
     }
 }

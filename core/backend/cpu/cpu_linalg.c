@@ -9,6 +9,7 @@
 #include "backend/cpu/cpu_ops.h"
 
 #include <cblas.h>
+#include <math.h>
 
 static CBLAS_TRANSPOSE cblas_op(int t) { return t ? CblasTrans : CblasNoTrans; }
 
@@ -88,4 +89,12 @@ double cpu_sumsq(moe_backend *be, const float *x, size_t n) {
     double total = 0.0;
     for (int c = 0; c < SUMSQ_CHUNKS; ++c) total += partial[c];
     return total;
+}
+
+/* The session's clipping, as it was written on the host: the same sumsq,
+ * sqrt and scale, so results are unchanged. */
+void cpu_clip_grad_norm(moe_backend *be, float *g, size_t n, double clip, double *norm_out) {
+    double norm = sqrt(cpu_sumsq(be, g, n));
+    *norm_out = norm;
+    if (clip > 0.0 && norm > clip) cpu_scale(be, g, (float)(clip / norm), n);
 }

@@ -5,6 +5,7 @@
  */
 #include "backend/cpu/cpu_moe_ops.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -192,4 +193,85 @@ void cpu_aux_losses(moe_backend *be, const float *lb_logits, const float *logits
     free(p);
     *lb = T > 0 ? (double)E * lb_sum / T : 0.0;
     *z = T > 0 ? z_sum / T : 0.0;
+}
+
+/* f from the counts, exactly as core/model/moe.c computed it on the host,
+ * then aux_losses. */
+void cpu_aux_losses_counts(moe_backend *be, const float *lb_logits, const float *logits, const int32_t *counts,
+                           int T, int E, float alpha, float beta, float *d_lb, float *dlogits, double *out) {
+    long long routed = 0;
+    for (int e = 0; e < E; ++e) routed += counts[e];
+    float *f = malloc((size_t)(E > 0 ? E : 1) * sizeof *f);
+    for (int e = 0; e < E; ++e) f[e] = routed ? (float)counts[e] / (float)routed : 0.0f;
+    cpu_aux_losses(be, lb_logits, logits, f, T, E, alpha, beta, d_lb, dlogits, &out[0], &out[1]);
+    free(f);
+}
+
+/* ---- checks (contracts: backend.h) ---- */
+
+static void set_record(int32_t *record, int32_t code, int32_t t, int32_t k, int32_t value, int32_t extra) {
+    if (record[0] != 0) return; /* the first error stays */
+    record[1] = t;
+    record[2] = k;
+    record[3] = value;
+    record[4] = extra;
+    record[0] = code;
+}
+
+void cpu_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot, int T,
+                       int K, int E, int C, int32_t *kept, int32_t *record) {
+    (void)be;
+    const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
+    int bad = 0;
+    for (size_t a = 0; a < nA; ++a) {
+        const int e = expert[a];
+        const int t = (int)(a / (size_t)K), k = (int)(a % (size_t)K);
+        if (slot) kept[a] = e >= 0 && e < E && slot[a] >= 0 && slot[a] < C ? e : -1;
+        if (bad) continue;
+        if (e < -1 || e >= E) {
+            set_record(record, MOE_CHECK_EXPERT, t, k, e, E);
+            bad = 1;
+        } else if (e >= 0 && !(isfinite(weight[a]) && weight[a] >= 0.0f)) {
+            int32_t bits;
+            memcpy(&bits, &weight[a], sizeof bits);
+            set_record(record, MOE_CHECK_WEIGHT, t, k, bits, 0);
+            bad = 1;
+        } else if (slot && e >= 0 && (slot[a] < 0 || slot[a] >= C)) {
+            set_record(record, MOE_CHECK_SLOT, t, k, slot[a], C);
+            bad = 1;
+        }
+    }
+    if (bad || !slot || nA == 0) return;
+    /* Slots must be distinct within an expert, or two tokens would share one
+     * expert row. Every index is in range here. */
+    unsigned char *seen = calloc((size_t)E * (size_t)C, 1);
+    if (!seen) return;
+    for (size_t a = 0; a < nA; ++a) {
+        if (expert[a] < 0) continue;
+        unsigned char *s = &seen[(size_t)expert[a] * C + slot[a]];
+        if (*s) {
+            set_record(record, MOE_CHECK_SLOT_TWICE, (int)(a / (size_t)K), (int)(a % (size_t)K), slot[a], expert[a]);
+            break;
+        }
+        *s = 1;
+    }
+    free(seen);
+}
+
+void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record) {
+    (void)be;
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; ++i)
+        if (b[i] != value) {
+            set_record(record, code, (int32_t)i, 0, b[i], 0);
+            return;
+        }
+}
+
+void cpu_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
+    (void)be;
+    const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
+    if (E > 0) memset(counts, 0, (size_t)E * sizeof *counts);
+    for (size_t a = 0; a < nA; ++a)
+        if (kept[a] >= 0 && kept[a] < E) counts[kept[a]]++;
 }

@@ -1,7 +1,8 @@
 /*
  * CPU implementations of the MoE routing core ops of moe_backend
  * (capacity_assign, combine_weights(_bwd), dispatch(_bwd), combine(_bwd),
- * aux_losses) and the elementwise product used by the Hadamard gate.
+ * aux_losses(_counts), the router-output checks and expert counts) and the
+ * elementwise product used by the Hadamard gate.
  * Their contracts are the comments in core/backend/backend.h.
  */
 #ifndef MOE_CPU_MOE_OPS_H
@@ -28,5 +29,11 @@ void cpu_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, cons
 void cpu_mul(moe_backend *be, const float *a, const float *b, float *out, size_t n);
 void cpu_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f, int T,
                     int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb, double *z);
+void cpu_aux_losses_counts(moe_backend *be, const float *lb_logits, const float *logits, const int32_t *counts,
+                           int T, int E, float alpha, float beta, float *d_lb, float *dlogits, double *out);
+void cpu_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot, int T,
+                       int K, int E, int C, int32_t *kept, int32_t *record);
+void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
+void cpu_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

@@ -220,6 +220,19 @@ void cpu_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targe
     }
 }
 
+/* In token order, as the model summed its host copies before. */
+void cpu_xent_sums(moe_backend *be, const float *losses, const int32_t *correct, int T, double *out) {
+    (void)be;
+    double sum = 0.0;
+    long long n_correct = 0;
+    for (int t = 0; t < T; ++t) {
+        sum += losses[t];
+        n_correct += correct[t];
+    }
+    out[0] = sum;
+    out[1] = (double)n_correct;
+}
+
 /* ------------------------------------------------------------------ */
 /* AdamW                                                               */
 /* ------------------------------------------------------------------ */

@@ -30,6 +30,7 @@ void cpu_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N);
 void cpu_axpy(moe_backend *be, float a, const float *x, float *y, size_t n);
 void cpu_scale(moe_backend *be, float *x, float a, size_t n);
 double cpu_sumsq(moe_backend *be, const float *x, size_t n);
+void cpu_clip_grad_norm(moe_backend *be, float *g, size_t n, double clip, double *norm_out);
 
 /* ---- cpu_norm.c ---- */
 void cpu_layernorm_fwd(moe_backend *be, const float *x, const float *g, const float *b, float *y,
@@ -63,6 +64,7 @@ void cpu_dropout_bwd(moe_backend *be, const float *dy, float *dx, size_t n, floa
                      moe_rng_key key);
 void cpu_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targets, int T, int V,
                       float *losses, int32_t *correct, float *dlogits, float grad_scale);
+void cpu_xent_sums(moe_backend *be, const float *losses, const int32_t *correct, int T, double *out);
 void cpu_adamw(moe_backend *be, float *p, const float *g, float *m, float *v, const uint8_t *decay,
                size_t n, float lr, float b1, float b2, float eps, float wd, long long t);
 

@@ -98,6 +98,15 @@ char *cuda_scratch(moe_backend *be, size_t bytes) {
     return (char *)st->scratch;
 }
 
+bool cuda_is_device_ptr(const void *p) {
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        (void)cudaGetLastError(); /* not a launch failure: clear it */
+        return false;
+    }
+    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
 /* ------------------------------------------------------------------ */
 /* Memory                                                              */
 /* ------------------------------------------------------------------ */
@@ -129,18 +138,40 @@ static void cuda_free_mem(moe_backend *be, void *p) {
 
 /* Copies use cudaMemcpyDefault (unified addressing tells host from device),
  * so a caller that passes the "wrong" kind of pointer still gets a correct
- * copy. to_host and from_host wait: the caller reads, reuses or frees the
- * host buffer as soon as they return. */
+ * copy. to_host waits: the caller reads the host buffer as soon as it
+ * returns. from_host lets the caller reuse its buffer at once: small copies
+ * (a batch's token ids, a guard pattern) go through pinned staging and are
+ * only queued; larger ones (parameters at set-up, checkpoints) wait. */
 static void cuda_to_host(moe_backend *be, void *dst_host, const void *src, size_t bytes) {
     if (!bytes) return;
     CUDA_CHECK(be, cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDefault, cuda_stream(be)));
     CUDA_CHECK(be, cudaStreamSynchronize(cuda_stream(be)));
 }
 
+#define UPLOAD_HALF_BYTES ((size_t)1 << 20)
+
 static void cuda_from_host(moe_backend *be, void *dst, const void *src_host, size_t bytes) {
     if (!bytes) return;
-    CUDA_CHECK(be, cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyDefault, cuda_stream(be)));
-    CUDA_CHECK(be, cudaStreamSynchronize(cuda_stream(be)));
+    cuda_impl *st = cuda_state(be);
+    if (bytes <= UPLOAD_HALF_BYTES && st->upload_stage[0] && st->upload_stage[1]) {
+        int h = st->upload_half;
+        if (st->upload_used[h] + bytes > UPLOAD_HALF_BYTES) {
+            /* switch halves; the other one's copies were queued before this
+             * half's, so in a training loop they are long done */
+            h ^= 1;
+            CUDA_CHECK(be, cudaEventSynchronize(st->upload_done[h]));
+            st->upload_used[h] = 0;
+            st->upload_half = h;
+        }
+        char *stage = st->upload_stage[h] + st->upload_used[h];
+        memcpy(stage, src_host, bytes);
+        CUDA_CHECK(be, cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyDefault, st->stream));
+        CUDA_CHECK(be, cudaEventRecord(st->upload_done[h], st->stream));
+        st->upload_used[h] += (bytes + 255) / 256 * 256;
+        return;
+    }
+    CUDA_CHECK(be, cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyDefault, st->stream));
+    CUDA_CHECK(be, cudaStreamSynchronize(st->stream));
 }
 
 static void cuda_copy(moe_backend *be, void *dst, const void *src, size_t bytes) {
@@ -175,6 +206,11 @@ static void release(moe_backend *be) {
         if (st->cublas) cublasDestroy(st->cublas);
         if (st->scratch) cudaFree(st->scratch);
         if (st->d_flags) cudaFree(st->d_flags);
+        if (st->d_aux_out) cudaFree(st->d_aux_out);
+        for (int h = 0; h < 2; ++h) {
+            if (st->upload_stage[h]) cudaFreeHost(st->upload_stage[h]);
+            if (st->upload_done[h]) cudaEventDestroy(st->upload_done[h]);
+        }
         if (st->stream) cudaStreamDestroy(st->stream);
         free(st);
     }
@@ -256,6 +292,21 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
         st->d_flags = NULL;
         CREATE_FAIL("cudaMalloc (error flags): %s", cudaGetErrorString(e));
     }
+    if ((e = cudaMalloc(&st->d_aux_out, 2 * sizeof(double))) != cudaSuccess) {
+        st->d_aux_out = NULL;
+        CREATE_FAIL("cudaMalloc (aux results): %s", cudaGetErrorString(e));
+    }
+    /* Pinned staging for from_host; without it (pinned memory refused)
+     * from_host falls back to waiting copies. */
+    for (int h = 0; h < 2; ++h) {
+        if (cudaMallocHost((void **)&st->upload_stage[h], UPLOAD_HALF_BYTES) != cudaSuccess ||
+            cudaEventCreateWithFlags(&st->upload_done[h], cudaEventDisableTiming) != cudaSuccess) {
+            (void)cudaGetLastError();
+            if (st->upload_stage[h]) cudaFreeHost(st->upload_stage[h]);
+            st->upload_stage[h] = NULL;
+            st->upload_done[h] = NULL;
+        }
+    }
     if ((e = cudaMemsetAsync(st->d_flags, 0, sizeof(int), st->stream)) != cudaSuccess ||
         (e = cudaStreamSynchronize(st->stream)) != cudaSuccess)
         CREATE_FAIL("clearing the error flags: %s", cudaGetErrorString(e));
@@ -320,5 +371,11 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     be->combine = cuda_combine;
     be->combine_bwd = cuda_combine_bwd;
     be->aux_losses = cuda_aux_losses;
+    be->aux_losses_counts = cuda_aux_losses_counts;
+    be->check_routing = cuda_check_routing;
+    be->check_bytes = cuda_check_bytes;
+    be->expert_counts = cuda_expert_counts;
+    be->xent_sums = cuda_xent_sums;
+    be->clip_grad_norm = cuda_clip_grad_norm;
     return be;
 }

@@ -14,8 +14,11 @@
  *
  * Every op runs on the backend's one stream (be->stream), so ops are ordered
  * among themselves without synchronisation; only the ops that hand results
- * to the host (to_host, sumsq, capacity_assign's counts, aux_losses' sums)
- * wait for it.
+ * to the host wait for it: to_host, sumsq, aux_losses (host lb, z),
+ * capacity_assign when given host count arrays, from_host beyond its pinned
+ * staging (1 MiB), and scratch growth. The model's path (capacity with
+ * device counts, aux_losses_counts, check_routing, check_bytes,
+ * expert_counts, xent_sums, clip_grad_norm) never waits.
  *
  * Determinism: no floating-point atomics. Every sum is computed in an order
  * fixed by the launch configuration (which depends only on the sizes), so a
@@ -62,6 +65,13 @@ struct cuda_impl {
     void *scratch;
     size_t scratch_bytes;
     int *d_flags;           /* device int: CUDA_FLAG_* bits */
+    double *d_aux_out;      /* 2 device doubles: aux_losses' results on their way to the host */
+    /* from_host's pinned staging: two halves used in turn; a half is
+     * refilled only after the event recorded behind its last copy. */
+    char *upload_stage[2];
+    size_t upload_used[2];
+    cudaEvent_t upload_done[2];
+    int upload_half;
     int sync_each_launch;   /* MOE_CUDA_SYNC_CHECK=1: wait after every kernel so an
                                asynchronous fault is blamed on the kernel that made it */
     int errors_printed;
@@ -131,6 +141,10 @@ struct ScratchLayout {
 
 /* The scratch buffer, at least `bytes` long; NULL (error recorded) on failure. */
 char *cuda_scratch(moe_backend *be, size_t bytes);
+
+/* Whether p is device (or managed) memory, so usable by kernels; host
+ * memory, registered or not, gives false. */
+bool cuda_is_device_ptr(const void *p);
 
 /* ------------------------------------------------------------------ */
 /* Launch helpers                                                      */
@@ -261,6 +275,7 @@ void cuda_axpy(moe_backend *be, float a, const float *x, float *y, size_t n);
 void cuda_scale(moe_backend *be, float *x, float a, size_t n);
 void cuda_mul(moe_backend *be, const float *a, const float *b, float *out, size_t n);
 double cuda_sumsq(moe_backend *be, const float *x, size_t n);
+void cuda_clip_grad_norm(moe_backend *be, float *g, size_t n, double clip, double *norm_out);
 
 /* cuda_norm_act.cu */
 void cuda_layernorm_fwd(moe_backend *be, const float *x, const float *g, const float *b, float *y,
@@ -297,6 +312,7 @@ void cuda_dropout_bwd(moe_backend *be, const float *dy, float *dx, size_t n, flo
 /* cuda_loss_optim.cu */
 void cuda_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targets, int T, int V,
                        float *losses, int32_t *correct, float *dlogits, float grad_scale);
+void cuda_xent_sums(moe_backend *be, const float *losses, const int32_t *correct, int T, double *out);
 void cuda_adamw(moe_backend *be, float *p, const float *g, float *m, float *v,
                 const uint8_t *decay, size_t n, float lr, float b1, float b2, float eps, float wd,
                 long long t);
@@ -321,5 +337,12 @@ void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, con
 void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f,
                      int T, int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb,
                      double *z);
+void cuda_aux_losses_counts(moe_backend *be, const float *lb_logits, const float *logits,
+                            const int32_t *counts, int T, int E, float alpha, float beta, float *d_lb,
+                            float *dlogits, double *out);
+void cuda_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot,
+                        int T, int K, int E, int C, int32_t *kept, int32_t *record);
+void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
+void cuda_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

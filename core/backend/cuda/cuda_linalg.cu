@@ -209,3 +209,37 @@ double cuda_sumsq(moe_backend *be, const float *x, size_t n) {
     CUDA_CHECK_RET(be, cudaStreamSynchronize(s), NAN);
     return result;
 }
+
+/* Global-norm clipping without a round trip: the sumsq passes above, then
+ * norm = sqrt(sum) on the device (IEEE double sqrt, as the host's), then
+ * every thread reads the norm and scales only when norm > clip, by the same
+ * (float)(clip / norm) the host computed. */
+__global__ void norm_finish_kernel(const double *partial, double *norm_out) {
+    double s = block_sum(threadIdx.x < SUMSQ_BLOCKS ? partial[threadIdx.x] : 0.0);
+    if (threadIdx.x == 0) *norm_out = sqrt(s);
+}
+
+__global__ void clip_scale_kernel(float *g, size_t n, double clip, const double *norm) {
+    const double nrm = *norm;
+    if (!(nrm > clip)) return; /* also for a NaN norm: the caller reports it */
+    const float a = (float)(clip / nrm);
+    GRID_STRIDE_LOOP(i, n) g[i] *= a;
+}
+
+void cuda_clip_grad_norm(moe_backend *be, float *g, size_t n, double clip, double *norm_out) {
+    cudaStream_t s = cuda_stream(be);
+    if (!n) {
+        CUDA_CHECK(be, cudaMemsetAsync(norm_out, 0, sizeof(double), s)); /* +0.0 */
+        return;
+    }
+    double *partial = (double *)cuda_scratch(be, SUMSQ_BLOCKS * sizeof(double));
+    if (!partial) return;
+    sumsq_partial_kernel<<<SUMSQ_BLOCKS, CUDA_THREADS, 0, s>>>(g, n, partial);
+    KERNEL_CHECK(be, "sumsq_partial_kernel (clip)");
+    norm_finish_kernel<<<1, CUDA_THREADS, 0, s>>>(partial, norm_out);
+    KERNEL_CHECK(be, "norm_finish_kernel");
+    if (clip > 0.0) {
+        clip_scale_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, s>>>(g, n, clip, norm_out);
+        KERNEL_CHECK(be, "clip_scale_kernel");
+    }
+}

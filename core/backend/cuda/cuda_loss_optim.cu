@@ -105,6 +105,31 @@ void cuda_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targ
     KERNEL_CHECK(be, "xent_kernel");
 }
 
+/* The model's two numbers per forward: sum of losses and of correct flags,
+ * one block, each thread summing a fixed stride of tokens in double, then
+ * the block's fixed tree (block_sum). The counts are small integers: exact
+ * in a double. */
+constexpr int XENT_SUM_THREADS = 1024;
+
+__global__ void xent_sums_kernel(const float *losses, const int32_t *correct, int T, double *out) {
+    double s = 0.0, c = 0.0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) {
+        s += (double)losses[t];
+        c += (double)correct[t];
+    }
+    s = block_sum(s);
+    c = block_sum(c);
+    if (threadIdx.x == 0) {
+        out[0] = s;
+        out[1] = c;
+    }
+}
+
+void cuda_xent_sums(moe_backend *be, const float *losses, const int32_t *correct, int T, double *out) {
+    xent_sums_kernel<<<1, XENT_SUM_THREADS, 0, cuda_stream(be)>>>(losses, correct, T > 0 ? T : 0, out);
+    KERNEL_CHECK(be, "xent_sums_kernel");
+}
+
 /* ------------------------------------------------------------------ */
 /* AdamW                                                               */
 /* ------------------------------------------------------------------ */

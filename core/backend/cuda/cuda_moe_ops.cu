@@ -7,6 +7,9 @@
  *
  * Index checks: an expert >= E or a slot outside [0, C) would write outside
  * Xe/dYe; such an assignment is skipped and flagged (CUDA_FLAG_ROUTING).
+ * Reporting a plugin's bad output to the user is check_routing's job: it
+ * records the first error in a device record without waiting, and gives
+ * routers that own capacity a kept mask with only valid (expert, slot).
  */
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
@@ -64,9 +67,11 @@ __global__ void capacity_iota_kernel(int32_t *v, int n) {
 }
 
 /* Block e. order (NULL for token order) holds, for each k, the T tokens in
- * priority order. counts[e] = assignments routed to e, counts[E + e] = kept. */
+ * priority order. counts_before[e] = assignments routed to e,
+ * counts_after[e] = kept. */
 __global__ void capacity_scan_kernel(const int32_t *expert, const int32_t *order, int T, int K,
-                                     int E, int C, int32_t *kept, int32_t *slot, int32_t *counts) {
+                                     int E, int C, int32_t *kept, int32_t *slot,
+                                     int32_t *counts_before, int32_t *counts_after) {
     typedef cub::BlockScan<int, CAP_THREADS> Scan;
     __shared__ typename Scan::TempStorage scan_tmp;
     const int e = blockIdx.x;
@@ -95,8 +100,8 @@ __global__ void capacity_scan_kernel(const int32_t *expert, const int32_t *order
         }
     }
     if (threadIdx.x == 0) {
-        counts[e] = running;
-        counts[E + e] = running < C ? running : (C > 0 ? C : 0);
+        counts_before[e] = running;
+        counts_after[e] = running < C ? running : (C > 0 ? C : 0);
     }
 }
 
@@ -114,8 +119,12 @@ void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *w
         CUDA_CHECK(be, cub::DeviceRadixSort::SortPairsDescending(
                            nullptr, sort_bytes, (const float *)nullptr, (float *)nullptr,
                            (const int32_t *)nullptr, (int32_t *)nullptr, T, 0, 32, st));
+    /* The counts are backend (device) memory by contract; a host array from
+     * a tool written against the earlier contract goes through scratch and
+     * is waited for. */
+    const bool host_counts = !cuda_is_device_ptr(counts_before) || !cuda_is_device_ptr(counts_after);
     ScratchLayout lay;
-    const size_t counts_off = lay.add(2 * (size_t)E * sizeof(int32_t));
+    const size_t counts_off = lay.add(host_counts ? 2 * (size_t)E * sizeof(int32_t) : 0);
     const size_t keys_off = lay.add(sorted ? nA * sizeof(float) : 0);
     const size_t skeys_off = lay.add(sorted ? nA * sizeof(float) : 0);
     const size_t iota_off = lay.add(sorted ? (size_t)T * sizeof(int32_t) : 0);
@@ -146,12 +155,10 @@ void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *w
         }
     }
     capacity_scan_kernel<<<E, CAP_THREADS, 0, st>>>(expert, order, nA > 0 ? T : 0, nA > 0 ? K : 0, E, C,
-                                                    kept, slot, d_counts);
+                                                    kept, slot, host_counts ? d_counts : counts_before,
+                                                    host_counts ? d_counts + E : counts_after);
     KERNEL_CHECK(be, "capacity_scan_kernel");
-
-    /* The counts go to the caller's arrays, which core/model/moe.c keeps in
-     * host memory (its routing statistics); cudaMemcpyDefault also serves a
-     * caller that passes device arrays. Wait, since the caller reads them. */
+    if (!host_counts) return;
     CUDA_CHECK(be, cudaMemcpyAsync(counts_before, d_counts, (size_t)E * sizeof(int32_t),
                                    cudaMemcpyDefault, st));
     CUDA_CHECK(be, cudaMemcpyAsync(counts_after, d_counts + E, (size_t)E * sizeof(int32_t),
@@ -410,6 +417,53 @@ __global__ void aux_sums_kernel(const double *row_fp, const double *row_z, int T
     }
 }
 
+/* f[e] = counts[e] / sum(counts) as the CPU computes it (float division of
+ * the converted counts); one thread, E is small. */
+__global__ void aux_f_kernel(const int32_t *counts, int E, float *f) {
+    if (threadIdx.x != 0) return;
+    long long routed = 0;
+    for (int e = 0; e < E; ++e) routed += counts[e];
+    for (int e = 0; e < E; ++e) f[e] = routed ? (float)counts[e] / (float)routed : 0.0f;
+}
+
+/* Both variants: f is in device memory (d_f, or computed from counts into
+ * scratch), lb and z go to d_out[0..1] (device). */
+static void aux_enqueue(moe_backend *be, const float *lb_logits, const float *logits, const float *h_f,
+                        const int32_t *counts, int T, int E, float alpha, float beta, float *d_lb,
+                        float *dlogits, double *d_out) {
+    cudaStream_t st = cuda_stream(be);
+    ScratchLayout lay;
+    const size_t f_off = lay.add((size_t)E * sizeof(float));
+    const size_t fp_off = lay.add((size_t)T * sizeof(double));
+    const size_t z_off = lay.add((size_t)T * sizeof(double));
+    char *base = cuda_scratch(be, lay.total);
+    if (!base) return;
+    float *d_f = (float *)(base + f_off);
+    double *row_fp = (double *)(base + fp_off), *row_z = (double *)(base + z_off);
+    if (counts) {
+        aux_f_kernel<<<1, 32, 0, st>>>(counts, E, d_f);
+        KERNEL_CHECK(be, "aux_f_kernel");
+    } else {
+        CUDA_CHECK(be, cudaMemcpyAsync(d_f, h_f, (size_t)E * sizeof(float), cudaMemcpyDefault, st));
+    }
+    aux_rows_kernel<<<cuda_blocks((size_t)T), CUDA_THREADS, 0, st>>>(lb_logits, logits, d_f, T, E, alpha,
+                                                                     beta, d_lb, dlogits, row_fp, row_z);
+    KERNEL_CHECK(be, "aux_rows_kernel");
+    aux_sums_kernel<<<1, CUDA_THREADS, 0, st>>>(row_fp, row_z, T, E, d_out);
+    KERNEL_CHECK(be, "aux_sums_kernel");
+}
+
+void cuda_aux_losses_counts(moe_backend *be, const float *lb_logits, const float *logits,
+                            const int32_t *counts, int T, int E, float alpha, float beta, float *d_lb,
+                            float *dlogits, double *out) {
+    if (T <= 0 || E <= 0) { /* lb = z = 0, as on the CPU */
+        CUDA_CHECK(be, cudaMemsetAsync(out, 0, 2 * sizeof(double), cuda_stream(be)));
+        return;
+    }
+    aux_enqueue(be, lb_logits, logits, nullptr, counts, T, E, alpha, beta, d_lb, dlogits, out);
+}
+
+/* The host-scalar variant (tests, tools): f from the host, lb and z waited for. */
 void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f,
                      int T, int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb,
                      double *z) {
@@ -421,27 +475,165 @@ void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logit
     *lb = NAN; /* what the caller sees if a step below fails */
     *z = NAN;
     cudaStream_t st = cuda_stream(be);
-    ScratchLayout lay;
-    const size_t f_off = lay.add((size_t)E * sizeof(float));
-    const size_t fp_off = lay.add((size_t)T * sizeof(double));
-    const size_t z_off = lay.add((size_t)T * sizeof(double));
-    const size_t out_off = lay.add(2 * sizeof(double));
-    char *base = cuda_scratch(be, lay.total);
-    if (!base) return;
-    float *d_f = (float *)(base + f_off);
-    double *row_fp = (double *)(base + fp_off), *row_z = (double *)(base + z_off);
-    double *d_out = (double *)(base + out_off);
-
-    /* f is host memory (moe.c computes it from the host counts). */
-    CUDA_CHECK(be, cudaMemcpyAsync(d_f, f, (size_t)E * sizeof(float), cudaMemcpyDefault, st));
-    aux_rows_kernel<<<cuda_blocks((size_t)T), CUDA_THREADS, 0, st>>>(lb_logits, logits, d_f, T, E, alpha,
-                                                                     beta, d_lb, dlogits, row_fp, row_z);
-    KERNEL_CHECK(be, "aux_rows_kernel");
-    aux_sums_kernel<<<1, CUDA_THREADS, 0, st>>>(row_fp, row_z, T, E, d_out);
-    KERNEL_CHECK(be, "aux_sums_kernel");
+    double *d_out = cuda_state(be)->d_aux_out;
+    aux_enqueue(be, lb_logits, logits, f, nullptr, T, E, alpha, beta, d_lb, dlogits, d_out);
     double out[2] = {NAN, NAN};
     CUDA_CHECK(be, cudaMemcpyAsync(out, d_out, sizeof out, cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(be, cudaStreamSynchronize(st));
     *lb = out[0];
     *z = out[1];
+}
+
+/* ------------------------------------------------------------------ */
+/* Checks of a router's output, and expert counts                      */
+/* ------------------------------------------------------------------ */
+
+/* The CPU visits assignments in order and stops at the first failure; here
+ * every assignment computes its own failure key a*3 + (0 expert, 1 weight,
+ * 2 slot) and the smallest key wins (atomicMin on integers: the same result
+ * whatever the order). For routers that own capacity, first[e*C + s] takes
+ * the smallest assignment holding (e, s); any other holder is a duplicate,
+ * and the smallest duplicate is the one the CPU's in-order scan meets first.
+ * keys[0] = smallest failure key, keys[1] = smallest duplicate. */
+constexpr unsigned long long CHECK_NONE = ~0ull;
+
+__global__ void check_routing_scan_kernel(const int32_t *expert, const float *weight, const int32_t *slot,
+                                          size_t nA, int E, int C, int32_t *kept,
+                                          unsigned long long *first, unsigned long long *keys) {
+    GRID_STRIDE_LOOP(a, nA) {
+        const int e = expert[a];
+        const int s = slot ? slot[a] : 0;
+        unsigned long long key = CHECK_NONE;
+        if (e < -1 || e >= E) {
+            key = 3ull * a;
+        } else if (e >= 0) {
+            const float w = weight[a];
+            if (!(isfinite(w) && w >= 0.0f)) key = 3ull * a + 1;
+            else if (slot && (s < 0 || s >= C)) key = 3ull * a + 2;
+        }
+        if (key != CHECK_NONE) atomicMin(&keys[0], key);
+        if (slot) {
+            const bool valid = e >= 0 && e < E && s >= 0 && s < C;
+            kept[a] = valid ? e : -1;
+            if (valid) atomicMin(&first[(size_t)e * C + s], (unsigned long long)a);
+        }
+    }
+}
+
+__global__ void check_routing_dup_kernel(const int32_t *expert, const int32_t *slot, size_t nA, int E,
+                                         int C, const unsigned long long *first,
+                                         unsigned long long *keys) {
+    GRID_STRIDE_LOOP(a, nA) {
+        const int e = expert[a], s = slot[a];
+        if (e >= 0 && e < E && s >= 0 && s < C && first[(size_t)e * C + s] != a)
+            atomicMin(&keys[1], (unsigned long long)a);
+    }
+}
+
+__device__ void write_record(int32_t *record, int32_t code, int32_t t, int32_t k, int32_t value,
+                             int32_t extra) {
+    record[1] = t;
+    record[2] = k;
+    record[3] = value;
+    record[4] = extra;
+    record[0] = code;
+}
+
+__global__ void check_routing_finish_kernel(const int32_t *expert, const float *weight, const int32_t *slot,
+                                            int K, int E, int C, const unsigned long long *keys,
+                                            int32_t *record) {
+    if (threadIdx.x != 0 || record[0] != 0) return; /* the first error stays */
+    if (keys[0] != CHECK_NONE) {
+        const unsigned long long a = keys[0] / 3;
+        const int what = (int)(keys[0] % 3);
+        const int t = (int)(a / K), k = (int)(a % K);
+        if (what == 0) write_record(record, MOE_CHECK_EXPERT, t, k, expert[a], E);
+        else if (what == 1) write_record(record, MOE_CHECK_WEIGHT, t, k, __float_as_int(weight[a]), 0);
+        else write_record(record, MOE_CHECK_SLOT, t, k, slot[a], C);
+    } else if (slot && keys[1] != CHECK_NONE) {
+        const unsigned long long a = keys[1];
+        write_record(record, MOE_CHECK_SLOT_TWICE, (int)(a / K), (int)(a % K), slot[a], expert[a]);
+    }
+}
+
+void cuda_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot,
+                        int T, int K, int E, int C, int32_t *kept, int32_t *record) {
+    const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
+    if (nA == 0) return;
+    cudaStream_t st = cuda_stream(be);
+    const size_t table = slot && E > 0 && C > 0 ? (size_t)E * C : 0;
+    ScratchLayout lay;
+    const size_t keys_off = lay.add(2 * sizeof(unsigned long long));
+    const size_t first_off = lay.add(table * sizeof(unsigned long long));
+    char *base = cuda_scratch(be, lay.total);
+    if (!base) return;
+    unsigned long long *keys = (unsigned long long *)(base + keys_off);
+    unsigned long long *first = (unsigned long long *)(base + first_off);
+    /* 0xFF bytes: CHECK_NONE, larger than any key or index */
+    CUDA_CHECK(be, cudaMemsetAsync(base, 0xFF, lay.total, st));
+    check_routing_scan_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(expert, weight, slot, nA, E, C, kept,
+                                                                        first, keys);
+    KERNEL_CHECK(be, "check_routing_scan_kernel");
+    if (slot) {
+        check_routing_dup_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(expert, slot, nA, E, C, first, keys);
+        KERNEL_CHECK(be, "check_routing_dup_kernel");
+    }
+    check_routing_finish_kernel<<<1, 32, 0, st>>>(expert, weight, slot, K, E, C, keys, record);
+    KERNEL_CHECK(be, "check_routing_finish_kernel");
+}
+
+/* One block: the smallest index whose byte differs (atomicMin in shared). */
+__global__ void check_bytes_kernel(const uint8_t *p, size_t n, uint8_t value, int32_t code, int32_t *record) {
+    __shared__ unsigned long long smallest;
+    if (threadIdx.x == 0) smallest = CHECK_NONE;
+    __syncthreads();
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x)
+        if (p[i] != value) {
+            atomicMin(&smallest, (unsigned long long)i);
+            break;
+        }
+    __syncthreads();
+    if (threadIdx.x == 0 && smallest != CHECK_NONE && record[0] == 0)
+        write_record(record, code, (int32_t)smallest, 0, p[smallest], 0);
+}
+
+void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record) {
+    if (n == 0) return;
+    check_bytes_kernel<<<1, CUDA_THREADS, 0, cuda_stream(be)>>>((const uint8_t *)p, n, value, code, record);
+    KERNEL_CHECK(be, "check_bytes_kernel");
+}
+
+/* Per-block histograms in shared memory, added into counts (zeroed first)
+ * with integer atomics: exact, so the order does not matter. */
+constexpr int COUNT_MAX_SHARED_E = 8192;
+
+__global__ void expert_counts_kernel(const int32_t *kept, size_t nA, int E, int32_t *counts) {
+    extern __shared__ int hist[];
+    const bool shared = E <= COUNT_MAX_SHARED_E;
+    if (shared)
+        for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+    GRID_STRIDE_LOOP(a, nA) {
+        const int e = kept[a];
+        if (e < 0 || e >= E) continue;
+        if (shared) atomicAdd(&hist[e], 1);
+        else atomicAdd(&counts[e], 1);
+    }
+    __syncthreads();
+    if (shared)
+        for (int e = threadIdx.x; e < E; e += blockDim.x)
+            if (hist[e]) atomicAdd(&counts[e], hist[e]);
+}
+
+void cuda_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
+    if (E <= 0) return;
+    cudaStream_t st = cuda_stream(be);
+    CUDA_CHECK(be, cudaMemsetAsync(counts, 0, (size_t)E * sizeof(int32_t), st));
+    const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
+    if (nA == 0) return;
+    unsigned blocks = cuda_blocks(nA);
+    if (blocks > 264) blocks = 264; /* a few per SM: fewer histograms to add */
+    const size_t shmem = E <= COUNT_MAX_SHARED_E ? (size_t)E * sizeof(int) : 0;
+    expert_counts_kernel<<<blocks, CUDA_THREADS, shmem, st>>>(kept, nA, E, counts);
+    KERNEL_CHECK(be, "expert_counts_kernel");
 }

@@ -166,4 +166,8 @@ typedef const struct moe_router_plugin_v1 *(*moe_router_plugin_v1_fn)(void);
 #ifdef __cplusplus
 }
 #endif
+
+/* The checks every plugin makes, with the messages users see (needs the types above). */
+#include "router_check.h"
+
 #endif
