@@ -18,6 +18,7 @@
  * that are not ordered keep GPT-2's loop.
  */
 #define PCRE2_CODE_UNIT_WIDTH 8
+#include "runtime/utf8.h"
 #include "runtime/tokenizer_bpe.h"
 
 #include <errno.h>
@@ -103,7 +104,6 @@ static size_t utf8_lead(unsigned char lead, unsigned char *lo, unsigned char *hi
     return 0;
 }
 
-static int is_continuation(unsigned char byte) { return (byte & 0xC0u) == 0x80u; }
 
 /* Bytes of the valid sequence at s (avail readable), 0 if none starts there. */
 static size_t utf8_valid_len(const unsigned char *s, size_t avail) {
@@ -112,7 +112,7 @@ static size_t utf8_valid_len(const unsigned char *s, size_t avail) {
     if (len <= 1) return len;
     if (avail < len || s[1] < lo || s[1] > hi) return 0;
     for (size_t k = 2; k < len; ++k)
-        if (!is_continuation(s[k])) return 0;
+        if (!moe_utf8_is_continuation(s[k])) return 0;
     return len;
 }
 
@@ -124,31 +124,8 @@ static size_t utf8_invalid_len(const unsigned char *s, size_t avail) {
     size_t len = utf8_lead(s[0], &lo, &hi);
     if (len <= 1 || avail < 2 || s[1] < lo || s[1] > hi) return 1;
     size_t k = 2;
-    while (k < len && k < avail && is_continuation(s[k])) ++k;
+    while (k < len && k < avail && moe_utf8_is_continuation(s[k])) ++k;
     return k;
-}
-
-static size_t utf8_put(uint32_t cp, unsigned char *out) {
-    if (cp < 0x80) {
-        out[0] = (unsigned char)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        out[0] = (unsigned char)(0xC0 | (cp >> 6));
-        out[1] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        out[0] = (unsigned char)(0xE0 | (cp >> 12));
-        out[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        out[2] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    out[0] = (unsigned char)(0xF0 | (cp >> 18));
-    out[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-    out[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-    out[3] = (unsigned char)(0x80 | (cp & 0x3F));
-    return 4;
 }
 
 /* Code point of a valid sequence of `len` bytes. */
@@ -347,7 +324,7 @@ static int load_encoder(moe_bpe *b, const char *path, json_t **root_out, char *e
     /* Byte-level: every byte has its one-symbol token. */
     for (unsigned byte = 0; byte < 256; ++byte) {
         char symbol[4] = {0};
-        utf8_put(moe_bpe_byte_to_codepoint((unsigned char)byte), (unsigned char *)symbol);
+        moe_utf8_encode(moe_bpe_byte_to_codepoint((unsigned char)byte), (unsigned char *)symbol);
         const json_t *id = json_object_get(root, symbol);
         if (!id) {
             set_err(err, errcap,

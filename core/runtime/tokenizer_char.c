@@ -10,6 +10,7 @@
  * comes back as its 2-byte UTF-8 form (0xFF -> C3 BF): the round trip text ->
  * ids -> text is exact for valid UTF-8 input, and only for it.
  */
+#include "runtime/utf8.h"
 #include "runtime/data.h"
 
 #include <stdarg.h>
@@ -28,7 +29,6 @@ static void set_err(char *err, size_t errcap, const char *fmt, ...) {
     va_end(ap);
 }
 
-static int is_continuation(unsigned char byte) { return (byte & 0xC0u) == 0x80u; }
 
 /* Decode the code point at s[0] with `avail` bytes readable; returns the
  * number of bytes it takes (1..4). The second byte's range is what rules
@@ -64,7 +64,7 @@ static size_t utf8_decode_one(const unsigned char *s, size_t avail, uint32_t *cp
         return 1;
     }
     for (size_t k = 1; k < len; ++k) {
-        if (!is_continuation(s[k])) {
+        if (!moe_utf8_is_continuation(s[k])) {
             *cp = lead;
             return 1;
         }
@@ -72,30 +72,6 @@ static size_t utf8_decode_one(const unsigned char *s, size_t avail, uint32_t *cp
     }
     *cp = value;
     return len;
-}
-
-/* UTF-8 bytes of a valid code point (at most 4) into out; returns the count. */
-static size_t utf8_encode_one(uint32_t cp, unsigned char *out) {
-    if (cp < 0x80) {
-        out[0] = (unsigned char)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        out[0] = (unsigned char)(0xC0 | (cp >> 6));
-        out[1] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        out[0] = (unsigned char)(0xE0 | (cp >> 12));
-        out[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        out[2] = (unsigned char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    out[0] = (unsigned char)(0xF0 | (cp >> 18));
-    out[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-    out[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-    out[3] = (unsigned char)(0x80 | (cp & 0x3F));
-    return 4;
 }
 
 int moe_char_vocab_build(moe_char_vocab *v, const char *text, size_t n, char *err, size_t errcap) {
@@ -180,7 +156,7 @@ size_t moe_char_decode(const moe_char_vocab *v, const uint32_t *ids, size_t n, c
          * past it) shows up as U+FFFD rather than being silently skipped. */
         uint32_t cp = ids[i] < (uint32_t)v->size ? v->codepoints[ids[i]] : REPLACEMENT_CHARACTER;
         unsigned char bytes[4];
-        size_t len = utf8_encode_one(cp, bytes);
+        size_t len = moe_utf8_encode(cp, bytes);
         /* Stop at a whole character so the output stays valid UTF-8. */
         if (written + len + 1 > cap) break;
         memcpy(out + written, bytes, len);
