@@ -1,5 +1,9 @@
 #include "runtime/session.h"
 
+#ifdef MOE_HAVE_CUDA_BACKEND
+#include "backend/cuda/cuda_backend.h"
+#endif
+
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -49,6 +53,7 @@ int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step
      * step is saved. */
     double norm = 0.0;
     if (moe_model_collect(m, &norm, err, errcap) != 0) return -1;
+    if (moe_session_check_device(s, err, errcap) != 0) return -1;
     for (int i = 0; i < m->n_results; ++i) {
         double l = m->results_out[i].loss;
         if (!isfinite(l)) {
@@ -94,6 +99,22 @@ moe_backend *moe_backend_for_config(const moe_config *cfg, char *err, size_t err
     moe_backend *be = moe_backend_cpu_create(cfg->run.threads);
     if (!be) snprintf(err, errcap, "cannot create the CPU backend (out of memory)");
     return be;
+}
+
+int moe_session_check_device(moe_session *s, char *err, size_t errcap) {
+#ifdef MOE_HAVE_CUDA_BACKEND
+    if (s->be && s->be->device == MOE_DEVICE_CUDA && moe_cuda_backend_check(s->be, err, errcap) != 0) {
+        char why[1024];
+        snprintf(why, sizeof why, "%s", err);
+        snprintf(err, errcap, "CUDA backend: %s", why);
+        return -1;
+    }
+#else
+    (void)s;
+    (void)err;
+    (void)errcap;
+#endif
+    return 0;
 }
 
 int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t errcap) {

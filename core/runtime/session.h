@@ -44,6 +44,11 @@ double moe_learning_rate(const moe_train_cfg *t, long long step);
 int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step, int32_t *x, int32_t *y,
                            double *loss, double *grad_norm, char *err, size_t errcap);
 
+/* 0 when the backend has met no error (a failed CUDA or cuBLAS call, an
+ * index a kernel found out of range); else -1 with the backend's message.
+ * The ops themselves return nothing, so the step and the evaluation ask. */
+int moe_session_check_device(moe_session *s, char *err, size_t errcap);
+
 /* run.device: "cpu", "cuda", or "auto" (CUDA when built with it and a GPU
  * is visible). NULL + err when the request cannot be met. */
 moe_backend *moe_backend_for_config(const moe_config *cfg, char *err, size_t errcap);

@@ -238,6 +238,7 @@ int moe_train_run(const moe_config *cfg, const moe_train_options *opt, char *err
         if (step % cfg->eval.interval != 0 && step != steps) continue;
         eval_result ev = {0, 0, 0, layers};
         if (evaluate(model, ds, cfg, eval_B, &ev, err, errcap) != 0) goto done;
+        if (moe_session_check_device(&ses, err, errcap) != 0) goto done;
         if (ev.loss < prog.best_val_loss) {
             prog.best_val_loss = ev.loss;
             prog.best_step = (uint64_t)step;
