@@ -920,6 +920,71 @@ static void test_dispatch_combine(const cfg *c) {
     check_f32("combine_bwd.dcw", got_dcw, want_dcw, nA, TOL_EW);
 }
 
+/* dispatch, combine and their backwards on a routing with gaps (as a
+ * router that owns capacity may leave: kept slots 1, 3, 5, ... of a larger
+ * C, so most rows of each expert stay empty and must come out 0), at a d
+ * that is not a multiple of 4 (the scalar path) and at a large d */
+static void test_dispatch_gaps_case(const cfg *c, int T, int d) {
+    const int K = c->K, E = c->E;
+    const int C0 = (int)ceil(0.75 * T * K / E);
+    const int C = 2 * C0 + 3;
+    const size_t nA = (size_t)T * K, nX = (size_t)T * d, nXe = (size_t)E * C * d;
+    int32_t *expert = halloc(nA * 4), *kept = halloc(nA * 4), *slot = halloc(nA * 4);
+    int32_t *before = halloc((size_t)E * 4), *after = halloc((size_t)E * 4);
+    float *weight = halloc(nA * 4);
+    make_routing(T, K, E, expert, weight);
+    for (size_t a = 0; a < nA; ++a) weight[a] = fabsf(weight[a]) + 0.01f * (float)(a % 7);
+    cpu->capacity_assign(cpu, expert, weight, T, K, E, C0, 0, kept, slot, before, after);
+    for (size_t a = 0; a < nA; ++a)
+        if (kept[a] >= 0) slot[a] = 2 * slot[a] + 1;
+    float *cw = halloc(nA * 4);
+    cpu->combine_weights(cpu, weight, kept, T, K, 1, cw);
+    float *x = hrand(nX, -1, 1), *Ye = hrand(nXe, -1, 1), *dy = hrand(nX, -1, 1);
+    float *dXe = hrand(nXe, -1, 1), *dx0 = hrand(nX, -1, 1);
+    int32_t *d_kept = up(gpu, kept, nA * 4), *d_slot = up(gpu, slot, nA * 4);
+    float *d_x = up(gpu, x, nX * 4), *d_Ye = up(gpu, Ye, nXe * 4), *d_cw = up(gpu, cw, nA * 4);
+    float *d_dy = up(gpu, dy, nX * 4), *d_dXe = up(gpu, dXe, nXe * 4);
+    float *want_Xe = halloc(nXe * 4), *want_dx = hdup(dx0, nX * 4), *want_y = halloc(nX * 4);
+    float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
+    cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
+    cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, want_dx);
+    cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, want_y);
+    cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
+    float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_Xe = dpoison(gpu, nXe * 4, POISON_F32), *d_dx = up(gpu, dx0, nX * 4);
+        float *d_y = dpoison(gpu, nX * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
+        float *d_dcw = dpoison(gpu, nA * 4, POISON_F32);
+        gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
+        gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, d_dx);
+        gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_y);
+        gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);
+        if (!gpu_ok(gpu, "dispatch/combine(gaps)")) return;
+        got_Xe[r] = down(gpu, d_Xe, nXe * 4);
+        got_dx[r] = down(gpu, d_dx, nX * 4);
+        got_y[r] = down(gpu, d_y, nX * 4);
+        got_dYe[r] = down(gpu, d_dYe, nXe * 4);
+        got_dcw[r] = down(gpu, d_dcw, nA * 4);
+    }
+    char op[96];
+    snprintf(op, sizeof op, "dispatch(gaps,d=%d).Xe", d);
+    check_f32(op, got_Xe, want_Xe, nXe, TOL_EW);
+    snprintf(op, sizeof op, "dispatch_bwd(gaps,d=%d).dx", d);
+    check_f32(op, got_dx, want_dx, nX, TOL_EW);
+    snprintf(op, sizeof op, "combine(gaps,d=%d).y", d);
+    check_f32(op, got_y, want_y, nX, TOL_EW);
+    snprintf(op, sizeof op, "combine_bwd(gaps,d=%d).dYe", d);
+    check_f32(op, got_dYe, want_dYe, nXe, TOL_EW);
+    snprintf(op, sizeof op, "combine_bwd(gaps,d=%d).dcw", d);
+    check_f32(op, got_dcw, want_dcw, nA, TOL_EW);
+}
+
+static void test_dispatch_gaps(const cfg *c) {
+    const int T = T_of(c);
+    test_dispatch_gaps_case(c, T, c->d + 1);
+    test_dispatch_gaps_case(c, T < 64 ? T : 64, 2052);
+}
+
 static void test_aux_losses(const cfg *c) {
     const int T = T_of(c), E = c->E;
     const size_t n = (size_t)T * E;
@@ -1346,7 +1411,7 @@ int main(void) {
         test_gemm, test_gemm_batched, test_bias, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
-        test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes,
+        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes,
         test_expert_counts, test_xent_sums, test_clip_grad_norm, test_from_host_staging,
     };
     static const cfg timing_cfg = {"timing", 0, 0, 0, 0, 0, 0, 0, 0};

@@ -234,103 +234,250 @@ void cuda_combine_weights_bwd(moe_backend *be, const float *weight, const int32_
 /* Dispatch and combine                                                */
 /* ------------------------------------------------------------------ */
 
-/* Xe was zeroed; one thread per (assignment, column) copies kept rows. */
-__global__ void dispatch_kernel(const float *x, const int32_t *kept, const int32_t *slot, int K,
-                                int C, int E, int d, size_t n, float *Xe, int *flags) {
-    GRID_STRIDE_LOOP(idx, n) {
-        const size_t a = idx / d;
-        const int i = (int)(idx % d);
-        const int e = kept[a];
-        if (e < 0) continue;
-        const int s = slot[a];
-        if (e >= E || s < 0 || s >= C) {
-            cuda_flag(flags, CUDA_FLAG_ROUTING);
-            continue;
-        }
-        Xe[((size_t)e * C + s) * d + i] = x[(a / K) * d + i];
+/* The row kernels move W floats at a time: W = 4 (16-byte vectors) when d is
+ * a multiple of 4 and every row pointer is 16-byte aligned, W = 1 otherwise. */
+template <int W>
+struct VecF {
+    float v[W];
+};
+
+template <int W>
+__device__ __forceinline__ VecF<W> vload(const float *p) {
+    VecF<W> r;
+    if constexpr (W == 4) {
+        const float4 q = *reinterpret_cast<const float4 *>(p);
+        r.v[0] = q.x, r.v[1] = q.y, r.v[2] = q.z, r.v[3] = q.w;
+    } else {
+        r.v[0] = *p;
     }
+    return r;
+}
+
+/* read-only input, through the non-coherent cache */
+template <int W>
+__device__ __forceinline__ VecF<W> vload_ro(const float *p) {
+    VecF<W> r;
+    if constexpr (W == 4) {
+        const float4 q = __ldg(reinterpret_cast<const float4 *>(p));
+        r.v[0] = q.x, r.v[1] = q.y, r.v[2] = q.z, r.v[3] = q.w;
+    } else {
+        r.v[0] = __ldg(p);
+    }
+    return r;
+}
+
+template <int W>
+__device__ __forceinline__ void vstore(float *p, const VecF<W> &r) {
+    if constexpr (W == 4)
+        *reinterpret_cast<float4 *>(p) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
+    else
+        *p = r.v[0];
+}
+
+static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Threads of a row kernel's block: one block per token (or assignment), at
+ * most 256 threads, at least a warp. */
+static inline int row_threads(int nvec) {
+    int t = (nvec + 31) / 32 * 32;
+    return t < 32 ? 32 : (t > CUDA_THREADS ? CUDA_THREADS : t);
+}
+
+/* Grid of one block per item, capped (the kernels stride over the rest). */
+static inline unsigned row_blocks(size_t n) {
+    const size_t cap = 1u << 30;
+    return (unsigned)(n < 1 ? 1 : (n > cap ? cap : n));
+}
+
+/* The rows a token's K assignments fill: rows[k] = e*C+s, or -1 when the
+ * assignment is not kept (or invalid: flagged by thread 0 when `flag`). */
+constexpr int DISPATCH_MAX_K = 8;
+
+/* One block per token: x[t] is read once and stored to the row of each of
+ * its kept assignments, which are marked in `filled`. */
+template <int W>
+__global__ void dispatch_kernel(const float *__restrict__ x, const int32_t *__restrict__ kept,
+                                const int32_t *__restrict__ slot, int T, int K, int C, int E, int d,
+                                float *__restrict__ Xe, int32_t *__restrict__ filled, int *flags) {
+    const int nvec = d / W;
+    for (size_t t = blockIdx.x; t < (size_t)T; t += gridDim.x) {
+        for (int k0 = 0; k0 < K; k0 += DISPATCH_MAX_K) {
+            const int nk = K - k0 < DISPATCH_MAX_K ? K - k0 : DISPATCH_MAX_K;
+            size_t rows[DISPATCH_MAX_K];
+            int any = 0;
+#pragma unroll
+            for (int j = 0; j < DISPATCH_MAX_K; ++j) {
+                rows[j] = (size_t)-1;
+                if (j >= nk) continue;
+                const size_t a = t * K + k0 + j;
+                const int e = kept[a];
+                if (e < 0) continue;
+                const int s = slot[a];
+                if (e >= E || s < 0 || s >= C) {
+                    if (threadIdx.x == 0) cuda_flag(flags, CUDA_FLAG_ROUTING);
+                    continue;
+                }
+                rows[j] = (size_t)e * C + s;
+                any = 1;
+                if (threadIdx.x == 0) filled[rows[j]] = 1;
+            }
+            if (!any) continue;
+            const float *src = x + t * d;
+#pragma unroll 4
+            for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+                const VecF<W> v = vload_ro<W>(src + (size_t)i * W);
+#pragma unroll
+                for (int j = 0; j < DISPATCH_MAX_K; ++j)
+                    if (rows[j] != (size_t)-1) vstore<W>(Xe + rows[j] * d + (size_t)i * W, v);
+            }
+        }
+    }
+}
+
+/* Rows of buf[nrows, d] not marked in `filled` are set to 0 (one block per
+ * row; filled rows are left alone). */
+template <int W>
+__global__ void zero_unfilled_kernel(float *__restrict__ buf, const int32_t *__restrict__ filled,
+                                     size_t nrows, int d) {
+    const int nvec = d / W;
+    VecF<W> z;
+#pragma unroll
+    for (int c = 0; c < W; ++c) z.v[c] = 0.0f;
+    for (size_t r = blockIdx.x; r < nrows; r += gridDim.x) {
+        if (filled[r]) continue;
+        float *dst = buf + r * d;
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) vstore<W>(dst + (size_t)i * W, z);
+    }
+}
+
+/* A zeroed row mask of n ints in scratch; NULL (error recorded) on failure. */
+static int32_t *filled_mask(moe_backend *be, size_t n) {
+    int32_t *filled = (int32_t *)cuda_scratch(be, n * sizeof(int32_t));
+    if (!filled) return NULL;
+    CUDA_CHECK_RET(be, cudaMemsetAsync(filled, 0, n * sizeof(int32_t), cuda_stream(be)), NULL);
+    return filled;
+}
+
+static void zero_unfilled(moe_backend *be, float *buf, const int32_t *filled, size_t nrows, int d,
+                          bool vec) {
+    cudaStream_t st = cuda_stream(be);
+    if (vec) {
+        zero_unfilled_kernel<4><<<row_blocks(nrows), row_threads(d / 4), 0, st>>>(buf, filled, nrows, d);
+    } else {
+        zero_unfilled_kernel<1><<<row_blocks(nrows), row_threads(d), 0, st>>>(buf, filled, nrows, d);
+    }
+    KERNEL_CHECK(be, "zero_unfilled_kernel");
 }
 
 void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
                    int K, int C, int E, int d, float *Xe) {
     if (E <= 0 || C <= 0 || d <= 0) return;
     cudaStream_t st = cuda_stream(be);
-    CUDA_CHECK(be, cudaMemsetAsync(Xe, 0, (size_t)E * C * d * sizeof(float), st));
-    if (T <= 0 || K <= 0) return;
-    const size_t n = (size_t)T * K * d;
-    dispatch_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, st>>>(x, kept, slot, K, C, E, d, n, Xe,
-                                                             cuda_state(be)->d_flags);
-    KERNEL_CHECK(be, "dispatch_kernel");
+    const size_t nrows = (size_t)E * C;
+    int32_t *filled = filled_mask(be, nrows);
+    if (!filled) return;
+    const bool vec = d % 4 == 0 && aligned16(x) && aligned16(Xe);
+    if (T > 0 && K > 0) {
+        int *flags = cuda_state(be)->d_flags;
+        if (vec) {
+            dispatch_kernel<4><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
+                x, kept, slot, T, K, C, E, d, Xe, filled, flags);
+        } else {
+            dispatch_kernel<1><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
+                x, kept, slot, T, K, C, E, d, Xe, filled, flags);
+        }
+        KERNEL_CHECK(be, "dispatch_kernel");
+    }
+    /* the slots no kept assignment filled: the expert GEMMs read them */
+    zero_unfilled(be, Xe, filled, nrows, d, vec);
 }
 
-/* dx[t, i] += sum over kept k of dXe[row(t,k), i], k in order. E is not
+/* One block per token: out[t] = init + sum over kept k (ascending) of
+ * scale_k * rows[t,k], scale_k = cw[t,k] (combine: init 0, products rounded
+ * as on the CPU) or 1 (dispatch_bwd: init dx[t], plain sums). E is not
  * passed: only the slot can be range-checked. */
-__global__ void dispatch_bwd_kernel(const float *dXe, const int32_t *kept, const int32_t *slot,
-                                    int K, int C, int d, size_t n, float *dx, int *flags) {
-    GRID_STRIDE_LOOP(idx, n) {
-        const size_t t = idx / d;
-        const int i = (int)(idx % d);
-        float acc = dx[idx];
-        for (int k = 0; k < K; ++k) {
-            const size_t a = t * K + k;
-            const int e = kept[a];
-            if (e < 0) continue;
-            const int s = slot[a];
-            if (s < 0 || s >= C) {
-                cuda_flag(flags, CUDA_FLAG_ROUTING);
-                continue;
+template <int W, bool WEIGHTED>
+__global__ void gather_sum_kernel(const float *__restrict__ rows, const int32_t *__restrict__ kept,
+                                  const int32_t *__restrict__ slot, const float *__restrict__ cw,
+                                  int T, int K, int C, int d, float *__restrict__ out, int *flags) {
+    const int nvec = d / W;
+    for (size_t t = blockIdx.x; t < (size_t)T; t += gridDim.x) {
+        float *dst = out + t * d;
+#pragma unroll 2
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+            VecF<W> acc;
+            if constexpr (WEIGHTED) {
+#pragma unroll
+                for (int c = 0; c < W; ++c) acc.v[c] = 0.0f;
+            } else {
+                acc = vload<W>(dst + (size_t)i * W);
             }
-            acc += dXe[((size_t)e * C + s) * d + i];
+            for (int k = 0; k < K; ++k) {
+                const size_t a = t * K + k;
+                const int e = kept[a];
+                if (e < 0) continue;
+                const int s = slot[a];
+                if (s < 0 || s >= C) {
+                    if (i == (int)threadIdx.x && threadIdx.x == 0) cuda_flag(flags, CUDA_FLAG_ROUTING);
+                    continue;
+                }
+                const VecF<W> v = vload_ro<W>(rows + ((size_t)e * C + s) * d + (size_t)i * W);
+                if constexpr (WEIGHTED) {
+                    const float w = cw[a];
+#pragma unroll
+                    for (int c = 0; c < W; ++c) acc.v[c] = add_product(acc.v[c], w, v.v[c]);
+                } else {
+#pragma unroll
+                    for (int c = 0; c < W; ++c) acc.v[c] = __fadd_rn(acc.v[c], v.v[c]);
+                }
+            }
+            vstore<W>(dst + (size_t)i * W, acc);
         }
-        dx[idx] = acc;
     }
 }
 
+/* dx[t, i] += sum over kept k of dXe[row(t,k), i], k in order. */
 void cuda_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
                        int T, int K, int C, int d, float *dx) {
     if (T <= 0 || K <= 0 || d <= 0) return;
-    const size_t n = (size_t)T * d;
-    dispatch_bwd_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_stream(be)>>>(
-        dXe, kept, slot, K, C, d, n, dx, cuda_state(be)->d_flags);
+    cudaStream_t st = cuda_stream(be);
+    int *flags = cuda_state(be)->d_flags;
+    if (d % 4 == 0 && aligned16(dXe) && aligned16(dx)) {
+        gather_sum_kernel<4, false><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
+            dXe, kept, slot, NULL, T, K, C, d, dx, flags);
+    } else {
+        gather_sum_kernel<1, false><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
+            dXe, kept, slot, NULL, T, K, C, d, dx, flags);
+    }
     KERNEL_CHECK(be, "dispatch_bwd_kernel");
 }
 
 /* y[t, i] = sum over kept k of cw[t,k] * Ye[row(t,k), i] (overwrite). */
-__global__ void combine_kernel(const float *Ye, const int32_t *kept, const int32_t *slot,
-                               const float *cw, int K, int C, int d, size_t n, float *y, int *flags) {
-    GRID_STRIDE_LOOP(idx, n) {
-        const size_t t = idx / d;
-        const int i = (int)(idx % d);
-        float acc = 0.0f;
-        for (int k = 0; k < K; ++k) {
-            const size_t a = t * K + k;
-            const int e = kept[a];
-            if (e < 0) continue;
-            const int s = slot[a];
-            if (s < 0 || s >= C) {
-                cuda_flag(flags, CUDA_FLAG_ROUTING);
-                continue;
-            }
-            acc = add_product(acc, cw[a], Ye[((size_t)e * C + s) * d + i]);
-        }
-        y[idx] = acc;
-    }
-}
-
 void cuda_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                   const float *cw, int T, int K, int C, int d, float *y) {
     if (T <= 0 || d <= 0) return;
-    const size_t n = (size_t)T * d;
-    combine_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_stream(be)>>>(
-        Ye, kept, slot, cw, K > 0 ? K : 0, C, d, n, y, cuda_state(be)->d_flags);
+    cudaStream_t st = cuda_stream(be);
+    int *flags = cuda_state(be)->d_flags;
+    const int Kc = K > 0 ? K : 0;
+    if (d % 4 == 0 && aligned16(Ye) && aligned16(y)) {
+        gather_sum_kernel<4, true><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
+            Ye, kept, slot, cw, T, Kc, C, d, y, flags);
+    } else {
+        gather_sum_kernel<1, true><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
+            Ye, kept, slot, cw, T, Kc, C, d, y, flags);
+    }
     KERNEL_CHECK(be, "combine_kernel");
 }
 
-/* dYe was zeroed. One warp per assignment (t,k): lanes across d write
- * dYe[row] = cw * dy[t] and form dcw = <dy[t], Ye[row]> (a warp sum). */
-__global__ void combine_bwd_kernel(const float *Ye, const int32_t *kept, const int32_t *slot,
-                                   const float *cw, const float *dy, size_t nA, int K, int C, int E,
-                                   int d, float *dYe, float *dcw, int *flags) {
+/* One warp per assignment (t,k): lanes across d write dYe[row] = cw * dy[t]
+ * and form dcw = <dy[t], Ye[row]> (a warp sum); the row is marked in
+ * `filled`, and the rows left unmarked are zeroed afterwards. */
+template <int W>
+__global__ void combine_bwd_kernel(const float *__restrict__ Ye, const int32_t *__restrict__ kept,
+                                   const int32_t *__restrict__ slot, const float *__restrict__ cw,
+                                   const float *__restrict__ dy, size_t nA, int K, int C, int E, int d,
+                                   float *__restrict__ dYe, float *__restrict__ dcw,
+                                   int32_t *__restrict__ filled, int *flags) {
     const size_t a = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x & 31;
     if (a >= nA) return; /* the whole warp leaves together */
@@ -343,13 +490,25 @@ __global__ void combine_bwd_kernel(const float *Ye, const int32_t *kept, const i
         }
         return;
     }
+    const size_t r = (size_t)e * C + s;
+    if (lane == 0) filled[r] = 1;
     const float *g = dy + (a / K) * d;
-    const size_t row = ((size_t)e * C + s) * d;
+    const float *yr = Ye + r * d;
+    float *dr = dYe + r * d;
     const float w = cw[a];
+    const int nvec = d / W;
     float dot = 0.0f;
-    for (int i = lane; i < d; i += 32) {
-        dYe[row + i] = w * g[i];
-        dot += g[i] * Ye[row + i];
+#pragma unroll 4
+    for (int i = lane; i < nvec; i += 32) {
+        const VecF<W> gv = vload_ro<W>(g + (size_t)i * W);
+        const VecF<W> yv = vload_ro<W>(yr + (size_t)i * W);
+        VecF<W> o;
+#pragma unroll
+        for (int c = 0; c < W; ++c) {
+            o.v[c] = w * gv.v[c];
+            dot += gv.v[c] * yv.v[c];
+        }
+        vstore<W>(dr + (size_t)i * W, o);
     }
     dot = warp_sum(dot);
     if (lane == 0) dcw[a] = dot;
@@ -359,15 +518,35 @@ void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, con
                       const float *cw, const float *dy, int T, int K, int C, int E, int d,
                       float *dYe, float *dcw) {
     cudaStream_t st = cuda_stream(be);
-    if (E > 0 && C > 0 && d > 0)
-        CUDA_CHECK(be, cudaMemsetAsync(dYe, 0, (size_t)E * C * d * sizeof(float), st));
-    if (T <= 0 || K <= 0) return;
-    const size_t nA = (size_t)T * K;
-    const size_t warps_per_block = CUDA_THREADS / 32;
-    const unsigned blocks = (unsigned)((nA + warps_per_block - 1) / warps_per_block);
-    combine_bwd_kernel<<<blocks, CUDA_THREADS, 0, st>>>(Ye, kept, slot, cw, dy, nA, K, C, E, d > 0 ? d : 0,
-                                                        dYe, dcw, cuda_state(be)->d_flags);
-    KERNEL_CHECK(be, "combine_bwd_kernel");
+    const size_t nrows = E > 0 && C > 0 ? (size_t)E * C : 0;
+    const int dd = d > 0 ? d : 0;
+    const bool vec = dd % 4 == 0 && aligned16(Ye) && aligned16(dy) && aligned16(dYe);
+    int32_t *filled = NULL;
+    if (nrows > 0) {
+        filled = filled_mask(be, nrows);
+        if (!filled) return;
+    }
+    if (T > 0 && K > 0) {
+        const size_t nA = (size_t)T * K;
+        const size_t warps_per_block = CUDA_THREADS / 32;
+        const unsigned blocks = (unsigned)((nA + warps_per_block - 1) / warps_per_block);
+        /* with no rows (E*C == 0) every assignment is skipped: a scratch int
+         * stands in for the mask */
+        int32_t *mark = filled;
+        if (!mark) {
+            mark = (int32_t *)cuda_scratch(be, sizeof(int32_t));
+            if (!mark) return;
+        }
+        if (vec) {
+            combine_bwd_kernel<4><<<blocks, CUDA_THREADS, 0, st>>>(Ye, kept, slot, cw, dy, nA, K, C, E, dd,
+                                                                   dYe, dcw, mark, cuda_state(be)->d_flags);
+        } else {
+            combine_bwd_kernel<1><<<blocks, CUDA_THREADS, 0, st>>>(Ye, kept, slot, cw, dy, nA, K, C, E, dd,
+                                                                   dYe, dcw, mark, cuda_state(be)->d_flags);
+        }
+        KERNEL_CHECK(be, "combine_bwd_kernel");
+    }
+    if (filled && dd > 0) zero_unfilled(be, dYe, filled, nrows, dd, vec);
 }
 
 /* ------------------------------------------------------------------ */
