@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/timed_backend.h"
 #include "runtime/session.h"
 
 static int cmp_float(const void *a, const void *b) {
@@ -12,9 +13,77 @@ static int cmp_float(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+static int cmp_stat(const void *a, const void *b) {
+    const moe_timed_op_stat *x = a, *y = b;
+    return (x->ms < y->ms) - (x->ms > y->ms); /* descending */
+}
+
+/* `steps` more training steps (numbered from first_step) with every op timed;
+ * adds "breakdown" to o. */
+static int run_breakdown(moe_session *s, const moe_config *cfg, int steps, long long first_step, int32_t *x,
+                         int32_t *y, void *ev0, void *ev1, json_t *o, char *err, size_t errcap) {
+    moe_backend *be = s->be;
+    double loss = 0.0, norm = 0.0, step_ms = 0.0;
+    moe_timed_backend_reset(be);
+    moe_timed_backend_enable(be, 1);
+    for (int i = 0; i < steps; ++i) {
+        be->event_record(be, ev0);
+        if (moe_session_train_step(s, cfg, first_step + i, x, y, &loss, &norm, err, errcap) != 0) return -1;
+        be->event_record(be, ev1);
+        step_ms += be->event_elapsed_ms(be, ev0, ev1);
+        /* The step has waited for the device at its end: reading its pairs
+         * now waits for nothing more, and keeps the pool small. */
+        if (moe_timed_backend_collect(be) != 0) {
+            snprintf(err, errcap, "bench train --breakdown: cannot create more timing events");
+            return -1;
+        }
+    }
+    moe_timed_backend_enable(be, 0);
+    moe_timed_op_stat st[MOE_TIMED_MAX_OPS];
+    int n = moe_timed_backend_stats(be, st, MOE_TIMED_MAX_OPS);
+    qsort(st, (size_t)n, sizeof *st, cmp_stat);
+    double step = step_ms / steps, sum = 0.0;
+    for (int i = 0; i < n; ++i) sum += st[i].ms / steps;
+    json_t *b = json_object(), *ops = json_array();
+    json_object_set_new(b, "steps", json_integer(steps));
+    json_object_set_new(b, "ms_per_step_mean", json_real(step));
+    json_object_set_new(b, "ops_ms_per_step", json_real(sum));
+    json_object_set_new(b, "unattributed_ms_per_step", json_real(step - sum));
+    for (int i = 0; i < n; ++i) {
+        json_t *r = json_object();
+        json_object_set_new(r, "op", json_string(st[i].op));
+        json_object_set_new(r, "calls_per_step", json_real((double)st[i].calls / steps));
+        json_object_set_new(r, "ms_per_step", json_real(st[i].ms / steps));
+        json_object_set_new(r, "pct", json_real(step > 0 ? 100.0 * st[i].ms / steps / step : 0.0));
+        json_array_append_new(ops, r);
+    }
+    json_object_set_new(b, "ops", ops);
+    json_object_set_new(o, "breakdown", b);
+    return 0;
+}
+
+static void print_breakdown(const json_t *b) {
+    double step = json_real_value(json_object_get(b, "ms_per_step_mean"));
+    double sum = json_real_value(json_object_get(b, "ops_ms_per_step"));
+    double pct = step > 0 ? 100.0 / step : 0.0;
+    size_t i;
+    json_t *r;
+    printf("\nTime per op (%d more steps, each op between two events on the stream; %.3f ms/step with timing on):\n",
+           (int)json_integer_value(json_object_get(b, "steps")), step);
+    printf("%-22s %10s %10s %8s\n", "op", "calls/step", "ms/step", "% step");
+    json_array_foreach(json_object_get(b, "ops"), i, r)
+        printf("%-22s %10.1f %10.3f %7.1f%%\n", json_string_value(json_object_get(r, "op")),
+               json_real_value(json_object_get(r, "calls_per_step")), json_real_value(json_object_get(r, "ms_per_step")),
+               json_real_value(json_object_get(r, "pct")));
+    printf("%-22s %10s %10.3f %7.1f%%\n", "sum of ops", "", sum, sum * pct);
+    printf("%-22s %10s %10.3f %7.1f%%\n", "step (measured)", "", step, step > 0 ? 100.0 : 0.0);
+    printf("%-22s %10s %10.3f %7.1f%%\n", "unattributed", "", step - sum, (step - sum) * pct);
+    printf("(unattributed: host overhead and idle gaps between ops, copies and zeroing, router plugin kernels)\n");
+}
+
 int moe_bench_train(const moe_config *cfg, const moe_bench_train_options *opt, char *err, size_t errcap) {
     moe_session s;
-    if (moe_session_open(&s, cfg, err, errcap) != 0) return -1;
+    if (moe_session_open_wrapped(&s, cfg, opt->breakdown ? moe_timed_backend_wrap : NULL, err, errcap) != 0) return -1;
     moe_backend *be = s.be;
     int S = cfg->model.seq_len, rc = -1;
     int32_t *x = malloc((size_t)s.B * S * sizeof(int32_t));
@@ -55,6 +124,11 @@ int moe_bench_train(const moe_config *cfg, const moe_bench_train_options *opt, c
         json_object_set_new(o, "measured_gemm_tflops", json_real(peak));
         json_object_set_new(o, "mfu", json_real(peak > 0 ? tflops / peak : 0.0));
         json_object_set_new(o, "last_loss", json_real(loss));
+        if (opt->breakdown && run_breakdown(&s, cfg, opt->steps, (long long)opt->warmup + opt->steps + 1, x, y, ev0,
+                                            ev1, o, err, errcap) != 0) {
+            json_decref(o);
+            goto done;
+        }
         if (opt->json) {
             char *text = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(6));
             printf("%s\n", text);
@@ -67,6 +141,7 @@ int moe_bench_train(const moe_config *cfg, const moe_bench_train_options *opt, c
                    tflops, peak > 0 ? 100.0 * tflops / peak : 0.0);
             printf("(%d warm-up + %d timed steps; MFU against a measured %.1f TFLOP/s GEMM)\n", opt->warmup,
                    opt->steps, peak);
+            if (opt->breakdown) print_breakdown(json_object_get(o, "breakdown"));
         }
         json_decref(o);
     }

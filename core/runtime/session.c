@@ -118,6 +118,22 @@ int moe_session_check_device(moe_session *s, char *err, size_t errcap) {
 }
 
 int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t errcap) {
+    return moe_session_open_wrapped(s, cfg, NULL, err, errcap);
+}
+
+static int wrap_backend(moe_session *s, moe_backend *(*wrap)(moe_backend *), char *err, size_t errcap) {
+    if (!wrap) return 0;
+    moe_backend *w = wrap(s->be);
+    if (!w) {
+        snprintf(err, errcap, "cannot wrap the %s backend (out of memory)", s->be->name);
+        return -1;
+    }
+    s->be = w;
+    return 0;
+}
+
+int moe_session_open_wrapped(moe_session *s, const moe_config *cfg, moe_backend *(*wrap)(moe_backend *inner),
+                             char *err, size_t errcap) {
     memset(s, 0, sizeof *s);
     if (moe_dataset_open_with(&s->ds, cfg->data.path, cfg->data.tokenizer, cfg->data.bpe_dir, cfg->data.val_fraction,
                               cfg->model.seq_len, err, errcap) != 0)
@@ -135,6 +151,7 @@ int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t er
     s->eval_B = cfg->eval.batch_size > 0 ? cfg->eval.batch_size : s->B;
     if (moe_router_lib_open(&s->lib, cfg->router.plugin, err, errcap) != 0 ||
         !(s->be = moe_backend_for_config(cfg, err, errcap)) ||
+        wrap_backend(s, wrap, err, errcap) != 0 ||
         moe_model_create(&s->model, cfg, s->be, V, s->B > s->eval_B ? s->B : s->eval_B, s->lib.api, err, errcap) != 0 ||
         moe_optimizer_init(&s->opt, &cfg->train, &s->model, err, errcap) != 0) {
         moe_session_close(s);

@@ -27,6 +27,11 @@ typedef struct moe_session {
 
 /* 0 ok; -1 + err (everything opened so far is closed again). */
 int moe_session_open(moe_session *s, const moe_config *cfg, char *err, size_t errcap);
+/* The same, with the backend wrapped by wrap (which takes ownership of it,
+ * or returns NULL and leaves it alone) before the model is built on it:
+ * `moehost bench train --breakdown` wraps it in the timing decorator. */
+int moe_session_open_wrapped(moe_session *s, const moe_config *cfg, moe_backend *(*wrap)(moe_backend *inner),
+                             char *err, size_t errcap);
 void moe_session_close(moe_session *s);
 
 /* Linear warm-up to lr over warmup_steps, then cosine decay to

@@ -56,7 +56,10 @@ static void usage(FILE *out) {
             "      tokenize text files into token shards plus vocab.json; gpt2 (byte-level BPE)\n"
             "      reads encoder.json and vocab.bpe from --bpe-dir (scripts/setup_data.sh --gpt2)\n"
             "  moehost bench train --config FILE [--set ...] [--warmup N] [--steps N] [--json]\n"
-            "      time training steps only (median of N after warm-up), tokens/s, TFLOP/s, MFU\n"
+            "                [--breakdown]\n"
+            "      time training steps only (median of N after warm-up), tokens/s, TFLOP/s, MFU;\n"
+            "      --breakdown then runs N more steps with every backend op timed and prints ms\n"
+            "      and calls per op and step, sorted, against the measured step\n"
             "  moehost bench capacity|topk|dispatch-combine [--device D] [--router R] [--tokens T]\n"
             "                [--hidden d] [--experts 64,128,256] [--k 1,2,4] [--cf 0.9,1.0,1.25]\n"
             "                [--iters N] [--warmup N] [--out FILE.jsonl]\n"
@@ -239,6 +242,7 @@ static int bench_train_arg(int argc, char **argv, int i, void *ctx) {
     if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc)
         return (v = parse_count("--steps", argv[i + 1], 1)) < 0 ? -1 : (opt->steps = (int)v, 2);
     if (strcmp(argv[i], "--json") == 0) return opt->json = 1, 1;
+    if (strcmp(argv[i], "--breakdown") == 0) return opt->breakdown = 1, 1;
     return 0;
 }
 
@@ -340,7 +344,7 @@ static int cmd_bench(int argc, char **argv) {
         return fail(msg);
     }
     static moe_config cfg;
-    moe_bench_train_options opt = {10, 50, 0};
+    moe_bench_train_options opt = {10, 50, 0, 0};
     if (load_config_args(argc - 1, argv + 1, &cfg, bench_train_arg, &opt) != 0) return 1;
     if (opt.warmup < 0 || opt.steps < 1) return fail("bench train needs --warmup >= 0 and --steps >= 1");
     char err[ERR_CAP];

@@ -27,6 +27,32 @@ ok &= r["measured_gemm_tflops"] > 0 and abs(r["mfu"] - r["achieved_tflops"] / r[
 sys.exit(0 if ok else 1)
 PY
 fi
+# --breakdown: per-op times through the timing decorator, as JSON and as a table.
+if mh bench train --config ok.toml --warmup 1 --steps 2 --breakdown --json; then
+    check "bench train --breakdown JSON adds up" python3 - "$OUT_TXT" <<'PY'
+import json, sys
+b = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["breakdown"]
+ops = {r["op"]: r for r in b["ops"]}
+pct = sum(r["pct"] for r in b["ops"])
+ok = b["steps"] == 2 and "gemm" in ops and "attention_fwd" in ops and 0.0 < pct <= 100.0 + 1e-3
+ok &= all(r["ms_per_step"] >= 0 and r["calls_per_step"] > 0 for r in b["ops"])
+ok &= ops["attention_fwd"]["calls_per_step"] == 2  # one per layer
+ok &= abs(b["ops_ms_per_step"] - sum(r["ms_per_step"] for r in b["ops"])) <= 1e-3 * b["ops_ms_per_step"] + 1e-6
+ok &= b["ops_ms_per_step"] <= b["ms_per_step_mean"] * (1 + 1e-5)
+ms = [r["ms_per_step"] for r in b["ops"]]
+ok &= ms == sorted(ms, reverse=True)
+sys.exit(0 if ok else 1)
+PY
+fi
+if mh bench train --config ok.toml --warmup 0 --steps 1 --breakdown; then
+    check "bench train --breakdown prints the op table" python3 - "$OUT_TXT" <<'PY'
+import re, sys
+rows = [l.split() for l in open(sys.argv[1]) if re.match(r"^[a-z_]+ +[0-9.]+ +[0-9.]+ +[0-9.]+%$", l.strip())]
+names = {r[0] for r in rows}
+pct = sum(float(r[3].rstrip("%")) for r in rows)
+sys.exit(0 if {"gemm", "attention_fwd"} <= names and pct <= 100.0 + 0.05 * len(rows) else 1)
+PY
+fi
 # CF 2 with E = 4, K = 2 gives C = T: nothing can be dropped.
 if mh bench capacity --device cpu --tokens 256 --hidden 16 --experts 4,8 --k 1,2 --cf 0.5,1.0,1.25,4.0 \
       --iters 3 --warmup 1 --out grid.jsonl; then
