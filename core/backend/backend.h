@@ -74,6 +74,16 @@ struct moe_backend {
     void (*add_bias)(moe_backend *be, float *y, const float *b, int T, int N);
     /* db[N] += sum over rows of dy[T,N]. */
     void (*bias_grad)(moe_backend *be, const float *dy, float *db, int T, int N);
+    /* The same for `batch` entries at fixed strides (experts), in one call:
+     *   y[e*stride_y + t*N + n] += b[e*stride_b + n]
+     *   db[e*stride_db + n]     += sum_t dy[e*stride_dy + t*N + n]
+     * for e < batch, t < T, n < N. Same determinism as bias_grad (fixed
+     * summation order, no float atomics); on the CPU the results are bitwise
+     * those of a loop of add_bias / bias_grad over the entries. */
+    void (*add_bias_batched)(moe_backend *be, float *y, const float *b, int batch, int T, int N,
+                             long long stride_y, long long stride_b);
+    void (*bias_grad_batched)(moe_backend *be, const float *dy, float *db, int batch, int T, int N,
+                              long long stride_dy, long long stride_db);
 
     /* ---- elementwise ---- */
     /* y[i] += a * x[i] */

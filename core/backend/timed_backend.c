@@ -5,7 +5,8 @@
 #include <string.h>
 
 #define TIMED_OPS(X) \
-    X(gemm) X(gemm_strided_batched) X(add_bias) X(bias_grad) X(axpy) X(scale) X(mul) X(sumsq) \
+    X(gemm) X(gemm_strided_batched) X(add_bias) X(bias_grad) X(add_bias_batched) X(bias_grad_batched) \
+    X(axpy) X(scale) X(mul) X(sumsq) \
     X(embed_fwd) X(embed_bwd) X(layernorm_fwd) X(layernorm_bwd) X(rmsnorm_fwd) X(rmsnorm_bwd) \
     X(act_fwd) X(act_bwd) X(rope_fwd) X(rope_bwd) X(attention_fwd) X(attention_bwd) X(dropout_fwd) \
     X(dropout_bwd) X(xent_fwd_bwd) X(adamw) X(capacity_assign) X(combine_weights) \
@@ -124,6 +125,14 @@ static void t_add_bias(moe_backend *be, float *y, const float *b, int T, int N) 
 }
 static void t_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N) {
     TIMED_VOID(bias_grad, (t->inner, dy, db, T, N));
+}
+static void t_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
+                               long long sy, long long sb) {
+    TIMED_VOID(add_bias_batched, (t->inner, y, b, batch, T, N, sy, sb));
+}
+static void t_bias_grad_batched(moe_backend *be, const float *dy, float *db, int batch, int T, int N,
+                                long long sdy, long long sdb) {
+    TIMED_VOID(bias_grad_batched, (t->inner, dy, db, batch, T, N, sdy, sdb));
 }
 static void t_axpy(moe_backend *be, float a, const float *x, float *y, size_t n) {
     TIMED_VOID(axpy, (t->inner, a, x, y, n));

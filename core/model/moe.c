@@ -488,12 +488,12 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     be->gemm_strided_batched(be, 0, 0, C, hin, d, 1.0f, L->Xe, d, (long long)C * d, L->w1, hin,
                              (long long)d * hin, 0.0f, L->H, hin, (long long)C * hin, E);
     if (c->expert_bias)
-        for (int e = 0; e < E; ++e) be->add_bias(be, L->H + (size_t)e * C * hin, L->b1 + (size_t)e * hin, C, hin);
+        be->add_bias_batched(be, L->H, L->b1, E, C, hin, (long long)C * hin, hin);
     be->act_fwd(be, c->activation, L->H, L->A, E * C, h);
     be->gemm_strided_batched(be, 0, 0, C, d, h, 1.0f, L->A, h, (long long)C * h, L->w2, d,
                              (long long)h * d, 0.0f, L->Ye, d, (long long)C * d, E);
     if (c->expert_bias)
-        for (int e = 0; e < E; ++e) be->add_bias(be, L->Ye + (size_t)e * C * d, L->b2 + (size_t)e * d, C, d);
+        be->add_bias_batched(be, L->Ye, L->b2, E, C, d, (long long)C * d, d);
 
     /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] */
     be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, y);
@@ -556,7 +556,7 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
 
     /* 6'. experts, last layer first */
     if (c->expert_bias)
-        for (int e = 0; e < E; ++e) be->bias_grad(be, L->dYe + (size_t)e * C * d, L->db2 + (size_t)e * d, C, d);
+        be->bias_grad_batched(be, L->dYe, L->db2, E, C, d, (long long)C * d, d);
     /* dA = dYe w2^T; dw2 += A^T dYe */
     be->gemm_strided_batched(be, 0, 1, C, h, d, 1.0f, L->dYe, d, (long long)C * d, L->w2, d, (long long)h * d,
                              0.0f, L->dA, h, (long long)C * h, E);
@@ -564,7 +564,7 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
                              1.0f, L->dw2, d, (long long)h * d, E);
     be->act_bwd(be, c->activation, L->H, L->dA, L->dH, E * C, h);
     if (c->expert_bias)
-        for (int e = 0; e < E; ++e) be->bias_grad(be, L->dH + (size_t)e * C * hin, L->db1 + (size_t)e * hin, C, hin);
+        be->bias_grad_batched(be, L->dH, L->db1, E, C, hin, (long long)C * hin, hin);
     /* dXe = dH w1^T; dw1 += Xe^T dH */
     be->gemm_strided_batched(be, 0, 1, C, d, hin, 1.0f, L->dH, hin, (long long)C * hin, L->w1, hin,
                              (long long)d * hin, 0.0f, L->dXe, d, (long long)C * d, E);

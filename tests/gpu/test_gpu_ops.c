@@ -418,6 +418,44 @@ static void test_bias(const cfg *c) {
     check_f32("bias_grad.db", got_db, want_db, (size_t)N, TOL_EW);
 }
 
+/* The batched (per-expert) bias ops: E entries of [C, N] at fixed strides,
+ * packed (the expert layout) and with gaps between entries; CUDA against the
+ * CPU's batched ops, which equal the per-expert loop bit for bit
+ * (test_ops_dense). */
+static void test_bias_batched_case(const char *tag, int E, int C, int N, long long pad_y, long long pad_b) {
+    const long long sy = (long long)C * N + pad_y, sb = N + pad_b;
+    const size_t ny = (size_t)E * (size_t)sy, nb = (size_t)E * (size_t)sb;
+    float *y0 = hrand(ny, -1, 1), *b = hrand(nb, -1, 1), *db0 = hrand(nb, -1, 1);
+    float *want_y = hdup(y0, ny * sizeof(float)), *want_db = hdup(db0, nb * sizeof(float));
+    cpu->add_bias_batched(cpu, want_y, b, E, C, N, sy, sb);
+    cpu->bias_grad_batched(cpu, y0, want_db, E, C, N, sy, sb);
+    float *d_b = up(gpu, b, nb * sizeof(float)), *d_dy = up(gpu, y0, ny * sizeof(float));
+    float *got_y[2], *got_db[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_y = up(gpu, y0, ny * sizeof(float));
+        gpu->add_bias_batched(gpu, d_y, d_b, E, C, N, sy, sb);
+        if (!gpu_ok(gpu, "add_bias_batched")) return;
+        got_y[r] = down(gpu, d_y, ny * sizeof(float));
+        float *d_db = up(gpu, db0, nb * sizeof(float));
+        gpu->bias_grad_batched(gpu, d_dy, d_db, E, C, N, sy, sb);
+        if (!gpu_ok(gpu, "bias_grad_batched")) return;
+        got_db[r] = down(gpu, d_db, nb * sizeof(float));
+    }
+    char op[96];
+    snprintf(op, sizeof op, "add_bias_batched.y(%s)", tag);
+    check_f32(op, got_y, want_y, ny, TOL_EW);
+    snprintf(op, sizeof op, "bias_grad_batched.db(%s)", tag);
+    check_f32(op, got_db, want_db, nb, TOL_EW);
+}
+
+static void test_bias_batched(const cfg *c) {
+    const int T = T_of(c), E = c->E;
+    const int C = (int)ceil(1.25 * T * c->K / E);
+    test_bias_batched_case("b1", E, C, c->hidden, 0, 0);
+    test_bias_batched_case("b2", E, C, c->d, 0, 0);
+    test_bias_batched_case("gaps", E, C, c->d, 13, 5);
+}
+
 static void test_vector_ops(const cfg *c) {
     const size_t n = (size_t)T_of(c) * c->d + 3; /* not a multiple of any block */
     float *x = hrand(n, -2, 2), *y0 = hrand(n, -2, 2);
@@ -1421,7 +1459,7 @@ int main(void) {
         {"T1", 1, 1, 40, 2, 4, 2, 5, 24},
     };
     static const op_test tests[] = {
-        test_gemm, test_gemm_batched, test_bias, test_vector_ops, test_embed,
+        test_gemm, test_gemm_batched, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
         test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes,

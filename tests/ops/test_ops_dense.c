@@ -39,7 +39,8 @@ static void test_table_and_memory(moe_backend *be) {
 #define CHECK_OP(f) CHECK_MSG(be->f != NULL, "%s is NULL", #f)
     CHECK_OP(alloc); CHECK_OP(free); CHECK_OP(to_host); CHECK_OP(from_host); CHECK_OP(copy);
     CHECK_OP(zero); CHECK_OP(sync); CHECK_OP(gemm); CHECK_OP(gemm_strided_batched);
-    CHECK_OP(add_bias); CHECK_OP(bias_grad); CHECK_OP(axpy); CHECK_OP(scale); CHECK_OP(sumsq);
+    CHECK_OP(add_bias); CHECK_OP(bias_grad); CHECK_OP(add_bias_batched);
+    CHECK_OP(bias_grad_batched); CHECK_OP(axpy); CHECK_OP(scale); CHECK_OP(sumsq);
     CHECK_OP(embed_fwd); CHECK_OP(embed_bwd); CHECK_OP(layernorm_fwd); CHECK_OP(layernorm_bwd);
     CHECK_OP(rmsnorm_fwd); CHECK_OP(rmsnorm_bwd); CHECK_OP(act_fwd); CHECK_OP(act_bwd);
     CHECK_OP(rope_fwd); CHECK_OP(rope_bwd); CHECK_OP(attention_fwd); CHECK_OP(attention_bwd);
@@ -172,6 +173,35 @@ static void test_gemm_batched(moe_backend *be) {
             CHECK_MSG(gap_ok, "%s: wrote into the gap between entries", what);
         }
         free(A), free(B), free(C0), free(C), free(ref);
+    }
+}
+
+/* The batched bias ops against a loop of add_bias / bias_grad over the
+ * entries: bitwise equal, with packed and padded strides (the gap between
+ * entries must stay untouched). */
+static void test_bias_batched(moe_backend *be) {
+    const struct { int batch, T, N, pad_y, pad_b; } cases[] = {
+        {1, 5, 7, 0, 0}, {4, 37, 45, 0, 0}, {8, 64, 128, 0, 0}, {3, 19, 33, 11, 5}, {5, 1, 17, 3, 2},
+        {6, 130, 20, 0, 0}, {2, 0, 9, 0, 0}, {0, 4, 4, 0, 0}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ++ci) {
+        const int batch = cases[ci].batch, T = cases[ci].T, N = cases[ci].N;
+        const long long sy = (long long)T * N + cases[ci].pad_y, sb = N + cases[ci].pad_b;
+        const size_t ny = (size_t)(batch > 0 ? batch : 1) * (size_t)sy;
+        const size_t nb = (size_t)(batch > 0 ? batch : 1) * (size_t)sb;
+        float *y0 = randv(ny, -1, 1), *b = randv(nb, -1, 1), *db0 = randv(nb, -1, 1);
+        float *y1 = malloc(ny * sizeof *y1), *y2 = malloc(ny * sizeof *y2);
+        float *db1 = malloc(nb * sizeof *db1), *db2 = malloc(nb * sizeof *db2);
+        memcpy(y1, y0, ny * sizeof *y1), memcpy(y2, y0, ny * sizeof *y2);
+        memcpy(db1, db0, nb * sizeof *db1), memcpy(db2, db0, nb * sizeof *db2);
+        for (int e = 0; e < batch; ++e) {
+            be->add_bias(be, y1 + e * sy, b + e * sb, T, N);
+            be->bias_grad(be, y0 + e * sy, db1 + e * sb, T, N);
+        }
+        be->add_bias_batched(be, y2, b, batch, T, N, sy, sb);
+        be->bias_grad_batched(be, y0, db2, batch, T, N, sy, sb);
+        CHECK_MSG(memcmp(y1, y2, ny * sizeof *y1) == 0, "add_bias_batched != loop (case %zu)", ci);
+        CHECK_MSG(memcmp(db1, db2, nb * sizeof *db1) == 0, "bias_grad_batched != loop (case %zu)", ci);
+        free(y0), free(b), free(db0), free(y1), free(y2), free(db1), free(db2);
     }
 }
 
@@ -544,6 +574,7 @@ int main(void) {
     test_gemm(be);
     test_gemm_batched(be);
     test_bias_and_vector_ops(be);
+    test_bias_batched(be);
     test_embedding(be);
     test_norms(be);
     test_activations(be);

@@ -80,6 +80,8 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->gemm_strided_batched = cpu_gemm_strided_batched;
     be->add_bias = cpu_add_bias;
     be->bias_grad = cpu_bias_grad;
+    be->add_bias_batched = cpu_add_bias_batched;
+    be->bias_grad_batched = cpu_bias_grad_batched;
 
     be->axpy = cpu_axpy;
     be->scale = cpu_scale;

@@ -57,6 +57,46 @@ void cpu_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N) {
     }
 }
 
+/* The per-expert forms: entry e of the batch is y + e*stride_y ([T,N]) and
+ * b + e*stride_b ([N]). Every element sees the same single addition as in
+ * cpu_add_bias, and every db[e*stride_db + j] is summed by one thread over
+ * the rows in order, starting from what it held: the results are bitwise
+ * those of a loop of cpu_add_bias / cpu_bias_grad over the entries. */
+void cpu_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
+                          long long stride_y, long long stride_b) {
+    (void)be;
+    if (batch <= 0 || T <= 0 || N <= 0) return;
+    long long rows = (long long)batch * T;
+#pragma omp parallel for schedule(static)
+    for (long long r = 0; r < rows; ++r) {
+        long long e = r / T, t = r % T;
+        float *row = y + e * stride_y + t * (long long)N;
+        const float *be_ = b + e * stride_b;
+        for (int j = 0; j < N; ++j) row[j] += be_[j];
+    }
+}
+
+void cpu_bias_grad_batched(moe_backend *be, const float *dy, float *db, int batch, int T, int N,
+                           long long stride_dy, long long stride_db) {
+    (void)be;
+    if (batch <= 0 || T <= 0 || N <= 0) return;
+    int nblocks = (N + CPU_COL_BLOCK - 1) / CPU_COL_BLOCK;
+    long long work = (long long)batch * nblocks;
+#pragma omp parallel for schedule(static)
+    for (long long w = 0; w < work; ++w) {
+        long long e = w / nblocks;
+        int blk = (int)(w % nblocks);
+        int j0 = blk * CPU_COL_BLOCK;
+        int j1 = j0 + CPU_COL_BLOCK < N ? j0 + CPU_COL_BLOCK : N;
+        const float *src = dy + e * stride_dy;
+        float *dst = db + e * stride_db;
+        for (int t = 0; t < T; ++t) {
+            const float *row = src + (size_t)t * N;
+            for (int j = j0; j < j1; ++j) dst[j] += row[j];
+        }
+    }
+}
+
 void cpu_axpy(moe_backend *be, float a, const float *x, float *y, size_t n) {
     (void)be;
 #pragma omp parallel for schedule(static)

@@ -27,6 +27,10 @@ void cpu_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, int
                               int batch);
 void cpu_add_bias(moe_backend *be, float *y, const float *b, int T, int N);
 void cpu_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N);
+void cpu_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
+                          long long stride_y, long long stride_b);
+void cpu_bias_grad_batched(moe_backend *be, const float *dy, float *db, int batch, int T, int N,
+                           long long stride_dy, long long stride_db);
 void cpu_axpy(moe_backend *be, float a, const float *x, float *y, size_t n);
 void cpu_scale(moe_backend *be, float *x, float a, size_t n);
 double cpu_sumsq(moe_backend *be, const float *x, size_t n);

@@ -335,6 +335,8 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     be->gemm_strided_batched = cuda_gemm_strided_batched;
     be->add_bias = cuda_add_bias;
     be->bias_grad = cuda_bias_grad;
+    be->add_bias_batched = cuda_add_bias_batched;
+    be->bias_grad_batched = cuda_bias_grad_batched;
 
     be->axpy = cuda_axpy;
     be->scale = cuda_scale;

@@ -271,6 +271,10 @@ void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, in
                                int batch);
 void cuda_add_bias(moe_backend *be, float *y, const float *b, int T, int N);
 void cuda_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N);
+void cuda_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
+                           long long stride_y, long long stride_b);
+void cuda_bias_grad_batched(moe_backend *be, const float *dy, float *db, int batch, int T, int N,
+                            long long stride_dy, long long stride_db);
 void cuda_axpy(moe_backend *be, float a, const float *x, float *y, size_t n);
 void cuda_scale(moe_backend *be, float *x, float a, size_t n);
 void cuda_mul(moe_backend *be, const float *a, const float *b, float *out, size_t n);

@@ -135,6 +135,73 @@ void cuda_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N) {
     colsum_accumulate(be, dy_element{dy, N}, T, N, db, "bias_grad");
 }
 
+/* Batched (per-expert) bias: entry e is y + e*stride_y ([T,N]) and
+ * b + e*stride_b ([N]); one launch for all entries. */
+__global__ void add_bias_batched_kernel(float *y, const float *b, size_t n, size_t per, int N,
+                                        long long stride_y, long long stride_b) {
+    GRID_STRIDE_LOOP(i, n) {
+        size_t e = i / per, r = i % per;
+        y[(long long)e * stride_y + (long long)r] += b[(long long)e * stride_b + (long long)(r % (size_t)N)];
+    }
+}
+
+void cuda_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
+                           long long stride_y, long long stride_b) {
+    if (batch <= 0 || T <= 0 || N <= 0) return;
+    size_t per = (size_t)T * N, n = per * (size_t)batch;
+    add_bias_batched_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_stream(be)>>>(y, b, n, per, N,
+                                                                                  stride_y, stride_b);
+    KERNEL_CHECK(be, "add_bias_batched_kernel");
+}
+
+/* Column j of the batched column sum is entry j / N, column j % N. */
+struct dy_batched_element {
+    const float *dy;
+    int N;
+    long long stride;
+    __device__ float operator()(int t, int j) const {
+        int e = j / N, c = j - e * N;
+        return dy[(long long)e * stride + (long long)t * N + c];
+    }
+};
+
+__global__ void colsum_finish_batched_kernel(const float *partial, int nchunks, int N, int cols,
+                                             float *out, long long stride_out) {
+    GRID_STRIDE_LOOP(j, cols) {
+        float s = 0.0f;
+        for (int c = 0; c < nchunks; ++c) s += partial[(size_t)c * cols + j];
+        int e = (int)j / N, col = (int)j - e * N;
+        out[(long long)e * stride_out + col] += s;
+    }
+}
+
+/* The same two passes as colsum_accumulate over batch*N columns (every
+ * output's chunk partials added in chunk order: deterministic, no atomics),
+ * the finish scattering each column to its entry's db. Per column this is
+ * the exact arithmetic of cuda_bias_grad. */
+void cuda_bias_grad_batched(moe_backend *be, const float *dy, float *db, int batch, int T, int N,
+                            long long stride_dy, long long stride_db) {
+    if (batch <= 0 || T <= 0 || N <= 0) return;
+    const long long cols_ll = (long long)batch * N;
+    const int nchunks = (T + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    const long long ntiles = (cols_ll + 31) / 32;
+    if (ntiles > 65535) {
+        cuda_record_error(be, __FILE__, __LINE__, "bias_grad_batched",
+                          "too many columns for colsum (batch*N > 2097120)");
+        return;
+    }
+    const int cols = (int)cols_ll;
+    float *partial = (float *)cuda_scratch(be, (size_t)nchunks * cols * sizeof(float));
+    if (!partial) return;
+    colsum_partial_kernel<dy_batched_element>
+        <<<dim3(nchunks, (unsigned)ntiles), dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
+            dy_batched_element{dy, N, stride_dy}, T, cols, partial);
+    KERNEL_CHECK(be, "bias_grad_batched");
+    colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
+        partial, nchunks, N, cols, db, stride_db);
+    KERNEL_CHECK(be, "bias_grad_batched");
+}
+
 /* ------------------------------------------------------------------ */
 /* Vector ops                                                          */
 /* ------------------------------------------------------------------ */
