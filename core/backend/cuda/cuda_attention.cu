@@ -327,6 +327,26 @@ __device__ __forceinline__ void at_mm_tn(const float *Pt, const float *X, int W,
     }
 }
 
+/* Write one thread's 4x8 accumulator tile: rows r0 + ty*4 + a (those < S)
+ * of a token-major tensor whose row r starts at dst + r * stride, columns
+ * tx*4 + c + 64m (those < hd). */
+__device__ __forceinline__ void at_store(float *dst, size_t stride, int r0, int S, int hd, int ty, int tx,
+                                         const float acc[4][8]) {
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+        const int r = r0 + ty * 4 + a;
+        if (r >= S) continue;
+        float *row = dst + (size_t)r * stride;
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int col = m * 64 + tx * 4 + c;
+                if (col < hd) row[col] = acc[a][m * 4 + c];
+            }
+    }
+}
+
 /* over the 16 threads of a row group (lanes of one half warp) */
 __device__ __forceinline__ float at_half_sum(float v) {
     for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -432,19 +452,7 @@ attention_fwd_tiled_kernel(const float *qkv, float *out, float *probs, int S, in
         at_mm_tn(Pt, Vn, W, two, ty, tx, acc);
         __syncthreads();
     }
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-        const int i = r0 + ty * 4 + a;
-        if (i >= S) continue;
-        float *o = out + ((size_t)b * S + i) * C + (size_t)h * hd;
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int col = m * 64 + tx * 4 + c;
-                if (col < hd) o[col] = acc[a][m * 4 + c];
-            }
-    }
+    at_store(out + (size_t)b * S * C + (size_t)h * hd, C, r0, S, hd, ty, tx, acc);
     /* causal zeros right of the diagonal tile */
     const int j0 = (qt + 1) * AT;
     if (j0 < S) {
@@ -529,19 +537,7 @@ attention_bwd_q_tiled_kernel(const float *qkv, const float *probs, const float *
         at_mm_tn(St, Kn, W, two, ty, tx, acc);
         __syncthreads();
     }
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-        const int i = r0 + ty * 4 + a;
-        if (i >= S) continue;
-        float *dq = dqkv + ((size_t)b * S + i) * tok + (size_t)h * hd;
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int col = m * 64 + tx * 4 + c;
-                if (col < hd) dq[col] = acc[a][m * 4 + c];
-            }
-    }
+    at_store(dqkv + (size_t)b * S * tok + (size_t)h * hd, tok, r0, S, hd, ty, tx, acc);
 }
 
 /* Backward, block (b, h, key tile kt): dK = dS^T Q and dV = P^T dO over the
@@ -583,23 +579,9 @@ attention_bwd_kv_tiled_kernel(const float *qkv, const float *probs, const float 
         at_mm_tn(Dn, Qn, W, two, ty, tx, accK);
         at_mm_tn(Pn, Gn, W, two, ty, tx, accV);
     }
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-        const int j = j0 + ty * 4 + a;
-        if (j >= S) continue;
-        float *dk = dqkv + ((size_t)b * S + j) * tok + C + (size_t)h * hd;
-        float *dv = dk + C;
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int col = m * 64 + tx * 4 + c;
-                if (col < hd) {
-                    dk[col] = accK[a][m * 4 + c];
-                    dv[col] = accV[a][m * 4 + c];
-                }
-            }
-    }
+    float *dk = dqkv + (size_t)b * S * tok + C + (size_t)h * hd;
+    at_store(dk, tok, j0, S, hd, ty, tx, accK);
+    at_store(dk + C, tok, j0, S, hd, ty, tx, accV);
 }
 
 /* Shared memory above the 48 KB default needs the kernel's opt-in. */
