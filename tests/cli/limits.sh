@@ -18,7 +18,10 @@ Q=(--quiet)
 # shadow and cannot run capped, so there the uncapped-safe case runs only.
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}allocator_may_return_null=1"
 REAL_MOEHOST=$MOEHOST
-if ldd "$MOEHOST" 2>/dev/null | grep -qE 'lib(asan|ubsan)'; then
+# Read ldd's whole output first: `ldd | grep -q` under pipefail fails when
+# grep exits early and ldd gets SIGPIPE, which made this check flaky.
+LIBS=$(ldd "$MOEHOST" 2>/dev/null || true)
+if grep -qE 'lib(asan|ubsan)' <<<"$LIBS"; then
     echo "note: sanitizer build; the capped-memory cases (n_layers, batch sizes) are skipped"
 else
     printf '#!/bin/bash\nulimit -v 4000000\nexec "%s" "$@"\n' "$REAL_MOEHOST" >capped.sh

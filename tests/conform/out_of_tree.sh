@@ -65,7 +65,7 @@ config=$(find "$prefix" -name MoeRoutingBenchConfig.cmake | head -n 1)
 pc=$(find "$prefix" -name moe-routing-bench.pc | head -n 1)
 [ -n "$config" ] && ok "CMake package installed ($config)" || fail "no MoeRoutingBenchConfig.cmake under $prefix"
 [ -n "$pc" ] && ok "pkg-config file installed ($pc)" || fail "no moe-routing-bench.pc under $prefix"
-if find "$prefix" -path '*/fixtures/*' | grep -q .; then fail "test fixtures were installed"; fi
+if [ -n "$(find "$prefix" -path '*/fixtures/*')" ]; then fail "test fixtures were installed"; fi
 
 # ---- 2. pkg-config ----
 if [ -n "$pc" ] && command -v pkg-config >/dev/null 2>&1; then
