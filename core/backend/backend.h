@@ -70,6 +70,15 @@ struct moe_backend {
                                  const float *A, int lda, long long strideA, const float *B, int ldb,
                                  long long strideB, float beta, float *C, int ldc, long long strideC,
                                  int batch);
+    /* C = op(A) op(B) + bias (overwrite) for `batch` products at fixed
+     * strides: bias[e*stride_bias + n] is added to every row of product e
+     * (stride_bias 0: one bias for all; bias NULL: no bias). The result is
+     * gemm_strided_batched with alpha 1 and beta 0 followed by the bias add
+     * of add_bias_batched; one op, so that CUDA adds the bias in the GEMM's
+     * epilogue instead of in another pass over C. */
+    void (*gemm_bias)(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
+                      long long strideA, const float *B, int ldb, long long strideB, const float *bias,
+                      long long stride_bias, float *C, int ldc, long long strideC, int batch);
     /* y[T,N] += b[N] on every row. */
     void (*add_bias)(moe_backend *be, float *y, const float *b, int T, int N);
     /* db[N] += sum over rows of dy[T,N]. */
@@ -84,6 +93,29 @@ struct moe_backend {
                              long long stride_y, long long stride_b);
     void (*bias_grad_batched)(moe_backend *be, const float *dy, float *db, int batch, int T, int N,
                               long long stride_dy, long long stride_db);
+
+    /* ---- the experts' MLP, one call for all experts ----
+     * For each expert e < batch, on its C rows (X + e*C*d, Y + e*C*d):
+     *   H = X w1[e] + b1[e]   [C, hin]   (hin = 2n for SwiGLU, else n)
+     *   A = act(H)            [C, n]
+     *   Y = A w2[e] + b2[e]   [C, d]     (overwrite)
+     * with w1[e] = w1 + e*d*hin ([d, hin]), w2[e] = w2 + e*n*d ([n, d]), b1
+     * and b2 at strides hin and d, or NULL for no bias. H [batch*C*hin] and
+     * A [batch*C*n] keep what ffn_bwd needs; what they hold is the
+     * backend's own (CUDA keeps A in bf16 when its GEMMs take bf16
+     * operands, so the backward reads it without another rounding pass):
+     * read only Y. The CPU's ffn_fwd is exactly gemm_bias, act_fwd,
+     * gemm_bias (core/backend/ffn_reference.c), the math in plain ops. */
+    void (*ffn_fwd)(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
+                    const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
+                    int n);
+    /* Its backward from dY: dX (overwrite); dw1, dw2 and, when not NULL,
+     * db1, db2 accumulate (+=). dA [batch*C*n] and dH [batch*C*hin] are
+     * work space (left holding the backend's own values). X, w1, w2, H and
+     * A as ffn_fwd had and left them. */
+    void (*ffn_bwd)(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
+                    const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX,
+                    float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n);
 
     /* ---- elementwise ---- */
     /* y[i] += a * x[i] */
@@ -270,6 +302,16 @@ enum {
     MOE_CHECK_SLOT = 3,
     MOE_CHECK_SLOT_TWICE = 4,
 };
+
+/* The experts' MLP written with the other ops of `be` (the CPU backend's
+ * ffn_fwd / ffn_bwd, and the CUDA backend's in fp32). */
+void moe_ffn_fwd_reference(moe_backend *be, moe_act_kind kind, const float *X, const float *w1,
+                           const float *b1, const float *w2, const float *b2, float *H, float *A, float *Y,
+                           int batch, int C, int d, int n);
+void moe_ffn_bwd_reference(moe_backend *be, moe_act_kind kind, const float *X, const float *w1,
+                           const float *w2, const float *H, const float *A, const float *dY, float *dA,
+                           float *dH, float *dX, float *dw1, float *db1, float *dw2, float *db2, int batch,
+                           int C, int d, int n);
 
 /* The CPU backend (always built). threads <= 0 keeps OpenMP's default. */
 moe_backend *moe_backend_cpu_create(int threads);

@@ -5,7 +5,7 @@
 #include <string.h>
 
 #define TIMED_OPS(X) \
-    X(gemm) X(gemm_strided_batched) X(add_bias) X(bias_grad) X(add_bias_batched) X(bias_grad_batched) \
+    X(gemm) X(gemm_strided_batched) X(gemm_bias) X(ffn_fwd) X(ffn_bwd) X(add_bias) X(bias_grad) X(add_bias_batched) X(bias_grad_batched) \
     X(axpy) X(scale) X(mul) X(sumsq) \
     X(embed_fwd) X(embed_bwd) X(layernorm_fwd) X(layernorm_bwd) X(rmsnorm_fwd) X(rmsnorm_bwd) \
     X(act_fwd) X(act_bwd) X(rope_fwd) X(rope_bwd) X(attention_fwd) X(attention_bwd) X(dropout_fwd) \
@@ -119,6 +119,21 @@ static void t_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N
                                    const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
                                    float beta, float *C, int ldc, long long sC, int batch) {
     TIMED_VOID(gemm_strided_batched, (t->inner, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch));
+}
+static void t_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
+                        long long sA, const float *B, int ldb, long long sB, const float *bias, long long sbias,
+                        float *C, int ldc, long long sC, int batch) {
+    TIMED_VOID(gemm_bias, (t->inner, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bias, sbias, C, ldc, sC, batch));
+}
+static void t_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
+                      const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
+                      int n) {
+    TIMED_VOID(ffn_fwd, (t->inner, kind, X, w1, b1, w2, b2, H, A, Y, batch, C, d, n));
+}
+static void t_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
+                      const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX,
+                      float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n) {
+    TIMED_VOID(ffn_bwd, (t->inner, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, batch, C, d, n));
 }
 static void t_add_bias(moe_backend *be, float *y, const float *b, int T, int N) {
     TIMED_VOID(add_bias, (t->inner, y, b, T, N));

@@ -360,12 +360,10 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
         moe_block *b = &m->blocks[l];
         /* attention branch */
         norm_fwd(m, m->x[l], b->n1g, b->n1b, b->n1, b->n1_mean, b->n1_rstd, T);
-        be->gemm(be, 0, 0, T, 3 * d, d, 1.0f, b->n1, d, b->wqkv, 3 * d, 0.0f, b->qkv, 3 * d);
-        be->add_bias(be, b->qkv, b->bqkv, T, 3 * d);
+        be->gemm_bias(be, 0, 0, T, 3 * d, d, b->n1, d, 0, b->wqkv, 3 * d, 0, b->bqkv, 0, b->qkv, 3 * d, 0, 1);
         if (m->rope) be->rope_fwd(be, b->qkv, B, S, H, hd, m->rope_theta);
         be->attention_fwd(be, b->qkv, b->att, b->probs, B, S, H, hd);
-        be->gemm(be, 0, 0, T, d, d, 1.0f, b->att, d, b->wo, d, 0.0f, m->tmp1, d);
-        be->add_bias(be, m->tmp1, b->bo, T, d);
+        be->gemm_bias(be, 0, 0, T, d, d, b->att, d, 0, b->wo, d, 0, b->bo, 0, m->tmp1, d, 0, 1);
         residual_add(m, m->x[l], m->tmp1, b->x_mid, T, training, step, 1 + 2 * l);
         /* MoE branch */
         norm_fwd(m, b->x_mid, b->n2g, b->n2b, b->n2, b->n2_mean, b->n2_rstd, T);

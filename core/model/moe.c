@@ -417,7 +417,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
                       moe_rng_key key, float *y, double *aux_total, char *err, size_t errcap) {
     moe_backend *be = L->be;
     const moe_layer_cfg *c = &L->cfg;
-    int d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff, hin = expert_in_width(c);
+    int d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff;
     int owns_capacity = (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) != 0;
     int perturbs = (L->rinfo.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
     if (T < 0 || T > c->max_tokens) {
@@ -485,15 +485,8 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     be->dispatch(be, x, L->kept, L->slot, T, Ko, C, E, d, L->Xe);
 
     /* 6. experts: H = Xe w1 + b1; A = act(H); Ye = A w2 + b2, per expert */
-    be->gemm_strided_batched(be, 0, 0, C, hin, d, 1.0f, L->Xe, d, (long long)C * d, L->w1, hin,
-                             (long long)d * hin, 0.0f, L->H, hin, (long long)C * hin, E);
-    if (c->expert_bias)
-        be->add_bias_batched(be, L->H, L->b1, E, C, hin, (long long)C * hin, hin);
-    be->act_fwd(be, c->activation, L->H, L->A, E * C, h);
-    be->gemm_strided_batched(be, 0, 0, C, d, h, 1.0f, L->A, h, (long long)C * h, L->w2, d,
-                             (long long)h * d, 0.0f, L->Ye, d, (long long)C * d, E);
-    if (c->expert_bias)
-        be->add_bias_batched(be, L->Ye, L->b2, E, C, d, (long long)C * d, d);
+    be->ffn_fwd(be, c->activation, L->Xe, L->w1, c->expert_bias ? L->b1 : NULL, L->w2,
+                c->expert_bias ? L->b2 : NULL, L->H, L->A, L->Ye, E, C, d, h);
 
     /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] */
     be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, y);
@@ -548,28 +541,14 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
     moe_backend *be = L->be;
     const moe_layer_cfg *c = &L->cfg;
     int T = L->T, C = L->C, d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff;
-    int hin = expert_in_width(c);
     int perturbs = (L->rinfo.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
 
     /* 7'. combine: dYe = cw * dy scattered to rows; dcw = <dy, Ye> */
     be->combine_bwd(be, L->Ye, L->kept, L->slot, L->cw, dy, T, Ko, C, E, d, L->dYe, L->dcw);
 
-    /* 6'. experts, last layer first */
-    if (c->expert_bias)
-        be->bias_grad_batched(be, L->dYe, L->db2, E, C, d, (long long)C * d, d);
-    /* dA = dYe w2^T; dw2 += A^T dYe */
-    be->gemm_strided_batched(be, 0, 1, C, h, d, 1.0f, L->dYe, d, (long long)C * d, L->w2, d, (long long)h * d,
-                             0.0f, L->dA, h, (long long)C * h, E);
-    be->gemm_strided_batched(be, 1, 0, h, d, C, 1.0f, L->A, h, (long long)C * h, L->dYe, d, (long long)C * d,
-                             1.0f, L->dw2, d, (long long)h * d, E);
-    be->act_bwd(be, c->activation, L->H, L->dA, L->dH, E * C, h);
-    if (c->expert_bias)
-        be->bias_grad_batched(be, L->dH, L->db1, E, C, hin, (long long)C * hin, hin);
-    /* dXe = dH w1^T; dw1 += Xe^T dH */
-    be->gemm_strided_batched(be, 0, 1, C, d, hin, 1.0f, L->dH, hin, (long long)C * hin, L->w1, hin,
-                             (long long)d * hin, 0.0f, L->dXe, d, (long long)C * d, E);
-    be->gemm_strided_batched(be, 1, 0, d, hin, C, 1.0f, L->Xe, d, (long long)C * d, L->dH, hin,
-                             (long long)C * hin, 1.0f, L->dw1, hin, (long long)d * hin, E);
+    /* 6'. experts: dXe, and the gradients of w1, b1, w2, b2 */
+    be->ffn_bwd(be, c->activation, L->Xe, L->w1, L->w2, L->H, L->A, L->dYe, L->dA, L->dH, L->dXe, L->dw1,
+                c->expert_bias ? L->db1 : NULL, L->dw2, c->expert_bias ? L->db2 : NULL, E, C, d, h);
 
     /* 5'. dispatch: dx[t] += dXe[kept, slot] */
     be->dispatch_bwd(be, L->dXe, L->kept, L->slot, T, Ko, C, d, dx);

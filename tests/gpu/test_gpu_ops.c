@@ -395,6 +395,143 @@ static void test_gemm_batched(const cfg *c) {
     test_gemm_batched_case(gpu16, "gemm_batched_bf16", 1, 1, h, d, C, E, 0.5f, -0.25f, 7, 1, TOL_BF16);
 }
 
+/* gemm_bias: C = op(A) op(B) + bias over `batch` products. `gap` extra
+ * elements between products, `pad` extra columns in every leading
+ * dimension, `off` elements of misalignment of every pointer (fp32 operands
+ * are handed to cuBLASLt as they are), shareB a stride of 0 for B,
+ * bias_mode 0 no bias, 1 one per product, 2 one for all. C starts random:
+ * an element left unwritten, or a gap or padding overwritten, shows. */
+static void test_gemm_bias_case(moe_backend *g, const char *tag, int ta, int tb, int M, int N, int K,
+                                int batch, int gap, int pad, int off, int shareB, int bias_mode,
+                                double tol) {
+    const int a_rows = ta ? K : M, a_cols = ta ? M : K, lda = a_cols + pad;
+    const int b_rows = tb ? N : K, b_cols = tb ? K : N, ldb = b_cols + pad;
+    const int ldc = N + pad;
+    const long long sA = (long long)a_rows * lda + gap;
+    const long long sB = shareB ? 0 : (long long)b_rows * ldb + gap;
+    const long long sC = (long long)M * ldc + gap;
+    const long long sbias = bias_mode == 1 ? N + gap : 0;
+    const size_t nA = (size_t)sA * batch + off, nC = (size_t)sC * batch + off;
+    const size_t nB = (shareB ? (size_t)b_rows * ldb : (size_t)sB * batch) + off;
+    const size_t nbias = (bias_mode == 1 ? (size_t)sbias * batch : (size_t)N) + off;
+    float *A = hrand(nA, -1, 1), *B = hrand(nB, -1, 1), *C0 = hrand(nC, -1, 1), *bias = hrand(nbias, -1, 1);
+    float *want = hdup(C0, nC * sizeof(float));
+    cpu->gemm_bias(cpu, ta, tb, M, N, K, A + off, lda, sA, B + off, ldb, sB, bias_mode ? bias + off : NULL,
+                   sbias, want + off, ldc, sC, batch);
+    float *dA = up(g, A, nA * sizeof(float)), *dB = up(g, B, nB * sizeof(float));
+    float *dbias = up(g, bias, nbias * sizeof(float));
+    float *got[2];
+    char op[200];
+    snprintf(op, sizeof op, "%s(ta=%d,tb=%d,M=%d,N=%d,K=%d,batch=%d,gap=%d,pad=%d,off=%d%s,bias=%s)", tag,
+             ta, tb, M, N, K, batch, gap, pad, off, shareB ? ",strideB=0" : "",
+             bias_mode == 0 ? "none" : bias_mode == 1 ? "each" : "shared");
+    for (int r = 0; r < 2; ++r) {
+        float *dC = up(g, C0, nC * sizeof(float));
+        g->gemm_bias(g, ta, tb, M, N, K, dA + off, lda, sA, dB + off, ldb, sB, bias_mode ? dbias + off : NULL,
+                     sbias, dC + off, ldc, sC, batch);
+        if (!gpu_ok(g, op)) return;
+        got[r] = down(g, dC, nC * sizeof(float));
+    }
+    check_f32(op, got, want, nC, tol);
+}
+
+static void test_gemm_bias(const cfg *c) {
+    const int T = T_of(c), d = c->d, h = c->hidden, E = c->E;
+    const int C = (int)ceil(1.25 * T * c->K / E);
+    struct {
+        moe_backend *g;
+        const char *tag;
+        double tol;
+    } precisions[2] = {{gpu, "gemm_bias", TOL_MM}, {gpu16, "gemm_bias_bf16", TOL_BF16}};
+    for (int p = 0; p < 2; ++p) {
+        moe_backend *g = precisions[p].g;
+        const char *tag = precisions[p].tag;
+        const double tol = precisions[p].tol;
+        /* the model's calls: the experts' two products, the attention projections */
+        test_gemm_bias_case(g, tag, 0, 0, C, h, d, E, 0, 0, 0, 0, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, C, d, h, E, 0, 0, 0, 0, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, T, 3 * d, d, 1, 0, 0, 0, 0, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, C, d, h, E, 0, 0, 0, 0, 0, tol);
+        /* transposes, gaps, padding, misaligned pointers, shared operands */
+        test_gemm_bias_case(g, tag, 1, 0, d, h, C, E, 5, 0, 0, 0, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 1, C, h, d, E, 0, 3, 0, 0, 2, tol);
+        test_gemm_bias_case(g, tag, 1, 1, h, d, C, E, 7, 1, 1, 1, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, T, d + 1, d, 1, 0, 2, 1, 0, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, 5, 3, 0, 2, 1, 0, 0, 0, 1, tol); /* K = 0: C = bias */
+    }
+}
+
+/* The experts' MLP, forward and backward, against the CPU's composition of
+ * plain ops (ffn_reference.c); in bf16 mode CUDA takes its fused path
+ * (cuda_ffn.cu). Outputs are poisoned, accumulated gradients start from
+ * random values. */
+static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, int with_bias, int batch, int C,
+                          int d, int n, double tol) {
+    const int hin = kind == MOE_ACT_SWIGLU ? 2 * n : n;
+    const size_t nX = (size_t)batch * C * d, nw1 = (size_t)batch * d * hin, nw2 = (size_t)batch * n * d;
+    const size_t nb1 = (size_t)batch * hin, nb2 = (size_t)batch * d;
+    const size_t nH = (size_t)batch * C * hin, nA = (size_t)batch * C * n;
+    float *X = hrand(nX, -1, 1), *w1 = hrand(nw1, -0.1f, 0.1f), *w2 = hrand(nw2, -0.05f, 0.05f);
+    float *b1 = hrand(nb1, -0.5f, 0.5f), *b2 = hrand(nb2, -0.5f, 0.5f), *dY = hrand(nX, -1, 1);
+    float *dw1_0 = hrand(nw1, -1, 1), *db1_0 = hrand(nb1, -1, 1), *dw2_0 = hrand(nw2, -1, 1);
+    float *db2_0 = hrand(nb2, -1, 1);
+    float *H = halloc(nH * sizeof(float)), *A = halloc(nA * sizeof(float)), *Y = halloc(nX * sizeof(float));
+    float *dA = halloc(nA * sizeof(float)), *dH = halloc(nH * sizeof(float)), *dX = halloc(nX * sizeof(float));
+    float *dw1 = hdup(dw1_0, nw1 * sizeof(float)), *db1 = hdup(db1_0, nb1 * sizeof(float));
+    float *dw2 = hdup(dw2_0, nw2 * sizeof(float)), *db2 = hdup(db2_0, nb2 * sizeof(float));
+    cpu->ffn_fwd(cpu, kind, X, w1, with_bias ? b1 : NULL, w2, with_bias ? b2 : NULL, H, A, Y, batch, C, d, n);
+    cpu->ffn_bwd(cpu, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, with_bias ? db1 : NULL, dw2,
+                 with_bias ? db2 : NULL, batch, C, d, n);
+
+    float *gX = up(g, X, nX * sizeof(float)), *gw1 = up(g, w1, nw1 * sizeof(float));
+    float *gw2 = up(g, w2, nw2 * sizeof(float)), *gb1 = up(g, b1, nb1 * sizeof(float));
+    float *gb2 = up(g, b2, nb2 * sizeof(float)), *gdY = up(g, dY, nX * sizeof(float));
+    float *got_Y[2], *got_dX[2], *got_dw1[2], *got_db1[2], *got_dw2[2], *got_db2[2];
+    char op[160];
+    snprintf(op, sizeof op, "%s(%s%s,batch=%d,C=%d,d=%d,n=%d)", tag,
+             kind == MOE_ACT_GELU ? "gelu" : kind == MOE_ACT_SILU ? "silu" : "swiglu", with_bias ? ",bias" : "",
+             batch, C, d, n);
+    for (int r = 0; r < 2; ++r) {
+        float *gH = dpoison(g, nH * sizeof(float), POISON_F32), *gA = dpoison(g, nA * sizeof(float), POISON_F32);
+        float *gY = dpoison(g, nX * sizeof(float), POISON_F32), *gdX = dpoison(g, nX * sizeof(float), POISON_F32);
+        float *gdA = dpoison(g, nA * sizeof(float), POISON_F32), *gdH = dpoison(g, nH * sizeof(float), POISON_F32);
+        float *gdw1 = up(g, dw1_0, nw1 * sizeof(float)), *gdb1 = up(g, db1_0, nb1 * sizeof(float));
+        float *gdw2 = up(g, dw2_0, nw2 * sizeof(float)), *gdb2 = up(g, db2_0, nb2 * sizeof(float));
+        g->ffn_fwd(g, kind, gX, gw1, with_bias ? gb1 : NULL, gw2, with_bias ? gb2 : NULL, gH, gA, gY, batch, C, d, n);
+        g->ffn_bwd(g, kind, gX, gw1, gw2, gH, gA, gdY, gdA, gdH, gdX, gdw1, with_bias ? gdb1 : NULL, gdw2,
+                   with_bias ? gdb2 : NULL, batch, C, d, n);
+        if (!gpu_ok(g, op)) return;
+        got_Y[r] = down(g, gY, nX * sizeof(float)), got_dX[r] = down(g, gdX, nX * sizeof(float));
+        got_dw1[r] = down(g, gdw1, nw1 * sizeof(float)), got_db1[r] = down(g, gdb1, nb1 * sizeof(float));
+        got_dw2[r] = down(g, gdw2, nw2 * sizeof(float)), got_db2[r] = down(g, gdb2, nb2 * sizeof(float));
+    }
+    const struct {
+        const char *name;
+        float **got;
+        const float *want;
+        size_t n;
+    } outs[] = {{"Y", got_Y, Y, nX},       {"dX", got_dX, dX, nX},     {"dw1", got_dw1, dw1, nw1},
+                {"db1", got_db1, db1, nb1}, {"dw2", got_dw2, dw2, nw2}, {"db2", got_db2, db2, nb2}};
+    for (size_t i = 0; i < sizeof outs / sizeof outs[0]; ++i) {
+        char name[200];
+        snprintf(name, sizeof name, "%s.%s", op, outs[i].name);
+        check_f32(name, outs[i].got, outs[i].want, outs[i].n, tol);
+    }
+    free_all(); /* eight cases in one test: keep within the buffer slots */
+}
+
+static void test_ffn(const cfg *c) {
+    const int T = T_of(c), E = c->E, C = (int)ceil(1.25 * T * c->K / E);
+    for (int kind = 0; kind < 3; ++kind) {
+        const int with_bias = kind != MOE_ACT_SILU;
+        test_ffn_case(gpu, "ffn", (moe_act_kind)kind, with_bias, E, C, c->d, c->hidden, TOL_MM);
+        test_ffn_case(gpu16, "ffn_bf16", (moe_act_kind)kind, with_bias, E, C, c->d, c->hidden, TOL_BF16);
+    }
+    /* odd sizes: no vector path, no 16-byte alignment of rows */
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 3, 37, 19, 23, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 2, 5, 7, 9, TOL_BF16);
+}
+
 static void test_bias(const cfg *c) {
     const int T = T_of(c), N = 3 * c->d;
     const size_t n = (size_t)T * N;
@@ -669,7 +806,16 @@ static void test_rope(const cfg *c) {
     check_f32("rope_bwd.dqkv", got_b, want_b, n, TOL_EW);
 }
 
-static void attention_case(int B, int S, int H, int hd) {
+/* One shape on backend g (gpu: fp32; gpu16: bf16 mode, whose attention
+ * runs its six products on tensor cores), outputs named <tag>_fwd.out etc.
+ *
+ * bf16 tolerance: only the MMA operands (q, k, v, dout, and the P and dS
+ * tiles) are rounded to bf16, each by at most 2^-8 relative, about 2.3e-3
+ * rms; a product of two rounded operands summed in fp32 is then off by about
+ * 3e-3 norm-wise. A double-precision simulation of exactly this rounding, at
+ * S = 65..333 and hd = 33..96 on these inputs, gives out 2.2e-3, probs
+ * 6e-4, dqkv 2.5e-3; TOL_BF16 (1e-2) leaves a margin of 3 or more. */
+static void attention_case(moe_backend *g, const char *tag, double tol, int B, int S, int H, int hd) {
     const size_t n_qkv = (size_t)B * S * 3 * H * hd, n_out = (size_t)B * S * H * hd;
     const size_t n_p = (size_t)B * H * S * S;
     float *qkv = hrand(n_qkv, -1, 1), *dout = hrand(n_out, -1, 1);
@@ -678,33 +824,44 @@ static void attention_case(int B, int S, int H, int hd) {
     cpu->attention_fwd(cpu, qkv, want_out, want_p, B, S, H, hd);
     cpu->attention_bwd(cpu, qkv, want_p, dout, want_dqkv, B, S, H, hd);
 
-    float *d_qkv = up(gpu, qkv, n_qkv * sizeof(float)), *d_dout = up(gpu, dout, n_out * sizeof(float));
-    float *d_p_in = up(gpu, want_p, n_p * sizeof(float)); /* the backward alone, on the CPU's probs */
+    float *d_qkv = up(g, qkv, n_qkv * sizeof(float)), *d_dout = up(g, dout, n_out * sizeof(float));
+    float *d_p_in = up(g, want_p, n_p * sizeof(float)); /* the backward alone, on the CPU's probs */
     float *got_out[2], *got_p[2], *got_dqkv[2];
     for (int r = 0; r < 2; ++r) {
-        float *d_out = dpoison(gpu, n_out * sizeof(float), POISON_F32);
-        float *d_p = dpoison(gpu, n_p * sizeof(float), POISON_F32);
-        float *d_dqkv = dpoison(gpu, n_qkv * sizeof(float), POISON_F32);
-        gpu->attention_fwd(gpu, d_qkv, d_out, d_p, B, S, H, hd);
-        gpu->attention_bwd(gpu, d_qkv, d_p_in, d_dout, d_dqkv, B, S, H, hd);
-        if (!gpu_ok(gpu, "attention")) return;
-        got_out[r] = down(gpu, d_out, n_out * sizeof(float));
-        got_p[r] = down(gpu, d_p, n_p * sizeof(float));
-        got_dqkv[r] = down(gpu, d_dqkv, n_qkv * sizeof(float));
+        float *d_out = dpoison(g, n_out * sizeof(float), POISON_F32);
+        float *d_p = dpoison(g, n_p * sizeof(float), POISON_F32);
+        float *d_dqkv = dpoison(g, n_qkv * sizeof(float), POISON_F32);
+        g->attention_fwd(g, d_qkv, d_out, d_p, B, S, H, hd);
+        g->attention_bwd(g, d_qkv, d_p_in, d_dout, d_dqkv, B, S, H, hd);
+        if (!gpu_ok(g, tag)) return;
+        got_out[r] = down(g, d_out, n_out * sizeof(float));
+        got_p[r] = down(g, d_p, n_p * sizeof(float));
+        got_dqkv[r] = down(g, d_dqkv, n_qkv * sizeof(float));
     }
-    check_f32("attention_fwd.out", got_out, want_out, n_out, TOL_MM);
-    check_f32("attention_fwd.probs", got_p, want_p, n_p, TOL_MM);
-    check_f32("attention_bwd.dqkv", got_dqkv, want_dqkv, n_qkv, TOL_MM);
+    char op[96];
+    snprintf(op, sizeof op, "%s_fwd.out", tag);
+    check_f32(op, got_out, want_out, n_out, tol);
+    snprintf(op, sizeof op, "%s_fwd.probs", tag);
+    check_f32(op, got_p, want_p, n_p, tol);
+    snprintf(op, sizeof op, "%s_bwd.dqkv", tag);
+    check_f32(op, got_dqkv, want_dqkv, n_qkv, tol);
 }
 
 static void test_attention(const cfg *c) {
-    attention_case(c->B, c->S, c->H, c->d / c->H);
-    if (c != cfgs_first) return;
     /* shapes the tiled kernels treat specially: two 64-column halves of a
-     * head (hd > 64), partial tiles, long rows, and the hd > 128 fallback */
-    static const int shapes[][4] = {{2, 512, 2, 128}, {1, 130, 3, 96}, {2, 65, 1, 33}, {1, 70, 1, 136}};
-    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; ++k) {
-        attention_case(shapes[k][0], shapes[k][1], shapes[k][2], shapes[k][3]);
+     * head (hd > 64), partial tiles (S odd, even but not a multiple of 4,
+     * a multiple of 4 but not of 16), hd not a multiple of 16 (padded in
+     * the bf16 kernels), long rows, and the hd > 128 fallback */
+    static const int shapes[][4] = {{2, 512, 2, 128}, {1, 130, 3, 96}, {2, 65, 1, 33}, {1, 100, 2, 16},
+                                    {1, 70, 1, 136}};
+    const size_t n_extra = c == cfgs_first ? sizeof shapes / sizeof shapes[0] : 0;
+    for (size_t k = 0; k <= n_extra; ++k) {
+        const int B = k ? shapes[k - 1][0] : c->B, S = k ? shapes[k - 1][1] : c->S;
+        const int H = k ? shapes[k - 1][2] : c->H, hd = k ? shapes[k - 1][3] : c->d / c->H;
+        attention_case(gpu, "attention", TOL_MM, B, S, H, hd);
+        free_all();
+        if (need_reset) return;
+        attention_case(gpu16, "attention_bf16", TOL_BF16, B, S, H, hd);
         free_all();
         if (need_reset) return;
     }
@@ -1459,7 +1616,7 @@ int main(void) {
         {"T1", 1, 1, 40, 2, 4, 2, 5, 24},
     };
     static const op_test tests[] = {
-        test_gemm, test_gemm_batched, test_bias, test_bias_batched, test_vector_ops, test_embed,
+        test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
         test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes,

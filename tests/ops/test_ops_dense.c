@@ -38,7 +38,7 @@ static void test_table_and_memory(moe_backend *be) {
     CHECK(be->device == MOE_DEVICE_CPU);
 #define CHECK_OP(f) CHECK_MSG(be->f != NULL, "%s is NULL", #f)
     CHECK_OP(alloc); CHECK_OP(free); CHECK_OP(to_host); CHECK_OP(from_host); CHECK_OP(copy);
-    CHECK_OP(zero); CHECK_OP(sync); CHECK_OP(gemm); CHECK_OP(gemm_strided_batched);
+    CHECK_OP(zero); CHECK_OP(sync); CHECK_OP(gemm); CHECK_OP(gemm_strided_batched); CHECK_OP(gemm_bias);
     CHECK_OP(add_bias); CHECK_OP(bias_grad); CHECK_OP(add_bias_batched);
     CHECK_OP(bias_grad_batched); CHECK_OP(axpy); CHECK_OP(scale); CHECK_OP(sumsq);
     CHECK_OP(embed_fwd); CHECK_OP(embed_bwd); CHECK_OP(layernorm_fwd); CHECK_OP(layernorm_bwd);
@@ -173,6 +173,53 @@ static void test_gemm_batched(moe_backend *be) {
             CHECK_MSG(gap_ok, "%s: wrote into the gap between entries", what);
         }
         free(A), free(B), free(C0), free(C), free(ref);
+    }
+}
+
+/* gemm_bias against a double-precision triple loop (with transposes, gaps
+ * between products, padded rows, a bias per product or one for all, none),
+ * the gaps and padding of C untouched; and with packed rows bitwise equal to
+ * gemm_strided_batched followed by add_bias_batched, as backend.h says. */
+static void test_gemm_bias(moe_backend *be) {
+    const struct { int ta, tb, M, N, K, batch, gap, pad, bias_mode; } cases[] = {
+        {0, 0, 9, 7, 5, 3, 0, 0, 1}, {1, 0, 6, 11, 4, 2, 3, 0, 1}, {0, 1, 5, 8, 13, 4, 1, 2, 2},
+        {1, 1, 7, 3, 6, 1, 0, 1, 1}, {0, 0, 12, 10, 3, 2, 2, 0, 0}, {0, 0, 4, 5, 0, 2, 1, 0, 1}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ++ci) {
+        const int ta = cases[ci].ta, tb = cases[ci].tb, M = cases[ci].M, N = cases[ci].N, K = cases[ci].K;
+        const int batch = cases[ci].batch, gap = cases[ci].gap, pad = cases[ci].pad, bm = cases[ci].bias_mode;
+        const int a_rows = ta ? K : M, a_cols = ta ? M : K, lda = a_cols + pad;
+        const int b_rows = tb ? N : K, b_cols = tb ? K : N, ldb = b_cols + pad, ldc = N + pad;
+        const long long sA = (long long)a_rows * lda + gap, sB = (long long)b_rows * ldb + gap;
+        const long long sC = (long long)M * ldc + gap, sbias = bm == 1 ? N + gap : 0;
+        const size_t nA = (size_t)sA * batch, nB = (size_t)sB * batch, nC = (size_t)sC * batch;
+        const size_t nbias = bm == 1 ? (size_t)sbias * batch : (size_t)N;
+        float *A = randv(nA, -1, 1), *B = randv(nB, -1, 1), *C0 = randv(nC, -1, 1), *bias = randv(nbias, -1, 1);
+        float *C = malloc(nC * sizeof *C);
+        double *ref = malloc(nC * sizeof *ref);
+        memcpy(C, C0, nC * sizeof *C);
+        for (size_t i = 0; i < nC; ++i) ref[i] = C0[i];
+        for (int e = 0; e < batch; ++e)
+            for (int m = 0; m < M; ++m)
+                for (int n = 0; n < N; ++n) {
+                    double acc = bm ? bias[e * sbias + n] : 0.0;
+                    for (int k = 0; k < K; ++k) {
+                        double a = ta ? A[e * sA + (long long)k * lda + m] : A[e * sA + (long long)m * lda + k];
+                        double b = tb ? B[e * sB + (long long)n * ldb + k] : B[e * sB + (long long)k * ldb + n];
+                        acc += a * b;
+                    }
+                    ref[e * sC + (long long)m * ldc + n] = acc;
+                }
+        be->gemm_bias(be, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bm ? bias : NULL, sbias, C, ldc, sC, batch);
+        CHECK_MSG(max_err(C, ref, nC) < 1e-5, "gemm_bias vs double loop (case %zu): %g", ci, max_err(C, ref, nC));
+        if (pad == 0 && bm) {
+            float *C2 = malloc(nC * sizeof *C2);
+            memcpy(C2, C0, nC * sizeof *C2);
+            be->gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, sA, B, ldb, sB, 0.0f, C2, ldc, sC, batch);
+            be->add_bias_batched(be, C2, bias, batch, M, N, sC, sbias);
+            CHECK_MSG(memcmp(C, C2, nC * sizeof *C) == 0, "gemm_bias != gemm + add_bias_batched (case %zu)", ci);
+            free(C2);
+        }
+        free(A), free(B), free(C0), free(bias), free(C), free(ref);
     }
 }
 
@@ -573,6 +620,7 @@ int main(void) {
     test_table_and_memory(be);
     test_gemm(be);
     test_gemm_batched(be);
+    test_gemm_bias(be);
     test_bias_and_vector_ops(be);
     test_bias_batched(be);
     test_embedding(be);

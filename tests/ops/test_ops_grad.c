@@ -312,6 +312,59 @@ static void test_bias_grad(void) {
     free(prior), free(c.y0), free(c.y), free(c.b), free(c.dy);
 }
 
+/* The experts' MLP: L = <dY, ffn_fwd(X, w1, b1, w2, b2)> over `batch`
+ * experts, for each activation; ffn_bwd's dX, and what it adds to dw1,
+ * db1, dw2, db2, against central differences. */
+typedef struct {
+    moe_act_kind kind;
+    int batch, C, d, n, hin;
+    float *X, *w1, *b1, *w2, *b2, *H, *A, *Y, *dY;
+} ffn_ctx;
+
+static double ffn_loss(void *p) {
+    ffn_ctx *c = p;
+    be->ffn_fwd(be, c->kind, c->X, c->w1, c->b1, c->w2, c->b2, c->H, c->A, c->Y, c->batch, c->C, c->d, c->n);
+    return dot(c->dY, c->Y, (size_t)c->batch * c->C * c->d);
+}
+
+static void test_ffn_grads(void) {
+    static const char *names[] = {"ffn gelu", "ffn silu", "ffn swiglu"};
+    for (int kind = 0; kind < 3; ++kind) {
+        ffn_ctx c = {.kind = (moe_act_kind)kind, .batch = 3, .C = 5, .d = 6, .n = 7};
+        c.hin = kind == MOE_ACT_SWIGLU ? 2 * c.n : c.n;
+        const size_t nX = (size_t)c.batch * c.C * c.d, nw1 = (size_t)c.batch * c.d * c.hin;
+        const size_t nw2 = (size_t)c.batch * c.n * c.d, nb1 = (size_t)c.batch * c.hin, nb2 = (size_t)c.batch * c.d;
+        const size_t nH = (size_t)c.batch * c.C * c.hin, nA = (size_t)c.batch * c.C * c.n;
+        c.X = randv(nX, -1, 1), c.w1 = randv(nw1, -0.7f, 0.7f), c.b1 = randv(nb1, -0.5f, 0.5f);
+        c.w2 = randv(nw2, -0.7f, 0.7f), c.b2 = randv(nb2, -0.5f, 0.5f), c.dY = randv(nX, -1, 1);
+        c.H = malloc(nH * sizeof(float)), c.A = malloc(nA * sizeof(float)), c.Y = malloc(nX * sizeof(float));
+        float *dA = malloc(nA * sizeof(float)), *dH = malloc(nH * sizeof(float)), *dX = malloc(nX * sizeof(float));
+        float *dw1 = malloc(nw1 * sizeof(float)), *db1 = malloc(nb1 * sizeof(float));
+        float *dw2 = malloc(nw2 * sizeof(float)), *db2 = malloc(nb2 * sizeof(float));
+        float *p1 = random_prior(dw1, nw1), *p2 = random_prior(db1, nb1);
+        float *p3 = random_prior(dw2, nw2), *p4 = random_prior(db2, nb2);
+        ffn_loss(&c); /* the forward ffn_bwd reads */
+        be->ffn_bwd(be, c.kind, c.X, c.w1, c.w2, c.H, c.A, c.dY, dA, dH, dX, dw1, db1, dw2, db2, c.batch, c.C, c.d,
+                    c.n);
+        subtract_prior(dw1, p1, nw1), subtract_prior(db1, p2, nb1);
+        subtract_prior(dw2, p3, nw2), subtract_prior(db2, p4, nb2);
+        char what[64];
+        snprintf(what, sizeof what, "%s dX", names[kind]);
+        check_grad(what, ffn_loss, &c, c.X, dX, nX);
+        snprintf(what, sizeof what, "%s dw1", names[kind]);
+        check_grad(what, ffn_loss, &c, c.w1, dw1, nw1);
+        snprintf(what, sizeof what, "%s db1", names[kind]);
+        check_grad(what, ffn_loss, &c, c.b1, db1, nb1);
+        snprintf(what, sizeof what, "%s dw2", names[kind]);
+        check_grad(what, ffn_loss, &c, c.w2, dw2, nw2);
+        snprintf(what, sizeof what, "%s db2", names[kind]);
+        check_grad(what, ffn_loss, &c, c.b2, db2, nb2);
+        free(c.X), free(c.w1), free(c.b1), free(c.w2), free(c.b2), free(c.dY), free(c.H), free(c.A), free(c.Y);
+        free(dA), free(dH), free(dX), free(dw1), free(db1), free(dw2), free(db2);
+        free(p1), free(p2), free(p3), free(p4);
+    }
+}
+
 typedef struct {
     size_t n;
     float p;
@@ -510,6 +563,7 @@ int main(void) {
     test_embed_grad();
     test_xent_grad();
     test_bias_grad();
+    test_ffn_grads();
     test_dropout_grad();
     test_combine_weights_grad();
     test_combine_grad();

@@ -81,6 +81,9 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->add_bias = cpu_add_bias;
     be->bias_grad = cpu_bias_grad;
     be->add_bias_batched = cpu_add_bias_batched;
+    be->gemm_bias = cpu_gemm_bias;
+    be->ffn_fwd = moe_ffn_fwd_reference;
+    be->ffn_bwd = moe_ffn_bwd_reference;
     be->bias_grad_batched = cpu_bias_grad_batched;
 
     be->axpy = cpu_axpy;

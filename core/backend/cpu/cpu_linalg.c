@@ -57,6 +57,24 @@ void cpu_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N) {
     }
 }
 
+/* The product, then every element gets the single addition of
+ * cpu_add_bias_batched (bitwise that pair of calls when ldc == N). */
+void cpu_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
+                   long long strideA, const float *B, int ldb, long long strideB, const float *bias,
+                   long long stride_bias, float *C, int ldc, long long strideC, int batch) {
+    cpu_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,
+                             strideC, batch);
+    if (!bias || batch <= 0 || M <= 0 || N <= 0) return;
+    long long rows = (long long)batch * M;
+#pragma omp parallel for schedule(static)
+    for (long long r = 0; r < rows; ++r) {
+        long long e = r / M, m = r % M;
+        float *row = C + e * strideC + m * (long long)ldc;
+        const float *b = bias + e * stride_bias;
+        for (int j = 0; j < N; ++j) row[j] += b[j];
+    }
+}
+
 /* The per-expert forms: entry e of the batch is y + e*stride_y ([T,N]) and
  * b + e*stride_b ([N]). Every element sees the same single addition as in
  * cpu_add_bias, and every db[e*stride_db + j] is summed by one thread over

@@ -203,6 +203,7 @@ static void release(moe_backend *be) {
     cuda_impl *st = cuda_state(be);
     if (st) {
         if (st->stream) cudaStreamSynchronize(st->stream);
+        cuda_lt_release(st);
         if (st->cublas) cublasDestroy(st->cublas);
         if (st->scratch) cudaFree(st->scratch);
         if (st->d_flags) cudaFree(st->d_flags);
@@ -288,6 +289,15 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
      * fp32 rounding; the bf16 path asks for its types explicitly. */
     if ((cs = cublasSetMathMode(st->cublas, CUBLAS_DEFAULT_MATH)) != CUBLAS_STATUS_SUCCESS)
         CREATE_FAIL("cublasSetMathMode: %s", cublasGetStatusString(cs));
+    if ((cs = cublasLtCreate(&st->lt)) != CUBLAS_STATUS_SUCCESS) {
+        st->lt = NULL;
+        CREATE_FAIL("cublasLtCreate: %s", cublasGetStatusString(cs));
+    }
+    st->lt_workspace_bytes = (size_t)32 << 20;
+    if ((e = cudaMalloc(&st->lt_workspace, st->lt_workspace_bytes)) != cudaSuccess) {
+        st->lt_workspace = NULL;
+        CREATE_FAIL("cudaMalloc (cuBLASLt workspace): %s", cudaGetErrorString(e));
+    }
     if ((e = cudaMalloc(&st->d_flags, sizeof(int))) != cudaSuccess) {
         st->d_flags = NULL;
         CREATE_FAIL("cudaMalloc (error flags): %s", cudaGetErrorString(e));
@@ -333,6 +343,9 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
 
     be->gemm = cuda_gemm;
     be->gemm_strided_batched = cuda_gemm_strided_batched;
+    be->gemm_bias = cuda_gemm_bias;
+    be->ffn_fwd = cuda_ffn_fwd;
+    be->ffn_bwd = cuda_ffn_bwd;
     be->add_bias = cuda_add_bias;
     be->bias_grad = cuda_bias_grad;
     be->add_bias_batched = cuda_add_bias_batched;

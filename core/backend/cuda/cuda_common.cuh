@@ -27,6 +27,8 @@
 #ifndef MOE_CUDA_COMMON_CUH
 #define MOE_CUDA_COMMON_CUH
 
+#include <cublasLt.h>
+#include <cuda_bf16.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -53,10 +55,20 @@ enum {
     CUDA_FLAG_TARGET = 4,    /* cross-entropy target >= V */
 };
 
+/* A cuBLASLt matmul set up once per shape (cuda_linalg.cu). */
+struct cuda_lt_plan;
+
 struct cuda_impl {
     cudaStream_t stream;
     cublasHandle_t cublas;
     moe_precision precision;
+    /* cuBLASLt for the GEMMs with a bias epilogue: its handle, a workspace
+     * of its own, and the plans made so far (searched by shape). */
+    cublasLtHandle_t lt;
+    void *lt_workspace;
+    size_t lt_workspace_bytes;
+    cuda_lt_plan *lt_plans;
+    int lt_nplans, lt_cap;
     /* One scratch allocation shared by all ops (bf16 GEMM operands, sort
      * buffers, reduction partials), grown on demand. An op takes it once,
      * lays out everything it needs inside, and never holds a pointer into
@@ -265,6 +277,34 @@ double cuda_measure_gemm_tflops(moe_backend *be);
 /* cuda_linalg.cu */
 void cuda_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const float *A,
                int lda, const float *B, int ldb, float beta, float *C, int ldc);
+void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
+                    long long strideA, const float *B, int ldb, long long strideB, const float *bias,
+                    long long stride_bias, float *C, int ldc, long long strideC, int batch);
+/* Rounds `batch` matrices of rows x cols (leading dimension ld, `stride`
+ * apart; stride 0: one matrix) to bf16, packed into dst as [batch][rows]
+ * [cols], or as [batch][cols][rows] with transpose. */
+void cuda_round_bf16(moe_backend *be, const float *src, long long ld, long long stride, int rows, int cols,
+                     int batch, __nv_bfloat16 *dst, bool transpose);
+/* C = op(A) op(B) (+ bias[e*sbias + n] on every row of product e, when
+ * bias != NULL) + beta C for bf16 operands, fp32 accumulation and C: the
+ * gemm_bias of bf16 mode for operands already rounded. */
+void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int K, const __nv_bfloat16 *A,
+                             int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB,
+                             const float *bias, long long sbias, float beta, float *C, int ldc, long long sC,
+                             int batch);
+/* Pass 2 of a batched column sum (cuda_linalg.cu): column j of `cols`
+ * adds its chunk partials, in chunk order, to out[(j / N) * stride_out +
+ * j % N]. */
+__global__ void colsum_finish_batched_kernel(const float *partial, int nchunks, int N, int cols, float *out,
+                                             long long stride_out);
+void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
+                  const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
+                  int n);
+void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
+                  const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX, float *dw1,
+                  float *db1, float *dw2, float *db2, int batch, int C, int d, int n);
+/* Releases the cuBLASLt plans (backend destruction). */
+void cuda_lt_release(cuda_impl *st);
 void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
                                const float *A, int lda, long long strideA, const float *B, int ldb,
                                long long strideB, float beta, float *C, int ldc, long long strideC,

@@ -61,8 +61,32 @@ __global__ void iota_kernel(int32_t *v, int n) {
 
 /* One block per sorted position; the block at the start of a run of equal
  * ids adds the run's gradient rows, in token order, into the id's row. */
-__global__ void embed_bwd_tok_kernel(const int32_t *sorted_ids, const int32_t *sorted_pos,
-                                     const float *dout, float *dwte, int n, int d, int *flags) {
+/* The token gradient sums rows of dout over the tokens of each id. With a
+ * small vocabulary a run of equal ids is thousands of tokens long, so one
+ * block per run would add them one by one: instead the sorted tokens are cut
+ * into chunks of EMBED_CHUNK, each chunk sums its part of every run it
+ * touches (in sorted order, into partial[] at the part's last index), and
+ * one block per run then adds its parts in chunk order. Fixed order, no
+ * atomics: the result repeats bit for bit. */
+constexpr int EMBED_CHUNK = 32;
+
+__global__ void embed_bwd_chunk_kernel(const int32_t *sorted_ids, const int32_t *sorted_pos,
+                                       const float *dout, float *partial, int n, int d) {
+    const int r0 = blockIdx.x * EMBED_CHUNK, r1 = min(n, r0 + EMBED_CHUNK);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int r = r0; r < r1; ++r) {
+            acc += dout[(size_t)sorted_pos[r] * d + i];
+            if (r + 1 == r1 || sorted_ids[r + 1] != sorted_ids[r]) {
+                partial[(size_t)r * d + i] = acc;
+                acc = 0.0f;
+            }
+        }
+    }
+}
+
+__global__ void embed_bwd_tok_kernel(const int32_t *sorted_ids, const float *partial, float *dwte, int n,
+                                     int d, int *flags) {
     const int first = blockIdx.x;
     const int32_t id = sorted_ids[first];
     if (first > 0 && sorted_ids[first - 1] == id) return; /* not the start of a run */
@@ -70,13 +94,24 @@ __global__ void embed_bwd_tok_kernel(const int32_t *sorted_ids, const int32_t *s
         if (threadIdx.x == 0) cuda_flag(flags, CUDA_FLAG_TOKEN_ID);
         return;
     }
-    int end = first + 1;
-    while (end < n && sorted_ids[end] == id) ++end;
+    /* the run's end: the first index past it, by binary search (a run may
+     * be thousands of tokens long) */
+    int lo = first + 1, hi = n;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (sorted_ids[mid] == id) lo = mid + 1;
+        else hi = mid;
+    }
+    const int end = lo;
     float *row = dwte + (size_t)id * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = row[i];
-        for (int r = first; r < end; ++r) acc += dout[(size_t)sorted_pos[r] * d + i];
-        row[i] = acc;
+        float acc = 0.0f;
+        /* the run's part in each chunk ends at the chunk's end or the run's */
+        for (int c = first / EMBED_CHUNK; c * EMBED_CHUNK < end; ++c) {
+            const int last = min(end, (c + 1) * EMBED_CHUNK) - 1;
+            acc += partial[(size_t)last * d + i];
+        }
+        row[i] += acc;
     }
 }
 
@@ -102,6 +137,7 @@ void cuda_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, floa
     const size_t sids_off = lay.add((size_t)n * sizeof(int32_t));
     const size_t spos_off = lay.add((size_t)n * sizeof(int32_t));
     const size_t tmp_off = lay.add(sort_bytes);
+    const size_t part_off = lay.add((size_t)n * d * sizeof(float));
     char *base = cuda_scratch(be, lay.total);
     if (!base) return;
     int32_t *pos = (int32_t *)(base + pos_off);
@@ -113,8 +149,11 @@ void cuda_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, floa
     CUDA_CHECK(be, cub::DeviceRadixSort::SortPairs(base + tmp_off, sort_bytes, ids, sorted_ids, pos,
                                                    sorted_pos, n, 0, 32, st));
     KERNEL_CHECK(be, "cub::DeviceRadixSort::SortPairs (embed_bwd)");
-    embed_bwd_tok_kernel<<<(unsigned)n, CUDA_THREADS, 0, st>>>(sorted_ids, sorted_pos, dout, dwte, n, d,
-                                                               flags);
+    float *partial = (float *)(base + part_off);
+    const unsigned nchunks = (unsigned)((n + EMBED_CHUNK - 1) / EMBED_CHUNK);
+    embed_bwd_chunk_kernel<<<nchunks, CUDA_THREADS, 0, st>>>(sorted_ids, sorted_pos, dout, partial, n, d);
+    KERNEL_CHECK(be, "embed_bwd_chunk_kernel");
+    embed_bwd_tok_kernel<<<(unsigned)n, CUDA_THREADS, 0, st>>>(sorted_ids, partial, dwte, n, d, flags);
     KERNEL_CHECK(be, "embed_bwd_tok_kernel");
 }
 

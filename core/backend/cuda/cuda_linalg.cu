@@ -18,17 +18,65 @@ static cublasOperation_t cublas_op(int t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N
 /* GEMM                                                                */
 /* ------------------------------------------------------------------ */
 
-/* dst[b][r][c] = bf16(src[b*stride + r*ld + c]): each matrix of the batch
- * packed densely (ld = cols), so the GEMM reads no padding and a stride of
- * 0 (one matrix shared by the batch) needs no special case. */
-__global__ void to_bf16_kernel(const float *src, long long ld, long long stride, int rows, int cols,
-                               int batch, __nv_bfloat16 *dst) {
-    const size_t per_matrix = (size_t)rows * cols;
-    GRID_STRIDE_LOOP(i, per_matrix * batch) {
-        size_t b = i / per_matrix, rc = i % per_matrix;
-        size_t r = rc / cols, c = rc % cols;
-        dst[i] = __float2bfloat16_rn(src[(long long)b * stride + (long long)r * ld + (long long)c]);
+/* Operand conversion for the bf16 GEMMs: dst[b][r][c] = bf16(src[b*stride +
+ * r*ld + c]), each matrix of the batch packed densely (ld = cols) so the
+ * GEMM reads no padding. These passes move as many bytes as the GEMMs
+ * themselves at the model's shapes, so they run at copy speed: 16-byte
+ * loads where the layout allows, and no 64-bit division per element. */
+
+/* A dense source (ld == cols, matrices back to back), n4 groups of 4. */
+__global__ void to_bf16_dense_kernel(const float4 *src, uint2 *dst, size_t n4) {
+    GRID_STRIDE_LOOP(i, n4) {
+        const float4 v = src[i];
+        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+        uint2 packed;
+        packed.x = *reinterpret_cast<unsigned *>(&lo);
+        packed.y = *reinterpret_cast<unsigned *>(&hi);
+        dst[i] = packed;
     }
+}
+
+/* Any layout: one row per block step (the division is per row). With vec4,
+ * cols, ld and the batch stride are multiples of 4 and src is 16-byte
+ * aligned. */
+template <bool vec4>
+__global__ void to_bf16_rows_kernel(const float *src, long long ld, long long stride, int rows, int cols,
+                                    long long nrows, __nv_bfloat16 *dst) {
+    for (long long row = blockIdx.x; row < nrows; row += gridDim.x) {
+        const long long b = row / rows, r = row - b * rows;
+        const float *s = src + b * stride + r * ld;
+        __nv_bfloat16 *d = dst + row * cols;
+        if (vec4) {
+            for (int c = threadIdx.x * 4; c < cols; c += blockDim.x * 4) {
+                const float4 v = *reinterpret_cast<const float4 *>(s + c);
+                *reinterpret_cast<__nv_bfloat162 *>(d + c) = __floats2bfloat162_rn(v.x, v.y);
+                *reinterpret_cast<__nv_bfloat162 *>(d + c + 2) = __floats2bfloat162_rn(v.z, v.w);
+            }
+        } else {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = __float2bfloat16_rn(s[c]);
+        }
+    }
+}
+
+static void to_bf16(moe_backend *be, const float *src, long long ld, long long stride, int rows, int cols,
+                    int batch, __nv_bfloat16 *dst, const char *what) {
+    const size_t n = (size_t)rows * cols * batch;
+    const bool aligned = ((uintptr_t)src % 16) == 0;
+    const bool dense = ld == cols && (batch == 1 || stride == (long long)rows * cols);
+    cudaStream_t s = cuda_stream(be);
+    if (dense && aligned && n % 4 == 0) {
+        to_bf16_dense_kernel<<<cuda_blocks(n / 4), CUDA_THREADS, 0, s>>>((const float4 *)src, (uint2 *)dst,
+                                                                         n / 4);
+    } else {
+        const long long nrows = (long long)rows * batch;
+        const unsigned blocks = (unsigned)(nrows < 65536 ? nrows : 65536);
+        const int threads = cols >= 512 ? 256 : (cols >= 128 ? 128 : 64);
+        if (aligned && cols % 4 == 0 && ld % 4 == 0 && stride % 4 == 0)
+            to_bf16_rows_kernel<true><<<blocks, threads, 0, s>>>(src, ld, stride, rows, cols, nrows, dst);
+        else
+            to_bf16_rows_kernel<false><<<blocks, threads, 0, s>>>(src, ld, stride, rows, cols, nrows, dst);
+    }
+    KERNEL_CHECK(be, what);
 }
 
 /* fp32: cuBLAS sgemm in pure fp32 (CUBLAS_DEFAULT_MATH, set at creation). */
@@ -47,38 +95,90 @@ static void gemm_fp32(moe_backend *be, int ta, int tb, int M, int N, int K, floa
     }
 }
 
-/* bf16: A and B rounded to bf16 into the scratch buffer, products
- * accumulated in fp32 into the fp32 C (so beta != 0 keeps full precision). */
+/* dst[b][c][r] = bf16(src[b*stride + r*ld + c]): the transpose, packed
+ * ([cols][rows] per matrix), through a shared-memory tile so that both the
+ * reads and the writes are coalesced. Block (32, 8), grid (cols/32,
+ * rows/32, batch). */
+__global__ void to_bf16_transposed_kernel(const float *src, long long ld, long long stride, int rows, int cols,
+                                          __nv_bfloat16 *dst) {
+    __shared__ float tile[32][33]; /* +1: no bank conflicts on the transposed read */
+    const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
+    const float *s = src + (long long)blockIdx.z * stride;
+    __nv_bfloat16 *d = dst + (long long)blockIdx.z * rows * cols;
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[i][threadIdx.x] = s[(long long)r * ld + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        const int c = c0 + i, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) d[(long long)c * rows + r] = __float2bfloat16_rn(tile[threadIdx.x][i]);
+    }
+}
+
+void cuda_round_bf16(moe_backend *be, const float *src, long long ld, long long stride, int rows, int cols,
+                     int batch, __nv_bfloat16 *dst, bool transpose) {
+    if (rows <= 0 || cols <= 0 || batch <= 0) return;
+    if (!transpose) {
+        to_bf16(be, src, ld, stride, rows, cols, batch, dst, "to_bf16");
+        return;
+    }
+    if (batch > 65535) { /* the transposing kernel's grid z */
+        cuda_record_error(be, __FILE__, __LINE__, "to_bf16 (transposed)", "more than 65535 matrices");
+        return;
+    }
+    const dim3 grid((unsigned)((cols + 31) / 32), (unsigned)((rows + 31) / 32), (unsigned)batch);
+    to_bf16_transposed_kernel<<<grid, dim3(32, 8), 0, cuda_stream(be)>>>(src, ld, stride, rows, cols, dst);
+    KERNEL_CHECK(be, "to_bf16_transposed_kernel");
+}
+
+/* A and B of a bf16 GEMM, rounded into the scratch buffer: packed
+ * (ld = the stored width), an operand shared by the batch (stride 0)
+ * converted once and passed with stride 0 again. A transposed B (tb = 1)
+ * is stored transposed, so cuBLAS gets op(B) as it is (tb = 0): the
+ * rounding pass costs the same either way, and cuBLAS's kernels for that
+ * layout are up to 3x slower at the experts' shapes (docs/perf.md). In
+ * the model every transposed B is a weight matrix. */
+struct bf16_operands {
+    const __nv_bfloat16 *A, *B;
+    int ta, tb, lda, ldb;
+    long long sA, sB;
+};
+
+static bool round_operands(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
+                           long long strideA, const float *B, int ldb, long long strideB, int batch,
+                           bf16_operands *out) {
+    const int a_rows = ta ? K : M, a_cols = ta ? M : K;
+    const int b_rows = tb ? N : K, b_cols = tb ? K : N;
+    const int a_batch = strideA == 0 ? 1 : batch, b_batch = strideB == 0 ? 1 : batch;
+    const long long a_pack = (long long)a_rows * a_cols, b_pack = (long long)b_rows * b_cols;
+    ScratchLayout lay;
+    const size_t a_off = lay.add((size_t)a_pack * a_batch * sizeof(__nv_bfloat16));
+    const size_t b_off = lay.add((size_t)b_pack * b_batch * sizeof(__nv_bfloat16));
+    char *base = cuda_scratch(be, lay.total);
+    if (!base) return false;
+    __nv_bfloat16 *Ah = (__nv_bfloat16 *)(base + a_off), *Bh = (__nv_bfloat16 *)(base + b_off);
+    cuda_round_bf16(be, A, lda, strideA, a_rows, a_cols, a_batch, Ah, false);
+    cuda_round_bf16(be, B, ldb, strideB, b_rows, b_cols, b_batch, Bh, tb != 0);
+    out->A = Ah, out->B = Bh;
+    out->ta = ta, out->tb = 0;
+    out->lda = a_cols, out->ldb = N; /* op(B) is [K, N] */
+    out->sA = strideA == 0 ? 0 : a_pack, out->sB = strideB == 0 ? 0 : b_pack;
+    return true;
+}
+
+/* bf16: A and B rounded to bf16, products accumulated in fp32 into the
+ * fp32 C (so beta != 0 keeps full precision). */
 static void gemm_bf16(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
                       const float *A, int lda, long long strideA, const float *B, int ldb,
                       long long strideB, float beta, float *C, int ldc, long long strideC,
                       int batch) {
-    /* stored (row-major) shapes of A and B */
-    const int a_rows = ta ? K : M, a_cols = ta ? M : K;
-    const int b_rows = tb ? N : K, b_cols = tb ? K : N;
-    const size_t a_elems = (size_t)a_rows * a_cols * batch;
-    const size_t b_elems = (size_t)b_rows * b_cols * batch;
-    ScratchLayout lay;
-    const size_t a_off = lay.add(a_elems * sizeof(__nv_bfloat16));
-    const size_t b_off = lay.add(b_elems * sizeof(__nv_bfloat16));
-    char *base = cuda_scratch(be, lay.total);
-    if (!base) return;
-    __nv_bfloat16 *Ah = (__nv_bfloat16 *)(base + a_off);
-    __nv_bfloat16 *Bh = (__nv_bfloat16 *)(base + b_off);
-    cudaStream_t s = cuda_stream(be);
-
-    to_bf16_kernel<<<cuda_blocks(a_elems), CUDA_THREADS, 0, s>>>(A, lda, strideA, a_rows, a_cols,
-                                                                  batch, Ah);
-    KERNEL_CHECK(be, "to_bf16_kernel (A)");
-    to_bf16_kernel<<<cuda_blocks(b_elems), CUDA_THREADS, 0, s>>>(B, ldb, strideB, b_rows, b_cols,
-                                                                  batch, Bh);
-    KERNEL_CHECK(be, "to_bf16_kernel (B)");
-
-    CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(
-                         cuda_state(be)->cublas, cublas_op(tb), cublas_op(ta), N, M, K, &alpha, Bh,
-                         CUDA_R_16BF, b_cols, (long long)b_rows * b_cols, Ah, CUDA_R_16BF, a_cols,
-                         (long long)a_rows * a_cols, &beta, C, CUDA_R_32F, ldc, strideC, batch,
-                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    bf16_operands op;
+    if (!round_operands(be, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, batch, &op)) return;
+    CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(op.tb), cublas_op(op.ta), N, M,
+                                                K, &alpha, op.B, CUDA_R_16BF, op.ldb, op.sB, op.A, CUDA_R_16BF,
+                                                op.lda, op.sA, &beta, C, CUDA_R_32F, ldc, strideC, batch,
+                                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
@@ -98,6 +198,260 @@ void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, in
 void cuda_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const float *A,
                int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     cuda_gemm_strided_batched(be, ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* GEMM with the bias in the epilogue (cuBLASLt)                       */
+/* ------------------------------------------------------------------ */
+
+/* Everything that decides the matmul's set-up; a plan is made (descriptors
+ * and the heuristic's first algorithm) the first time a key is seen and
+ * reused afterwards: the model calls a few shapes, every step. */
+struct cuda_lt_key {
+    int bf16, ta, tb, M, N, K, lda, ldb, ldc, batch, has_bias, align; /* bf16: the operands' type */
+    long long sA, sB, sC, sbias;
+};
+
+struct cuda_lt_plan {
+    cuda_lt_key key;
+    int usable; /* 0: cuBLASLt offered no algorithm; the op falls back */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+};
+
+void cuda_lt_release(cuda_impl *st) {
+    for (int i = 0; i < st->lt_nplans; ++i) {
+        cuda_lt_plan *p = &st->lt_plans[i];
+        if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+        if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+        if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+        if (p->c) cublasLtMatrixLayoutDestroy(p->c);
+    }
+    free(st->lt_plans);
+    st->lt_plans = NULL;
+    st->lt_nplans = st->lt_cap = 0;
+    if (st->lt_workspace) cudaFree(st->lt_workspace);
+    st->lt_workspace = NULL;
+    if (st->lt) cublasLtDestroy(st->lt);
+    st->lt = NULL;
+}
+
+/* The largest power of two (<= 16) that divides the address: the plan's
+ * heuristic must know how aligned the operands are. */
+static int byte_alignment(const void *p) {
+    const uintptr_t v = (uintptr_t)p;
+    int a = 16;
+    while (a > 1 && v % (uintptr_t)a) a >>= 1;
+    return a;
+}
+
+static cublasLtMatrixLayout_t lt_layout(cudaDataType t, int rows, int cols, long long ld, int batch,
+                                        long long stride, cublasStatus_t *status) {
+    cublasLtMatrixLayout_t l = NULL;
+    cublasStatus_t st = cublasLtMatrixLayoutCreate(&l, t, (uint64_t)rows, (uint64_t)cols, ld);
+    if (st == CUBLAS_STATUS_SUCCESS && batch > 1) {
+        st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof batch);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                  sizeof stride);
+    }
+    if (st != CUBLAS_STATUS_SUCCESS && *status == CUBLAS_STATUS_SUCCESS) *status = st;
+    return l;
+}
+
+/* Builds the plan for k in column-major terms (the operands swapped, as in
+ * the GEMMs above): D[N,M] = op(B)^T op(A)^T + bias[N] broadcast along M.
+ * Returns a cuBLAS status; a plan with usable = 0 is still stored, so a
+ * shape cuBLASLt cannot take is asked about once only. */
+static cublasStatus_t lt_plan_make(cuda_impl *st, const cuda_lt_key &k, cuda_lt_plan *p) {
+    memset(p, 0, sizeof *p);
+    p->key = k;
+    const cudaDataType ab = k.bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    cublasStatus_t s = cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    const cublasOperation_t opa = cublas_op(k.tb), opb = cublas_op(k.ta);
+    s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb);
+    if (s == CUBLAS_STATUS_SUCCESS && k.has_bias) {
+        const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+        const cudaDataType bt = CUDA_R_32F;
+        s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt);
+        if (s == CUBLAS_STATUS_SUCCESS && k.batch > 1)
+            s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, &k.sbias,
+                                               sizeof k.sbias);
+    }
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    /* stored shapes, column-major: cuBLASLt's A is our B, its B our A */
+    p->a = lt_layout(ab, k.tb ? k.K : k.N, k.tb ? k.N : k.K, k.ldb, k.batch, k.sB, &s);
+    p->b = lt_layout(ab, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda, k.batch, k.sA, &s);
+    p->c = lt_layout(CUDA_R_32F, k.N, k.M, k.ldc, k.batch, k.sC, &s);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+
+    cublasLtMatmulPreference_t pref = NULL;
+    s = cublasLtMatmulPreferenceCreate(&pref);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    const uint64_t ws = st->lt_workspace_bytes;
+    const uint32_t align = (uint32_t)k.align;
+    /* No split-K scheme that adds partial results in place: results must
+     * repeat bit for bit. */
+    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE |
+                             CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+    s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    const cublasLtMatmulPreferenceAttributes_t aligns[] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4 && s == CUBLAS_STATUS_SUCCESS; ++i)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, aligns[i], &align, sizeof align);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes,
+                                                 sizeof schemes);
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulAlgoGetHeuristic(st->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED || (s == CUBLAS_STATUS_SUCCESS && found == 0)) {
+        p->usable = 0; /* not an error: the op takes the two-step path */
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    p->algo = res.algo;
+    p->usable = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+static cuda_lt_plan *lt_plan_find(moe_backend *be, const cuda_lt_key &k) {
+    cuda_impl *st = cuda_state(be);
+    for (int i = 0; i < st->lt_nplans; ++i)
+        if (memcmp(&st->lt_plans[i].key, &k, sizeof k) == 0) return &st->lt_plans[i];
+    if (st->lt_nplans == st->lt_cap) {
+        int cap = st->lt_cap ? 2 * st->lt_cap : 16;
+        cuda_lt_plan *np = (cuda_lt_plan *)realloc(st->lt_plans, (size_t)cap * sizeof *np);
+        if (!np) {
+            cuda_record_error(be, __FILE__, __LINE__, "gemm_bias", "out of host memory for cuBLASLt plans");
+            return NULL;
+        }
+        st->lt_plans = np;
+        st->lt_cap = cap;
+    }
+    cuda_lt_plan *p = &st->lt_plans[st->lt_nplans];
+    cublasStatus_t s = lt_plan_make(st, k, p);
+    ++st->lt_nplans; /* kept even when broken, so release() frees what it holds */
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        p->usable = 0;
+        cuda_record_error(be, __FILE__, __LINE__, "gemm_bias: cuBLASLt set-up", cublasGetStatusString(s));
+        return NULL;
+    }
+    return p;
+}
+
+/* The fallback's bias add: row r of the batch is product r / M, row r % M,
+ * at any ldc. */
+__global__ void add_bias_rows_kernel(float *C, int ldc, long long strideC, const float *bias,
+                                     long long stride_bias, int M, int N, long long rows) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long e = r / M, m = r - e * M;
+        float *row = C + e * strideC + m * ldc;
+        const float *b = bias + e * stride_bias;
+        for (int j = threadIdx.x; j < N; j += blockDim.x) row[j] += b[j];
+    }
+}
+
+/* C = bias (or 0) on every row, at any ldc: the product with K = 0. */
+__global__ void set_bias_rows_kernel(float *C, int ldc, long long strideC, const float *bias,
+                                     long long stride_bias, int M, int N, long long rows) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long e = r / M, m = r - e * M;
+        float *row = C + e * strideC + m * ldc;
+        for (int j = threadIdx.x; j < N; j += blockDim.x) row[j] = bias ? bias[e * stride_bias + j] : 0.0f;
+    }
+}
+
+/* C = op(A) op(B) (+ bias) + beta C through a cuBLASLt plan; A and B are
+ * bf16 or fp32 (bf16 != 0). Returns false, having done nothing, when
+ * cuBLASLt has no algorithm for the shape (the caller takes another way);
+ * true when it ran or an error was recorded. */
+static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, const void *A, int lda,
+                    long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
+                    float beta, float *C, int ldc, long long sC, int batch) {
+    cuda_impl *st = cuda_state(be);
+    cuda_lt_key k;
+    memset(&k, 0, sizeof k); /* the key is compared bytewise, padding included */
+    k.bf16 = bf16, k.ta = ta, k.tb = tb, k.M = M, k.N = N, k.K = K;
+    k.lda = lda, k.ldb = ldb, k.ldc = ldc, k.batch = batch, k.has_bias = bias != NULL;
+    k.sA = sA, k.sB = sB, k.sC = sC, k.sbias = bias ? sbias : 0;
+    k.align = min(byte_alignment(C), min(byte_alignment(A), byte_alignment(B)));
+    cuda_lt_plan *p = lt_plan_find(be, k);
+    if (!p) return true; /* recorded */
+    if (!p->usable) return false;
+    if (bias) {
+        cublasStatus_t s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                          sizeof bias);
+        if (s != CUBLAS_STATUS_SUCCESS) {
+            cuda_record_error(be, __FILE__, __LINE__, "cublasLtMatmulDescSetAttribute (bias)",
+                              cublasGetStatusString(s));
+            return true;
+        }
+    }
+    const float one = 1.0f;
+    cublasStatus_t s = cublasLtMatmul(st->lt, p->desc, &one, B, p->a, A, p->b, &beta, C, p->c, C, p->c,
+                                      &p->algo, st->lt_workspace, st->lt_workspace_bytes, cuda_stream(be));
+    if (s != CUBLAS_STATUS_SUCCESS)
+        cuda_record_error(be, __FILE__, __LINE__, "cublasLtMatmul", cublasGetStatusString(s));
+    return true;
+}
+
+static void add_bias_rows(moe_backend *be, float *C, int ldc, long long sC, const float *bias, long long sbias,
+                          int M, int N, int batch) {
+    const long long rows = (long long)batch * M;
+    add_bias_rows_kernel<<<(unsigned)(rows < 65536 ? rows : 65536), 128, 0, cuda_stream(be)>>>(
+        C, ldc, sC, bias, sbias, M, N, rows);
+    KERNEL_CHECK(be, "add_bias_rows_kernel");
+}
+
+void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int K, const __nv_bfloat16 *A,
+                             int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB,
+                             const float *bias, long long sbias, float beta, float *C, int ldc, long long sC,
+                             int batch) {
+    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
+    if (lt_gemm(be, 1, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch)) return;
+    /* no cuBLASLt algorithm: the product, then the bias */
+    const float one = 1.0f;
+    CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(tb), cublas_op(ta), N, M, K,
+                                                &one, B, CUDA_R_16BF, ldb, sB, A, CUDA_R_16BF,
+                                                lda, sA, &beta, C, CUDA_R_32F, ldc, sC, batch,
+                                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (bias) add_bias_rows(be, C, ldc, sC, bias, sbias, M, N, batch);
+}
+
+void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
+                    long long strideA, const float *B, int ldb, long long strideB, const float *bias,
+                    long long stride_bias, float *C, int ldc, long long strideC, int batch) {
+    if (M <= 0 || N <= 0 || batch <= 0) return;
+    if (K <= 0) { /* an empty sum: C is the bias (or 0); cuBLAS would refuse ld = 0 */
+        const long long rows = (long long)batch * M;
+        set_bias_rows_kernel<<<(unsigned)(rows < 65536 ? rows : 65536), 128, 0, cuda_stream(be)>>>(
+            C, ldc, strideC, bias, stride_bias, M, N, rows);
+        KERNEL_CHECK(be, "set_bias_rows_kernel");
+        return;
+    }
+    if (cuda_state(be)->precision == MOE_PRECISION_BF16) {
+        bf16_operands op;
+        if (!round_operands(be, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, batch, &op)) return;
+        cuda_gemm_bf16_operands(be, op.ta, op.tb, M, N, K, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, bias,
+                                stride_bias, 0.0f, C, ldc, strideC, batch);
+        return;
+    }
+    if (lt_gemm(be, 0, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, bias, stride_bias, 0.0f, C, ldc,
+                strideC, batch))
+        return;
+    cuda_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,
+                              strideC, batch);
+    if (bias) add_bias_rows(be, C, ldc, strideC, bias, stride_bias, M, N, batch);
 }
 
 /* ------------------------------------------------------------------ */
@@ -244,8 +598,15 @@ constexpr int SUMSQ_BLOCKS = 256;
 
 __global__ void sumsq_partial_kernel(const float *x, size_t n, double *partial) {
     double s = 0.0;
-    GRID_STRIDE_LOOP(i, n) {
-        double v = (double)x[i];
+    /* 16-byte loads for the aligned body (a fixed split for a given x and n,
+     * so the order stays fixed), then the few elements left. */
+    const size_t n4 = ((uintptr_t)x % 16 == 0) ? n / 4 : 0;
+    GRID_STRIDE_LOOP(i, n4) {
+        const float4 v = reinterpret_cast<const float4 *>(x)[i];
+        s += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+    }
+    GRID_STRIDE_LOOP(i, n - 4 * n4) {
+        double v = (double)x[4 * n4 + i];
         s += v * v;
     }
     s = block_sum(s);

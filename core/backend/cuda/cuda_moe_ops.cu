@@ -37,7 +37,8 @@ __device__ __forceinline__ float add_product(float acc, float a, float b) {
  * (2) one block per expert walks the priority order (k by k, a tile of tokens
  * at a time) and ranks its assignments with a block-wide exclusive scan of
  * (expert == e), carrying its running count across tiles and k. */
-constexpr int CAP_THREADS = 256;
+constexpr int CAP_THREADS = 1024;
+constexpr int CAP_ITEMS = 4; /* assignments per thread per tile: a tile is 4096 of them */
 
 /* kept = slot = -1 everywhere; the expert blocks then fill in what they keep.
  * Experts >= E are flagged (they are left dropped). */
@@ -75,24 +76,34 @@ __global__ void capacity_scan_kernel(const int32_t *expert, const int32_t *order
     typedef cub::BlockScan<int, CAP_THREADS> Scan;
     __shared__ typename Scan::TempStorage scan_tmp;
     const int e = blockIdx.x;
+    constexpr int TILE = CAP_THREADS * CAP_ITEMS;
     int running = 0; /* assignments to e met so far, in priority order */
     for (int k = 0; k < K; ++k) {
-        for (int base = 0; base < T; base += CAP_THREADS) {
-            const int i = base + threadIdx.x;
-            size_t a = 0;
-            int match = 0;
-            if (i < T) {
-                const int t = order ? order[(size_t)k * T + i] : i;
-                a = (size_t)t * K + k;
-                match = expert[a] == e;
+        for (int base = 0; base < T; base += TILE) {
+            /* thread j holds the tile's items j*CAP_ITEMS .. +CAP_ITEMS-1 (the
+             * blocked arrangement the scan expects), so ranks follow the
+             * priority order */
+            size_t a[CAP_ITEMS];
+            int match[CAP_ITEMS], rank[CAP_ITEMS], tile_total;
+#pragma unroll
+            for (int q = 0; q < CAP_ITEMS; ++q) {
+                const int i = base + threadIdx.x * CAP_ITEMS + q;
+                a[q] = 0;
+                match[q] = 0;
+                if (i < T) {
+                    const int t = order ? order[(size_t)k * T + i] : i;
+                    a[q] = (size_t)t * K + k;
+                    match[q] = expert[a[q]] == e;
+                }
             }
-            int rank, tile_total;
             Scan(scan_tmp).ExclusiveSum(match, rank, tile_total);
-            if (match) {
-                const int r = running + rank;
+#pragma unroll
+            for (int q = 0; q < CAP_ITEMS; ++q) {
+                if (!match[q]) continue;
+                const int r = running + rank[q];
                 if (r < C) {
-                    kept[a] = e;
-                    slot[a] = r;
+                    kept[a[q]] = e;
+                    slot[a[q]] = r;
                 }
             }
             running += tile_total;

@@ -9,6 +9,7 @@
 #include <stdio.h>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/cuda_act.cuh"
 
 constexpr int NORM_ROWS_PER_BLOCK = CUDA_THREADS / 32; /* one warp per row */
 
@@ -166,30 +167,6 @@ void cuda_rmsnorm_bwd(moe_backend *be, const float *x, const float *g, const flo
 /* ------------------------------------------------------------------ */
 /* Activations (same formulas as cpu_ops.c)                            */
 /* ------------------------------------------------------------------ */
-
-/* GPT-2's GELU: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). */
-#define GELU_SCALE 0.7978845608028654f /* sqrt(2/pi) */
-#define GELU_CUBE 0.044715f
-
-__device__ __forceinline__ float gelu(float x) {
-    float u = GELU_SCALE * (x + GELU_CUBE * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(u));
-}
-
-__device__ __forceinline__ float gelu_grad(float x) {
-    float u = GELU_SCALE * (x + GELU_CUBE * x * x * x);
-    float th = tanhf(u);
-    float du = GELU_SCALE * (1.0f + 3.0f * GELU_CUBE * x * x);
-    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du;
-}
-
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float silu(float x) { return x * sigmoidf_(x); }
-/* d/dx x s(x) = s + x s (1 - s) */
-__device__ __forceinline__ float silu_grad(float x) {
-    float s = sigmoidf_(x);
-    return s * (1.0f + x * (1.0f - s));
-}
 
 __global__ void act_fwd_kernel(moe_act_kind kind, const float *in, float *out, int n, size_t count) {
     GRID_STRIDE_LOOP(i, count) {

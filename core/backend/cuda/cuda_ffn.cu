@@ -1,0 +1,181 @@
+/*
+ * The experts' MLP on the GPU (backend.h, ffn_fwd / ffn_bwd).
+ *
+ * In fp32 this is the reference composition of plain ops
+ * (core/backend/ffn_reference.c). With bf16 GEMM operands every GEMM input
+ * must be rounded to bf16 anyway, so the passes that only move data are
+ * folded into the passes that compute:
+ *
+ *   forward   H = X w1 + b1        bias in the GEMM's epilogue, H fp32
+ *             A = act(H)           written once, as bf16 (into A's buffer)
+ *             Y = A w2 + b2        A read as it is
+ *   backward  dA = dY w2^T         dY rounded once for both its GEMMs
+ *             dw2 += A^T dY        A read as it is
+ *             dH = act'(H) dA      written once, as bf16 (into dH's buffer),
+ *             db1 += colsum(dH)    summed from the fp32 values in the same pass
+ *             dX = dH w1^T, dw1 += X^T dH
+ *
+ * The weights are rounded once per call (transposed where the GEMM reads
+ * them transposed: cuBLAS is fastest with both operands untransposed at
+ * these shapes). Every value is rounded exactly where the reference's
+ * bf16 GEMMs round it (A and dH as GEMM operands; H, the activation's
+ * input, stays fp32), so the two differ only in fp32 summation order.
+ */
+#include "backend/cuda/cuda_act.cuh"
+#include "backend/cuda/cuda_common.cuh"
+
+static int ffn_in_width(moe_act_kind kind, int n) { return kind == MOE_ACT_SWIGLU ? 2 * n : n; }
+
+/* A[r, j] = bf16(act(H[r, :])) for rows r < rows and j < n. */
+__global__ void ffn_act_fwd_kernel(moe_act_kind kind, const float *H, __nv_bfloat16 *A, int n, int hin,
+                                   size_t count) {
+    GRID_STRIDE_LOOP(i, count) {
+        const size_t r = i / (size_t)n, j = i - r * (size_t)n;
+        const float *h = H + r * (size_t)hin;
+        float v;
+        if (kind == MOE_ACT_GELU) v = gelu(h[j]);
+        else if (kind == MOE_ACT_SILU) v = silu(h[j]);
+        else v = silu(h[j]) * h[n + j]; /* SwiGLU: [gate | up] */
+        A[i] = __float2bfloat16_rn(v);
+    }
+}
+
+/* The same for GELU and SiLU when n is a multiple of 4: four at a time. */
+__global__ void ffn_act_fwd_vec4_kernel(moe_act_kind kind, const float4 *H, uint2 *A, size_t count4) {
+    GRID_STRIDE_LOOP(i, count4) {
+        const float4 h = H[i];
+        float v[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[q] = kind == MOE_ACT_GELU ? gelu(v[q]) : silu(v[q]);
+        __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+        uint2 packed;
+        packed.x = *reinterpret_cast<unsigned *>(&lo);
+        packed.y = *reinterpret_cast<unsigned *>(&hi);
+        A[i] = packed;
+    }
+}
+
+/* Element (t, j) of the batched column sum over batch*hin columns: row t of
+ * expert j / hin, column c = j % hin of dH. It computes dH there from H and
+ * dA, stores it as bf16 for the GEMMs, and returns the fp32 value for db1.
+ * colsum_partial_kernel calls it once per element. */
+struct ffn_dh_term {
+    moe_act_kind kind;
+    const float *H, *dA;
+    __nv_bfloat16 *dH;
+    int C, n, hin;
+    __device__ float operator()(int t, int j) const {
+        const int e = j / hin, c = j - e * hin;
+        const size_t row = (size_t)e * C + t;
+        const float *h = H + row * hin;
+        const float *da = dA + row * n;
+        float v;
+        if (kind == MOE_ACT_GELU) {
+            v = da[c] * gelu_grad(h[c]);
+        } else if (kind == MOE_ACT_SILU) {
+            v = da[c] * silu_grad(h[c]);
+        } else if (c < n) { /* SwiGLU, d/d gate of silu(gate) * up */
+            v = da[c] * h[n + c] * silu_grad(h[c]);
+        } else { /* d/d up */
+            v = da[c - n] * silu(h[c - n]);
+        }
+        dH[row * hin + c] = __float2bfloat16_rn(v);
+        return v;
+    }
+};
+
+static bool bf16_mode(moe_backend *be) { return cuda_state(be)->precision == MOE_PRECISION_BF16; }
+
+void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
+                  const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
+                  int n) {
+    if (!bf16_mode(be) || batch <= 0 || C <= 0 || d <= 0 || n <= 0) {
+        moe_ffn_fwd_reference(be, kind, X, w1, b1, w2, b2, H, A, Y, batch, C, d, n);
+        return;
+    }
+    const int hin = ffn_in_width(kind, n);
+    const long long sX = (long long)C * d, sH = (long long)C * hin, sA = (long long)C * n;
+    const long long sw1 = (long long)d * hin, sw2 = (long long)n * d;
+    ScratchLayout lay;
+    const size_t x_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
+    const size_t w1_off = lay.add((size_t)sw1 * batch * sizeof(__nv_bfloat16));
+    const size_t w2_off = lay.add((size_t)sw2 * batch * sizeof(__nv_bfloat16));
+    char *base = cuda_scratch(be, lay.total);
+    if (!base) return;
+    __nv_bfloat16 *Xh = (__nv_bfloat16 *)(base + x_off), *w1h = (__nv_bfloat16 *)(base + w1_off);
+    __nv_bfloat16 *w2h = (__nv_bfloat16 *)(base + w2_off);
+    __nv_bfloat16 *Ah = (__nv_bfloat16 *)A; /* A's buffer holds bf16 from here to ffn_bwd */
+
+    cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
+    cuda_round_bf16(be, w1, hin, sw1, d, hin, batch, w1h, false);
+    cuda_round_bf16(be, w2, d, sw2, n, d, batch, w2h, false);
+    /* H = X w1 + b1 */
+    cuda_gemm_bf16_operands(be, 0, 0, C, hin, d, Xh, d, sX, w1h, hin, sw1, b1, hin, 0.0f, H, hin, sH, batch);
+    /* A = act(H), bf16 */
+    const size_t count = (size_t)batch * C * n;
+    if (kind != MOE_ACT_SWIGLU && n % 4 == 0) {
+        ffn_act_fwd_vec4_kernel<<<cuda_blocks(count / 4), CUDA_THREADS, 0, cuda_stream(be)>>>(
+            kind, (const float4 *)H, (uint2 *)Ah, count / 4);
+        KERNEL_CHECK(be, "ffn_act_fwd_vec4_kernel");
+    } else {
+        ffn_act_fwd_kernel<<<cuda_blocks(count), CUDA_THREADS, 0, cuda_stream(be)>>>(kind, H, Ah, n, hin, count);
+        KERNEL_CHECK(be, "ffn_act_fwd_kernel");
+    }
+    /* Y = A w2 + b2 */
+    cuda_gemm_bf16_operands(be, 0, 0, C, d, n, Ah, n, sA, w2h, d, sw2, b2, d, 0.0f, Y, d, sX, batch);
+}
+
+void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
+                  const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX, float *dw1,
+                  float *db1, float *dw2, float *db2, int batch, int C, int d, int n) {
+    if (!bf16_mode(be) || batch <= 0 || C <= 0 || d <= 0 || n <= 0) {
+        moe_ffn_bwd_reference(be, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, batch, C, d, n);
+        return;
+    }
+    const int hin = ffn_in_width(kind, n);
+    const long long sX = (long long)C * d, sH = (long long)C * hin, sA = (long long)C * n;
+    const long long sw1 = (long long)d * hin, sw2 = (long long)n * d;
+    /* db2 first: bias_grad_batched takes the scratch buffer for itself */
+    if (db2) cuda_bias_grad_batched(be, dY, db2, batch, C, d, sX, d);
+
+    const int cols = batch * hin, nchunks = (C + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    const long long ntiles = ((long long)cols + 31) / 32;
+    if (ntiles > 65535) {
+        cuda_record_error(be, __FILE__, __LINE__, "ffn_bwd", "too many columns for colsum (batch*hin > 2097120)");
+        return;
+    }
+    ScratchLayout lay;
+    const size_t dy_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
+    const size_t x_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
+    const size_t w1t_off = lay.add((size_t)sw1 * batch * sizeof(__nv_bfloat16));
+    const size_t w2t_off = lay.add((size_t)sw2 * batch * sizeof(__nv_bfloat16));
+    const size_t part_off = lay.add((size_t)nchunks * cols * sizeof(float));
+    char *base = cuda_scratch(be, lay.total);
+    if (!base) return;
+    __nv_bfloat16 *dYh = (__nv_bfloat16 *)(base + dy_off), *Xh = (__nv_bfloat16 *)(base + x_off);
+    __nv_bfloat16 *w1t = (__nv_bfloat16 *)(base + w1t_off), *w2t = (__nv_bfloat16 *)(base + w2t_off);
+    float *partial = (float *)(base + part_off);
+    const __nv_bfloat16 *Ah = (const __nv_bfloat16 *)A; /* as ffn_fwd left it */
+    __nv_bfloat16 *dHh = (__nv_bfloat16 *)dH;
+
+    cuda_round_bf16(be, dY, d, sX, C, d, batch, dYh, false);
+    cuda_round_bf16(be, w2, d, sw2, n, d, batch, w2t, true); /* [d, n] */
+    /* dA = dY w2^T (fp32); dw2 += A^T dY */
+    cuda_gemm_bf16_operands(be, 0, 0, C, n, d, dYh, d, sX, w2t, n, sw2, NULL, 0, 0.0f, dA, n, sA, batch);
+    cuda_gemm_bf16_operands(be, 1, 0, n, d, C, Ah, n, sA, dYh, d, sX, NULL, 0, 1.0f, dw2, d, sw2, batch);
+    /* dH = act'(H) dA as bf16, and its column sums in the same pass */
+    colsum_partial_kernel<ffn_dh_term>
+        <<<dim3((unsigned)nchunks, (unsigned)ntiles), dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
+            ffn_dh_term{kind, H, dA, dHh, C, n, hin}, C, cols, partial);
+    KERNEL_CHECK(be, "colsum_partial_kernel (ffn dH)");
+    if (db1) {
+        colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
+            partial, nchunks, hin, cols, db1, hin);
+        KERNEL_CHECK(be, "colsum_finish_batched_kernel (ffn db1)");
+    }
+    /* dX = dH w1^T; dw1 += X^T dH */
+    cuda_round_bf16(be, w1, hin, sw1, d, hin, batch, w1t, true); /* [hin, d] */
+    cuda_gemm_bf16_operands(be, 0, 0, C, d, hin, dHh, hin, sH, w1t, d, sw1, NULL, 0, 0.0f, dX, d, sX, batch);
+    cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
+    cuda_gemm_bf16_operands(be, 1, 0, d, hin, C, Xh, d, sX, dHh, hin, sH, NULL, 0, 1.0f, dw1, hin, sw1, batch);
+}
