@@ -77,7 +77,7 @@ while prefix < min(len(a), len(b)) and a[prefix][0] == b[prefix][0]:
 step = b[prefix: prefix + extra] if extra > 0 else []
 agg = collections.OrderedDict()
 for n, t in step:
-    key = n.split("(")[0].split("<")[0][:60]
+    key = n.split("(")[0][:72]
     c, s = agg.get(key, (0, 0.0))
     agg[key] = (c + 1, s + t)
 total = sum(t for _, t in step)

@@ -316,9 +316,10 @@ void moe_ffn_bwd_reference(moe_backend *be, moe_act_kind kind, const float *X, c
 /* The CPU backend (always built). threads <= 0 keeps OpenMP's default. */
 moe_backend *moe_backend_cpu_create(int threads);
 
-/* GEMM precision of the CUDA backend: fp32 end to end, or bf16 operands with
- * fp32 accumulation and fp32 outputs (master weights and router math stay
- * fp32 either way). */
+/* Matrix-product precision of the CUDA backend: fp32 end to end, or bf16
+ * operands with fp32 accumulation and fp32 outputs for the GEMMs and for
+ * attention's six products (master weights, softmax statistics and router
+ * math stay fp32 either way). */
 typedef enum moe_precision { MOE_PRECISION_FP32 = 0, MOE_PRECISION_BF16 = 1 } moe_precision;
 
 /* The CUDA backend on device `ordinal` (built when MOE_HAVE_CUDA_BACKEND is

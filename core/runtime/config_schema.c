@@ -123,8 +123,9 @@ const moe_cfg_key moe_cfg_keys[] = {
     KEY_FLOAT(train, muon_momentum, 0.95, HALF_OPEN(0, 1), "Muon's Nesterov momentum."),
     KEY_INT(train, muon_ns_steps, 5, AT_LEAST(1), "Newton-Schulz iterations that orthogonalise Muon's update."),
     KEY_STRING(train, precision, "bf16", "bf16|fp32", NULL,
-               "GEMM precision on CUDA: `bf16` operands with fp32 accumulation, or `fp32` throughout. "
-               "Master weights, optimizer state and router math are fp32 either way; the CPU is fp32."),
+               "Matrix-product precision on CUDA: `bf16` operands with fp32 accumulation (GEMMs and "
+               "attention's products on tensor cores), or `fp32` throughout. Master weights, optimizer "
+               "state, softmax statistics and router math are fp32 either way; the CPU is fp32."),
 
     KEY_INT(eval, interval, 200, AT_LEAST(1), "Evaluate (and checkpoint) every N steps, and at the end."),
     KEY_INT(eval, max_tokens, 0, AT_LEAST(0), "Cap on validation tokens; 0 = the whole split."),

@@ -11,10 +11,13 @@
  *            moe_softk_weights, the CPU's helpers).
  * Backward:
  *   dl'      one thread per token: dlogits = d_route_logits + softk backward.
- *   learned noise in training, three deterministic passes (no atomics, each
- *   output element summed by one thread in the CPU's order):
+ *   learned noise in training, deterministic passes (no atomics, every sum
+ *   in a fixed order):
  *            dpre[t,e] = dl'[t,e] n[t,e] sigmoid(pre[t,e])  one thread per (t,e)
- *            dW[d,e]  += sum_t x[t,d] dpre[t,e]              one thread per (d,e)
+ *            dW[d,e]  += sum_t x[t,d] dpre[t,e]              a thread per (d,e) and
+ *                        chunk of NOISY_DW_ROWS tokens, then one per (d,e) adds
+ *                        the chunks in order (a single thread over all T tokens
+ *                        took most of a training step)
  *            dx[t,d]  += sum_e dpre[t,e] W[d,e]              one thread per (t,d)
  *
  * Bitwise agreement with the CPU: the choice of experts compares l', so l'
@@ -51,9 +54,17 @@ typedef struct noisy_state {
  *                       non-finite perturbed logit, backward: first expert
  *                       entry outside [0, E) (t*K + j)
  *   dpre    [T,E] float learned noise only: dL/dpre, summed over t for dW and
- *                       over e for dx by the passes that follow */
+ *                       over e for dx by the passes that follow
+ *   partial [ceil(T / NOISY_DW_ROWS), d_model, E] float  learned noise only:
+ *                       dW's sum over each chunk of tokens */
+#define NOISY_DW_ROWS 128
+
+static size_t noisy_dw_chunks(int32_t T) { return ((size_t)T + NOISY_DW_ROWS - 1) / NOISY_DW_ROWS; }
+
 static size_t noisy_cuda_bytes_for(const noisy_state *s, int32_t T) {
-    return MOE_ROUTER_CUDA_FLAG_BYTES + (s->learned ? (size_t)T * s->E * sizeof(float) : 0);
+    if (!s->learned) return MOE_ROUTER_CUDA_FLAG_BYTES;
+    return MOE_ROUTER_CUDA_FLAG_BYTES + (size_t)T * s->E * sizeof(float) +
+           noisy_dw_chunks(T) * (size_t)s->d_model * s->E * sizeof(float);
 }
 
 extern "C" size_t noisy_topk_cuda_workspace_bytes(const noisy_state *s) {
@@ -140,14 +151,26 @@ __global__ void noisy_dpre_kernel(const float *dlogits, const float *x, const fl
     }
 }
 
-/* dW[d,e] += sum_t x[t,d] dpre[t,e], t ascending as in the CPU loop. */
-__global__ void noisy_dw_kernel(const float *x, const float *dpre, int32_t T, int32_t E, int32_t d_model, float *dW) {
+/* partial[c][d,e] = sum over the tokens t of chunk c (ascending) of
+ * x[t,d] dpre[t,e]; grid (ceil(d_model E / threads), chunks). */
+__global__ void noisy_dw_partial_kernel(const float *x, const float *dpre, int32_t T, int32_t E, int32_t d_model,
+                                        float *partial) {
     const size_t n = (size_t)d_model * E;
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int32_t d = (int32_t)(i / E), e = (int32_t)(i % E);
+    const int32_t t0 = (int32_t)blockIdx.y * NOISY_DW_ROWS, t1 = min(T, t0 + NOISY_DW_ROWS);
+    float acc = 0.0f;
+    for (int32_t t = t0; t < t1; ++t) acc += x[(size_t)t * d_model + d] * dpre[(size_t)t * E + e];
+    partial[(size_t)blockIdx.y * n + i] = acc;
+}
+
+/* dW[d,e] += the chunks' sums, in chunk order. */
+__global__ void noisy_dw_finish_kernel(const float *partial, size_t nchunks, size_t n, float *dW) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const int32_t d = (int32_t)(i / E), e = (int32_t)(i % E);
-        float acc = dW[i];
-        for (int32_t t = 0; t < T; ++t) acc += x[(size_t)t * d_model + d] * dpre[(size_t)t * E + e];
-        dW[i] = acc;
+        float acc = 0.0f;
+        for (size_t c = 0; c < nchunks; ++c) acc += partial[c * n + i];
+        dW[i] += acc;
     }
 }
 
@@ -259,9 +282,14 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
     noisy_dpre_kernel<<<moe_router_cuda_blocks(n, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->dlogits, a->x, W, T, E, D, ctx->rng, dpre);
     MOE_ROUTER_LAUNCHED(noisy_dpre_kernel);
-    noisy_dw_kernel<<<moe_router_cuda_blocks((size_t)D * E, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
-        a->x, dpre, T, E, D, a->param_grads[0]);
-    MOE_ROUTER_LAUNCHED(noisy_dw_kernel);
+    float *partial = dpre + (size_t)T * E;
+    const size_t nchunks = noisy_dw_chunks(T), nw = (size_t)D * E;
+    const dim3 dw_grid((unsigned)((nw + MOE_ROUTER_CUDA_THREADS - 1) / MOE_ROUTER_CUDA_THREADS), (unsigned)nchunks);
+    noisy_dw_partial_kernel<<<dw_grid, MOE_ROUTER_CUDA_THREADS, 0, stream>>>(a->x, dpre, T, E, D, partial);
+    MOE_ROUTER_LAUNCHED(noisy_dw_partial_kernel);
+    noisy_dw_finish_kernel<<<moe_router_cuda_blocks(nw, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+        partial, nchunks, nw, a->param_grads[0]);
+    MOE_ROUTER_LAUNCHED(noisy_dw_finish_kernel);
     noisy_dx_kernel<<<moe_router_cuda_blocks((size_t)T * D, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         dpre, W, T, E, D, a->dx);
     MOE_ROUTER_LAUNCHED(noisy_dx_kernel);

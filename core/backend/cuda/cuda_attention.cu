@@ -1,7 +1,9 @@
 /*
  * Rotary position embedding and causal multi-head softmax attention on the
  * GPU. Attention runs as tiled kernels (64 queries x 64 keys per shared-memory
- * tile, fp32, end of file) for hd <= 128; larger heads fall back to the
+ * tile) for hd <= 128: fp32 FMA kernels in fp32 precision mode, tensor-core
+ * kernels with bf16 operands and fp32 accumulation in bf16 mode (both near
+ * the end of the file). Larger heads fall back, in either mode, to the fp32
  * row kernels, one block per (batch, head, row), that follow cpu_attention.c
  * step by step. probs[B,H,S,S] is materialised because the backward contract
  * takes it; the backward uses it instead of recomputing.
@@ -9,6 +11,7 @@
  * Layout: qkv[B,S,3*H*hd], each token row = [q heads | k heads | v heads],
  * each head hd contiguous. out[B,S,H*hd]. probs[B,H,S,S].
  */
+#include <cuda_bf16.h>
 #include <stdio.h>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -584,6 +587,544 @@ attention_bwd_kv_tiled_kernel(const float *qkv, const float *probs, const float 
     at_store(dk + C, tok, j0, S, hd, ty, tx, accV);
 }
 
+/* ------------------------------------------------------------------ */
+/* Tensor-core kernels (bf16 precision mode, hd <= 128)                */
+/* ------------------------------------------------------------------ */
+
+/* In bf16 mode the six products (Q K^T, P V, dO V^T, dS K, dS^T Q, P^T dO)
+ * run as mma.sync m16n8k16 with bf16 operands and fp32 accumulators. The
+ * operands are rounded to bf16 as they are staged from fp32 global memory
+ * into shared memory; everything else (scores, softmax statistics, probs,
+ * dP, dS, the outputs) stays fp32, and the contract is the fp32 kernels'
+ * (probs written with zeros above the diagonal, dA as scratch).
+ *
+ * A block is 4 warps over a 64-row tile (the dK/dV kernel: 8 warps, see
+ * there); warp w owns rows 16w..16w+15. In
+ * the m16n8 accumulator layout lane (g, t) = (lane / 4, lane % 4) holds rows
+ * g and g + 8 of its warp's 16, columns 8n + 2t and 8n + 2t + 1 of each
+ * 8-column tile n; that layout is also the A operand of the next product, so
+ * a score or dS tile goes from one MMA into the next without shared memory.
+ * The head is padded with zeros to HDW = 64 or 128 columns and the sequence
+ * to whole tiles, so every shape with hd <= 128 takes this path.
+ *
+ * The forward makes two passes over the key tiles instead of the fp32
+ * kernel's round trips through probs: pass 1 keeps a running row max and
+ * sum (online softmax), pass 2 recomputes the scores (the same MMAs on the
+ * same operands, so the same bits), writes the probabilities and multiplies
+ * them with V. The dQ kernel likewise computes dP = dO V^T twice, once for
+ * the row sums D and once for dS, instead of storing and re-reading dP.
+ * Every sum runs in an order fixed by the sizes: results repeat bit for bit. */
+typedef __nv_bfloat16 bf16;
+
+constexpr int AM = 64;           /* rows of a block's tile, and keys or queries per inner tile */
+constexpr int AM_THREADS = 128;  /* 4 warps x 16 rows */
+constexpr int AM_PAD = 8;        /* bf16 padding of a shared row: rows start 16 bytes apart modulo
+                                    128, so the 8 row addresses of an ldmatrix hit distinct banks */
+constexpr int AM_LS = AM + AM_PAD; /* row stride of a 64-column score tile */
+constexpr int AM_NOMASK = 1 << 30;
+
+/* Which global arrays allow vector access (alignment and row lengths; the
+ * host checks): float4 loads of qkv and dout rows, float4 loads and stores of
+ * probs / dA rows (S % 4 == 0), float2 access to them (S even). */
+enum { AM_VEC_QKV = 1, AM_VEC_DOUT = 2, AM_VEC_S4 = 4, AM_VEC_S2 = 8 };
+
+__device__ __forceinline__ uint32_t am_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); /* lo in the low half: the lower column */
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+/* c += a b for one 16x16 (A, row) by 16x8 (B, col) step */
+__device__ __forceinline__ void am_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Four 8x8 bf16 matrices from shared memory; lane l gives the address of row
+ * l % 8 of matrix l / 8. The .trans form hands each lane the transposed
+ * elements (a column pair instead of a row pair). */
+__device__ __forceinline__ void am_ldsm4(uint32_t r[4], const bf16 *p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void am_ldsm4_t(uint32_t r[4], const bf16 *p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+/* over the 4 lanes that share a row (a quad); every lane gets the same bits */
+__device__ __forceinline__ float am_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float am_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+/* Staging of a 64 x W tile of fp32 rows into shared memory as bf16 (row
+ * stride W + AM_PAD) by NT threads, in two halves so the loads of the next
+ * tile can be in flight while the current one is used: am_fetch loads a
+ * thread's part into registers, am_put converts and stores it. A thread
+ * takes one group of 4 columns in every NT / (W / 4)-th row.
+ *   am_fetch: v = src[r * stride + c] where r < nr and c < nc, zero
+ *             elsewhere, so padded rows and columns add nothing to a
+ *             product; vec: src, stride and nc allow float4 loads.
+ *   am_put:   keeps the elements with c <= r + diag (the causal mask of a
+ *             score tile; AM_NOMASK elsewhere). */
+template <int W, int NT>
+struct AmPart {
+    static constexpr int G = W / 4;     /* float4 groups per row */
+    static constexpr int RS = NT / G;   /* rows apart of a thread's groups */
+    static constexpr int PER = AM / RS; /* groups per thread */
+};
+
+template <int W, int NT>
+__device__ __forceinline__ void am_fetch(float4 (&v)[AmPart<W, NT>::PER], const float *src, size_t stride, int nr,
+                                         int nc, bool vec) {
+    constexpr int G = AmPart<W, NT>::G, RS = AmPart<W, NT>::RS, PER = AmPart<W, NT>::PER;
+    const int r0 = threadIdx.x / G, c = (threadIdx.x % G) * 4;
+    const float *p0 = src + (size_t)r0 * stride + c;
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+        const float *p = p0 + (size_t)u * RS * stride;
+        v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r0 + u * RS < nr && c < nc) {
+            if (vec) {
+                v[u] = *reinterpret_cast<const float4 *>(p);
+            } else {
+                v[u].x = p[0];
+                if (c + 1 < nc) v[u].y = p[1];
+                if (c + 2 < nc) v[u].z = p[2];
+                if (c + 3 < nc) v[u].w = p[3];
+            }
+        }
+    }
+}
+
+template <int W, int NT>
+__device__ __forceinline__ void am_put(bf16 *dst, const float4 (&v)[AmPart<W, NT>::PER], int diag) {
+    constexpr int G = AmPart<W, NT>::G, RS = AmPart<W, NT>::RS, PER = AmPart<W, NT>::PER;
+    const int r0 = threadIdx.x / G, c = (threadIdx.x % G) * 4;
+    bf16 *d0 = dst + r0 * (W + AM_PAD) + c;
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+        const int lim = r0 + u * RS + diag - c; /* column offsets <= lim are kept */
+        /* a select, not a product: masked elements of dA may hold anything */
+        const float x = 0 <= lim ? v[u].x : 0.0f, y = 1 <= lim ? v[u].y : 0.0f;
+        const float z = 2 <= lim ? v[u].z : 0.0f, w = 3 <= lim ? v[u].w : 0.0f;
+        *reinterpret_cast<uint2 *>(d0 + u * RS * (W + AM_PAD)) = make_uint2(am_pack(x, y), am_pack(z, w));
+    }
+}
+
+/* Both halves at once, where nothing is left to overlap with. */
+template <int W, int NT>
+__device__ __forceinline__ void am_stage(bf16 *dst, const float *src, size_t stride, int nr, int nc, int diag,
+                                         bool vec) {
+    float4 v[AmPart<W, NT>::PER];
+    am_fetch<W, NT>(v, src, stride, nr, nc, vec);
+    am_put<W, NT>(dst, v, diag);
+}
+
+/* Asynchronous copies into shared memory (cp.async), completed by
+ * am_async_wait1 in the issuing thread and made visible to the block by the
+ * __syncthreads after it. The 16-byte form needs both addresses aligned. */
+__device__ __forceinline__ void am_cp16(float *smem, const float *gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
+                 "l"(gmem)
+                 : "memory");
+}
+__device__ __forceinline__ void am_cp4(float *smem, const float *gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
+                 "l"(gmem)
+                 : "memory");
+}
+__device__ __forceinline__ void am_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/* all but the most recently committed group are complete */
+__device__ __forceinline__ void am_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+constexpr int AM_LP = AM + 8; /* row stride (floats) of an fp32 probs tile in shared memory: the
+                                 float2 reads of a quad's rows g = 0..3 cover the 32 banks */
+
+/* Starts copying the 64 x 64 block at (i0, j0) of an S x S fp32 matrix into
+ * dst (row stride AM_LP). Rows and columns past S are not copied; readers
+ * take only elements with j <= i < S. v4: 16-byte copies (S % 4 == 0 and an
+ * aligned matrix), else 4-byte ones. */
+__device__ __forceinline__ void am_copy_async(float *dst, const float *M, int i0, int j0, int S, bool v4) {
+    const int nr = min(AM, S - i0), nc = min(AM, S - j0);
+    const float *src = M + (size_t)i0 * S + j0;
+    if (v4) {
+        for (int idx = threadIdx.x; idx < AM * AM / 4; idx += AM_THREADS) {
+            const int r = idx >> 4, c = (idx & 15) * 4;
+            if (r < nr && c < nc) am_cp16(dst + r * AM_LP + c, src + (size_t)r * S + c);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < AM * AM; idx += AM_THREADS) {
+            const int r = idx >> 6, c = idx & 63;
+            if (r < nr && c < nc) am_cp4(dst + r * AM_LP + c, src + (size_t)r * S + c);
+        }
+    }
+}
+
+/* acc = As Bs^T over the warp's 16 rows and a tile's 64 columns: As as
+ * [64 rows][reduction] (the warp's rows 16w..), Bs as [64 columns]
+ * [reduction], both with row stride ld; NK steps of 16. */
+template <int NK>
+__device__ __forceinline__ void am_tile_abt(float acc[8][4], const bf16 *As, const bf16 *Bs, int ld, int warp,
+                                            int lane) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const bf16 *a_at = As + (warp * 16 + (lane & 15)) * ld + (lane >> 4) * 8;
+    const bf16 *b_at = Bs + ((lane & 7) + ((lane >> 4) & 1) * 8) * ld + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+        uint32_t a[4];
+        am_ldsm4(a, a_at + kk * 16);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            am_ldsm4(b, b_at + np * 16 * ld + kk * 16);
+            am_mma(acc[2 * np], a, b[0], b[1]);
+            am_mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+/* acc += X Ys over the warp's 16 rows: X the warp's 16 x 64 fp32 tile in
+ * accumulator layout (rounded to bf16 here), Ys as [64 = reduction][NO * 8
+ * columns] (row stride ld). */
+template <int NO>
+__device__ __forceinline__ void am_tile_xy(float acc[NO][4], const float x[8][4], const bf16 *Ys, int ld, int lane) {
+    const int yrow = (lane & 7) + ((lane >> 3) & 1) * 8, ycol = ((lane >> 4) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t a[4] = {am_pack(x[2 * kk][0], x[2 * kk][1]), am_pack(x[2 * kk][2], x[2 * kk][3]),
+                               am_pack(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                               am_pack(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+        for (int np = 0; np < NO / 2; ++np) {
+            uint32_t b[4];
+            am_ldsm4_t(b, Ys + (kk * 16 + yrow) * ld + np * 16 + ycol);
+            am_mma(acc[2 * np], a, b[0], b[1]);
+            am_mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+/* acc += Xs^T Ys over the warp's 16 rows: Xs as [64 = reduction][64] whose
+ * columns 16w.. are the warp's rows, Ys as [64 = reduction][NO * 8]. */
+template <int NO>
+__device__ __forceinline__ void am_tile_xty(float acc[NO][4], const bf16 *Xs, int ldx, const bf16 *Ys, int ldy,
+                                            int warp, int lane) {
+    const int xrow = (lane & 7) + ((lane >> 4) & 1) * 8, xcol = warp * 16 + ((lane >> 3) & 1) * 8;
+    const int yrow = (lane & 7) + ((lane >> 3) & 1) * 8, ycol = ((lane >> 4) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        am_ldsm4_t(a, Xs + (kk * 16 + xrow) * ldx + xcol);
+#pragma unroll
+        for (int np = 0; np < NO / 2; ++np) {
+            uint32_t b[4];
+            am_ldsm4_t(b, Ys + (kk * 16 + yrow) * ldy + np * 16 + ycol);
+            am_mma(acc[2 * np], a, b[0], b[1]);
+            am_mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+/* Rows i and i + 8 of a token-major fp32 tensor (row r at dst + r * stride)
+ * from the lane's NO x 4 accumulators, columns < hd, rows < S. */
+template <int NO>
+__device__ __forceinline__ void am_store_rows(float *dst, size_t stride, int i, int S, int hd, int t,
+                                              const float acc[NO][4]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (i + 8 * r >= S) continue;
+        float *row = dst + (size_t)(i + 8 * r) * stride;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            const int c = 8 * n + 2 * t;
+            if (c < hd) row[c] = acc[n][2 * r];
+            if (c + 1 < hd) row[c + 1] = acc[n][2 * r + 1];
+        }
+    }
+}
+
+/* Stores the pair (i, j), (i, j + 1) of an S x S row-major matrix (j even,
+ * j < S; j + 1 may be S when S is odd, then only the first is written). */
+__device__ __forceinline__ void am_put2(float *M, int i, int j, int S, bool v2, float a, float b) {
+    float *p = M + (size_t)i * S + j;
+    if (v2) {
+        *reinterpret_cast<float2 *>(p) = make_float2(a, b);
+    } else {
+        p[0] = a;
+        if (j + 1 < S) p[1] = b;
+    }
+}
+
+/* Forward, block (b, h, query tile qt); shared memory: Q, K, V tiles. In
+ * pass 1 the next K tile is loaded into registers while the current one is
+ * used. Not in pass 2: next to the output accumulators, registers for K and
+ * V took the kernel from 128 to 202 and made it slower on an H100 (45 us
+ * instead of 39 at B = 32, S = 256, H = 4, hd = 64). */
+template <int HDW>
+__global__ void __launch_bounds__(AM_THREADS)
+attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int H, int hd, float scale, int vec) {
+    constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8, PER = AmPart<HDW, AM_THREADS>::PER;
+    extern __shared__ float4 am_smem4[];
+    bf16 *Qs = reinterpret_cast<bf16 *>(am_smem4), *Ks = Qs + AM * LD, *Vs = Ks + AM * LD;
+    const int nt = (S + AM - 1) / AM;
+    const int bh = blockIdx.x / nt, qt = nt - 1 - (int)(blockIdx.x % nt); /* heavy tiles first */
+    const int h = bh % H, b = bh / H;
+    const size_t C = (size_t)H * hd, tok = 3 * C;
+    const float *base = qkv + (size_t)b * S * tok + (size_t)h * hd;
+    const float *kbase = base + C, *vbase = base + 2 * C;
+    const size_t tile = (size_t)AM * tok; /* from one key tile to the next */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+    const int r0 = qt * AM;
+    const int i0 = r0 + warp * 16 + (lane >> 2); /* the lane's rows: i0 and i0 + 8 */
+    const bool vq = vec & AM_VEC_QKV, v2 = vec & AM_VEC_S2;
+    float *P = probs + (size_t)bh * S * S;
+
+    float4 pk[PER];
+    am_fetch<HDW, AM_THREADS>(pk, kbase, tok, S, hd, vq);
+    am_stage<HDW, AM_THREADS>(Qs, base + (size_t)r0 * tok, tok, S - r0, hd, AM_NOMASK, vq);
+
+    /* pass 1: row max m and sum l of exp(score - m), updated tile by tile */
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    for (int kt = 0; kt <= qt; ++kt) {
+        __syncthreads(); /* the last tile's Ks readers are done */
+        am_put<HDW, AM_THREADS>(Ks, pk, AM_NOMASK);
+        __syncthreads();
+        if (kt < qt) am_fetch<HDW, AM_THREADS>(pk, kbase + (kt + 1) * tile, tok, S - (kt + 1) * AM, hd, vq);
+        float s[8][4];
+        am_tile_abt<NK>(s, Qs, Ks, LD, warp, lane);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = i0 + 8 * r;
+            float tmax = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = kt * AM + 8 * n + 2 * t + e;
+                    /* __fmul_rn: not fused into pass 2's subtraction, so both passes see one value */
+                    const float v = j <= i ? __fmul_rn(s[n][2 * r + e], scale) : -INFINITY;
+                    s[n][2 * r + e] = v;
+                    tmax = fmaxf(tmax, v);
+                }
+            /* finite: key kt * 64 <= i for every row of a tile qt >= kt */
+            const float mnew = fmaxf(m[r], am_quad_max(tmax));
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) sum += expf(s[n][2 * r] - mnew) + expf(s[n][2 * r + 1] - mnew);
+            l[r] = l[r] * expf(m[r] - mnew) + am_quad_sum(sum);
+            m[r] = mnew;
+        }
+    }
+    const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
+
+    /* pass 2: probabilities into probs (zeros above the diagonal), out = P V */
+    float o[NO][4] = {};
+    for (int kt = 0; kt <= qt; ++kt) {
+        __syncthreads();
+        am_stage<HDW, AM_THREADS>(Ks, kbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
+        am_stage<HDW, AM_THREADS>(Vs, vbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
+        __syncthreads();
+        float s[8][4];
+        am_tile_abt<NK>(s, Qs, Ks, LD, warp, lane);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = i0 + 8 * r;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+                const int j = kt * AM + 8 * n + 2 * t;
+                const float p0 = j <= i ? expf(__fmul_rn(s[n][2 * r], scale) - m[r]) * inv[r] : 0.0f;
+                const float p1 = j + 1 <= i ? expf(__fmul_rn(s[n][2 * r + 1], scale) - m[r]) * inv[r] : 0.0f;
+                s[n][2 * r] = p0;
+                s[n][2 * r + 1] = p1;
+                if (i < S && j < S) am_put2(P, i, j, S, v2, p0, p1);
+            }
+        }
+        am_tile_xy<NO>(o, s, Vs, LD, lane);
+    }
+    am_store_rows<NO>(out + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
+
+    /* causal zeros right of the diagonal tile */
+    const int j0 = (qt + 1) * AM;
+    if (j0 < S) {
+        const int ncols = S - j0, nrows = min(AM, S - r0);
+        if (vec & AM_VEC_S4) { /* S % 4 == 0, so ncols too */
+            const int n4 = ncols / 4;
+            for (int idx = threadIdx.x; idx < nrows * n4; idx += AM_THREADS) {
+                const int r = idx / n4, c = idx - r * n4;
+                float4 *z = reinterpret_cast<float4 *>(P + (size_t)(r0 + r) * S + j0 + 4 * c);
+                *z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+        } else {
+            for (int idx = threadIdx.x; idx < nrows * ncols; idx += AM_THREADS) {
+                const int r = idx / ncols, c = idx - r * ncols;
+                P[(size_t)(r0 + r) * S + j0 + c] = 0.0f;
+            }
+        }
+    }
+}
+
+/* Backward, block (b, h, query tile qt): pass 1 dP = dO V^T and the row sums
+ * D_i = sum_j P_ij dP_ij; pass 2 dP again, dS = P (dP - D) / sqrt(hd) into
+ * dA (j <= i; zeros above the diagonal inside the diagonal tile) and
+ * dQ = dS K. Shared memory: dO, V, K tiles (bf16) and two fp32 tiles of
+ * probs, which cp.async fills one tile ahead (reading probs straight from
+ * global memory after the MMAs left its latency exposed: 75 us instead of 46
+ * on an H100 at the shape above); in pass 1 the next V tile is loaded into
+ * registers while the current one is used. */
+template <int HDW>
+__global__ void __launch_bounds__(AM_THREADS)
+attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *dout, float *dqkv, float *dA, int S,
+                           int H, int hd, float scale, int vec) {
+    constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8, PER = AmPart<HDW, AM_THREADS>::PER;
+    extern __shared__ float4 am_smem4[];
+    bf16 *Gs = reinterpret_cast<bf16 *>(am_smem4), *Vs = Gs + AM * LD, *Ks = Vs + AM * LD;
+    float *Pbuf = reinterpret_cast<float *>(Ks + AM * LD); /* [2][AM][AM_LP] */
+    const int nt = (S + AM - 1) / AM;
+    const int bh = blockIdx.x / nt, qt = nt - 1 - (int)(blockIdx.x % nt);
+    const int h = bh % H, b = bh / H;
+    const size_t C = (size_t)H * hd, tok = 3 * C;
+    const float *base = qkv + (size_t)b * S * tok + (size_t)h * hd;
+    const float *kbase = base + C, *vbase = base + 2 * C;
+    const size_t tile = (size_t)AM * tok;
+    const float *gbase = dout + (size_t)b * S * C + (size_t)h * hd;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+    const int r0 = qt * AM;
+    const int i0 = r0 + warp * 16 + (lane >> 2);
+    const bool vq = vec & AM_VEC_QKV, v2 = vec & AM_VEC_S2, v4 = vec & AM_VEC_S4;
+    const float *P = probs + (size_t)bh * S * S;
+    float *A = dA + (size_t)bh * S * S;
+    /* the lane's element (row 8r of its pair, column 8n) of a probs tile */
+    const int poff = (warp * 16 + (lane >> 2)) * AM_LP + 2 * t;
+
+    float4 pv[PER];
+    am_copy_async(Pbuf, P, r0, 0, S, v4);
+    am_async_commit();
+    am_fetch<HDW, AM_THREADS>(pv, vbase, tok, S, hd, vq);
+    am_stage<HDW, AM_THREADS>(Gs, gbase + (size_t)r0 * C, C, S - r0, hd, AM_NOMASK, vec & AM_VEC_DOUT);
+
+    float D[2] = {0.0f, 0.0f};
+    for (int kt = 0; kt <= qt; ++kt) {
+        __syncthreads(); /* Vs and the probs buffer about to be refilled are no longer read */
+        if (kt < qt) am_copy_async(Pbuf + ((kt + 1) & 1) * AM * AM_LP, P, r0, (kt + 1) * AM, S, v4);
+        am_async_commit(); /* possibly empty: one group per iteration keeps the wait below right */
+        am_put<HDW, AM_THREADS>(Vs, pv, AM_NOMASK);
+        am_async_wait1(); /* this tile's probs */
+        __syncthreads();
+        if (kt < qt) am_fetch<HDW, AM_THREADS>(pv, vbase + (kt + 1) * tile, tok, S - (kt + 1) * AM, hd, vq);
+        const float *Pt = Pbuf + (kt & 1) * AM * AM_LP + poff;
+        float dp[8][4];
+        am_tile_abt<NK>(dp, Gs, Vs, LD, warp, lane);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = i0 + 8 * r;
+            if (i >= S) continue;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+                const int j = kt * AM + 8 * n + 2 * t;
+                if (j > i) continue;
+                const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
+                D[r] += p.x * dp[n][2 * r];
+                if (j + 1 <= i) D[r] += p.y * dp[n][2 * r + 1];
+            }
+        }
+    }
+    D[0] = am_quad_sum(D[0]);
+    D[1] = am_quad_sum(D[1]);
+
+    __syncthreads(); /* the probs buffers are no longer read */
+    am_copy_async(Pbuf, P, r0, 0, S, v4);
+    am_async_commit();
+    float dq[NO][4] = {};
+    for (int kt = 0; kt <= qt; ++kt) {
+        __syncthreads();
+        if (kt < qt) am_copy_async(Pbuf + ((kt + 1) & 1) * AM * AM_LP, P, r0, (kt + 1) * AM, S, v4);
+        am_async_commit();
+        am_stage<HDW, AM_THREADS>(Vs, vbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
+        am_stage<HDW, AM_THREADS>(Ks, kbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
+        am_async_wait1();
+        __syncthreads();
+        const float *Pt = Pbuf + (kt & 1) * AM * AM_LP + poff;
+        float dp[8][4];
+        am_tile_abt<NK>(dp, Gs, Vs, LD, warp, lane);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = i0 + 8 * r;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+                const int j = kt * AM + 8 * n + 2 * t;
+                float d0 = 0.0f, d1 = 0.0f;
+                if (i < S && j <= i) {
+                    const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
+                    d0 = p.x * (dp[n][2 * r] - D[r]) * scale;
+                    if (j + 1 <= i) d1 = p.y * (dp[n][2 * r + 1] - D[r]) * scale;
+                }
+                dp[n][2 * r] = d0;
+                dp[n][2 * r + 1] = d1;
+                if (i < S && j < S) am_put2(A, i, j, S, v2, d0, d1);
+            }
+        }
+        am_tile_xy<NO>(dq, dp, Ks, LD, lane);
+    }
+    am_store_rows<NO>(dqkv + (size_t)b * S * tok + (size_t)h * hd, tok, i0, S, hd, t, dq);
+}
+
+/* Backward, block (b, h, key tile kt): dK = dS^T Q and dV = P^T dO over the
+ * query tiles it >= kt, in query order. The dS and P tiles are staged as
+ * stored ([query][key], masked to j <= i) and read transposed by ldmatrix.
+ * 8 warps: warps 0-3 make dK, warps 4-7 dV, each for 16 keys, so a thread
+ * holds one HDW-wide accumulator row pair instead of two. Shared memory: dS,
+ * P, Q, dO tiles. */
+constexpr int AM_KV_THREADS = 256;
+
+template <int HDW>
+__global__ void __launch_bounds__(AM_KV_THREADS)
+attention_bwd_kv_mma_kernel(const float *qkv, const float *probs, const float *dout, const float *dA, float *dqkv,
+                            int S, int H, int hd, int vec) {
+    constexpr int LD = HDW + AM_PAD, NO = HDW / 8;
+    extern __shared__ float4 am_smem4[];
+    bf16 *Ss = reinterpret_cast<bf16 *>(am_smem4), *Ps = Ss + AM * AM_LS, *Qs = Ps + AM * AM_LS, *Gs = Qs + AM * LD;
+    const int nt = (S + AM - 1) / AM;
+    const int bh = blockIdx.x / nt, kt = (int)(blockIdx.x % nt); /* heavy tiles (small kt) first */
+    const int h = bh % H, b = bh / H;
+    const size_t C = (size_t)H * hd, tok = 3 * C;
+    const float *base = qkv + (size_t)b * S * tok + (size_t)h * hd;
+    const float *gbase = dout + (size_t)b * S * C + (size_t)h * hd;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+    const bool is_v = warp >= 4; /* uniform per warp */
+    const int j0 = kt * AM;
+    const bool vq = vec & AM_VEC_QKV, vg = vec & AM_VEC_DOUT, v4 = vec & AM_VEC_S4;
+    const float *P = probs + (size_t)bh * S * S;
+    const float *A = dA + (size_t)bh * S * S;
+    const bf16 *Xs = is_v ? Ps : Ss, *Ys = is_v ? Gs : Qs;
+
+    float acc[NO][4] = {};
+    for (int it = kt; it < nt; ++it) {
+        const int i0 = it * AM;
+        __syncthreads();
+        am_stage<AM, AM_KV_THREADS>(Ss, A + (size_t)i0 * S + j0, S, S - i0, S - j0, i0 - j0, v4);
+        am_stage<AM, AM_KV_THREADS>(Ps, P + (size_t)i0 * S + j0, S, S - i0, S - j0, i0 - j0, v4);
+        am_stage<HDW, AM_KV_THREADS>(Qs, base + (size_t)i0 * tok, tok, S - i0, hd, AM_NOMASK, vq);
+        am_stage<HDW, AM_KV_THREADS>(Gs, gbase + (size_t)i0 * C, C, S - i0, hd, AM_NOMASK, vg);
+        __syncthreads();
+        am_tile_xty<NO>(acc, Xs, AM_LS, Ys, LD, warp & 3, lane);
+    }
+    /* dK at column C of a token's dqkv row, dV at 2C */
+    float *dst = dqkv + (size_t)b * S * tok + (is_v ? 2 * C : C) + (size_t)h * hd;
+    am_store_rows<NO>(dst, tok, j0 + (warp & 3) * 16 + (lane >> 2), S, hd, t, acc);
+}
+
 /* Shared memory above the 48 KB default needs the kernel's opt-in. */
 static int at_smem_optin(moe_backend *be, const void *kernel, size_t bytes, const char *what) {
     if (bytes <= 48 * 1024) return 1;
@@ -598,11 +1139,58 @@ static size_t at_smem_qside(int hd) {
     return (a > p ? a : p) * sizeof(float);
 }
 
+/* The AM_VEC_* bits the arrays' addresses and the sizes allow. */
+static int am_vec_flags(const float *qkv, const float *dout, const float *probs, int S, int hd) {
+    const uintptr_t a16 = 15, a8 = 7;
+    int f = 0;
+    if (hd % 4 == 0 && ((uintptr_t)qkv & a16) == 0) f |= AM_VEC_QKV;
+    if (hd % 4 == 0 && dout && ((uintptr_t)dout & a16) == 0) f |= AM_VEC_DOUT;
+    if (S % 4 == 0 && ((uintptr_t)probs & a16) == 0) f |= AM_VEC_S4; /* dA: scratch, 256-byte aligned */
+    if (S % 2 == 0 && ((uintptr_t)probs & a8) == 0) f |= AM_VEC_S2;
+    return f;
+}
+
+template <int HDW>
+static void am_fwd(moe_backend *be, const float *qkv, float *out, float *probs, int B, int S, int H, int hd) {
+    const unsigned blocks = (unsigned)((size_t)B * H * ((S + AM - 1) / AM));
+    const size_t shmem = (size_t)3 * AM * (HDW + AM_PAD) * sizeof(bf16);
+    if (!at_smem_optin(be, (const void *)attention_fwd_mma_kernel<HDW>, shmem, "attention_fwd")) return;
+    attention_fwd_mma_kernel<HDW><<<blocks, AM_THREADS, shmem, cuda_stream(be)>>>(
+        qkv, out, probs, S, H, hd, 1.0f / sqrtf((float)hd), am_vec_flags(qkv, NULL, probs, S, hd));
+    KERNEL_CHECK(be, "attention_fwd_mma_kernel");
+}
+
+template <int HDW>
+static void am_bwd(moe_backend *be, const float *qkv, const float *probs, const float *dout, float *dqkv, int B,
+                   int S, int H, int hd) {
+    const unsigned blocks = (unsigned)((size_t)B * H * ((S + AM - 1) / AM));
+    float *dA = (float *)cuda_scratch(be, (size_t)B * H * S * S * sizeof(float));
+    if (!dA) return;
+    const int vec = am_vec_flags(qkv, dout, probs, S, hd);
+    const size_t sh_q = (size_t)3 * AM * (HDW + AM_PAD) * sizeof(bf16) + (size_t)2 * AM * AM_LP * sizeof(float);
+    const size_t sh_kv = ((size_t)2 * AM * AM_LS + (size_t)2 * AM * (HDW + AM_PAD)) * sizeof(bf16);
+    if (!at_smem_optin(be, (const void *)attention_bwd_q_mma_kernel<HDW>, sh_q, "attention_bwd")) return;
+    if (!at_smem_optin(be, (const void *)attention_bwd_kv_mma_kernel<HDW>, sh_kv, "attention_bwd")) return;
+    cudaStream_t st = cuda_stream(be);
+    attention_bwd_q_mma_kernel<HDW><<<blocks, AM_THREADS, sh_q, st>>>(qkv, probs, dout, dqkv, dA, S, H, hd,
+                                                                      1.0f / sqrtf((float)hd), vec);
+    KERNEL_CHECK(be, "attention_bwd_q_mma_kernel");
+    attention_bwd_kv_mma_kernel<HDW><<<blocks, AM_KV_THREADS, sh_kv, st>>>(qkv, probs, dout, dA, dqkv, S, H, hd, vec);
+    KERNEL_CHECK(be, "attention_bwd_kv_mma_kernel");
+}
+
 void cuda_attention_fwd(moe_backend *be, const float *qkv, float *out, float *probs, int B, int S,
                         int H, int hd) {
     if (B <= 0 || S <= 0 || H <= 0 || hd <= 0) return;
     if (hd > AT_MAX_HD) {
         attention_fwd_rows(be, qkv, out, probs, B, S, H, hd);
+        return;
+    }
+    if (cuda_state(be)->precision == MOE_PRECISION_BF16) {
+        if (hd <= 64)
+            am_fwd<64>(be, qkv, out, probs, B, S, H, hd);
+        else
+            am_fwd<128>(be, qkv, out, probs, B, S, H, hd);
         return;
     }
     const int nt = (S + AT - 1) / AT;
@@ -619,6 +1207,13 @@ void cuda_attention_bwd(moe_backend *be, const float *qkv, const float *probs, c
     if (B <= 0 || S <= 0 || H <= 0 || hd <= 0) return;
     if (hd > AT_MAX_HD) {
         attention_bwd_rows(be, qkv, probs, dout, dqkv, B, S, H, hd);
+        return;
+    }
+    if (cuda_state(be)->precision == MOE_PRECISION_BF16) {
+        if (hd <= 64)
+            am_bwd<64>(be, qkv, probs, dout, dqkv, B, S, H, hd);
+        else
+            am_bwd<128>(be, qkv, probs, dout, dqkv, B, S, H, hd);
         return;
     }
     const int nt = (S + AT - 1) / AT;

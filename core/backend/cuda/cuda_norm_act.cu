@@ -94,10 +94,121 @@ struct layernorm_db_term {
     __device__ float operator()(int t, int j) const { return dy[(size_t)t * d + j]; }
 };
 
+/* The whole LayerNorm backward in one pass over x and dy, for d a multiple
+ * of 32 up to 32 * LN_MAX_COLS_PER_LANE: a block takes LN_CHUNK rows, a
+ * warp every NORM_ROWS_PER_BLOCK-th of them; for each row it adds dx as
+ * layernorm_bwd_dx_kernel does and keeps its lanes' dg and db terms in
+ * registers (lane l owns columns l, l + 32, ...). The warps' sums are then
+ * added in warp order into one partial per (chunk, column) for dg and for
+ * db, and ln_finish_kernel adds the chunks in order: a fixed order, so the
+ * result repeats bit for bit. */
+constexpr int LN_CHUNK = 16; /* 2 rows per warp: enough blocks to fill the GPU */
+constexpr int LN_MAX_COLS_PER_LANE = 16;
+
+__global__ void __launch_bounds__(CUDA_THREADS)
+layernorm_bwd_fused_kernel(const float *x, const float *g, const float *mean, const float *rstd, const float *dy,
+                           float *dx, int T, int d, float *partial_dg, float *partial_db) {
+    extern __shared__ float ln_smem[]; /* [NORM_ROWS_PER_BLOCK][2][d] */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ncols = d / 32;
+    float dg_acc[LN_MAX_COLS_PER_LANE], db_acc[LN_MAX_COLS_PER_LANE];
+#pragma unroll
+    for (int k = 0; k < LN_MAX_COLS_PER_LANE; ++k) dg_acc[k] = db_acc[k] = 0.0f;
+    const int r0 = blockIdx.x * LN_CHUNK, r1 = min(T, r0 + LN_CHUNK);
+    for (int row = r0 + warp; row < r1; row += NORM_ROWS_PER_BLOCK) {
+        const float *xr = x + (size_t)row * d, *dyr = dy + (size_t)row * d;
+        float *dxr = dx + (size_t)row * d;
+        const float m = mean[row], r = rstd[row];
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < LN_MAX_COLS_PER_LANE; ++k) {
+            if (k >= ncols) break;
+            const int i = lane + 32 * k;
+            const float xhat = (xr[i] - m) * r, dyv = dyr[i], dxhat = dyv * g[i];
+            s1 += dxhat;
+            s2 += dxhat * xhat;
+            dg_acc[k] += dyv * (xr[i] - m) * r; /* (dy * (x - mean)) * rstd, as the CPU */
+            db_acc[k] += dyv;
+        }
+        const float mean_dxhat = warp_sum(s1) / (float)d;
+        const float mean_dxhat_xhat = warp_sum(s2) / (float)d;
+#pragma unroll
+        for (int k = 0; k < LN_MAX_COLS_PER_LANE; ++k) {
+            if (k >= ncols) break;
+            const int i = lane + 32 * k;
+            const float xhat = (xr[i] - m) * r, dxhat = dyr[i] * g[i];
+            dxr[i] += r * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+        }
+    }
+    float *mine = ln_smem + (size_t)warp * 2 * d;
+#pragma unroll
+    for (int k = 0; k < LN_MAX_COLS_PER_LANE; ++k) {
+        if (k >= ncols) break;
+        mine[lane + 32 * k] = dg_acc[k];
+        mine[d + lane + 32 * k] = db_acc[k];
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float sg = 0.0f, sb = 0.0f;
+        for (int w = 0; w < NORM_ROWS_PER_BLOCK; ++w) {
+            sg += ln_smem[(size_t)w * 2 * d + j];
+            sb += ln_smem[(size_t)w * 2 * d + d + j];
+        }
+        partial_dg[(size_t)blockIdx.x * d + j] = sg;
+        partial_db[(size_t)blockIdx.x * d + j] = sb;
+    }
+}
+
+/* dg[j] += the sum of the chunks' partials, the same for db: a block takes
+ * 32 columns, lane y of a column adds chunks y, y + LN_FINISH_LANES, ... in
+ * order, then the lane sums are added in lane order (a fixed order, as in
+ * colsum_partial_kernel). Grid: d / 32 blocks of (32, LN_FINISH_LANES). */
+constexpr int LN_FINISH_LANES = 32;
+
+__global__ void ln_finish_kernel(const float *partial_dg, const float *partial_db, int nchunks, int d, float *dg,
+                                 float *db) {
+    __shared__ float sums[2][LN_FINISH_LANES][33];
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    float sg = 0.0f, sb = 0.0f;
+    if (j < d)
+        for (int c = threadIdx.y; c < nchunks; c += LN_FINISH_LANES) {
+            sg += partial_dg[(size_t)c * d + j];
+            sb += partial_db[(size_t)c * d + j];
+        }
+    sums[0][threadIdx.y][threadIdx.x] = sg;
+    sums[1][threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < d) {
+        float tg = sums[0][0][threadIdx.x], tb = sums[1][0][threadIdx.x];
+        for (int y = 1; y < LN_FINISH_LANES; ++y) {
+            tg += sums[0][y][threadIdx.x];
+            tb += sums[1][y][threadIdx.x];
+        }
+        dg[j] += tg;
+        db[j] += tb;
+    }
+}
+
 void cuda_layernorm_bwd(moe_backend *be, const float *x, const float *g, const float *mean,
                         const float *rstd, const float *dy, float *dx, float *dg, float *db, int T,
                         int d) {
     if (T <= 0 || d <= 0) return;
+    if (d % 32 == 0 && d <= 32 * LN_MAX_COLS_PER_LANE) {
+        const int nchunks = (T + LN_CHUNK - 1) / LN_CHUNK;
+        ScratchLayout lay;
+        const size_t g_off = lay.add((size_t)nchunks * d * sizeof(float));
+        const size_t b_off = lay.add((size_t)nchunks * d * sizeof(float));
+        char *base = cuda_scratch(be, lay.total);
+        if (!base) return;
+        float *pg = (float *)(base + g_off), *pb = (float *)(base + b_off);
+        const size_t smem = (size_t)NORM_ROWS_PER_BLOCK * 2 * d * sizeof(float); /* <= 32 KiB */
+        layernorm_bwd_fused_kernel<<<(unsigned)nchunks, CUDA_THREADS, smem, cuda_stream(be)>>>(
+            x, g, mean, rstd, dy, dx, T, d, pg, pb);
+        KERNEL_CHECK(be, "layernorm_bwd_fused_kernel");
+        ln_finish_kernel<<<(unsigned)(d / 32), dim3(32, LN_FINISH_LANES), 0, cuda_stream(be)>>>(pg, pb, nchunks, d, dg, db);
+        KERNEL_CHECK(be, "ln_finish_kernel");
+        return;
+    }
     layernorm_bwd_dx_kernel<<<norm_blocks(T), CUDA_THREADS, 0, cuda_stream(be)>>>(x, g, mean, rstd, dy,
                                                                                    dx, T, d);
     KERNEL_CHECK(be, "layernorm_bwd_dx_kernel");
