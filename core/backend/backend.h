@@ -319,7 +319,8 @@ moe_backend *moe_backend_cpu_create(int threads);
 /* Matrix-product precision of the CUDA backend: fp32 end to end, or bf16
  * operands with fp32 accumulation and fp32 outputs for the GEMMs and for
  * attention's six products (master weights, softmax statistics and router
- * math stay fp32 either way). */
+ * math stay fp32 either way; so do GEMMs with a side shorter than 16, such
+ * as the gate's, where tensor cores gain nothing). */
 typedef enum moe_precision { MOE_PRECISION_FP32 = 0, MOE_PRECISION_BF16 = 1 } moe_precision;
 
 /* The CUDA backend on device `ordinal` (built when MOE_HAVE_CUDA_BACKEND is

@@ -250,11 +250,22 @@ static void norm_bwd(moe_model *m, const float *x, const float *g, const float *
     else m->be->layernorm_bwd(m->be, x, g, mean, rstd, dy, dx, dg, db, T, m->d);
 }
 
-/* x_out = x_in + dropout(branch); branch is clobbered. */
+/* Where a residual branch writes its output: straight into the sum's
+ * buffer x_out when no dropout applies (residual_add then adds x_in in
+ * place, saving a copy), else into tmp1. */
+static float *residual_branch(moe_model *m, int training, float *x_out) {
+    return training && m->dropout > 0.0f ? m->tmp1 : x_out;
+}
+
+/* x_out = x_in + dropout(branch), branch from residual_branch (clobbered). */
 static void residual_add(moe_model *m, const float *x_in, float *branch, float *x_out, int T, int training,
                          uint64_t step, int site) {
     moe_backend *be = m->be;
     size_t n = (size_t)T * m->d;
+    if (branch == x_out) { /* branch + x_in: the same sum, float addition commutes */
+        be->axpy(be, 1.0f, x_in, x_out, n);
+        return;
+    }
     if (training && m->dropout > 0.0f) be->dropout_fwd(be, branch, branch, n, m->dropout, dropout_key(m, step, site));
     be->copy(be, x_out, x_in, n * sizeof(float));
     be->axpy(be, 1.0f, branch, x_out, n);
@@ -363,14 +374,16 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
         be->gemm_bias(be, 0, 0, T, 3 * d, d, b->n1, d, 0, b->wqkv, 3 * d, 0, b->bqkv, 0, b->qkv, 3 * d, 0, 1);
         if (m->rope) be->rope_fwd(be, b->qkv, B, S, H, hd, m->rope_theta);
         be->attention_fwd(be, b->qkv, b->att, b->probs, B, S, H, hd);
-        be->gemm_bias(be, 0, 0, T, d, d, b->att, d, 0, b->wo, d, 0, b->bo, 0, m->tmp1, d, 0, 1);
-        residual_add(m, m->x[l], m->tmp1, b->x_mid, T, training, step, 1 + 2 * l);
+        float *branch = residual_branch(m, training, b->x_mid);
+        be->gemm_bias(be, 0, 0, T, d, d, b->att, d, 0, b->wo, d, 0, b->bo, 0, branch, d, 0, 1);
+        residual_add(m, m->x[l], branch, b->x_mid, T, training, step, 1 + 2 * l);
         /* MoE branch */
         norm_fwd(m, b->x_mid, b->n2g, b->n2b, b->n2, b->n2_mean, b->n2_rstd, T);
-        if (moe_layer_forward(&b->moe, b->n2, m->ids, T, training, router_key(m, step, l), m->tmp1, NULL, err,
+        branch = residual_branch(m, training, m->x[l + 1]);
+        if (moe_layer_forward(&b->moe, b->n2, m->ids, T, training, router_key(m, step, l), branch, NULL, err,
                               errcap) != 0)
             return prefer_record(m, err, errcap);
-        residual_add(m, b->x_mid, m->tmp1, m->x[l + 1], T, training, step, 2 + 2 * l);
+        residual_add(m, b->x_mid, branch, m->x[l + 1], T, training, step, 2 + 2 * l);
     }
 
     /* head */
@@ -409,18 +422,26 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
         moe_block *b = &m->blocks[l];
         int dropping = m->dropout > 0.0f;
         /* MoE branch: dres is d x[l+1] */
-        if (dropping) be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 2 + 2 * l));
-        else be->copy(be, m->tmp1, m->dres, n * sizeof(float));
+        /* Each branch reads its output gradient before norm_bwd adds into
+         * dres, so without dropout it reads dres itself. */
+        const float *dbranch = m->dres;
+        if (dropping) {
+            be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 2 + 2 * l));
+            dbranch = m->tmp1;
+        }
         be->zero(be, m->tmp2, n * sizeof(float));
-        if (moe_layer_backward(&b->moe, m->ids, m->tmp1, m->tmp2, router_key(m, step, l), err, errcap) != 0)
+        if (moe_layer_backward(&b->moe, m->ids, dbranch, m->tmp2, router_key(m, step, l), err, errcap) != 0)
             return prefer_record(m, err, errcap);
         norm_bwd(m, b->x_mid, b->n2g, b->n2_mean, b->n2_rstd, m->tmp2, m->dres, b->dn2g, b->dn2b, T);
         /* attention branch: dres is now d x_mid */
-        if (dropping) be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 1 + 2 * l));
-        else be->copy(be, m->tmp1, m->dres, n * sizeof(float));
-        be->bias_grad(be, m->tmp1, b->dbo, T, d);
-        be->gemm(be, 1, 0, d, d, T, 1.0f, b->att, d, m->tmp1, d, 1.0f, b->dwo, d);
-        be->gemm(be, 0, 1, T, d, d, 1.0f, m->tmp1, d, b->wo, d, 0.0f, m->tmp2, d);
+        dbranch = m->dres;
+        if (dropping) {
+            be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 1 + 2 * l));
+            dbranch = m->tmp1;
+        }
+        be->bias_grad(be, dbranch, b->dbo, T, d);
+        be->gemm(be, 1, 0, d, d, T, 1.0f, b->att, d, dbranch, d, 1.0f, b->dwo, d);
+        be->gemm(be, 0, 1, T, d, d, 1.0f, dbranch, d, b->wo, d, 0.0f, m->tmp2, d);
         be->attention_bwd(be, b->qkv, b->probs, m->tmp2, m->dqkv, B, S, H, hd);
         if (m->rope) be->rope_bwd(be, m->dqkv, B, S, H, hd, m->rope_theta);
         be->bias_grad(be, m->dqkv, b->dbqkv, T, 3 * d);

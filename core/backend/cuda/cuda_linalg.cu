@@ -181,13 +181,21 @@ static void gemm_bf16(moe_backend *be, int ta, int tb, int M, int N, int K, floa
                                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+/* Whether a GEMM of bf16 mode takes bf16 operands. A product with a side
+ * shorter than 16 (the gate's E columns, its backward's E-long sums) gains
+ * nothing from tensor cores, while rounding its large operand costs a pass
+ * over it: it runs in fp32, which also keeps the router's gate logits fp32
+ * as design.md asks. With K = 0 there is nothing to round. */
+static bool gemm_rounds(moe_backend *be, int M, int N, int K) {
+    return cuda_state(be)->precision == MOE_PRECISION_BF16 && M >= 16 && N >= 16 && K >= 16;
+}
+
 void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
                                const float *A, int lda, long long strideA, const float *B, int ldb,
                                long long strideB, float beta, float *C, int ldc, long long strideC,
                                int batch) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
-    /* With K = 0 there is nothing to round: the fp32 call scales C by beta. */
-    if (cuda_state(be)->precision == MOE_PRECISION_BF16 && K > 0)
+    if (gemm_rounds(be, M, N, K))
         gemm_bf16(be, ta, tb, M, N, K, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc,
                   strideC, batch);
     else
@@ -439,7 +447,7 @@ void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const 
         KERNEL_CHECK(be, "set_bias_rows_kernel");
         return;
     }
-    if (cuda_state(be)->precision == MOE_PRECISION_BF16) {
+    if (gemm_rounds(be, M, N, K)) {
         bf16_operands op;
         if (!round_operands(be, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, batch, &op)) return;
         cuda_gemm_bf16_operands(be, op.ta, op.tb, M, N, K, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, bias,

@@ -345,19 +345,21 @@ __global__ void dispatch_kernel(const float *__restrict__ x, const int32_t *__re
     }
 }
 
-/* Rows of buf[nrows, d] not marked in `filled` are set to 0 (one block per
- * row; filled rows are left alone). */
+/* Rows of buf[nrows, d] not marked in `filled` are set to 0, one warp per
+ * row (filled rows are left alone). Most rows are filled: a block per row
+ * spent its time starting blocks that had nothing to do. */
 template <int W>
 __global__ void zero_unfilled_kernel(float *__restrict__ buf, const int32_t *__restrict__ filled,
                                      size_t nrows, int d) {
-    const int nvec = d / W;
+    const int nvec = d / W, lane = threadIdx.x & 31;
+    const size_t warps = (size_t)gridDim.x * (blockDim.x >> 5);
     VecF<W> z;
 #pragma unroll
     for (int c = 0; c < W; ++c) z.v[c] = 0.0f;
-    for (size_t r = blockIdx.x; r < nrows; r += gridDim.x) {
+    for (size_t r = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < nrows; r += warps) {
         if (filled[r]) continue;
         float *dst = buf + r * d;
-        for (int i = threadIdx.x; i < nvec; i += blockDim.x) vstore<W>(dst + (size_t)i * W, z);
+        for (int i = lane; i < nvec; i += 32) vstore<W>(dst + (size_t)i * W, z);
     }
 }
 
@@ -372,10 +374,12 @@ static int32_t *filled_mask(moe_backend *be, size_t n) {
 static void zero_unfilled(moe_backend *be, float *buf, const int32_t *filled, size_t nrows, int d,
                           bool vec) {
     cudaStream_t st = cuda_stream(be);
+    const size_t rows_per_block = CUDA_THREADS / 32;
+    const unsigned blocks = row_blocks((nrows + rows_per_block - 1) / rows_per_block);
     if (vec) {
-        zero_unfilled_kernel<4><<<row_blocks(nrows), row_threads(d / 4), 0, st>>>(buf, filled, nrows, d);
+        zero_unfilled_kernel<4><<<blocks, CUDA_THREADS, 0, st>>>(buf, filled, nrows, d);
     } else {
-        zero_unfilled_kernel<1><<<row_blocks(nrows), row_threads(d), 0, st>>>(buf, filled, nrows, d);
+        zero_unfilled_kernel<1><<<blocks, CUDA_THREADS, 0, st>>>(buf, filled, nrows, d);
     }
     KERNEL_CHECK(be, "zero_unfilled_kernel");
 }
