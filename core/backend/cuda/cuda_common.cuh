@@ -292,6 +292,17 @@ void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int 
                              int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB,
                              const float *bias, long long sbias, float beta, float *C, int ldc, long long sC,
                              int batch);
+/* The experts' first layer with GELU in the GEMM's epilogue: for `batch`
+ * packed products of A [M, K] (bf16) and B [K, N] (bf16), D = bf16(gelu(A B
+ * + bias)) and aux = bf16(A B + bias), both [M, N] per product, bias [N]
+ * per product in bf16 (NULL: none). cuda_gelu_aux_available says whether
+ * cuBLASLt takes the shape and these pointers' alignment;
+ * cuda_gemm_bf16_gelu_aux returns false, doing nothing, where it does not.
+ * The GELU is the tanh form, the one the CPU uses. */
+bool cuda_gelu_aux_available(moe_backend *be, int M, int N, int K, const void *A, const void *B, const void *bias,
+                             const void *D, const void *aux, int batch);
+bool cuda_gemm_bf16_gelu_aux(moe_backend *be, int M, int N, int K, const __nv_bfloat16 *A, const __nv_bfloat16 *B,
+                             const __nv_bfloat16 *bias, __nv_bfloat16 *D, __nv_bfloat16 *aux, int batch);
 /* Pass 2 of a batched column sum (cuda_linalg.cu): column j of `cols`
  * adds its chunk partials, in chunk order, to out[(j / N) * stride_out +
  * j % N]. */

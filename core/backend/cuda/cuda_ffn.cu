@@ -15,6 +15,15 @@
  *             db1 += colsum(dH)    summed from the fp32 values in the same pass
  *             dX = dH w1^T, dw1 += X^T dH
  *
+ * For GELU, where cuBLASLt takes the shape, the first GEMM's epilogue also
+ * applies the bias and the GELU (the tanh form, as the CPU) and writes A and
+ * the pre-activation H, both bf16: H is then kept in bf16 and b1 is rounded
+ * to bf16 for the epilogue (the two roundings the reference does not make:
+ * the GELU derivative is taken at bf16 H, and b1 enters H with bf16's
+ * relative error, below the rounding of H itself where |b1| <= |H|), and
+ * the bf16 copy of X the backward needs is kept beside it in H's buffer, so
+ * the forward makes no activation pass and the backward rounds no X.
+ *
  * The weights are rounded once per call (transposed where the GEMM reads
  * them transposed: cuBLAS is fastest with both operands untransposed at
  * these shapes). Every value is rounded exactly where the reference's
@@ -59,25 +68,30 @@ __global__ void ffn_act_fwd_vec4_kernel(moe_act_kind kind, const float4 *H, uint
  * expert j / hin, column c = j % hin of dH. It computes dH there from H and
  * dA, stores it as bf16 for the GEMMs, and returns the fp32 value for db1.
  * colsum_partial_kernel calls it once per element. */
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename HT> /* H in fp32, or bf16 when the GELU epilogue saved it */
 struct ffn_dh_term {
     moe_act_kind kind;
-    const float *H, *dA;
+    const HT *H;
+    const float *dA;
     __nv_bfloat16 *dH;
     int C, n, hin;
     __device__ float operator()(int t, int j) const {
         const int e = j / hin, c = j - e * hin;
         const size_t row = (size_t)e * C + t;
-        const float *h = H + row * hin;
+        const HT *h = H + row * hin;
         const float *da = dA + row * n;
         float v;
         if (kind == MOE_ACT_GELU) {
-            v = da[c] * gelu_grad(h[c]);
+            v = da[c] * gelu_grad(to_f32(h[c]));
         } else if (kind == MOE_ACT_SILU) {
-            v = da[c] * silu_grad(h[c]);
+            v = da[c] * silu_grad(to_f32(h[c]));
         } else if (c < n) { /* SwiGLU, d/d gate of silu(gate) * up */
-            v = da[c] * h[n + c] * silu_grad(h[c]);
+            v = da[c] * to_f32(h[n + c]) * silu_grad(to_f32(h[c]));
         } else { /* d/d up */
-            v = da[c - n] * silu(h[c - n]);
+            v = da[c - n] * silu(to_f32(h[c - n]));
         }
         dH[row * hin + c] = __float2bfloat16_rn(v);
         return v;
@@ -91,7 +105,20 @@ struct ffn_dh_term {
  * as colsum_partial_kernel does, so the partials are deterministic. */
 static_assert(32 * COLSUM_LANES >= 128, "the finishing threads cover the block's 128 columns");
 
-__global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const float *H, const float *dA, __nv_bfloat16 *dH, int C,
+/* Four H values from fp32 (16 bytes) or bf16 (8 bytes). */
+__device__ __forceinline__ void load4(const float *p, float v[4]) {
+    const float4 h = *reinterpret_cast<const float4 *>(p);
+    v[0] = h.x, v[1] = h.y, v[2] = h.z, v[3] = h.w;
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16 *p, float v[4]) {
+    const uint2 u = *reinterpret_cast<const uint2 *>(p);
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+}
+
+template <typename HT>
+__global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const float *dA, __nv_bfloat16 *dH, int C,
                                    int hin, int cols, float *partial) {
     __shared__ float lane_sums[COLSUM_LANES][128];
     const int chunk = blockIdx.x;
@@ -102,9 +129,9 @@ __global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const float *H, const floa
         const int e = j / hin, c = j - e * hin; /* hin % 4 == 0: the four share an expert */
         for (int t = t0 + threadIdx.y; t < t1; t += COLSUM_LANES) {
             const size_t at = ((size_t)e * C + t) * hin + c;
-            const float4 h = *reinterpret_cast<const float4 *>(H + at);
-            const float4 g = *reinterpret_cast<const float4 *>(dA + at);
-            const float hv[4] = {h.x, h.y, h.z, h.w}, gv[4] = {g.x, g.y, g.z, g.w};
+            float hv[4], gv[4];
+            load4(H + at, hv);
+            load4(dA + at, gv);
             float v[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
@@ -133,6 +160,21 @@ __global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const float *H, const floa
 
 static bool bf16_mode(moe_backend *be) { return cuda_state(be)->precision == MOE_PRECISION_BF16; }
 
+/* Whether ffn_fwd takes the GELU-epilogue path, and so what H holds for
+ * ffn_bwd: [batch][C][n] bf16 pre-activations, then X as [batch][C][d]
+ * bf16 (which fits when d <= n). Forward and backward ask with the same
+ * buffers and get the same answer; cuBLASLt must take the product with and
+ * without a bias, since the backward does not know which the forward had.
+ * The weights are rounded into the 256-byte aligned scratch: H's own
+ * alignment stands for theirs. */
+static bool gelu_epilogue_path(moe_backend *be, moe_act_kind kind, const float *H, const float *A, int batch, int C,
+                               int d, int n) {
+    if (!bf16_mode(be) || kind != MOE_ACT_GELU || d > n) return false;
+    const __nv_bfloat16 *Hh = (const __nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
+    return cuda_gelu_aux_available(be, C, n, d, Xs, Hh, H, A, Hh, batch) &&
+           cuda_gelu_aux_available(be, C, n, d, Xs, Hh, NULL, A, Hh, batch);
+}
+
 void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
                   const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
                   int n) {
@@ -147,15 +189,26 @@ void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const size_t x_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
     const size_t w1_off = lay.add((size_t)sw1 * batch * sizeof(__nv_bfloat16));
     const size_t w2_off = lay.add((size_t)sw2 * batch * sizeof(__nv_bfloat16));
+    const size_t b1_off = lay.add((size_t)hin * batch * sizeof(__nv_bfloat16));
     char *base = cuda_scratch(be, lay.total);
     if (!base) return;
     __nv_bfloat16 *Xh = (__nv_bfloat16 *)(base + x_off), *w1h = (__nv_bfloat16 *)(base + w1_off);
-    __nv_bfloat16 *w2h = (__nv_bfloat16 *)(base + w2_off);
+    __nv_bfloat16 *w2h = (__nv_bfloat16 *)(base + w2_off), *b1h = (__nv_bfloat16 *)(base + b1_off);
     __nv_bfloat16 *Ah = (__nv_bfloat16 *)A; /* A's buffer holds bf16 from here to ffn_bwd */
 
-    cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
     cuda_round_bf16(be, w1, hin, sw1, d, hin, batch, w1h, false);
     cuda_round_bf16(be, w2, d, sw2, n, d, batch, w2h, false);
+    if (gelu_epilogue_path(be, kind, H, A, batch, C, d, n)) {
+        __nv_bfloat16 *Hh = (__nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
+        cuda_round_bf16(be, X, d, sX, C, d, batch, Xs, false);
+        if (b1) cuda_round_bf16(be, b1, n, n, 1, n, batch, b1h, false);
+        /* A = gelu(X w1 + b1) and H = X w1 + b1, both bf16, from the epilogue */
+        if (!cuda_gemm_bf16_gelu_aux(be, C, n, d, Xs, w1h, b1 ? b1h : NULL, Ah, Hh, batch))
+            cuda_record_error(be, __FILE__, __LINE__, "ffn_fwd", "cuBLASLt refused a GELU plan it had accepted");
+        cuda_gemm_bf16_operands(be, 0, 0, C, d, n, Ah, n, sA, w2h, d, sw2, b2, d, 0.0f, Y, d, sX, batch);
+        return;
+    }
+    cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
     /* H = X w1 + b1 */
     cuda_gemm_bf16_operands(be, 0, 0, C, hin, d, Xh, d, sX, w1h, hin, sw1, b1, hin, 0.0f, H, hin, sH, batch);
     /* A = act(H), bf16 */
@@ -185,6 +238,8 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     /* db2 first: bias_grad_batched takes the scratch buffer for itself */
     if (db2) cuda_bias_grad_batched(be, dY, db2, batch, C, d, sX, d);
 
+    const bool saved_bf16 = gelu_epilogue_path(be, kind, H, A, batch, C, d, n);
+    const __nv_bfloat16 *Hh = (const __nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
     const int cols = batch * hin, nchunks = (C + COLSUM_ROWS - 1) / COLSUM_ROWS;
     const bool vec4 = kind != MOE_ACT_SWIGLU && hin % 4 == 0 && ((uintptr_t)H | (uintptr_t)dA) % 16 == 0;
     const long long ntiles = ((long long)cols + (vec4 ? 127 : 31)) / (vec4 ? 128 : 32);
@@ -213,14 +268,19 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     cuda_gemm_bf16_operands(be, 1, 0, n, d, C, Ah, n, sA, dYh, d, sX, NULL, 0, 1.0f, dw2, d, sw2, batch);
     /* dH = act'(H) dA as bf16, and its column sums in the same pass */
     const dim3 grid((unsigned)nchunks, (unsigned)ntiles), block(32, COLSUM_LANES);
-    if (vec4) {
-        ffn_dh_vec4_kernel<<<grid, block, 0, cuda_stream(be)>>>(kind, H, dA, dHh, C, hin, cols, partial);
-        KERNEL_CHECK(be, "ffn_dh_vec4_kernel");
+    cudaStream_t st = cuda_stream(be);
+    if (vec4 && saved_bf16) {
+        ffn_dh_vec4_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(kind, Hh, dA, dHh, C, hin, cols, partial);
+    } else if (vec4) {
+        ffn_dh_vec4_kernel<float><<<grid, block, 0, st>>>(kind, H, dA, dHh, C, hin, cols, partial);
+    } else if (saved_bf16) {
+        colsum_partial_kernel<ffn_dh_term<__nv_bfloat16>><<<grid, block, 0, st>>>(
+            ffn_dh_term<__nv_bfloat16>{kind, Hh, dA, dHh, C, n, hin}, C, cols, partial);
     } else {
-        colsum_partial_kernel<ffn_dh_term><<<grid, block, 0, cuda_stream(be)>>>(
-            ffn_dh_term{kind, H, dA, dHh, C, n, hin}, C, cols, partial);
-        KERNEL_CHECK(be, "colsum_partial_kernel (ffn dH)");
+        colsum_partial_kernel<ffn_dh_term<float>><<<grid, block, 0, st>>>(
+            ffn_dh_term<float>{kind, H, dA, dHh, C, n, hin}, C, cols, partial);
     }
+    KERNEL_CHECK(be, "ffn dH pass");
     if (db1) {
         colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
             partial, nchunks, hin, cols, db1, hin);
@@ -229,6 +289,10 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     /* dX = dH w1^T; dw1 += X^T dH */
     cuda_round_bf16(be, w1, hin, sw1, d, hin, batch, w1t, true); /* [hin, d] */
     cuda_gemm_bf16_operands(be, 0, 0, C, d, hin, dHh, hin, sH, w1t, d, sw1, NULL, 0, 0.0f, dX, d, sX, batch);
-    cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
+    if (saved_bf16) {
+        Xh = const_cast<__nv_bfloat16 *>(Xs); /* ffn_fwd kept it */
+    } else {
+        cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
+    }
     cuda_gemm_bf16_operands(be, 1, 0, d, hin, C, Xh, d, sX, dHh, hin, sH, NULL, 0, 1.0f, dw1, hin, sw1, batch);
 }

@@ -79,11 +79,21 @@ static void to_bf16(moe_backend *be, const float *src, long long ld, long long s
     KERNEL_CHECK(be, what);
 }
 
-/* fp32: cuBLAS sgemm in pure fp32 (CUBLAS_DEFAULT_MATH, set at creation). */
+static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, float alpha, const void *A,
+                    int lda, long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
+                    float beta, float *C, int ldc, long long sC, int batch);
+
+/* fp32: pure fp32 (no TF32) through a cuBLASLt plan, whose heuristics split
+ * long sums (the gate's weight gradient, K = T) where cuBLAS's sgemm did
+ * not; cuBLAS's sgemm (CUBLAS_DEFAULT_MATH, set at creation) where
+ * cuBLASLt has no algorithm, and for K = 0. */
 static void gemm_fp32(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha,
                       const float *A, int lda, long long strideA, const float *B, int ldb,
                       long long strideB, float beta, float *C, int ldc, long long strideC,
                       int batch) {
+    if (K > 0 && lt_gemm(be, 0, ta, tb, M, N, K, alpha, A, lda, strideA, B, ldb, strideB, NULL, 0, beta, C, ldc,
+                         strideC, batch))
+        return;
     cublasHandle_t h = cuda_state(be)->cublas;
     if (batch == 1) {
         CUBLAS_CHECK(be, cublasSgemm(h, cublas_op(tb), cublas_op(ta), N, M, K, &alpha, B, ldb, A,
@@ -175,6 +185,9 @@ static void gemm_bf16(moe_backend *be, int ta, int tb, int M, int N, int K, floa
                       int batch) {
     bf16_operands op;
     if (!round_operands(be, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, batch, &op)) return;
+    if (lt_gemm(be, 1, op.ta, op.tb, M, N, K, alpha, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, NULL, 0, beta, C,
+                ldc, strideC, batch))
+        return;
     CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(op.tb), cublas_op(op.ta), N, M,
                                                 K, &alpha, op.B, CUDA_R_16BF, op.ldb, op.sB, op.A, CUDA_R_16BF,
                                                 op.lda, op.sA, &beta, C, CUDA_R_32F, ldc, strideC, batch,
@@ -218,6 +231,9 @@ void cuda_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha
 struct cuda_lt_key {
     int bf16, ta, tb, M, N, K, lda, ldb, ldc, batch, has_bias, align; /* bf16: the operands' type */
     long long sA, sB, sC, sbias;
+    /* gelu_aux: D = gelu(product + bias) in bf16, and the pre-activation
+     * product + bias in bf16 into an aux matrix of D's layout (ldc, sC) */
+    int gelu_aux, pad_;
 };
 
 struct cuda_lt_plan {
@@ -282,21 +298,40 @@ static cublasStatus_t lt_plan_make(cuda_impl *st, const cuda_lt_key &k, cuda_lt_
     s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa);
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb);
-    if (s == CUBLAS_STATUS_SUCCESS && k.has_bias) {
-        const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-        const cudaDataType bt = CUDA_R_32F;
+    if (s == CUBLAS_STATUS_SUCCESS && (k.has_bias || k.gelu_aux)) {
+        const cublasLtEpilogue_t epi = k.gelu_aux ? (k.has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                                                : CUBLASLT_EPILOGUE_GELU_AUX)
+                                                  : CUBLASLT_EPILOGUE_BIAS;
         s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
-        if (s == CUBLAS_STATUS_SUCCESS)
-            s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt);
+    }
+    if (s == CUBLAS_STATUS_SUCCESS && k.has_bias) {
+        /* the fp32 master bias; under the GELU epilogue's bf16 D, a bf16
+         * copy (cuBLASLt refuses an fp32 bias there) */
+        const cudaDataType bt = k.gelu_aux ? CUDA_R_16BF : CUDA_R_32F;
+        s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt);
         if (s == CUBLAS_STATUS_SUCCESS && k.batch > 1)
             s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, &k.sbias,
                                                sizeof k.sbias);
     }
-    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    if (s == CUBLAS_STATUS_SUCCESS && k.gelu_aux) {
+        const int64_t ld = k.ldc, stride = k.sC;
+        s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld, sizeof ld);
+        if (s == CUBLAS_STATUS_SUCCESS && k.batch > 1)
+            s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE, &stride,
+                                               sizeof stride);
+    }
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        /* an attribute this cuBLASLt does not take: no plan, not an error */
+        if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {
+            p->usable = 0;
+            return CUBLAS_STATUS_SUCCESS;
+        }
+        return s;
+    }
     /* stored shapes, column-major: cuBLASLt's A is our B, its B our A */
     p->a = lt_layout(ab, k.tb ? k.K : k.N, k.tb ? k.N : k.K, k.ldb, k.batch, k.sB, &s);
     p->b = lt_layout(ab, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda, k.batch, k.sA, &s);
-    p->c = lt_layout(CUDA_R_32F, k.N, k.M, k.ldc, k.batch, k.sC, &s);
+    p->c = lt_layout(k.gelu_aux ? CUDA_R_16BF : CUDA_R_32F, k.N, k.M, k.ldc, k.batch, k.sC, &s);
     if (s != CUBLAS_STATUS_SUCCESS) return s;
 
     cublasLtMatmulPreference_t pref = NULL;
@@ -322,8 +357,9 @@ static cublasStatus_t lt_plan_make(cuda_impl *st, const cuda_lt_key &k, cuda_lt_
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmulAlgoGetHeuristic(st->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
-    if (s == CUBLAS_STATUS_NOT_SUPPORTED || (s == CUBLAS_STATUS_SUCCESS && found == 0)) {
-        p->usable = 0; /* not an error: the op takes the two-step path */
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE ||
+        (s == CUBLAS_STATUS_SUCCESS && found == 0)) {
+        p->usable = 0; /* not an error: the op takes another path */
         return CUBLAS_STATUS_SUCCESS;
     }
     if (s != CUBLAS_STATUS_SUCCESS) return s;
@@ -383,8 +419,8 @@ __global__ void set_bias_rows_kernel(float *C, int ldc, long long strideC, const
  * bf16 or fp32 (bf16 != 0). Returns false, having done nothing, when
  * cuBLASLt has no algorithm for the shape (the caller takes another way);
  * true when it ran or an error was recorded. */
-static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, const void *A, int lda,
-                    long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
+static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, float alpha, const void *A,
+                    int lda, long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
                     float beta, float *C, int ldc, long long sC, int batch) {
     cuda_impl *st = cuda_state(be);
     cuda_lt_key k;
@@ -405,8 +441,7 @@ static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int
             return true;
         }
     }
-    const float one = 1.0f;
-    cublasStatus_t s = cublasLtMatmul(st->lt, p->desc, &one, B, p->a, A, p->b, &beta, C, p->c, C, p->c,
+    cublasStatus_t s = cublasLtMatmul(st->lt, p->desc, &alpha, B, p->a, A, p->b, &beta, C, p->c, C, p->c,
                                       &p->algo, st->lt_workspace, st->lt_workspace_bytes, cuda_stream(be));
     if (s != CUBLAS_STATUS_SUCCESS)
         cuda_record_error(be, __FILE__, __LINE__, "cublasLtMatmul", cublasGetStatusString(s));
@@ -426,7 +461,8 @@ void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int 
                              const float *bias, long long sbias, float beta, float *C, int ldc, long long sC,
                              int batch) {
     if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
-    if (lt_gemm(be, 1, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch)) return;
+    if (lt_gemm(be, 1, ta, tb, M, N, K, 1.0f, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch))
+        return;
     /* no cuBLASLt algorithm: the product, then the bias */
     const float one = 1.0f;
     CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(tb), cublas_op(ta), N, M, K,
@@ -434,6 +470,42 @@ void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int 
                                                 lda, sA, &beta, C, CUDA_R_32F, ldc, sC, batch,
                                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (bias) add_bias_rows(be, C, ldc, sC, bias, sbias, M, N, batch);
+}
+
+static cuda_lt_key gelu_aux_key(int M, int N, int K, const void *A, const void *B, const void *bias, const void *D,
+                                const void *aux, int batch) {
+    cuda_lt_key k;
+    memset(&k, 0, sizeof k);
+    k.bf16 = 1, k.M = M, k.N = N, k.K = K, k.lda = K, k.ldb = N, k.ldc = N, k.batch = batch;
+    k.has_bias = bias != NULL, k.gelu_aux = 1;
+    k.sA = (long long)M * K, k.sB = (long long)K * N, k.sC = (long long)M * N, k.sbias = bias ? N : 0;
+    k.align = min(min(byte_alignment(A), byte_alignment(B)), min(byte_alignment(D), byte_alignment(aux)));
+    return k;
+}
+
+bool cuda_gelu_aux_available(moe_backend *be, int M, int N, int K, const void *A, const void *B, const void *bias,
+                             const void *D, const void *aux, int batch) {
+    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return false;
+    cuda_lt_plan *p = lt_plan_find(be, gelu_aux_key(M, N, K, A, B, bias, D, aux, batch));
+    return p && p->usable;
+}
+
+bool cuda_gemm_bf16_gelu_aux(moe_backend *be, int M, int N, int K, const __nv_bfloat16 *A, const __nv_bfloat16 *B,
+                             const __nv_bfloat16 *bias, __nv_bfloat16 *D, __nv_bfloat16 *aux, int batch) {
+    cuda_lt_plan *p = lt_plan_find(be, gelu_aux_key(M, N, K, A, B, bias, D, aux, batch));
+    if (!p || !p->usable) return false;
+    cuda_impl *st = cuda_state(be);
+    cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
+    if (bias) s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux);
+    const float one = 1.0f, zero = 0.0f;
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmul(st->lt, p->desc, &one, B, p->a, A, p->b, &zero, D, p->c, D, p->c, &p->algo,
+                           st->lt_workspace, st->lt_workspace_bytes, cuda_stream(be));
+    if (s != CUBLAS_STATUS_SUCCESS) cuda_record_error(be, __FILE__, __LINE__, "cublasLtMatmul (gelu aux)",
+                                                      cublasGetStatusString(s));
+    return true;
 }
 
 void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
@@ -454,7 +526,7 @@ void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const 
                                 stride_bias, 0.0f, C, ldc, strideC, batch);
         return;
     }
-    if (lt_gemm(be, 0, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, bias, stride_bias, 0.0f, C, ldc,
+    if (lt_gemm(be, 0, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, bias, stride_bias, 0.0f, C, ldc,
                 strideC, batch))
         return;
     cuda_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,

@@ -643,7 +643,7 @@ static void aux_enqueue(moe_backend *be, const float *lb_logits, const float *lo
     aux_rows_kernel<<<cuda_blocks((size_t)T), CUDA_THREADS, 0, st>>>(lb_logits, logits, d_f, T, E, alpha,
                                                                      beta, d_lb, dlogits, row_fp, row_z);
     KERNEL_CHECK(be, "aux_rows_kernel");
-    aux_sums_kernel<<<1, CUDA_THREADS, 0, st>>>(row_fp, row_z, T, E, d_out);
+    aux_sums_kernel<<<1, 1024, 0, st>>>(row_fp, row_z, T, E, d_out); /* one block: many loads in flight */
     KERNEL_CHECK(be, "aux_sums_kernel");
 }
 
