@@ -105,7 +105,7 @@ struct moe_backend {
      * backend's own (CUDA keeps A in bf16 when its GEMMs take bf16
      * operands, so the backward reads it without another rounding pass):
      * read only Y. The CPU's ffn_fwd is exactly gemm_bias, act_fwd,
-     * gemm_bias (core/backend/ffn_reference.c), the math in plain ops. */
+     * gemm_bias (core/backend/composed_ops.c), the math in plain ops. */
     void (*ffn_fwd)(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
                     const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
                     int n);
@@ -116,6 +116,13 @@ struct moe_backend {
     void (*ffn_bwd)(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
                     const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX,
                     float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n);
+
+    /* The backward of a linear layer Y[T,N] = X[T,K] W[K,N] + b[N]: dX
+     * (overwrite) = dY W^T, dW += X^T dY, db += colsum dY (db may be NULL).
+     * One op, so that CUDA rounds dY to bf16 once for both products and sums
+     * db in that pass. */
+    void (*linear_bwd)(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
+                       float *db, int T, int K, int N);
 
     /* ---- elementwise ---- */
     /* y[i] += a * x[i] */
@@ -303,8 +310,9 @@ enum {
     MOE_CHECK_SLOT_TWICE = 4,
 };
 
-/* The experts' MLP written with the other ops of `be` (the CPU backend's
- * ffn_fwd / ffn_bwd, and the CUDA backend's in fp32). */
+/* The composite ops written with the other ops of `be` (the CPU backend's
+ * ffn_fwd, ffn_bwd and linear_bwd, and the CUDA backend's in fp32):
+ * core/backend/composed_ops.c. */
 void moe_ffn_fwd_reference(moe_backend *be, moe_act_kind kind, const float *X, const float *w1,
                            const float *b1, const float *w2, const float *b2, float *H, float *A, float *Y,
                            int batch, int C, int d, int n);
@@ -312,6 +320,9 @@ void moe_ffn_bwd_reference(moe_backend *be, moe_act_kind kind, const float *X, c
                            const float *w2, const float *H, const float *A, const float *dY, float *dA,
                            float *dH, float *dX, float *dw1, float *db1, float *dw2, float *db2, int batch,
                            int C, int d, int n);
+
+void moe_linear_bwd_reference(moe_backend *be, const float *X, const float *W, const float *dY, float *dX,
+                              float *dW, float *db, int T, int K, int N);
 
 /* The CPU backend (always built). threads <= 0 keeps OpenMP's default. */
 moe_backend *moe_backend_cpu_create(int threads);

@@ -5,7 +5,7 @@
 #include <string.h>
 
 #define TIMED_OPS(X) \
-    X(gemm) X(gemm_strided_batched) X(gemm_bias) X(ffn_fwd) X(ffn_bwd) X(add_bias) X(bias_grad) X(add_bias_batched) X(bias_grad_batched) \
+    X(gemm) X(gemm_strided_batched) X(gemm_bias) X(ffn_fwd) X(ffn_bwd) X(linear_bwd) X(add_bias) X(bias_grad) X(add_bias_batched) X(bias_grad_batched) \
     X(axpy) X(scale) X(mul) X(sumsq) \
     X(embed_fwd) X(embed_bwd) X(layernorm_fwd) X(layernorm_bwd) X(rmsnorm_fwd) X(rmsnorm_bwd) \
     X(act_fwd) X(act_bwd) X(rope_fwd) X(rope_bwd) X(attention_fwd) X(attention_bwd) X(dropout_fwd) \
@@ -134,6 +134,10 @@ static void t_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const 
                       const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX,
                       float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n) {
     TIMED_VOID(ffn_bwd, (t->inner, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, batch, C, d, n));
+}
+static void t_linear_bwd(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
+                         float *db, int T, int K, int N) {
+    TIMED_VOID(linear_bwd, (t->inner, X, W, dY, dX, dW, db, T, K, N));
 }
 static void t_add_bias(moe_backend *be, float *y, const float *b, int T, int N) {
     TIMED_VOID(add_bias, (t->inner, y, b, T, N));

@@ -439,14 +439,10 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
             be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 1 + 2 * l));
             dbranch = m->tmp1;
         }
-        be->bias_grad(be, dbranch, b->dbo, T, d);
-        be->gemm(be, 1, 0, d, d, T, 1.0f, b->att, d, dbranch, d, 1.0f, b->dwo, d);
-        be->gemm(be, 0, 1, T, d, d, 1.0f, dbranch, d, b->wo, d, 0.0f, m->tmp2, d);
+        be->linear_bwd(be, b->att, b->wo, dbranch, m->tmp2, b->dwo, b->dbo, T, d, d);
         be->attention_bwd(be, b->qkv, b->probs, m->tmp2, m->dqkv, B, S, H, hd);
         if (m->rope) be->rope_bwd(be, m->dqkv, B, S, H, hd, m->rope_theta);
-        be->bias_grad(be, m->dqkv, b->dbqkv, T, 3 * d);
-        be->gemm(be, 1, 0, d, 3 * d, T, 1.0f, b->n1, d, m->dqkv, 3 * d, 1.0f, b->dwqkv, 3 * d);
-        be->gemm(be, 0, 1, T, d, 3 * d, 1.0f, m->dqkv, 3 * d, b->wqkv, 3 * d, 0.0f, m->tmp2, d);
+        be->linear_bwd(be, b->n1, b->wqkv, m->dqkv, m->tmp2, b->dwqkv, b->dbqkv, T, d, 3 * d);
         norm_bwd(m, m->x[l], b->n1g, b->n1_mean, b->n1_rstd, m->tmp2, m->dres, b->dn1g, b->dn1b, T);
     }
 

@@ -462,7 +462,7 @@ static void test_gemm_bias(const cfg *c) {
 }
 
 /* The experts' MLP, forward and backward, against the CPU's composition of
- * plain ops (ffn_reference.c); in bf16 mode CUDA takes its fused path
+ * plain ops (composed_ops.c); in bf16 mode CUDA takes its fused path
  * (cuda_ffn.cu). Outputs are poisoned, accumulated gradients start from
  * random values. */
 static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, int with_bias, int batch, int C,
@@ -530,6 +530,46 @@ static void test_ffn(const cfg *c) {
     /* odd sizes: no vector path, no 16-byte alignment of rows */
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 3, 37, 19, 23, TOL_BF16);
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 2, 5, 7, 9, TOL_BF16);
+}
+
+/* linear_bwd against the CPU's composition: dX poisoned, dW and db
+ * accumulating onto random values, db NULL too. */
+static void test_linear_bwd_case(moe_backend *g, const char *tag, int T, int K, int N, int with_db, double tol) {
+    const size_t nX = (size_t)T * K, nW = (size_t)K * N, nY = (size_t)T * N;
+    float *X = hrand(nX, -1, 1), *W = hrand(nW, -0.2f, 0.2f), *dY = hrand(nY, -1, 1);
+    float *dW0 = hrand(nW, -1, 1), *db0 = hrand((size_t)N, -1, 1);
+    float *want_dX = halloc(nX * sizeof(float)), *want_dW = hdup(dW0, nW * sizeof(float));
+    float *want_db = hdup(db0, (size_t)N * sizeof(float));
+    cpu->linear_bwd(cpu, X, W, dY, want_dX, want_dW, with_db ? want_db : NULL, T, K, N);
+    float *gX = up(g, X, nX * sizeof(float)), *gW = up(g, W, nW * sizeof(float)), *gdY = up(g, dY, nY * sizeof(float));
+    float *got_dX[2], *got_dW[2], *got_db[2];
+    char op[128];
+    snprintf(op, sizeof op, "%s(T=%d,K=%d,N=%d%s)", tag, T, K, N, with_db ? ",db" : "");
+    for (int r = 0; r < 2; ++r) {
+        float *gdX = dpoison(g, nX * sizeof(float), POISON_F32);
+        float *gdW = up(g, dW0, nW * sizeof(float)), *gdb = up(g, db0, (size_t)N * sizeof(float));
+        g->linear_bwd(g, gX, gW, gdY, gdX, gdW, with_db ? gdb : NULL, T, K, N);
+        if (!gpu_ok(g, op)) return;
+        got_dX[r] = down(g, gdX, nX * sizeof(float));
+        got_dW[r] = down(g, gdW, nW * sizeof(float));
+        got_db[r] = down(g, gdb, (size_t)N * sizeof(float));
+    }
+    char name[160];
+    snprintf(name, sizeof name, "%s.dX", op);
+    check_f32(name, got_dX, want_dX, nX, tol);
+    snprintf(name, sizeof name, "%s.dW", op);
+    check_f32(name, got_dW, want_dW, nW, tol);
+    snprintf(name, sizeof name, "%s.db", op); /* fp32 sums either way */
+    check_f32(name, got_db, want_db, (size_t)N, TOL_EW);
+}
+
+static void test_linear_bwd(const cfg *c) {
+    const int T = T_of(c), d = c->d;
+    test_linear_bwd_case(gpu, "linear_bwd", T, d, 3 * d, 1, TOL_MM);
+    test_linear_bwd_case(gpu16, "linear_bwd_bf16", T, d, 3 * d, 1, TOL_BF16);
+    test_linear_bwd_case(gpu16, "linear_bwd_bf16", T, d, d, 0, TOL_BF16);
+    test_linear_bwd_case(gpu16, "linear_bwd_bf16", T, d, 3 * d + 1, 1, TOL_BF16); /* no vector path */
+    test_linear_bwd_case(gpu16, "linear_bwd_bf16", T, d, 5, 1, TOL_BF16);         /* a side under 16: fp32 */
 }
 
 static void test_bias(const cfg *c) {
@@ -1616,7 +1656,7 @@ int main(void) {
         {"T1", 1, 1, 40, 2, 4, 2, 5, 24},
     };
     static const op_test tests[] = {
-        test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_bias, test_bias_batched, test_vector_ops, test_embed,
+        test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_linear_bwd, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
         test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes,

@@ -312,6 +312,34 @@ static void test_bias_grad(void) {
     free(prior), free(c.y0), free(c.y), free(c.b), free(c.dy);
 }
 
+/* A linear layer: L = <dY, X W + b>; linear_bwd's dX, and what it adds to
+ * dW and db, against central differences. */
+typedef struct {
+    int T, K, N;
+    float *X, *W, *b, *Y, *dY;
+} linear_ctx;
+
+static double linear_loss(void *p) {
+    linear_ctx *c = p;
+    be->gemm_bias(be, 0, 0, c->T, c->N, c->K, c->X, c->K, 0, c->W, c->N, 0, c->b, 0, c->Y, c->N, 0, 1);
+    return dot(c->dY, c->Y, (size_t)c->T * c->N);
+}
+
+static void test_linear_grads(void) {
+    linear_ctx c = {.T = 7, .K = 5, .N = 6};
+    const size_t nX = (size_t)c.T * c.K, nW = (size_t)c.K * c.N, nY = (size_t)c.T * c.N;
+    c.X = randv(nX, -1, 1), c.W = randv(nW, -1, 1), c.b = randv((size_t)c.N, -1, 1), c.dY = randv(nY, -1, 1);
+    c.Y = malloc(nY * sizeof(float));
+    float *dX = malloc(nX * sizeof(float)), *dW = malloc(nW * sizeof(float)), *db = malloc((size_t)c.N * sizeof(float));
+    float *pW = random_prior(dW, nW), *pb = random_prior(db, (size_t)c.N);
+    be->linear_bwd(be, c.X, c.W, c.dY, dX, dW, db, c.T, c.K, c.N);
+    subtract_prior(dW, pW, nW), subtract_prior(db, pb, (size_t)c.N);
+    check_grad("linear_bwd dX", linear_loss, &c, c.X, dX, nX);
+    check_grad("linear_bwd dW", linear_loss, &c, c.W, dW, nW);
+    check_grad("linear_bwd db", linear_loss, &c, c.b, db, (size_t)c.N);
+    free(c.X), free(c.W), free(c.b), free(c.dY), free(c.Y), free(dX), free(dW), free(db), free(pW), free(pb);
+}
+
 /* The experts' MLP: L = <dY, ffn_fwd(X, w1, b1, w2, b2)> over `batch`
  * experts, for each activation; ffn_bwd's dX, and what it adds to dw1,
  * db1, dw2, db2, against central differences. */
@@ -564,6 +592,7 @@ int main(void) {
     test_xent_grad();
     test_bias_grad();
     test_ffn_grads();
+    test_linear_grads();
     test_dropout_grad();
     test_combine_weights_grad();
     test_combine_grad();

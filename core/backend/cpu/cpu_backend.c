@@ -84,6 +84,7 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->gemm_bias = cpu_gemm_bias;
     be->ffn_fwd = moe_ffn_fwd_reference;
     be->ffn_bwd = moe_ffn_bwd_reference;
+    be->linear_bwd = moe_linear_bwd_reference;
     be->bias_grad_batched = cpu_bias_grad_batched;
 
     be->axpy = cpu_axpy;

@@ -346,6 +346,7 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     be->gemm_bias = cuda_gemm_bias;
     be->ffn_fwd = cuda_ffn_fwd;
     be->ffn_bwd = cuda_ffn_bwd;
+    be->linear_bwd = cuda_linear_bwd;
     be->add_bias = cuda_add_bias;
     be->bias_grad = cuda_bias_grad;
     be->add_bias_batched = cuda_add_bias_batched;

@@ -2,7 +2,7 @@
  * The experts' MLP on the GPU (backend.h, ffn_fwd / ffn_bwd).
  *
  * In fp32 this is the reference composition of plain ops
- * (core/backend/ffn_reference.c). With bf16 GEMM operands every GEMM input
+ * (core/backend/composed_ops.c). With bf16 GEMM operands every GEMM input
  * must be rounded to bf16 anyway, so the passes that only move data are
  * folded into the passes that compute:
  *

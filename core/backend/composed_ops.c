@@ -1,11 +1,13 @@
 /*
- * The experts' MLP (backend.h, ffn_fwd / ffn_bwd) written with the backend's
- * plain ops: the CPU backend's implementation, and the CUDA backend's in
- * fp32. The CUDA backend's bf16 path (cuda_ffn.cu) computes the same
- * quantities with fewer passes over memory and is tested against this.
+ * The composite ops of backend.h written with the backend's plain ops: the
+ * experts' MLP (ffn_fwd / ffn_bwd) and a linear layer's backward
+ * (linear_bwd). These are the CPU backend's implementations, and the CUDA
+ * backend's in fp32; its bf16 paths (cuda_ffn.cu, cuda_linear.cu) compute
+ * the same quantities with fewer passes over memory and are tested against
+ * these.
  *
- * Shapes per expert e: X [C, d], w1 [d, hin], H [C, hin], A [C, n],
- * w2 [n, d], Y [C, d]; hin = 2n for SwiGLU (gate | up), else n.
+ * Shapes of the MLP per expert e: X [C, d], w1 [d, hin], H [C, hin],
+ * A [C, n], w2 [n, d], Y [C, d]; hin = 2n for SwiGLU (gate | up), else n.
  */
 #include "backend/backend.h"
 
@@ -44,4 +46,12 @@ void moe_ffn_bwd_reference(moe_backend *be, moe_act_kind kind, const float *X, c
                              sX, batch);
     be->gemm_strided_batched(be, 1, 0, d, hin, C, 1.0f, X, d, sX, dH, hin, sH, 1.0f, dw1, hin,
                              (long long)d * hin, batch);
+}
+
+void moe_linear_bwd_reference(moe_backend *be, const float *X, const float *W, const float *dY, float *dX,
+                              float *dW, float *db, int T, int K, int N) {
+    /* db += colsum dY; dW += X^T dY; dX = dY W^T */
+    if (db) be->bias_grad(be, dY, db, T, N);
+    be->gemm(be, 1, 0, K, N, T, 1.0f, X, K, dY, N, 1.0f, dW, N);
+    be->gemm(be, 0, 1, T, K, N, 1.0f, dY, N, W, N, 0.0f, dX, K);
 }

@@ -1,0 +1,106 @@
+/*
+ * A linear layer's backward on the GPU (backend.h, linear_bwd):
+ *   db += colsum dY,  dW += X^T dY,  dX = dY W^T.
+ *
+ * In fp32 (and for products with a side under 16, which bf16 mode runs in
+ * fp32) this is the composition of plain ops (core/backend/composed_ops.c).
+ * With bf16 GEMM operands both products need dY rounded to bf16: it is
+ * rounded once, and db is summed from the fp32 values in that same pass,
+ * in the order colsum_partial_kernel uses (so db is the bias_grad op's to
+ * the bit). W is rounded transposed, so the dX product reads both operands
+ * untransposed.
+ */
+#include "backend/cuda/cuda_common.cuh"
+
+/* Element (t, j) of dY for colsum_partial_kernel: stores its bf16 rounding
+ * and returns the fp32 value. */
+struct round_term {
+    const float *dY;
+    __nv_bfloat16 *out;
+    int N;
+    __device__ float operator()(int t, int j) const {
+        const size_t k = (size_t)t * N + j;
+        const float v = dY[k];
+        out[k] = __float2bfloat16_rn(v);
+        return v;
+    }
+};
+
+/* The same pass four columns per thread (N % 4 == 0, dY 16-byte aligned):
+ * block (32, COLSUM_LANES) covers 128 columns of COLSUM_ROWS rows; each
+ * thread sums its rows in order, the lanes are added in lane order, as in
+ * colsum_partial_kernel, so every column's partial is the same float. */
+__global__ void round_colsum_vec4_kernel(const float *dY, __nv_bfloat16 *out, int T, int N, float *partial) {
+    __shared__ float lane_sums[COLSUM_LANES][128];
+    const int chunk = blockIdx.x;
+    const int j = blockIdx.y * 128 + threadIdx.x * 4;
+    const int t0 = chunk * COLSUM_ROWS, t1 = min(T, t0 + COLSUM_ROWS);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (j < N)
+        for (int t = t0 + threadIdx.y; t < t1; t += COLSUM_LANES) {
+            const size_t at = (size_t)t * N + j;
+            const float4 v = *reinterpret_cast<const float4 *>(dY + at);
+            acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
+            __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+            uint2 packed;
+            packed.x = *reinterpret_cast<unsigned *>(&lo);
+            packed.y = *reinterpret_cast<unsigned *>(&hi);
+            *reinterpret_cast<uint2 *>(out + at) = packed;
+        }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane_sums[threadIdx.y][threadIdx.x * 4 + q] = acc[q];
+    __syncthreads();
+    const int tid = threadIdx.y * 32 + threadIdx.x, col = blockIdx.y * 128 + tid;
+    if (tid < 128 && col < N) {
+        float s = lane_sums[0][tid];
+        for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][tid];
+        partial[(size_t)chunk * N + col] = s;
+    }
+}
+static_assert(32 * COLSUM_LANES >= 128, "the finishing threads cover the block's 128 columns");
+
+void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
+                     float *db, int T, int K, int N) {
+    if (cuda_state(be)->precision != MOE_PRECISION_BF16 || T < 16 || K < 16 || N < 16) {
+        moe_linear_bwd_reference(be, X, W, dY, dX, dW, db, T, K, N);
+        return;
+    }
+    const int nchunks = (T + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    const bool vec4 = N % 4 == 0 && (uintptr_t)dY % 16 == 0;
+    const long long ntiles = ((long long)N + (vec4 ? 127 : 31)) / (vec4 ? 128 : 32);
+    if (ntiles > 65535) {
+        cuda_record_error(be, __FILE__, __LINE__, "linear_bwd", "too many columns for colsum (N > 2097120)");
+        return;
+    }
+    ScratchLayout lay;
+    const size_t dy_off = lay.add((size_t)T * N * sizeof(__nv_bfloat16));
+    const size_t x_off = lay.add((size_t)T * K * sizeof(__nv_bfloat16));
+    const size_t wt_off = lay.add((size_t)K * N * sizeof(__nv_bfloat16));
+    const size_t part_off = lay.add((size_t)nchunks * N * sizeof(float));
+    char *base = cuda_scratch(be, lay.total);
+    if (!base) return;
+    __nv_bfloat16 *dYh = (__nv_bfloat16 *)(base + dy_off), *Xh = (__nv_bfloat16 *)(base + x_off);
+    __nv_bfloat16 *Wt = (__nv_bfloat16 *)(base + wt_off);
+    float *partial = (float *)(base + part_off);
+    cudaStream_t st = cuda_stream(be);
+
+    /* dY to bf16, its column sums on the way */
+    const dim3 grid((unsigned)nchunks, (unsigned)ntiles), block(32, COLSUM_LANES);
+    if (vec4) {
+        round_colsum_vec4_kernel<<<grid, block, 0, st>>>(dY, dYh, T, N, partial);
+        KERNEL_CHECK(be, "round_colsum_vec4_kernel");
+    } else {
+        colsum_partial_kernel<round_term><<<grid, block, 0, st>>>(round_term{dY, dYh, N}, T, N, partial);
+        KERNEL_CHECK(be, "colsum_partial_kernel (linear dY)");
+    }
+    if (db) {
+        colsum_finish_kernel<<<cuda_blocks((size_t)N), CUDA_THREADS, 0, st>>>(partial, nchunks, N, db);
+        KERNEL_CHECK(be, "colsum_finish_kernel (linear db)");
+    }
+    /* dW += X^T dY */
+    cuda_round_bf16(be, X, K, 0, T, K, 1, Xh, false);
+    cuda_gemm_bf16_operands(be, 1, 0, K, N, T, Xh, K, 0, dYh, N, 0, NULL, 0, 1.0f, dW, N, 0, 1);
+    /* dX = dY W^T, with W rounded as [N, K] */
+    cuda_round_bf16(be, W, N, 0, K, N, 1, Wt, true);
+    cuda_gemm_bf16_operands(be, 0, 0, T, K, N, dYh, N, 0, Wt, K, 0, NULL, 0, 0.0f, dX, K, 0, 1);
+}
