@@ -106,7 +106,8 @@ static moe_status ec_query(const void *state, moe_router_info *info) {
     } else {
         info->flags = MOE_ROUTER_OWNS_CAPACITY;
     }
-    /* One workspace serves whichever table the host calls: the larger need. */
+    /* One workspace serves whichever table the host calls: the larger need
+     * (the CUDA path's, where it is built: expert_choice.cu). */
     info->workspace_bytes = moe_router_max_bytes(ec_workspace_bytes(s->max_tokens, s->E),
                                                  MOE_ROUTER_IF_CUDA(expert_choice_cuda_workspace_bytes(s), 0));
     return MOE_OK;
@@ -120,6 +121,11 @@ static moe_status ec_check_common(const ec_state *s, const moe_context *ctx, int
     if (!logits) return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "logits must not be NULL");
     st = moe_router_check_token_logits_cpu(ctx, logits, T, E);
     if (st != MOE_OK) return st;
+    /* Said outright: query() reports the CUDA path's larger need where it is
+     * built, and that workspace would fit somewhat more than max_tokens here. */
+    if (T > s->max_tokens)
+        return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG, "T = %d exceeds max_tokens = %d", T,
+                        s->max_tokens);
     return moe_router_check_workspace_for(ctx, ec_workspace_bytes(T, E), T, s->max_tokens);
 }
 

@@ -794,7 +794,7 @@ typedef struct setting {
     int n_opts;
     int training;
     int near_ties_ok;
-    int big; /* expert choice: also T = 16384 (shared-memory sort past 48 KiB) and T = 30000 (workspace sort) */
+    int big; /* expert choice: also T = 16384 and T = 30000 (two and three rounds of merging sorted chunks) */
 } setting;
 
 int main(void) {
