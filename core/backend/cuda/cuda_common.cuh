@@ -242,6 +242,48 @@ __global__ void colsum_partial_kernel(F f, int T, int N, float *partial) {
     }
 }
 
+/* Four floats rounded to bf16 and packed for one 8-byte store. */
+__device__ __forceinline__ uint2 pack_bf16x4(float a, float b, float c, float d) {
+    __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+    uint2 packed;
+    packed.x = *reinterpret_cast<unsigned *>(&lo);
+    packed.y = *reinterpret_cast<unsigned *>(&hi);
+    return packed;
+}
+
+/* Column sums fused into an elementwise pass (the bf16 paths' dH and dY
+ * passes): the grid of colsum_partial_kernel's layout, blocks of (32,
+ * COLSUM_LANES) over COLSUM_ROWS rows and 32 columns, or 128 columns with
+ * four per thread (vec4). False, with the error recorded, past the grid's
+ * limit. */
+static inline bool colsum_grid(moe_backend *be, int T, int cols, bool vec4, const char *what, dim3 *grid) {
+    const int per_block = vec4 ? 128 : 32;
+    const long long ntiles = ((long long)cols + per_block - 1) / per_block;
+    if (ntiles > 65535) {
+        cuda_record_error(be, __FILE__, __LINE__, what, "too many columns for a column sum (over 65535 blocks)");
+        return false;
+    }
+    *grid = dim3((unsigned)((T + COLSUM_ROWS - 1) / COLSUM_ROWS), (unsigned)ntiles);
+    return true;
+}
+
+/* The end of a four-columns-per-thread block: thread (x, y) holds the sums
+ * of columns 4x..4x+3 over its rows; the lanes are added in lane order, as
+ * colsum_partial_kernel adds them, into partial[chunk][column]. */
+static_assert(32 * COLSUM_LANES >= 128, "the finishing threads cover a block's 128 columns");
+__device__ __forceinline__ void colsum4_store(float (&lane_sums)[COLSUM_LANES][128], const float acc[4], int cols,
+                                              float *partial) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane_sums[threadIdx.y][threadIdx.x * 4 + q] = acc[q];
+    __syncthreads();
+    const int tid = threadIdx.y * 32 + threadIdx.x, col = blockIdx.y * 128 + tid;
+    if (tid < 128 && col < cols) {
+        float s = lane_sums[0][tid];
+        for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][tid];
+        partial[(size_t)blockIdx.x * cols + col] = s;
+    }
+}
+
 __global__ void colsum_finish_kernel(const float *partial, int nchunks, int N, float *out);
 
 template <class F>

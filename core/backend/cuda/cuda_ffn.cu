@@ -56,11 +56,7 @@ __global__ void ffn_act_fwd_vec4_kernel(moe_act_kind kind, const float4 *H, uint
         float v[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
         for (int q = 0; q < 4; ++q) v[q] = kind == MOE_ACT_GELU ? gelu(v[q]) : silu(v[q]);
-        __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
-        uint2 packed;
-        packed.x = *reinterpret_cast<unsigned *>(&lo);
-        packed.y = *reinterpret_cast<unsigned *>(&hi);
-        A[i] = packed;
+        A[i] = pack_bf16x4(v[0], v[1], v[2], v[3]);
     }
 }
 
@@ -103,8 +99,6 @@ struct ffn_dh_term {
  * Block (32, COLSUM_LANES) covers 128 columns of COLSUM_ROWS rows; each
  * thread sums its rows in order, then the lanes are added in lane order,
  * as colsum_partial_kernel does, so the partials are deterministic. */
-static_assert(32 * COLSUM_LANES >= 128, "the finishing threads cover the block's 128 columns");
-
 /* Four H values from fp32 (16 bytes) or bf16 (8 bytes). */
 __device__ __forceinline__ void load4(const float *p, float v[4]) {
     const float4 h = *reinterpret_cast<const float4 *>(p);
@@ -138,24 +132,10 @@ __global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const float *
                 v[q] = gv[q] * (kind == MOE_ACT_GELU ? gelu_grad(hv[q]) : silu_grad(hv[q]));
                 acc[q] += v[q];
             }
-            __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
-            uint2 packed;
-            packed.x = *reinterpret_cast<unsigned *>(&lo);
-            packed.y = *reinterpret_cast<unsigned *>(&hi);
-            *reinterpret_cast<uint2 *>(dH + at) = packed;
+            *reinterpret_cast<uint2 *>(dH + at) = pack_bf16x4(v[0], v[1], v[2], v[3]);
         }
     }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) lane_sums[threadIdx.y][threadIdx.x * 4 + q] = acc[q];
-    __syncthreads();
-    /* 256 threads finish 128 columns: the first 128 of them, one column each */
-    const int tid = threadIdx.y * 32 + threadIdx.x;
-    const int col = blockIdx.y * 128 + tid;
-    if (tid < 128 && col < cols) {
-        float s = lane_sums[0][tid];
-        for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][tid];
-        partial[(size_t)chunk * cols + col] = s;
-    }
+    colsum4_store(lane_sums, acc, cols, partial);
 }
 
 static bool bf16_mode(moe_backend *be) { return cuda_state(be)->precision == MOE_PRECISION_BF16; }
@@ -242,11 +222,8 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const __nv_bfloat16 *Hh = (const __nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
     const int cols = batch * hin, nchunks = (C + COLSUM_ROWS - 1) / COLSUM_ROWS;
     const bool vec4 = kind != MOE_ACT_SWIGLU && hin % 4 == 0 && ((uintptr_t)H | (uintptr_t)dA) % 16 == 0;
-    const long long ntiles = ((long long)cols + (vec4 ? 127 : 31)) / (vec4 ? 128 : 32);
-    if (ntiles > 65535) {
-        cuda_record_error(be, __FILE__, __LINE__, "ffn_bwd", "too many columns for colsum (batch*hin > 2097120)");
-        return;
-    }
+    dim3 grid;
+    if (!colsum_grid(be, C, cols, vec4, "ffn_bwd", &grid)) return;
     ScratchLayout lay;
     const size_t dy_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
     const size_t x_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
@@ -267,7 +244,7 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     cuda_gemm_bf16_operands(be, 0, 0, C, n, d, dYh, d, sX, w2t, n, sw2, NULL, 0, 0.0f, dA, n, sA, batch);
     cuda_gemm_bf16_operands(be, 1, 0, n, d, C, Ah, n, sA, dYh, d, sX, NULL, 0, 1.0f, dw2, d, sw2, batch);
     /* dH = act'(H) dA as bf16, and its column sums in the same pass */
-    const dim3 grid((unsigned)nchunks, (unsigned)ntiles), block(32, COLSUM_LANES);
+    const dim3 block(32, COLSUM_LANES);
     cudaStream_t st = cuda_stream(be);
     if (vec4 && saved_bf16) {
         ffn_dh_vec4_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(kind, Hh, dA, dHh, C, hin, cols, partial);

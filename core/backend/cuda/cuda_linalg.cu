@@ -28,11 +28,7 @@ static cublasOperation_t cublas_op(int t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N
 __global__ void to_bf16_dense_kernel(const float4 *src, uint2 *dst, size_t n4) {
     GRID_STRIDE_LOOP(i, n4) {
         const float4 v = src[i];
-        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-        uint2 packed;
-        packed.x = *reinterpret_cast<unsigned *>(&lo);
-        packed.y = *reinterpret_cast<unsigned *>(&hi);
-        dst[i] = packed;
+        dst[i] = pack_bf16x4(v.x, v.y, v.z, v.w);
     }
 }
 

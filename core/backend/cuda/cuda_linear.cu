@@ -41,23 +41,10 @@ __global__ void round_colsum_vec4_kernel(const float *dY, __nv_bfloat16 *out, in
             const size_t at = (size_t)t * N + j;
             const float4 v = *reinterpret_cast<const float4 *>(dY + at);
             acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
-            __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-            uint2 packed;
-            packed.x = *reinterpret_cast<unsigned *>(&lo);
-            packed.y = *reinterpret_cast<unsigned *>(&hi);
-            *reinterpret_cast<uint2 *>(out + at) = packed;
+            *reinterpret_cast<uint2 *>(out + at) = pack_bf16x4(v.x, v.y, v.z, v.w);
         }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) lane_sums[threadIdx.y][threadIdx.x * 4 + q] = acc[q];
-    __syncthreads();
-    const int tid = threadIdx.y * 32 + threadIdx.x, col = blockIdx.y * 128 + tid;
-    if (tid < 128 && col < N) {
-        float s = lane_sums[0][tid];
-        for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][tid];
-        partial[(size_t)chunk * N + col] = s;
-    }
+    colsum4_store(lane_sums, acc, N, partial);
 }
-static_assert(32 * COLSUM_LANES >= 128, "the finishing threads cover the block's 128 columns");
 
 void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
                      float *db, int T, int K, int N) {
@@ -67,11 +54,8 @@ void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const floa
     }
     const int nchunks = (T + COLSUM_ROWS - 1) / COLSUM_ROWS;
     const bool vec4 = N % 4 == 0 && (uintptr_t)dY % 16 == 0;
-    const long long ntiles = ((long long)N + (vec4 ? 127 : 31)) / (vec4 ? 128 : 32);
-    if (ntiles > 65535) {
-        cuda_record_error(be, __FILE__, __LINE__, "linear_bwd", "too many columns for colsum (N > 2097120)");
-        return;
-    }
+    dim3 grid;
+    if (!colsum_grid(be, T, N, vec4, "linear_bwd", &grid)) return;
     ScratchLayout lay;
     const size_t dy_off = lay.add((size_t)T * N * sizeof(__nv_bfloat16));
     const size_t x_off = lay.add((size_t)T * K * sizeof(__nv_bfloat16));
@@ -85,7 +69,7 @@ void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const floa
     cudaStream_t st = cuda_stream(be);
 
     /* dY to bf16, its column sums on the way */
-    const dim3 grid((unsigned)nchunks, (unsigned)ntiles), block(32, COLSUM_LANES);
+    const dim3 block(32, COLSUM_LANES);
     if (vec4) {
         round_colsum_vec4_kernel<<<grid, block, 0, st>>>(dY, dYh, T, N, partial);
         KERNEL_CHECK(be, "round_colsum_vec4_kernel");
