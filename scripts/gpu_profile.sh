@@ -20,33 +20,9 @@ stage=$(cd "$stage" && pwd)
 export MOE_PLUGIN_PATH="$stage/lib/moe/plugins"
 export LD_LIBRARY_PATH="$stage/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+. "$(dirname "$0")/expc_single.sh"
 cfg="$out/expC_profile.toml"
-cat >"$cfg" <<EOF_CFG
-[run]
-name = "profile"
-out_dir = "$out/runs"
-[data]
-path = "data/tinystories/tinystories_sample.txt"
-[model]
-d_model = 256
-n_layers = 4
-n_heads = 4
-seq_len = 256
-[moe]
-num_experts = 8
-top_k = 2
-capacity_factor = 1.25
-d_ff = 1024
-[router]
-plugin = "softk"
-[train]
-steps = 10
-batch_size = 32
-lr = 3e-4
-warmup_steps = 100
-weight_decay = 0.01
-grad_clip = 1.0
-EOF_CFG
+write_expc_config "$cfg" "$out/runs"
 for r in "${routers[@]}"; do
   # Two runs with 1 and 2 timed steps: the second run's extra kernels are
   # exactly one training step.

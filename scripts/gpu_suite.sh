@@ -22,38 +22,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 data=data/tinystories/tinystories_sample.txt
 status=()
 
-# The seed experiments' model (expC: E=8, K=2, d=256, 4 layers, 4 heads,
-# seq 256, batch 32, CF 1.25, AdamW 3e-4), written here so the suite does
-# not depend on how configs/ lays out its sweeps.
+# The seed experiments' model (scripts/expc_single.sh).
+. "$(dirname "$0")/expc_single.sh"
 expc="$out/expC_single.toml"
-cat >"$expc" <<EOF_CFG
-[run]
-name = "expC"
-out_dir = "$out/runs"
-[data]
-path = "$data"
-[model]
-d_model = 256
-n_layers = 4
-n_heads = 4
-seq_len = 256
-[moe]
-num_experts = 8
-top_k = 2
-capacity_factor = 1.25
-d_ff = 1024
-[router]
-plugin = "softk"
-[train]
-steps = 1200
-batch_size = 32
-lr = 3e-4
-warmup_steps = 100
-weight_decay = 0.01
-grad_clip = 1.0
-[eval]
-interval = 200
-EOF_CFG
+write_expc_config "$expc" "$out/runs"
 
 record() { # name, exit code, detail
   local verdict=PASS
