@@ -591,21 +591,51 @@ attention_bwd_kv_tiled_kernel(const float *qkv, const float *probs, const float 
 /* Tensor-core kernels (bf16 precision mode, hd <= 128)                */
 /* ------------------------------------------------------------------ */
 
-/* In bf16 mode the six products (Q K^T, P V, dO V^T, dS K, dS^T Q, P^T dO)
- * run as mma.sync m16n8k16 with bf16 operands and fp32 accumulators. The
- * operands are rounded to bf16 as they are staged from fp32 global memory
- * into shared memory; everything else (scores, softmax statistics, probs,
- * dP, dS, the outputs) stays fp32, and the contract is the fp32 kernels'
- * (probs written with zeros above the diagonal, dA as scratch).
+/* In bf16 mode the products (Q K^T, P V, dO V^T, dS K, dS^T Q, P^T dO) run
+ * as mma.sync m16n8k16 with bf16 operands and fp32 accumulators. The
+ * operands are rounded to bf16 on their way from fp32 global memory into
+ * the MMA; everything else (scores, softmax statistics, probs, dP, dS, the
+ * row sums D, the outputs) stays fp32, and the contract is the fp32
+ * kernels' (probs written with zeros above the diagonal).
  *
  * A block is 4 warps over a 64-row tile (the dK/dV kernel: 8 warps, see
- * there); warp w owns rows 16w..16w+15. In
- * the m16n8 accumulator layout lane (g, t) = (lane / 4, lane % 4) holds rows
- * g and g + 8 of its warp's 16, columns 8n + 2t and 8n + 2t + 1 of each
- * 8-column tile n; that layout is also the A operand of the next product, so
- * a score or dS tile goes from one MMA into the next without shared memory.
- * The head is padded with zeros to HDW = 64 or 128 columns and the sequence
- * to whole tiles, so every shape with hd <= 128 takes this path.
+ * there); warp w owns rows 16w..16w+15. In the m16n8 accumulator layout
+ * lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 of its warp's
+ * 16, columns 8n + 2t and 8n + 2t + 1 of each 8-column tile n; that layout
+ * is also the A operand of the next product, so a score, P or dS tile goes
+ * from one MMA (or from shared memory) into the next without a round trip.
+ * The operand a block keeps for its whole life (Q, dO, or V of its key
+ * tile) is held as A fragments in registers. The head is padded with zeros
+ * to HDW = 64 or 128 columns and the sequence to whole tiles, so every
+ * shape with hd <= 128 takes this path.
+ *
+ * The tensor cores are idle most of the time: the kernels are bound by
+ * instruction issue and by memory latency at the few warps their registers
+ * and shared memory allow (2 to 4 blocks a multiprocessor). Hence:
+ *  - every tile a loop step needs is copied with cp.async into fp32
+ *    staging buffers one step ahead, while the current step computes (no
+ *    registers held for it); a step converts its staged K, V, Q or dO tile
+ *    to bf16 once for all warps, and reads its probs tile as fp32;
+ *  - blocks are numbered heaviest first across all heads (a query tile
+ *    qt does qt + 1 key tiles): with blocks handed to the multiprocessors
+ *    in order, each gets a mix of long and short ones (numbered head by
+ *    head, every 132nd block had the same tile index, so some
+ *    multiprocessors got only the longest);
+ *  - only the diagonal tile is masked, and its fully masked column groups
+ *    are skipped in the MMAs (their terms are zeros, so skipping them
+ *    changes no bit); the FULL form of each kernel (below) checks no
+ *    bounds, and the forward's exponentials are single ex2 instructions:
+ *    together these halved the instructions executed;
+ *  - the backward never writes dS: the dQ kernel computes the row sums D
+ *    (a [B,H,S] scratch) and dQ, the dK/dV kernel recomputes dP^T = V dO^T
+ *    from D and probs; a matrix product costs less than 2 x 4 bytes of dS
+ *    per element through device memory.
+ * On an H100 at B = 32, S = 256, H = 4, hd = 64 (ncu, per call): forward
+ * 31 us, dQ 33 us, dK/dV 35 us (were 39, 46, 41 with dS through dA and
+ * the head-by-head order). They now wait mostly on their loads (long
+ * scoreboard stalls first, DRAM at about 1.5 TB/s): a deeper pipeline is
+ * what is left, and the fp32 staging makes each stage cost twice the
+ * shared memory of the bf16 operands.
  *
  * The forward makes two passes over the key tiles instead of the fp32
  * kernel's round trips through probs: pass 1 keeps a running row max and
@@ -618,14 +648,19 @@ typedef __nv_bfloat16 bf16;
 
 constexpr int AM = 64;           /* rows of a block's tile, and keys or queries per inner tile */
 constexpr int AM_THREADS = 128;  /* 4 warps x 16 rows */
+constexpr int AM_KV_THREADS = 256;
 constexpr int AM_PAD = 8;        /* bf16 padding of a shared row: rows start 16 bytes apart modulo
                                     128, so the 8 row addresses of an ldmatrix hit distinct banks */
-constexpr int AM_LS = AM + AM_PAD; /* row stride of a 64-column score tile */
+constexpr int AM_LP = AM + 8;    /* row stride (floats) of an fp32 probs tile read in accumulator
+                                    layout: the float2 reads of a quad's rows g = 0..3 cover the 32
+                                    banks */
+constexpr int AM_LT = AM + 4;    /* the same, read transposed (dK/dV kernel): rows 2t, columns g
+                                    land in distinct banks */
 constexpr int AM_NOMASK = 1 << 30;
 
 /* Which global arrays allow vector access (alignment and row lengths; the
- * host checks): float4 loads of qkv and dout rows, float4 loads and stores of
- * probs / dA rows (S % 4 == 0), float2 access to them (S even). */
+ * host checks): 16-byte copies of qkv and dout rows, 16-byte copies of
+ * probs rows (S % 4 == 0), float2 stores to them (S even). */
 enum { AM_VEC_QKV = 1, AM_VEC_DOUT = 2, AM_VEC_S4 = 4, AM_VEC_S2 = 8 };
 
 __device__ __forceinline__ uint32_t am_pack(float lo, float hi) {
@@ -667,174 +702,170 @@ __device__ __forceinline__ float am_quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
-/* Staging of a 64 x W tile of fp32 rows into shared memory as bf16 (row
- * stride W + AM_PAD) by NT threads, in two halves so the loads of the next
- * tile can be in flight while the current one is used: am_fetch loads a
- * thread's part into registers, am_put converts and stores it. A thread
- * takes one group of 4 columns in every NT / (W / 4)-th row.
- *   am_fetch: v = src[r * stride + c] where r < nr and c < nc, zero
- *             elsewhere, so padded rows and columns add nothing to a
- *             product; vec: src, stride and nc allow float4 loads.
- *   am_put:   keeps the elements with c <= r + diag (the causal mask of a
- *             score tile; AM_NOMASK elsewhere). */
-template <int W, int NT>
-struct AmPart {
-    static constexpr int G = W / 4;     /* float4 groups per row */
-    static constexpr int RS = NT / G;   /* rows apart of a thread's groups */
-    static constexpr int PER = AM / RS; /* groups per thread */
-};
-
-template <int W, int NT>
-__device__ __forceinline__ void am_fetch(float4 (&v)[AmPart<W, NT>::PER], const float *src, size_t stride, int nr,
-                                         int nc, bool vec) {
-    constexpr int G = AmPart<W, NT>::G, RS = AmPart<W, NT>::RS, PER = AmPart<W, NT>::PER;
-    const int r0 = threadIdx.x / G, c = (threadIdx.x % G) * 4;
-    const float *p0 = src + (size_t)r0 * stride + c;
-#pragma unroll
-    for (int u = 0; u < PER; ++u) {
-        const float *p = p0 + (size_t)u * RS * stride;
-        v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (r0 + u * RS < nr && c < nc) {
-            if (vec) {
-                v[u] = *reinterpret_cast<const float4 *>(p);
-            } else {
-                v[u].x = p[0];
-                if (c + 1 < nc) v[u].y = p[1];
-                if (c + 2 < nc) v[u].z = p[2];
-                if (c + 3 < nc) v[u].w = p[3];
-            }
-        }
-    }
-}
-
-template <int W, int NT>
-__device__ __forceinline__ void am_put(bf16 *dst, const float4 (&v)[AmPart<W, NT>::PER], int diag) {
-    constexpr int G = AmPart<W, NT>::G, RS = AmPart<W, NT>::RS, PER = AmPart<W, NT>::PER;
-    const int r0 = threadIdx.x / G, c = (threadIdx.x % G) * 4;
-    bf16 *d0 = dst + r0 * (W + AM_PAD) + c;
-#pragma unroll
-    for (int u = 0; u < PER; ++u) {
-        const int lim = r0 + u * RS + diag - c; /* column offsets <= lim are kept */
-        /* a select, not a product: masked elements of dA may hold anything */
-        const float x = 0 <= lim ? v[u].x : 0.0f, y = 1 <= lim ? v[u].y : 0.0f;
-        const float z = 2 <= lim ? v[u].z : 0.0f, w = 3 <= lim ? v[u].w : 0.0f;
-        *reinterpret_cast<uint2 *>(d0 + u * RS * (W + AM_PAD)) = make_uint2(am_pack(x, y), am_pack(z, w));
-    }
-}
-
-/* Both halves at once, where nothing is left to overlap with. */
-template <int W, int NT>
-__device__ __forceinline__ void am_stage(bf16 *dst, const float *src, size_t stride, int nr, int nc, int diag,
-                                         bool vec) {
-    float4 v[AmPart<W, NT>::PER];
-    am_fetch<W, NT>(v, src, stride, nr, nc, vec);
-    am_put<W, NT>(dst, v, diag);
-}
-
 /* Asynchronous copies into shared memory (cp.async), completed by
- * am_async_wait1 in the issuing thread and made visible to the block by the
+ * am_async_wait in the issuing thread and made visible to the block by the
  * __syncthreads after it. The 16-byte form needs both addresses aligned. */
-__device__ __forceinline__ void am_cp16(float *smem, const float *gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
-                 "l"(gmem)
-                 : "memory");
+__device__ __forceinline__ unsigned am_smem_addr(const float *p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void am_cp16(unsigned smem, const float *gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void am_cp4(float *smem, const float *gmem) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
-                 "l"(gmem)
-                 : "memory");
+__device__ __forceinline__ void am_cp4(unsigned smem, const float *gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void am_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-/* all but the most recently committed group are complete */
-__device__ __forceinline__ void am_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+/* every copy this thread started has landed */
+__device__ __forceinline__ void am_async_wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-constexpr int AM_LP = AM + 8; /* row stride (floats) of an fp32 probs tile in shared memory: the
-                                 float2 reads of a quad's rows g = 0..3 cover the 32 banks */
-
-/* Starts copying the 64 x 64 block at (i0, j0) of an S x S fp32 matrix into
- * dst (row stride AM_LP). Rows and columns past S are not copied; readers
- * take only elements with j <= i < S. v4: 16-byte copies (S % 4 == 0 and an
- * aligned matrix), else 4-byte ones. */
-__device__ __forceinline__ void am_copy_async(float *dst, const float *M, int i0, int j0, int S, bool v4) {
-    const int nr = min(AM, S - i0), nc = min(AM, S - j0);
-    const float *src = M + (size_t)i0 * S + j0;
-    if (v4) {
-        for (int idx = threadIdx.x; idx < AM * AM / 4; idx += AM_THREADS) {
-            const int r = idx >> 4, c = (idx & 15) * 4;
-            if (r < nr && c < nc) am_cp16(dst + r * AM_LP + c, src + (size_t)r * S + c);
-        }
+/* Starts copying a 64-row tile of a row-major fp32 matrix (row r at
+ * src + r * stride) into dst (row stride ld floats), by NT threads: rows
+ * r < nr, columns c < nc (of NC), and of those only the ones with
+ * c <= r + diag (a probs tile on the diagonal: the upper triangle is never
+ * read; AM_NOMASK elsewhere). What is not copied keeps stale data, which
+ * the readers never take (am_convert zeroes it, the probs readers select).
+ * vec: 16-byte copies, 4 columns at a time (src, stride and nc multiples of
+ * 4 floats, src 16-byte aligned); else 4-byte ones. */
+template <int NC, int NT, bool ALL>
+__device__ __forceinline__ void am_copy_tile(float *dst, int ld, const float *src, size_t stride, int nr, int nc,
+                                             int diag, bool vec) {
+    /* a thread keeps one column group and walks down the rows: a rolled
+     * loop over one pointer pair, not a set of precomputed addresses that
+     * would stay in registers across the caller's loop. ALL: every row and
+     * column exists (nr >= 64, nc = NC), nothing to check but the mask. */
+    const int rmax = ALL ? AM : min(nr, AM);
+    if (ALL || vec) {
+        constexpr int G = NC / 4, RS = NT / G;
+        static_assert(NT % G == 0, "a whole number of rows per pass");
+        const int c = (threadIdx.x % G) * 4;
+        int r = threadIdx.x / G;
+        if (!ALL && c >= nc) return;
+        const float *s = src + (size_t)r * stride + c;
+        unsigned d = am_smem_addr(dst + r * ld + c);
+#pragma unroll 1
+        for (; r < rmax; r += RS, s += RS * stride, d += RS * ld * 4)
+            if (c <= r + diag) am_cp16(d, s);
     } else {
-        for (int idx = threadIdx.x; idx < AM * AM; idx += AM_THREADS) {
-            const int r = idx >> 6, c = idx & 63;
-            if (r < nr && c < nc) am_cp4(dst + r * AM_LP + c, src + (size_t)r * S + c);
-        }
+        static_assert(NT % NC == 0, "a whole number of rows per pass");
+        constexpr int RS = NT / NC;
+        const int c = threadIdx.x % NC;
+        if (c >= nc) return;
+#pragma unroll 1
+        for (int r = threadIdx.x / NC; r < rmax; r += RS)
+            if (c <= r + diag) am_cp4(am_smem_addr(dst + r * ld + c), src + (size_t)r * stride + c);
     }
 }
 
-/* acc = As Bs^T over the warp's 16 rows and a tile's 64 columns: As as
- * [64 rows][reduction] (the warp's rows 16w..), Bs as [64 columns]
- * [reduction], both with row stride ld; NK steps of 16. */
-template <int NK>
-__device__ __forceinline__ void am_tile_abt(float acc[8][4], const bf16 *As, const bf16 *Bs, int ld, int warp,
-                                            int lane) {
+/* dst (bf16, row stride NC + AM_PAD) = src (fp32, row stride NC) over a
+ * 64-row tile, by NT threads; rows r >= nr and columns c >= nc are zero, so
+ * padded rows and columns add nothing to a product (ALL: none). A thread
+ * converts 4 columns at a time (16-byte reads: a warp's reads cover
+ * consecutive addresses; 8-byte writes: a half warp's cover one row). */
+template <int NC, int NT, bool ALL>
+__device__ __forceinline__ void am_convert(bf16 *dst, const float *src, int nr, int nc) {
+    constexpr int G = NC / 4, RS = NT / G;
+    const int r0 = threadIdx.x / G, c = (threadIdx.x % G) * 4;
 #pragma unroll
-    for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    const bf16 *a_at = As + (warp * 16 + (lane & 15)) * ld + (lane >> 4) * 8;
-    const bf16 *b_at = Bs + ((lane & 7) + ((lane >> 4) & 1) * 8) * ld + ((lane >> 3) & 1) * 8;
+    for (int u = 0; u < AM / RS; ++u) {
+        const int r = r0 + u * RS;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (ALL || (r < nr && c < nc)) v = *reinterpret_cast<const float4 *>(src + r * NC + c);
+        /* selects, not products: stale staging data may be anything */
+        if (!ALL) {
+            v.y = c + 1 < nc ? v.y : 0.0f;
+            v.z = c + 2 < nc ? v.z : 0.0f;
+            v.w = c + 3 < nc ? v.w : 0.0f;
+        }
+        *reinterpret_cast<uint2 *>(dst + r * (NC + AM_PAD) + c) = make_uint2(am_pack(v.x, v.y), am_pack(v.z, v.w));
+    }
+}
+
+/* The A operand (bf16) of rows row0 + g and row0 + g + 8 (lane (g, t)) of
+ * a token-major fp32 matrix, row r at src + r * stride, straight from
+ * global memory: a[kk] covers columns 16kk..16kk+15 in the m16n8k16 order
+ * (row g cols 2t, 2t+1; row g+8 the same; then both rows at cols + 8).
+ * Rows >= nr and columns >= nc are zero. Read once per block. */
+template <int NK>
+__device__ __forceinline__ void am_frag_rows(uint32_t a[NK][4], const float *src, size_t stride, int row0, int nr,
+                                             int nc, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = row0 + g + 8 * h;
+        const bool ok = r < nr;
+        const float *row = src + (size_t)(ok ? r : 0) * stride;
+#pragma unroll
+        for (int kk = 0; kk < NK; ++kk)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int c = 16 * kk + 8 * half + 2 * t;
+                const float x = ok && c < nc ? row[c] : 0.0f, y = ok && c + 1 < nc ? row[c + 1] : 0.0f;
+                a[kk][h + 2 * half] = am_pack(x, y);
+            }
+    }
+}
+
+/* acc = A Bs^T for the 16 columns 16np..16np+15 of a tile (accumulator
+ * tiles 2np and 2np + 1) over the warp's 16 rows: A as fragments
+ * (am_frag_rows), Bs as [64 columns][reduction] (row stride ld). */
+template <int NK>
+__device__ __forceinline__ void am_group_rbt(float acc[2][4], const uint32_t a[NK][4], const bf16 *Bs, int ld,
+                                             int lane, int np) {
+    acc[0][0] = acc[0][1] = acc[0][2] = acc[0][3] = 0.0f;
+    acc[1][0] = acc[1][1] = acc[1][2] = acc[1][3] = 0.0f;
+    const bf16 *b_at = Bs + (np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * ld + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
-        uint32_t a[4];
-        am_ldsm4(a, a_at + kk * 16);
+        uint32_t b[4];
+        am_ldsm4(b, b_at + kk * 16);
+        am_mma(acc[0], a[kk], b[0], b[1]);
+        am_mma(acc[1], a[kk], b[2], b[3]);
+    }
+}
+
+/* The same over all 64 columns, as 8 accumulator tiles; only the groups np
+ * in [nlo, nhi) are computed, the others are left zero (the caller's mask
+ * covers them). */
+template <int NK>
+__device__ __forceinline__ void am_tile_rbt(float acc[8][4], const uint32_t a[NK][4], const bf16 *Bs, int ld, int lane,
+                                            int nlo, int nhi) {
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-            uint32_t b[4];
-            am_ldsm4(b, b_at + np * 16 * ld + kk * 16);
-            am_mma(acc[2 * np], a, b[0], b[1]);
-            am_mma(acc[2 * np + 1], a, b[2], b[3]);
+    for (int np = 0; np < 4; ++np) {
+        if (np < nlo || np >= nhi) {
+            acc[2 * np][0] = acc[2 * np][1] = acc[2 * np][2] = acc[2 * np][3] = 0.0f;
+            acc[2 * np + 1][0] = acc[2 * np + 1][1] = acc[2 * np + 1][2] = acc[2 * np + 1][3] = 0.0f;
+        } else {
+            am_group_rbt<NK>(&acc[2 * np], a, Bs, ld, lane, np);
         }
     }
 }
 
-/* acc += X Ys over the warp's 16 rows: X the warp's 16 x 64 fp32 tile in
- * accumulator layout (rounded to bf16 here), Ys as [64 = reduction][NO * 8
- * columns] (row stride ld). */
+/* acc += X Ys for one reduction step kk (16 rows of Ys) over the warp's 16
+ * rows: X the warp's accumulator tiles 2kk and 2kk + 1 (16 x 16 fp32,
+ * rounded to bf16 here), Ys as [64 = reduction][NO * 8 columns] (row
+ * stride ld). */
 template <int NO>
-__device__ __forceinline__ void am_tile_xy(float acc[NO][4], const float x[8][4], const bf16 *Ys, int ld, int lane) {
+__device__ __forceinline__ void am_group_xy(float acc[NO][4], const float x[2][4], const bf16 *Ys, int ld, int lane,
+                                            int kk) {
     const int yrow = (lane & 7) + ((lane >> 3) & 1) * 8, ycol = ((lane >> 4) & 1) * 8;
+    const uint32_t a[4] = {am_pack(x[0][0], x[0][1]), am_pack(x[0][2], x[0][3]), am_pack(x[1][0], x[1][1]),
+                           am_pack(x[1][2], x[1][3])};
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t a[4] = {am_pack(x[2 * kk][0], x[2 * kk][1]), am_pack(x[2 * kk][2], x[2 * kk][3]),
-                               am_pack(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                               am_pack(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-#pragma unroll
-        for (int np = 0; np < NO / 2; ++np) {
-            uint32_t b[4];
-            am_ldsm4_t(b, Ys + (kk * 16 + yrow) * ld + np * 16 + ycol);
-            am_mma(acc[2 * np], a, b[0], b[1]);
-            am_mma(acc[2 * np + 1], a, b[2], b[3]);
-        }
+    for (int np = 0; np < NO / 2; ++np) {
+        uint32_t b[4];
+        am_ldsm4_t(b, Ys + (kk * 16 + yrow) * ld + np * 16 + ycol);
+        am_mma(acc[2 * np], a, b[0], b[1]);
+        am_mma(acc[2 * np + 1], a, b[2], b[3]);
     }
 }
 
-/* acc += Xs^T Ys over the warp's 16 rows: Xs as [64 = reduction][64] whose
- * columns 16w.. are the warp's rows, Ys as [64 = reduction][NO * 8]. */
+/* The same over the whole 64-row reduction, X as 8 accumulator tiles; only
+ * the steps kk in [klo, khi) are taken: the caller's X is zero outside
+ * them, so the others would add exact zeros. */
 template <int NO>
-__device__ __forceinline__ void am_tile_xty(float acc[NO][4], const bf16 *Xs, int ldx, const bf16 *Ys, int ldy,
-                                            int warp, int lane) {
-    const int xrow = (lane & 7) + ((lane >> 4) & 1) * 8, xcol = warp * 16 + ((lane >> 3) & 1) * 8;
-    const int yrow = (lane & 7) + ((lane >> 3) & 1) * 8, ycol = ((lane >> 4) & 1) * 8;
+__device__ __forceinline__ void am_tile_xy(float acc[NO][4], const float x[8][4], const bf16 *Ys, int ld, int lane,
+                                           int klo, int khi) {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[4];
-        am_ldsm4_t(a, Xs + (kk * 16 + xrow) * ldx + xcol);
-#pragma unroll
-        for (int np = 0; np < NO / 2; ++np) {
-            uint32_t b[4];
-            am_ldsm4_t(b, Ys + (kk * 16 + yrow) * ldy + np * 16 + ycol);
-            am_mma(acc[2 * np], a, b[0], b[1]);
-            am_mma(acc[2 * np + 1], a, b[2], b[3]);
-        }
-    }
+    for (int kk = 0; kk < 4; ++kk)
+        if (kk >= klo && kk < khi) am_group_xy<NO>(acc, &x[2 * kk], Ys, ld, lane, kk);
 }
 
 /* Rows i and i + 8 of a token-major fp32 tensor (row r at dst + r * stride)
@@ -867,19 +898,54 @@ __device__ __forceinline__ void am_put2(float *M, int i, int j, int S, bool v2, 
     }
 }
 
-/* Forward, block (b, h, query tile qt); shared memory: Q, K, V tiles. In
- * pass 1 the next K tile is loaded into registers while the current one is
- * used. Not in pass 2: next to the output accumulators, registers for K and
- * V took the kernel from 128 to 202 and made it slower on an H100 (45 us
- * instead of 39 at B = 32, S = 256, H = 4, hd = 64). */
-template <int HDW>
-__global__ void __launch_bounds__(AM_THREADS)
-attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int H, int hd, float scale, int vec) {
-    constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8, PER = AmPart<HDW, AM_THREADS>::PER;
+/* Blocks are numbered tile index first, heaviest first: block x is head
+ * x % nbh, the (x / nbh)-th heaviest tile. */
+__device__ __forceinline__ void am_block(int nt, int &bh, int &rank) {
+    const int nbh = (int)(gridDim.x / nt);
+    bh = (int)(blockIdx.x % nbh);
+    rank = (int)(blockIdx.x / nbh);
+}
+
+/* A compile-time flag for the loop bodies, which are generic lambdas called
+ * once with AmFlag<true> (the diagonal tile: causal mask, fully masked
+ * groups skipped) and once with AmFlag<false> (every other tile: no mask at
+ * all, since all its keys precede all the block's queries). */
+template <bool B>
+struct AmFlag {
+    static constexpr bool value = B;
+};
+
+/* 2^x in one instruction (relative error about 2^-22, subnormal results
+ * flushed to zero): the forward's softmax runs in base 2, with log2(e)
+ * folded into the score scale, instead of expf's ten instructions. */
+__device__ __forceinline__ float am_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Each kernel comes in two forms. FULL (the host checks): S a multiple of
+ * 64, hd = HDW and every vector access allowed, so no bounds are checked
+ * anywhere; otherwise rows past S and columns past hd are masked as they
+ * come. */
+
+/* Forward, block (b, h, query tile qt). Shared memory: fp32 staging for a
+ * K and a V tile (cp.async), their bf16 copies; Q stays in registers. At
+ * hd <= 64 that is 50 KB and 156 registers, 3 blocks a multiprocessor:
+ * capped at 128 registers for 4 blocks it spilled and was slower (32.2 us
+ * instead of 31.4 at the shape above). scale2 = log2(e) / sqrt(hd): the
+ * scores in base 2. */
+template <int HDW, bool FULL>
+__global__ void __launch_bounds__(AM_THREADS, 1)
+attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int H, int hd, float scale2, int vec) {
+    constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8;
     extern __shared__ float4 am_smem4[];
-    bf16 *Qs = reinterpret_cast<bf16 *>(am_smem4), *Ks = Qs + AM * LD, *Vs = Ks + AM * LD;
+    float *K32 = reinterpret_cast<float *>(am_smem4), *V32 = K32 + AM * HDW;
+    bf16 *Ks = reinterpret_cast<bf16 *>(V32 + AM * HDW), *Vs = Ks + AM * LD;
     const int nt = (S + AM - 1) / AM;
-    const int bh = blockIdx.x / nt, qt = nt - 1 - (int)(blockIdx.x % nt); /* heavy tiles first */
+    int bh, rank;
+    am_block(nt, bh, rank);
+    const int qt = nt - 1 - rank;
     const int h = bh % H, b = bh / H;
     const size_t C = (size_t)H * hd, tok = 3 * C;
     const float *base = qkv + (size_t)b * S * tok + (size_t)h * hd;
@@ -888,76 +954,130 @@ attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int r0 = qt * AM;
     const int i0 = r0 + warp * 16 + (lane >> 2); /* the lane's rows: i0 and i0 + 8 */
-    const bool vq = vec & AM_VEC_QKV, v2 = vec & AM_VEC_S2;
+    const bool vq = FULL || (vec & AM_VEC_QKV), v2 = FULL || (vec & AM_VEC_S2);
+    const int ncol = FULL ? HDW : hd;
+    auto rows = [&](int kt) { return FULL ? AM : S - kt * AM; }; /* rows of tile kt that exist */
     float *P = probs + (size_t)bh * S * S;
+    const size_t prow = (size_t)i0 * S + 2 * t; /* FULL: the lane's first probs element, row i0 */
 
-    float4 pk[PER];
-    am_fetch<HDW, AM_THREADS>(pk, kbase, tok, S, hd, vq);
-    am_stage<HDW, AM_THREADS>(Qs, base + (size_t)r0 * tok, tok, S - r0, hd, AM_NOMASK, vq);
+    am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase, tok, rows(0), ncol, AM_NOMASK, vq);
+    am_async_commit();
+    uint32_t qa[NK][4];
+    am_frag_rows<NK>(qa, base + (size_t)r0 * tok, tok, warp * 16, rows(qt), ncol, lane);
 
-    /* pass 1: row max m and sum l of exp(score - m), updated tile by tile */
+    /* pass 1: row max m and sum l of 2^(score - m), updated tile by tile */
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     for (int kt = 0; kt <= qt; ++kt) {
-        __syncthreads(); /* the last tile's Ks readers are done */
-        am_put<HDW, AM_THREADS>(Ks, pk, AM_NOMASK);
+        am_async_wait();
+        __syncthreads(); /* K32 holds tile kt for all; the last tile's Ks readers are done */
+        am_convert<HDW, AM_THREADS, FULL>(Ks, K32, rows(kt), ncol);
         __syncthreads();
-        if (kt < qt) am_fetch<HDW, AM_THREADS>(pk, kbase + (kt + 1) * tile, tok, S - (kt + 1) * AM, hd, vq);
-        float s[8][4];
-        am_tile_abt<NK>(s, Qs, Ks, LD, warp, lane);
+        /* the next tile, or pass 2's first K and V */
+        const int nk = kt < qt ? kt + 1 : 0;
+        am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + nk * tile, tok, rows(nk), ncol, AM_NOMASK, vq);
+        if (kt == qt) am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase, tok, rows(0), ncol, AM_NOMASK, vq);
+        am_async_commit();
+        auto stats = [&](auto dg) {
+            constexpr bool DIAG = decltype(dg)::value;
+            float s[8][4];
+            /* on the diagonal, the warp's rows see only the column groups np <= warp */
+            am_tile_rbt<NK>(s, qa, Ks, LD, lane, 0, DIAG ? warp + 1 : 4);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = i0 + 8 * r;
-            float tmax = -INFINITY;
+            for (int r = 0; r < 2; ++r) {
+                const int i = i0 + 8 * r;
+                float mx[2] = {-INFINITY, -INFINITY}; /* two chains each, for latency */
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+                for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int j = kt * AM + 8 * n + 2 * t + e;
-                    /* __fmul_rn: not fused into pass 2's subtraction, so both passes see one value */
-                    const float v = j <= i ? __fmul_rn(s[n][2 * r + e], scale) : -INFINITY;
-                    s[n][2 * r + e] = v;
-                    tmax = fmaxf(tmax, v);
-                }
-            /* finite: key kt * 64 <= i for every row of a tile qt >= kt */
-            const float mnew = fmaxf(m[r], am_quad_max(tmax));
-            float sum = 0.0f;
+                    for (int e = 0; e < 2; ++e) {
+                        /* __fmul_rn: not fused into pass 2's subtraction, so both passes see one value */
+                        float v = __fmul_rn(s[n][2 * r + e], scale2);
+                        if (DIAG && kt * AM + 8 * n + 2 * t + e > i) v = -INFINITY;
+                        s[n][2 * r + e] = v;
+                        mx[e] = fmaxf(mx[e], v);
+                    }
+                /* finite: key kt * 64 <= i for every row of a tile qt >= kt */
+                const float mnew = fmaxf(m[r], am_quad_max(fmaxf(mx[0], mx[1])));
+                float sum[2] = {0.0f, 0.0f};
 #pragma unroll
-            for (int n = 0; n < 8; ++n) sum += expf(s[n][2 * r] - mnew) + expf(s[n][2 * r + 1] - mnew);
-            l[r] = l[r] * expf(m[r] - mnew) + am_quad_sum(sum);
-            m[r] = mnew;
-        }
+                for (int n = 0; n < 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) sum[e] += am_ex2(s[n][2 * r + e] - mnew);
+                l[r] = l[r] * am_ex2(m[r] - mnew) + am_quad_sum(sum[0] + sum[1]);
+                m[r] = mnew;
+            }
+        };
+        if (kt == qt)
+            stats(AmFlag<true>());
+        else
+            stats(AmFlag<false>());
     }
     const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
 
     /* pass 2: probabilities into probs (zeros above the diagonal), out = P V */
     float o[NO][4] = {};
     for (int kt = 0; kt <= qt; ++kt) {
+        am_async_wait();
         __syncthreads();
-        am_stage<HDW, AM_THREADS>(Ks, kbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
-        am_stage<HDW, AM_THREADS>(Vs, vbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
+        am_convert<HDW, AM_THREADS, FULL>(Ks, K32, rows(kt), ncol);
+        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
         __syncthreads();
-        float s[8][4];
-        am_tile_abt<NK>(s, Qs, Ks, LD, warp, lane);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = i0 + 8 * r;
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const int j = kt * AM + 8 * n + 2 * t;
-                const float p0 = j <= i ? expf(__fmul_rn(s[n][2 * r], scale) - m[r]) * inv[r] : 0.0f;
-                const float p1 = j + 1 <= i ? expf(__fmul_rn(s[n][2 * r + 1], scale) - m[r]) * inv[r] : 0.0f;
-                s[n][2 * r] = p0;
-                s[n][2 * r + 1] = p1;
-                if (i < S && j < S) am_put2(P, i, j, S, v2, p0, p1);
-            }
+        if (kt < qt) {
+            am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + (kt + 1) * tile, tok,
+                                                rows(kt + 1), ncol, AM_NOMASK, vq);
+            am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + (kt + 1) * tile, tok,
+                                                rows(kt + 1), ncol, AM_NOMASK, vq);
+            am_async_commit();
         }
-        am_tile_xy<NO>(o, s, Vs, LD, lane);
+        /* a 16-column group at a time, score to probability to P V, so that
+         * only 8 score registers live next to the output accumulators */
+        auto probs_pv = [&](auto dg) {
+            constexpr bool DIAG = decltype(dg)::value;
+            const int nhi = DIAG ? warp + 1 : 4;
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                float s[2][4] = {};
+                if (np < nhi) am_group_rbt<NK>(s, qa, Ks, LD, lane, np);
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = i0 + 8 * r;
+#pragma unroll
+                    for (int nn = 0; nn < 2; ++nn) {
+                        const int jc = 16 * np + 8 * nn; /* the pair's columns in the tile: jc + 2t, + 1 */
+                        const int j = kt * AM + jc + 2 * t;
+                        float p0 = am_ex2(__fmul_rn(s[nn][2 * r], scale2) - m[r]) * inv[r];
+                        float p1 = am_ex2(__fmul_rn(s[nn][2 * r + 1], scale2) - m[r]) * inv[r];
+                        if (DIAG && j > i) p0 = 0.0f;
+                        if (DIAG && j + 1 > i) p1 = 0.0f;
+                        s[nn][2 * r] = p0;
+                        s[nn][2 * r + 1] = p1;
+                        if (FULL)
+                            *reinterpret_cast<float2 *>(P + prow + (size_t)8 * r * S + kt * AM + jc) =
+                                make_float2(p0, p1);
+                        else if (i < S && j < S)
+                            am_put2(P, i, j, S, v2, p0, p1);
+                    }
+                }
+                if (np < nhi) am_group_xy<NO>(o, s, Vs, LD, lane, np);
+            }
+        };
+        if (kt == qt)
+            probs_pv(AmFlag<true>());
+        else
+            probs_pv(AmFlag<false>());
     }
     am_store_rows<NO>(out + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
 
     /* causal zeros right of the diagonal tile */
     const int j0 = (qt + 1) * AM;
-    if (j0 < S) {
+    if (FULL) { /* a thread: 4 columns of every 8th row of each tile */
+        float *z = P + (size_t)(r0 + (threadIdx.x >> 4)) * S + (threadIdx.x & 15) * 4;
+        for (int jt = qt + 1; jt < nt; ++jt)
+#pragma unroll
+            for (int u = 0; u < AM * 16 / AM_THREADS; ++u)
+                *reinterpret_cast<float4 *>(z + (size_t)u * (AM_THREADS / 16) * S + jt * AM) =
+                    make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    } else if (j0 < S) {
         const int ncols = S - j0, nrows = min(AM, S - r0);
         if (vec & AM_VEC_S4) { /* S % 4 == 0, so ncols too */
             const int n4 = ncols / 4;
@@ -976,23 +1096,26 @@ attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int 
 }
 
 /* Backward, block (b, h, query tile qt): pass 1 dP = dO V^T and the row sums
- * D_i = sum_j P_ij dP_ij; pass 2 dP again, dS = P (dP - D) / sqrt(hd) into
- * dA (j <= i; zeros above the diagonal inside the diagonal tile) and
- * dQ = dS K. Shared memory: dO, V, K tiles (bf16) and two fp32 tiles of
- * probs, which cp.async fills one tile ahead (reading probs straight from
- * global memory after the MMAs left its latency exposed: 75 us instead of 46
- * on an H100 at the shape above); in pass 1 the next V tile is loaded into
- * registers while the current one is used. */
-template <int HDW>
+ * D_i = sum_j P_ij dP_ij (stored for the dK/dV kernel); pass 2 dP again,
+ * dS = P (dP - D) / sqrt(hd) (j <= i) and dQ = dS K. Shared memory: fp32
+ * staging for a V and a K tile, two fp32 probs tiles (the one in use and
+ * the next), bf16 copies of V and K; dO stays in registers. 88 KB at
+ * hd <= 64: 2 blocks a multiprocessor. Twice the warps (8, each taking
+ * half of every key tile, the halves' D and dQ added at the end) measured
+ * the same (33.0 us instead of 33.2), so the simpler form stays. */
+template <int HDW, bool FULL>
 __global__ void __launch_bounds__(AM_THREADS)
-attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *dout, float *dqkv, float *dA, int S,
+attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *dout, float *dqkv, float *Dsum, int S,
                            int H, int hd, float scale, int vec) {
-    constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8, PER = AmPart<HDW, AM_THREADS>::PER;
+    constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8;
     extern __shared__ float4 am_smem4[];
-    bf16 *Gs = reinterpret_cast<bf16 *>(am_smem4), *Vs = Gs + AM * LD, *Ks = Vs + AM * LD;
-    float *Pbuf = reinterpret_cast<float *>(Ks + AM * LD); /* [2][AM][AM_LP] */
+    float *V32 = reinterpret_cast<float *>(am_smem4), *K32 = V32 + AM * HDW;
+    float *Pbuf = K32 + AM * HDW; /* [2][AM][AM_LP] */
+    bf16 *Vs = reinterpret_cast<bf16 *>(Pbuf + 2 * AM * AM_LP), *Ks = Vs + AM * LD;
     const int nt = (S + AM - 1) / AM;
-    const int bh = blockIdx.x / nt, qt = nt - 1 - (int)(blockIdx.x % nt);
+    int bh, rank;
+    am_block(nt, bh, rank);
+    const int qt = nt - 1 - rank;
     const int h = bh % H, b = bh / H;
     const size_t C = (size_t)H * hd, tok = 3 * C;
     const float *base = qkv + (size_t)b * S * tok + (size_t)h * hd;
@@ -1002,127 +1125,221 @@ attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *do
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int r0 = qt * AM;
     const int i0 = r0 + warp * 16 + (lane >> 2);
-    const bool vq = vec & AM_VEC_QKV, v2 = vec & AM_VEC_S2, v4 = vec & AM_VEC_S4;
+    const bool vq = FULL || (vec & AM_VEC_QKV), v4 = FULL || (vec & AM_VEC_S4);
+    const int ncol = FULL ? HDW : hd;
+    auto rows = [&](int kt) { return FULL ? AM : S - kt * AM; };
     const float *P = probs + (size_t)bh * S * S;
-    float *A = dA + (size_t)bh * S * S;
     /* the lane's element (row 8r of its pair, column 8n) of a probs tile */
     const int poff = (warp * 16 + (lane >> 2)) * AM_LP + 2 * t;
+    /* probs tile (r0, kt) into buffer u & 1; on the diagonal only j <= i */
+    auto copy_p = [&](int kt, int u) {
+        am_copy_tile<AM, AM_THREADS, FULL>(Pbuf + (u & 1) * AM * AM_LP, AM_LP, P + (size_t)r0 * S + kt * AM, S,
+                                           rows(qt), rows(kt), r0 - kt * AM, v4);
+    };
 
-    float4 pv[PER];
-    am_copy_async(Pbuf, P, r0, 0, S, v4);
+    am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase, tok, rows(0), ncol, AM_NOMASK, vq);
+    copy_p(0, 0);
     am_async_commit();
-    am_fetch<HDW, AM_THREADS>(pv, vbase, tok, S, hd, vq);
-    am_stage<HDW, AM_THREADS>(Gs, gbase + (size_t)r0 * C, C, S - r0, hd, AM_NOMASK, vec & AM_VEC_DOUT);
+    uint32_t ga[NK][4];
+    am_frag_rows<NK>(ga, gbase + (size_t)r0 * C, C, warp * 16, rows(qt), ncol, lane);
 
     float D[2] = {0.0f, 0.0f};
     for (int kt = 0; kt <= qt; ++kt) {
-        __syncthreads(); /* Vs and the probs buffer about to be refilled are no longer read */
-        if (kt < qt) am_copy_async(Pbuf + ((kt + 1) & 1) * AM * AM_LP, P, r0, (kt + 1) * AM, S, v4);
-        am_async_commit(); /* possibly empty: one group per iteration keeps the wait below right */
-        am_put<HDW, AM_THREADS>(Vs, pv, AM_NOMASK);
-        am_async_wait1(); /* this tile's probs */
+        am_async_wait();
+        __syncthreads(); /* tile kt staged for all; Vs and the other probs buffer are no longer read */
+        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
         __syncthreads();
-        if (kt < qt) am_fetch<HDW, AM_THREADS>(pv, vbase + (kt + 1) * tile, tok, S - (kt + 1) * AM, hd, vq);
+        /* the next tile, or pass 2's first */
+        const int nk = kt < qt ? kt + 1 : 0;
+        am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + nk * tile, tok, rows(nk), ncol, AM_NOMASK, vq);
+        copy_p(nk, kt + 1);
+        if (kt == qt) am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase, tok, rows(0), ncol, AM_NOMASK, vq);
+        am_async_commit();
         const float *Pt = Pbuf + (kt & 1) * AM * AM_LP + poff;
-        float dp[8][4];
-        am_tile_abt<NK>(dp, Gs, Vs, LD, warp, lane);
+        auto row_sums = [&](auto dg) {
+            constexpr bool DIAG = decltype(dg)::value;
+            float dp[8][4];
+            am_tile_rbt<NK>(dp, ga, Vs, LD, lane, 0, DIAG ? warp + 1 : 4);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = i0 + 8 * r;
-            if (i >= S) continue;
+            for (int r = 0; r < 2; ++r) {
+                const int i = i0 + 8 * r;
+                const bool row_ok = FULL || i < S;
+                float a[2] = {0.0f, 0.0f}; /* two chains, for latency */
 #pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const int j = kt * AM + 8 * n + 2 * t;
-                if (j > i) continue;
-                const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
-                D[r] += p.x * dp[n][2 * r];
-                if (j + 1 <= i) D[r] += p.y * dp[n][2 * r + 1];
+                for (int n = 0; n < 8; ++n) {
+                    const int j = kt * AM + 8 * n + 2 * t;
+                    const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
+                    /* selects, not products: probs past the mask were never copied */
+                    a[0] += row_ok && (!DIAG || j <= i) ? p.x * dp[n][2 * r] : 0.0f;
+                    a[1] += row_ok && (!DIAG || j + 1 <= i) ? p.y * dp[n][2 * r + 1] : 0.0f;
+                }
+                D[r] += a[0] + a[1];
             }
-        }
+        };
+        if (kt == qt)
+            row_sums(AmFlag<true>());
+        else
+            row_sums(AmFlag<false>());
     }
     D[0] = am_quad_sum(D[0]);
     D[1] = am_quad_sum(D[1]);
+    if (t == 0) {
+        if (i0 < S) Dsum[(size_t)bh * S + i0] = D[0];
+        if (i0 + 8 < S) Dsum[(size_t)bh * S + i0 + 8] = D[1];
+    }
 
-    __syncthreads(); /* the probs buffers are no longer read */
-    am_copy_async(Pbuf, P, r0, 0, S, v4);
-    am_async_commit();
     float dq[NO][4] = {};
     for (int kt = 0; kt <= qt; ++kt) {
+        const int u = qt + 1 + kt; /* the step's probs buffer: u & 1 */
+        am_async_wait();
         __syncthreads();
-        if (kt < qt) am_copy_async(Pbuf + ((kt + 1) & 1) * AM * AM_LP, P, r0, (kt + 1) * AM, S, v4);
-        am_async_commit();
-        am_stage<HDW, AM_THREADS>(Vs, vbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
-        am_stage<HDW, AM_THREADS>(Ks, kbase + kt * tile, tok, S - kt * AM, hd, AM_NOMASK, vq);
-        am_async_wait1();
+        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
+        am_convert<HDW, AM_THREADS, FULL>(Ks, K32, rows(kt), ncol);
         __syncthreads();
-        const float *Pt = Pbuf + (kt & 1) * AM * AM_LP + poff;
-        float dp[8][4];
-        am_tile_abt<NK>(dp, Gs, Vs, LD, warp, lane);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = i0 + 8 * r;
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const int j = kt * AM + 8 * n + 2 * t;
-                float d0 = 0.0f, d1 = 0.0f;
-                if (i < S && j <= i) {
-                    const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
-                    d0 = p.x * (dp[n][2 * r] - D[r]) * scale;
-                    if (j + 1 <= i) d1 = p.y * (dp[n][2 * r + 1] - D[r]) * scale;
-                }
-                dp[n][2 * r] = d0;
-                dp[n][2 * r + 1] = d1;
-                if (i < S && j < S) am_put2(A, i, j, S, v2, d0, d1);
-            }
+        if (kt < qt) {
+            am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + (kt + 1) * tile, tok,
+                                                rows(kt + 1), ncol, AM_NOMASK, vq);
+            am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + (kt + 1) * tile, tok,
+                                                rows(kt + 1), ncol, AM_NOMASK, vq);
+            copy_p(kt + 1, u + 1);
+            am_async_commit();
         }
-        am_tile_xy<NO>(dq, dp, Ks, LD, lane);
+        const float *Pt = Pbuf + (u & 1) * AM * AM_LP + poff;
+        auto ds_dq = [&](auto dg) {
+            constexpr bool DIAG = decltype(dg)::value;
+            const int nhi = DIAG ? warp + 1 : 4;
+            float dp[8][4];
+            am_tile_rbt<NK>(dp, ga, Vs, LD, lane, 0, nhi);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = i0 + 8 * r;
+                const bool row_ok = FULL || i < S;
+#pragma unroll
+                for (int n = 0; n < 8; ++n) {
+                    const int j = kt * AM + 8 * n + 2 * t;
+                    const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
+                    dp[n][2 * r] = row_ok && (!DIAG || j <= i) ? p.x * (dp[n][2 * r] - D[r]) * scale : 0.0f;
+                    dp[n][2 * r + 1] =
+                        row_ok && (!DIAG || j + 1 <= i) ? p.y * (dp[n][2 * r + 1] - D[r]) * scale : 0.0f;
+                }
+            }
+            am_tile_xy<NO>(dq, dp, Ks, LD, lane, 0, nhi);
+        };
+        if (kt == qt)
+            ds_dq(AmFlag<true>());
+        else
+            ds_dq(AmFlag<false>());
     }
     am_store_rows<NO>(dqkv + (size_t)b * S * tok + (size_t)h * hd, tok, i0, S, hd, t, dq);
 }
 
 /* Backward, block (b, h, key tile kt): dK = dS^T Q and dV = P^T dO over the
- * query tiles it >= kt, in query order. The dS and P tiles are staged as
- * stored ([query][key], masked to j <= i) and read transposed by ldmatrix.
- * 8 warps: warps 0-3 make dK, warps 4-7 dV, each for 16 keys, so a thread
- * holds one HDW-wide accumulator row pair instead of two. Shared memory: dS,
- * P, Q, dO tiles. */
-constexpr int AM_KV_THREADS = 256;
-
-template <int HDW>
+ * query tiles it >= kt, in query order, with dS^T = P^T (dP^T - D) / sqrt(hd)
+ * and dP^T = V dO^T recomputed here (V of the block's keys in registers).
+ * The probs tile is staged as stored ([query][key]) and read transposed,
+ * straight into the accumulator layout of the keys' rows. 8 warps: warps
+ * 0-3 make dK, warps 4-7 dV, each for 16 keys, so a thread holds one
+ * HDW-wide accumulator row pair instead of two. Shared memory: fp32 staging
+ * for a Q and a dO tile, two fp32 probs tiles and two D rows (the one in
+ * use and the next), bf16 copies of Q and dO. */
+template <int HDW, bool FULL>
 __global__ void __launch_bounds__(AM_KV_THREADS)
-attention_bwd_kv_mma_kernel(const float *qkv, const float *probs, const float *dout, const float *dA, float *dqkv,
-                            int S, int H, int hd, int vec) {
-    constexpr int LD = HDW + AM_PAD, NO = HDW / 8;
+attention_bwd_kv_mma_kernel(const float *qkv, const float *probs, const float *dout, const float *Dsum, float *dqkv,
+                            int S, int H, int hd, float scale, int vec) {
+    constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8;
     extern __shared__ float4 am_smem4[];
-    bf16 *Ss = reinterpret_cast<bf16 *>(am_smem4), *Ps = Ss + AM * AM_LS, *Qs = Ps + AM * AM_LS, *Gs = Qs + AM * LD;
+    float *Q32 = reinterpret_cast<float *>(am_smem4), *G32 = Q32 + AM * HDW;
+    float *Pbuf = G32 + AM * HDW;        /* [2][AM][AM_LT] */
+    float *Dbuf = Pbuf + 2 * AM * AM_LT; /* [2][AM] */
+    bf16 *Qs = reinterpret_cast<bf16 *>(Dbuf + 2 * AM), *Gs = Qs + AM * LD;
     const int nt = (S + AM - 1) / AM;
-    const int bh = blockIdx.x / nt, kt = (int)(blockIdx.x % nt); /* heavy tiles (small kt) first */
+    int bh, kt;
+    am_block(nt, bh, kt); /* heavy tiles (small kt) first */
     const int h = bh % H, b = bh / H;
     const size_t C = (size_t)H * hd, tok = 3 * C;
     const float *base = qkv + (size_t)b * S * tok + (size_t)h * hd;
     const float *gbase = dout + (size_t)b * S * C + (size_t)h * hd;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3, g = lane >> 2;
     const bool is_v = warp >= 4; /* uniform per warp */
+    const int wr = warp & 3;     /* the warp's keys: j0 + 16 wr + (0..15) */
     const int j0 = kt * AM;
-    const bool vq = vec & AM_VEC_QKV, vg = vec & AM_VEC_DOUT, v4 = vec & AM_VEC_S4;
+    const bool vq = FULL || (vec & AM_VEC_QKV), vg = FULL || (vec & AM_VEC_DOUT), v4 = FULL || (vec & AM_VEC_S4);
+    const int ncol = FULL ? HDW : hd;
+    auto rows = [&](int it) { return FULL ? AM : S - it * AM; };
     const float *P = probs + (size_t)bh * S * S;
-    const float *A = dA + (size_t)bh * S * S;
-    const bf16 *Xs = is_v ? Ps : Ss, *Ys = is_v ? Gs : Qs;
+    const float *Drow = Dsum + (size_t)bh * S;
+    /* query tile it into the staging buffers and the probs and D buffers it & 1 */
+    auto load = [&](int it) {
+        const int i0 = it * AM, u = it & 1;
+        am_copy_tile<HDW, AM_KV_THREADS, FULL>(Q32, HDW, base + (size_t)i0 * tok, tok, rows(it), ncol, AM_NOMASK, vq);
+        am_copy_tile<HDW, AM_KV_THREADS, FULL>(G32, HDW, gbase + (size_t)i0 * C, C, rows(it), ncol, AM_NOMASK, vg);
+        am_copy_tile<AM, AM_KV_THREADS, FULL>(Pbuf + u * AM * AM_LT, AM_LT, P + (size_t)i0 * S + j0, S, rows(it),
+                                              rows(kt), i0 - j0, v4);
+        if ((int)threadIdx.x < min(AM, rows(it)))
+            am_cp4(am_smem_addr(Dbuf + u * AM + threadIdx.x), Drow + i0 + threadIdx.x);
+        am_async_commit();
+    };
+
+    load(kt);
+    uint32_t va[NK][4]; /* V of the warp's 16 keys (read by the dK warps) */
+    am_frag_rows<NK>(va, base + 2 * C + (size_t)j0 * tok, tok, wr * 16, rows(kt), ncol, lane);
 
     float acc[NO][4] = {};
     for (int it = kt; it < nt; ++it) {
         const int i0 = it * AM;
+        am_async_wait();
+        __syncthreads(); /* tile it staged for all; Qs, Gs and the other buffers are no longer read */
+        am_convert<HDW, AM_KV_THREADS, FULL>(Qs, Q32, rows(it), ncol);
+        am_convert<HDW, AM_KV_THREADS, FULL>(Gs, G32, rows(it), ncol);
         __syncthreads();
-        am_stage<AM, AM_KV_THREADS>(Ss, A + (size_t)i0 * S + j0, S, S - i0, S - j0, i0 - j0, v4);
-        am_stage<AM, AM_KV_THREADS>(Ps, P + (size_t)i0 * S + j0, S, S - i0, S - j0, i0 - j0, v4);
-        am_stage<HDW, AM_KV_THREADS>(Qs, base + (size_t)i0 * tok, tok, S - i0, hd, AM_NOMASK, vq);
-        am_stage<HDW, AM_KV_THREADS>(Gs, gbase + (size_t)i0 * C, C, S - i0, hd, AM_NOMASK, vg);
-        __syncthreads();
-        am_tile_xty<NO>(acc, Xs, AM_LS, Ys, LD, warp & 3, lane);
+        if (it + 1 < nt) load(it + 1);
+        /* the lane's probs element (query 8n + 2t + e, key 16 wr + g + 8hh) is at
+         * Pt[(8n + e) * AM_LT + 8hh] */
+        const float *Pt = Pbuf + (it & 1) * AM * AM_LT + 2 * t * AM_LT + wr * 16 + g;
+        const float *Dt = Dbuf + (it & 1) * AM + 2 * t;
+        auto body = [&](auto dg) {
+            constexpr bool DIAG = decltype(dg)::value;
+            const int klo = DIAG ? wr : 0; /* on the diagonal the warp's keys see only query groups >= wr */
+            float x[8][4];
+            if (is_v) {
+#pragma unroll
+                for (int n = 0; n < 8; ++n)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int i = i0 + 8 * n + 2 * t + e, j = j0 + wr * 16 + g + 8 * hh;
+                            const bool ok = (FULL || i < S) && (!DIAG || j <= i);
+                            x[n][2 * hh + e] = ok ? Pt[(8 * n + e) * AM_LT + 8 * hh] : 0.0f;
+                        }
+                am_tile_xy<NO>(acc, x, Gs, LD, lane, klo, 4);
+            } else {
+                am_tile_rbt<NK>(x, va, Gs, LD, lane, klo, 4); /* dP^T: keys x queries */
+#pragma unroll
+                for (int n = 0; n < 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int i = i0 + 8 * n + 2 * t + e;
+                        const float d = Dt[8 * n + e];
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            const int j = j0 + wr * 16 + g + 8 * hh;
+                            const bool ok = (FULL || i < S) && (!DIAG || j <= i);
+                            x[n][2 * hh + e] = ok ? Pt[(8 * n + e) * AM_LT + 8 * hh] * (x[n][2 * hh + e] - d) * scale
+                                                  : 0.0f;
+                        }
+                    }
+                am_tile_xy<NO>(acc, x, Qs, LD, lane, klo, 4);
+            }
+        };
+        if (it == kt)
+            body(AmFlag<true>());
+        else
+            body(AmFlag<false>());
     }
     /* dK at column C of a token's dqkv row, dV at 2C */
     float *dst = dqkv + (size_t)b * S * tok + (is_v ? 2 * C : C) + (size_t)h * hd;
-    am_store_rows<NO>(dst, tok, j0 + (warp & 3) * 16 + (lane >> 2), S, hd, t, acc);
+    am_store_rows<NO>(dst, tok, j0 + wr * 16 + g, S, hd, t, acc);
 }
 
 /* Shared memory above the 48 KB default needs the kernel's opt-in. */
@@ -1139,24 +1356,51 @@ static size_t at_smem_qside(int hd) {
     return (a > p ? a : p) * sizeof(float);
 }
 
+/* The tensor-core kernels' opt-in, and all of the multiprocessor's unified
+ * memory as shared memory: with a smaller carveout the driver may fit fewer
+ * blocks than the shared memory sizes allow (the kernels use no L1 reuse:
+ * cp.async.cg bypasses it). */
+static int am_smem_optin(moe_backend *be, const void *kernel, size_t bytes, const char *what) {
+    if (!at_smem_optin(be, kernel, bytes, what)) return 0;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared);
+    if (e == cudaSuccess) return 1;
+    cuda_record_error(be, __FILE__, __LINE__, what, cudaGetErrorString(e));
+    return 0;
+}
+
 /* The AM_VEC_* bits the arrays' addresses and the sizes allow. */
 static int am_vec_flags(const float *qkv, const float *dout, const float *probs, int S, int hd) {
     const uintptr_t a16 = 15, a8 = 7;
     int f = 0;
     if (hd % 4 == 0 && ((uintptr_t)qkv & a16) == 0) f |= AM_VEC_QKV;
     if (hd % 4 == 0 && dout && ((uintptr_t)dout & a16) == 0) f |= AM_VEC_DOUT;
-    if (S % 4 == 0 && ((uintptr_t)probs & a16) == 0) f |= AM_VEC_S4; /* dA: scratch, 256-byte aligned */
+    if (S % 4 == 0 && ((uintptr_t)probs & a16) == 0) f |= AM_VEC_S4;
     if (S % 2 == 0 && ((uintptr_t)probs & a8) == 0) f |= AM_VEC_S2;
     return f;
+}
+
+/* Whether a shape takes the FULL form of the kernels (see there). */
+template <int HDW>
+static bool am_full(int S, int hd, int vec, int need) {
+    return S % AM == 0 && hd == HDW && (vec & need) == need;
 }
 
 template <int HDW>
 static void am_fwd(moe_backend *be, const float *qkv, float *out, float *probs, int B, int S, int H, int hd) {
     const unsigned blocks = (unsigned)((size_t)B * H * ((S + AM - 1) / AM));
-    const size_t shmem = (size_t)3 * AM * (HDW + AM_PAD) * sizeof(bf16);
-    if (!at_smem_optin(be, (const void *)attention_fwd_mma_kernel<HDW>, shmem, "attention_fwd")) return;
-    attention_fwd_mma_kernel<HDW><<<blocks, AM_THREADS, shmem, cuda_stream(be)>>>(
-        qkv, out, probs, S, H, hd, 1.0f / sqrtf((float)hd), am_vec_flags(qkv, NULL, probs, S, hd));
+    const size_t shmem = (size_t)2 * AM * HDW * sizeof(float) + (size_t)2 * AM * (HDW + AM_PAD) * sizeof(bf16);
+    const int vec = am_vec_flags(qkv, NULL, probs, S, hd);
+    const bool full = am_full<HDW>(S, hd, vec, AM_VEC_QKV | AM_VEC_S4 | AM_VEC_S2);
+    const float scale2 = (float)(1.4426950408889634 / sqrt((double)hd)); /* log2(e) / sqrt(hd) */
+    const void *kernel = full ? (const void *)attention_fwd_mma_kernel<HDW, true>
+                              : (const void *)attention_fwd_mma_kernel<HDW, false>;
+    if (!am_smem_optin(be, kernel, shmem, "attention_fwd")) return;
+    cudaStream_t st = cuda_stream(be);
+    if (full)
+        attention_fwd_mma_kernel<HDW, true><<<blocks, AM_THREADS, shmem, st>>>(qkv, out, probs, S, H, hd, scale2, vec);
+    else
+        attention_fwd_mma_kernel<HDW, false><<<blocks, AM_THREADS, shmem, st>>>(qkv, out, probs, S, H, hd, scale2, vec);
     KERNEL_CHECK(be, "attention_fwd_mma_kernel");
 }
 
@@ -1164,18 +1408,34 @@ template <int HDW>
 static void am_bwd(moe_backend *be, const float *qkv, const float *probs, const float *dout, float *dqkv, int B,
                    int S, int H, int hd) {
     const unsigned blocks = (unsigned)((size_t)B * H * ((S + AM - 1) / AM));
-    float *dA = (float *)cuda_scratch(be, (size_t)B * H * S * S * sizeof(float));
-    if (!dA) return;
+    float *Dsum = (float *)cuda_scratch(be, (size_t)B * H * S * sizeof(float));
+    if (!Dsum) return;
     const int vec = am_vec_flags(qkv, dout, probs, S, hd);
-    const size_t sh_q = (size_t)3 * AM * (HDW + AM_PAD) * sizeof(bf16) + (size_t)2 * AM * AM_LP * sizeof(float);
-    const size_t sh_kv = ((size_t)2 * AM * AM_LS + (size_t)2 * AM * (HDW + AM_PAD)) * sizeof(bf16);
-    if (!at_smem_optin(be, (const void *)attention_bwd_q_mma_kernel<HDW>, sh_q, "attention_bwd")) return;
-    if (!at_smem_optin(be, (const void *)attention_bwd_kv_mma_kernel<HDW>, sh_kv, "attention_bwd")) return;
+    const bool full = am_full<HDW>(S, hd, vec, AM_VEC_QKV | AM_VEC_DOUT | AM_VEC_S4 | AM_VEC_S2);
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t staged = (size_t)2 * AM * HDW * sizeof(float), bf = (size_t)2 * AM * (HDW + AM_PAD) * sizeof(bf16);
+    const size_t sh_q = staged + (size_t)2 * AM * AM_LP * sizeof(float) + bf;
+    const size_t sh_kv = staged + ((size_t)2 * AM * AM_LT + 2 * AM) * sizeof(float) + bf;
+    const void *kq = full ? (const void *)attention_bwd_q_mma_kernel<HDW, true>
+                          : (const void *)attention_bwd_q_mma_kernel<HDW, false>;
+    const void *kkv = full ? (const void *)attention_bwd_kv_mma_kernel<HDW, true>
+                           : (const void *)attention_bwd_kv_mma_kernel<HDW, false>;
+    if (!am_smem_optin(be, kq, sh_q, "attention_bwd")) return;
+    if (!am_smem_optin(be, kkv, sh_kv, "attention_bwd")) return;
     cudaStream_t st = cuda_stream(be);
-    attention_bwd_q_mma_kernel<HDW><<<blocks, AM_THREADS, sh_q, st>>>(qkv, probs, dout, dqkv, dA, S, H, hd,
-                                                                      1.0f / sqrtf((float)hd), vec);
+    if (full)
+        attention_bwd_q_mma_kernel<HDW, true><<<blocks, AM_THREADS, sh_q, st>>>(qkv, probs, dout, dqkv, Dsum, S, H, hd,
+                                                                                scale, vec);
+    else
+        attention_bwd_q_mma_kernel<HDW, false><<<blocks, AM_THREADS, sh_q, st>>>(qkv, probs, dout, dqkv, Dsum, S, H,
+                                                                                 hd, scale, vec);
     KERNEL_CHECK(be, "attention_bwd_q_mma_kernel");
-    attention_bwd_kv_mma_kernel<HDW><<<blocks, AM_KV_THREADS, sh_kv, st>>>(qkv, probs, dout, dA, dqkv, S, H, hd, vec);
+    if (full)
+        attention_bwd_kv_mma_kernel<HDW, true><<<blocks, AM_KV_THREADS, sh_kv, st>>>(qkv, probs, dout, Dsum, dqkv, S,
+                                                                                     H, hd, scale, vec);
+    else
+        attention_bwd_kv_mma_kernel<HDW, false><<<blocks, AM_KV_THREADS, sh_kv, st>>>(qkv, probs, dout, Dsum, dqkv, S,
+                                                                                      H, hd, scale, vec);
     KERNEL_CHECK(be, "attention_bwd_kv_mma_kernel");
 }
 
