@@ -717,8 +717,14 @@ static void test_embed(const cfg *c) {
     }
 }
 
-static void test_layernorm(const cfg *c) {
-    const int T = T_of(c), d = c->d;
+/* "op(d=N)" into buf */
+static const char *ln_name(char *buf, size_t cap, const char *op, int d) {
+    snprintf(buf, cap, "%s(d=%d)", op, d);
+    return buf;
+}
+
+static void layernorm_case(int T, int d) {
+    char name[64];
     const size_t n = (size_t)T * d;
     const float eps = 1e-5f;
     float *x = hrand(n, -2, 3), *g = hrand((size_t)d, 0.5f, 1.5f), *b = hrand((size_t)d, -0.5f, 0.5f);
@@ -752,12 +758,22 @@ static void test_layernorm(const cfg *c) {
         got_dg[r] = down(gpu, d_dg, (size_t)d * sizeof(float));
         got_db[r] = down(gpu, d_db, (size_t)d * sizeof(float));
     }
-    check_f32("layernorm_fwd.y", got_y, want_y, n, TOL_EW);
-    check_f32("layernorm_fwd.mean", got_mean, want_mean, (size_t)T, TOL_EW);
-    check_f32("layernorm_fwd.rstd", got_rstd, want_rstd, (size_t)T, TOL_EW);
-    check_f32("layernorm_bwd.dx", got_dx, want_dx, n, TOL_EW);
-    check_f32("layernorm_bwd.dg", got_dg, want_dg, (size_t)d, TOL_EW);
-    check_f32("layernorm_bwd.db", got_db, want_db, (size_t)d, TOL_EW);
+    check_f32(ln_name(name, sizeof name, "layernorm_fwd.y", d), got_y, want_y, n, TOL_EW);
+    check_f32(ln_name(name, sizeof name, "layernorm_fwd.mean", d), got_mean, want_mean, (size_t)T, TOL_EW);
+    check_f32(ln_name(name, sizeof name, "layernorm_fwd.rstd", d), got_rstd, want_rstd, (size_t)T, TOL_EW);
+    check_f32(ln_name(name, sizeof name, "layernorm_bwd.dx", d), got_dx, want_dx, n, TOL_EW);
+    check_f32(ln_name(name, sizeof name, "layernorm_bwd.dg", d), got_dg, want_dg, (size_t)d, TOL_EW);
+    check_f32(ln_name(name, sizeof name, "layernorm_bwd.db", d), got_db, want_db, (size_t)d, TOL_EW);
+}
+
+/* The model's width, and on the first size the widths that pick the other
+ * CUDA paths: d % 128 == 0 (registers, 3 float4 per lane), d % 32 == 0 (one
+ * fused pass), neither (separate passes; the sizes' own d covers it too). */
+static void test_layernorm(const cfg *c) {
+    layernorm_case(T_of(c), c->d);
+    if (c != cfgs_first) return;
+    const int widths[] = {384, 160, 1000};
+    for (size_t i = 0; i < sizeof widths / sizeof widths[0]; ++i) layernorm_case(333, widths[i]);
 }
 
 static void test_rmsnorm(const cfg *c) {
