@@ -57,14 +57,11 @@ void cpu_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N) {
     }
 }
 
-/* The product, then every element gets the single addition of
- * cpu_add_bias_batched (bitwise that pair of calls when ldc == N). */
-void cpu_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
-                   long long strideA, const float *B, int ldb, long long strideB, const float *bias,
-                   long long stride_bias, float *C, int ldc, long long strideC, int batch) {
-    cpu_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,
-                             strideC, batch);
-    if (!bias || batch <= 0 || M <= 0 || N <= 0) return;
+/* C[e][m][j] += bias[e*stride_bias + j] for `batch` blocks of M rows at
+ * any ldc: one addition per element. */
+static void add_bias_rows(float *C, int ldc, long long strideC, const float *bias, long long stride_bias, int M,
+                          int N, int batch) {
+    if (batch <= 0 || M <= 0 || N <= 0) return;
     long long rows = (long long)batch * M;
 #pragma omp parallel for schedule(static)
     for (long long r = 0; r < rows; ++r) {
@@ -75,6 +72,16 @@ void cpu_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const f
     }
 }
 
+/* The product, then the bias add of cpu_add_bias_batched (bitwise that pair
+ * of calls when ldc == N). */
+void cpu_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
+                   long long strideA, const float *B, int ldb, long long strideB, const float *bias,
+                   long long stride_bias, float *C, int ldc, long long strideC, int batch) {
+    cpu_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,
+                             strideC, batch);
+    if (bias) add_bias_rows(C, ldc, strideC, bias, stride_bias, M, N, batch);
+}
+
 /* The per-expert forms: entry e of the batch is y + e*stride_y ([T,N]) and
  * b + e*stride_b ([N]). Every element sees the same single addition as in
  * cpu_add_bias, and every db[e*stride_db + j] is summed by one thread over
@@ -83,15 +90,7 @@ void cpu_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const f
 void cpu_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
                           long long stride_y, long long stride_b) {
     (void)be;
-    if (batch <= 0 || T <= 0 || N <= 0) return;
-    long long rows = (long long)batch * T;
-#pragma omp parallel for schedule(static)
-    for (long long r = 0; r < rows; ++r) {
-        long long e = r / T, t = r % T;
-        float *row = y + e * stride_y + t * (long long)N;
-        const float *be_ = b + e * stride_b;
-        for (int j = 0; j < N; ++j) row[j] += be_[j];
-    }
+    add_bias_rows(y, N, stride_y, b, stride_b, T, N, batch);
 }
 
 void cpu_bias_grad_batched(moe_backend *be, const float *dy, float *db, int batch, int T, int N,

@@ -322,6 +322,9 @@ void cuda_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha
 void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
                     long long strideA, const float *B, int ldb, long long strideB, const float *bias,
                     long long stride_bias, float *C, int ldc, long long strideC, int batch);
+/* Whether a GEMM of M x N x K takes bf16 operands: bf16 mode, and no side
+ * shorter than 16 (those run in fp32; cuda_linalg.cu says why). */
+bool cuda_gemm_takes_bf16(moe_backend *be, int M, int N, int K);
 /* Rounds `batch` matrices of rows x cols (leading dimension ld, `stride`
  * apart; stride 0: one matrix) to bf16, packed into dst as [batch][rows]
  * [cols], or as [batch][cols][rows] with transpose. */

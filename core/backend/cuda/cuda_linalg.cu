@@ -78,6 +78,9 @@ static void to_bf16(moe_backend *be, const float *src, long long ld, long long s
 static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, float alpha, const void *A,
                     int lda, long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
                     float beta, float *C, int ldc, long long sC, int batch);
+static void gemm_bf16_ops(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const __nv_bfloat16 *A,
+                          int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB, const float *bias,
+                          long long sbias, float beta, float *C, int ldc, long long sC, int batch);
 
 /* fp32: pure fp32 (no TF32) through a cuBLASLt plan, whose heuristics split
  * long sums (the gate's weight gradient, K = T) where cuBLAS's sgemm did
@@ -181,13 +184,8 @@ static void gemm_bf16(moe_backend *be, int ta, int tb, int M, int N, int K, floa
                       int batch) {
     bf16_operands op;
     if (!round_operands(be, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, batch, &op)) return;
-    if (lt_gemm(be, 1, op.ta, op.tb, M, N, K, alpha, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, NULL, 0, beta, C,
-                ldc, strideC, batch))
-        return;
-    CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(op.tb), cublas_op(op.ta), N, M,
-                                                K, &alpha, op.B, CUDA_R_16BF, op.ldb, op.sB, op.A, CUDA_R_16BF,
-                                                op.lda, op.sA, &beta, C, CUDA_R_32F, ldc, strideC, batch,
-                                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    gemm_bf16_ops(be, op.ta, op.tb, M, N, K, alpha, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, NULL, 0, beta, C, ldc,
+                  strideC, batch);
 }
 
 /* Whether a GEMM of bf16 mode takes bf16 operands. A product with a side
@@ -195,7 +193,7 @@ static void gemm_bf16(moe_backend *be, int ta, int tb, int M, int N, int K, floa
  * nothing from tensor cores, while rounding its large operand costs a pass
  * over it: it runs in fp32, which also keeps the router's gate logits fp32
  * as design.md asks. With K = 0 there is nothing to round. */
-static bool gemm_rounds(moe_backend *be, int M, int N, int K) {
+bool cuda_gemm_takes_bf16(moe_backend *be, int M, int N, int K) {
     return cuda_state(be)->precision == MOE_PRECISION_BF16 && M >= 16 && N >= 16 && K >= 16;
 }
 
@@ -204,7 +202,7 @@ void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, in
                                long long strideB, float beta, float *C, int ldc, long long strideC,
                                int batch) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
-    if (gemm_rounds(be, M, N, K))
+    if (cuda_gemm_takes_bf16(be, M, N, K))
         gemm_bf16(be, ta, tb, M, N, K, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc,
                   strideC, batch);
     else
@@ -389,26 +387,29 @@ static cuda_lt_plan *lt_plan_find(moe_backend *be, const cuda_lt_key &k) {
     return p;
 }
 
-/* The fallback's bias add: row r of the batch is product r / M, row r % M,
- * at any ldc. */
-__global__ void add_bias_rows_kernel(float *C, int ldc, long long strideC, const float *bias,
-                                     long long stride_bias, int M, int N, long long rows) {
+/* A bias on every row of `batch` products of M rows at any ldc: row r of
+ * the batch is product r / M, row r % M. add: C += bias (the bias adds of
+ * the ops without an epilogue); set: C = bias, or 0 without one (the
+ * product with K = 0). */
+template <bool set>
+__global__ void bias_rows_kernel(float *C, int ldc, long long strideC, const float *bias, long long stride_bias,
+                                 int M, int N, long long rows) {
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long e = r / M, m = r - e * M;
         float *row = C + e * strideC + m * ldc;
-        const float *b = bias + e * stride_bias;
-        for (int j = threadIdx.x; j < N; j += blockDim.x) row[j] += b[j];
+        const float *b = bias ? bias + e * stride_bias : NULL;
+        for (int j = threadIdx.x; j < N; j += blockDim.x) row[j] = set ? (b ? b[j] : 0.0f) : row[j] + b[j];
     }
 }
 
-/* C = bias (or 0) on every row, at any ldc: the product with K = 0. */
-__global__ void set_bias_rows_kernel(float *C, int ldc, long long strideC, const float *bias,
-                                     long long stride_bias, int M, int N, long long rows) {
-    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-        const long long e = r / M, m = r - e * M;
-        float *row = C + e * strideC + m * ldc;
-        for (int j = threadIdx.x; j < N; j += blockDim.x) row[j] = bias ? bias[e * stride_bias + j] : 0.0f;
-    }
+template <bool set>
+static void bias_rows(moe_backend *be, float *C, int ldc, long long sC, const float *bias, long long sbias, int M,
+                      int N, int batch) {
+    const long long rows = (long long)batch * M;
+    if (rows <= 0 || N <= 0) return;
+    bias_rows_kernel<set><<<(unsigned)(rows < 65536 ? rows : 65536), 128, 0, cuda_stream(be)>>>(C, ldc, sC, bias,
+                                                                                               sbias, M, N, rows);
+    KERNEL_CHECK(be, set ? "bias_rows_kernel (set)" : "bias_rows_kernel (add)");
 }
 
 /* C = op(A) op(B) (+ bias) + beta C through a cuBLASLt plan; A and B are
@@ -444,28 +445,26 @@ static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int
     return true;
 }
 
-static void add_bias_rows(moe_backend *be, float *C, int ldc, long long sC, const float *bias, long long sbias,
-                          int M, int N, int batch) {
-    const long long rows = (long long)batch * M;
-    add_bias_rows_kernel<<<(unsigned)(rows < 65536 ? rows : 65536), 128, 0, cuda_stream(be)>>>(
-        C, ldc, sC, bias, sbias, M, N, rows);
-    KERNEL_CHECK(be, "add_bias_rows_kernel");
+
+/* The GEMM of bf16 operands: a cuBLASLt plan, or cuBLAS and then the bias
+ * where cuBLASLt has no algorithm. */
+static void gemm_bf16_ops(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const __nv_bfloat16 *A,
+                          int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB, const float *bias,
+                          long long sbias, float beta, float *C, int ldc, long long sC, int batch) {
+    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
+    if (lt_gemm(be, 1, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch))
+        return;
+    CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(tb), cublas_op(ta), N, M, K,
+                                                &alpha, B, CUDA_R_16BF, ldb, sB, A, CUDA_R_16BF, lda, sA, &beta, C,
+                                                CUDA_R_32F, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (bias) bias_rows<false>(be, C, ldc, sC, bias, sbias, M, N, batch);
 }
 
 void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int K, const __nv_bfloat16 *A,
                              int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB,
                              const float *bias, long long sbias, float beta, float *C, int ldc, long long sC,
                              int batch) {
-    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
-    if (lt_gemm(be, 1, ta, tb, M, N, K, 1.0f, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch))
-        return;
-    /* no cuBLASLt algorithm: the product, then the bias */
-    const float one = 1.0f;
-    CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(tb), cublas_op(ta), N, M, K,
-                                                &one, B, CUDA_R_16BF, ldb, sB, A, CUDA_R_16BF,
-                                                lda, sA, &beta, C, CUDA_R_32F, ldc, sC, batch,
-                                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    if (bias) add_bias_rows(be, C, ldc, sC, bias, sbias, M, N, batch);
+    gemm_bf16_ops(be, ta, tb, M, N, K, 1.0f, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch);
 }
 
 static cuda_lt_key gelu_aux_key(int M, int N, int K, const void *A, const void *B, const void *bias, const void *D,
@@ -509,13 +508,10 @@ void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const 
                     long long stride_bias, float *C, int ldc, long long strideC, int batch) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
     if (K <= 0) { /* an empty sum: C is the bias (or 0); cuBLAS would refuse ld = 0 */
-        const long long rows = (long long)batch * M;
-        set_bias_rows_kernel<<<(unsigned)(rows < 65536 ? rows : 65536), 128, 0, cuda_stream(be)>>>(
-            C, ldc, strideC, bias, stride_bias, M, N, rows);
-        KERNEL_CHECK(be, "set_bias_rows_kernel");
+        bias_rows<true>(be, C, ldc, strideC, bias, stride_bias, M, N, batch);
         return;
     }
-    if (gemm_rounds(be, M, N, K)) {
+    if (cuda_gemm_takes_bf16(be, M, N, K)) {
         bf16_operands op;
         if (!round_operands(be, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, batch, &op)) return;
         cuda_gemm_bf16_operands(be, op.ta, op.tb, M, N, K, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, bias,
@@ -527,7 +523,7 @@ void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const 
         return;
     cuda_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,
                               strideC, batch);
-    if (bias) add_bias_rows(be, C, ldc, strideC, bias, stride_bias, M, N, batch);
+    if (bias) bias_rows<false>(be, C, ldc, strideC, bias, stride_bias, M, N, batch);
 }
 
 /* ------------------------------------------------------------------ */
@@ -567,21 +563,9 @@ void cuda_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N) {
 
 /* Batched (per-expert) bias: entry e is y + e*stride_y ([T,N]) and
  * b + e*stride_b ([N]); one launch for all entries. */
-__global__ void add_bias_batched_kernel(float *y, const float *b, size_t n, size_t per, int N,
-                                        long long stride_y, long long stride_b) {
-    GRID_STRIDE_LOOP(i, n) {
-        size_t e = i / per, r = i % per;
-        y[(long long)e * stride_y + (long long)r] += b[(long long)e * stride_b + (long long)(r % (size_t)N)];
-    }
-}
-
 void cuda_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
                            long long stride_y, long long stride_b) {
-    if (batch <= 0 || T <= 0 || N <= 0) return;
-    size_t per = (size_t)T * N, n = per * (size_t)batch;
-    add_bias_batched_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_stream(be)>>>(y, b, n, per, N,
-                                                                                  stride_y, stride_b);
-    KERNEL_CHECK(be, "add_bias_batched_kernel");
+    bias_rows<false>(be, y, N, stride_y, b, stride_b, T, N, batch);
 }
 
 /* Column j of the batched column sum is entry j / N, column j % N. */

@@ -3,7 +3,7 @@
  *   db += colsum dY,  dW += X^T dY,  dX = dY W^T.
  *
  * In fp32 (and for products with a side under 16, which bf16 mode runs in
- * fp32) this is the composition of plain ops (core/backend/composed_ops.c).
+ * fp32: cuda_gemm_takes_bf16) this is the composition of plain ops (core/backend/composed_ops.c).
  * With bf16 GEMM operands both products need dY rounded to bf16: it is
  * rounded once, and db is summed from the fp32 values in that same pass,
  * in the order colsum_partial_kernel uses (so db is the bias_grad op's to
@@ -48,7 +48,7 @@ __global__ void round_colsum_vec4_kernel(const float *dY, __nv_bfloat16 *out, in
 
 void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
                      float *db, int T, int K, int N) {
-    if (cuda_state(be)->precision != MOE_PRECISION_BF16 || T < 16 || K < 16 || N < 16) {
+    if (!cuda_gemm_takes_bf16(be, T, K, N)) { /* both products have sides T, K and N */
         moe_linear_bwd_reference(be, X, W, dY, dX, dW, db, T, K, N);
         return;
     }
