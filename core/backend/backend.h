@@ -198,10 +198,15 @@ struct moe_backend {
     /* AdamW over n elements with bias correction at step t (1-based):
      * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
      * p -= lr * (mhat / (sqrt(vhat) + eps) + wd * decay[i] * p), decay[i] in {0,1}
-     * (decay may be NULL: no decay). */
+     * (decay may be NULL: no decay).
+     * Global-norm clipping folded in: when grad_norm != NULL (a double in
+     * backend memory, as clip_grad_norm with clip 0 writes it) and clip > 0
+     * and *grad_norm > clip, every g[i] is read as g[i] * (float)(clip /
+     * *grad_norm), the bits clip_grad_norm's scaling would have left in g;
+     * g itself is not written. One pass over the gradients fewer. */
     void (*adamw)(moe_backend *be, float *p, const float *g, float *m, float *v,
                   const uint8_t *decay, size_t n, float lr, float b1, float b2, float eps, float wd,
-                  long long t);
+                  long long t, const double *grad_norm, double clip);
     /* ---- MoE routing core: capacity, dispatch, combine (core/model/moe.c) ---- */
     /* Capacity C per expert. Assignments are visited in priority order
      * (policy 0 "position": k-major, then token order; policy 1 "probs":

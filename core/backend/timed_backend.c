@@ -223,8 +223,9 @@ static void t_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *
     TIMED_VOID(xent_fwd_bwd, (t->inner, logits, targets, T, V, losses, correct, dlogits, grad_scale));
 }
 static void t_adamw(moe_backend *be, float *p, const float *g, float *m, float *v, const uint8_t *decay, size_t n,
-                    float lr, float b1, float b2, float eps, float wd, long long step) {
-    TIMED_VOID(adamw, (t->inner, p, g, m, v, decay, n, lr, b1, b2, eps, wd, step));
+                    float lr, float b1, float b2, float eps, float wd, long long step, const double *grad_norm,
+                    double clip) {
+    TIMED_VOID(adamw, (t->inner, p, g, m, v, decay, n, lr, b1, b2, eps, wd, step, grad_norm, clip));
 }
 static void t_capacity_assign(moe_backend *be, const int32_t *expert, const float *weight, int T, int K, int E,
                               int C, int policy, int32_t *kept, int32_t *slot, int32_t *cb, int32_t *ca) {

@@ -96,10 +96,15 @@ void moe_optimizer_step(moe_optimizer *o, const moe_train_cfg *tc, moe_model *m,
     moe_backend *be = m->be;
     moe_param_set *ps = &m->params;
     if (!o->muon) {
+        /* The global norm only; AdamW applies the clipping factor as it
+         * reads each gradient, which saves a pass over all of them. */
+        be->clip_grad_norm(be, ps->grads, ps->total, 0.0, m->grad_norm);
         be->adamw(be, ps->values, ps->grads, ps->adam_m, ps->adam_v, ps->decay_mask, ps->total, (float)lr,
-                  (float)tc->beta1, (float)tc->beta2, (float)tc->eps, (float)tc->weight_decay, t);
+                  (float)tc->beta1, (float)tc->beta2, (float)tc->eps, (float)tc->weight_decay, t, m->grad_norm,
+                  tc->grad_clip);
         return;
     }
+    be->clip_grad_norm(be, ps->grads, ps->total, tc->grad_clip, m->grad_norm);
     double muon_lr = lr * tc->muon_lr / tc->lr; /* follow the same warm-up and decay */
     float mu = (float)tc->muon_momentum;
     for (int i = 0; i < ps->n; ++i) {
@@ -108,7 +113,7 @@ void moe_optimizer_step(moe_optimizer *o, const moe_train_cfg *tc, moe_model *m,
         float *mom = ps->adam_m + e->offset;
         if (!o->use_muon[i]) {
             be->adamw(be, p, g, mom, ps->adam_v + e->offset, ps->decay_mask + e->offset, e->numel, (float)lr,
-                      (float)tc->beta1, (float)tc->beta2, (float)tc->eps, (float)tc->weight_decay, t);
+                      (float)tc->beta1, (float)tc->beta2, (float)tc->eps, (float)tc->weight_decay, t, NULL, 0.0);
             continue;
         }
         /* Nesterov momentum: mom = mu mom + g; u = g + mu mom. */

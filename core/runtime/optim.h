@@ -28,7 +28,8 @@ int moe_optimizer_is_muon_tensor(const moe_param_entry *e);
 
 int moe_optimizer_init(moe_optimizer *o, const moe_train_cfg *tc, moe_model *m, char *err, size_t errcap);
 /* One update with the schedule's learning rate `lr` (AdamW's; Muon's is
- * scaled by muon_lr / train.lr) at 1-based step t. */
+ * scaled by muon_lr / train.lr) at 1-based step t, after global-norm
+ * clipping at train.grad_clip; the norm goes to m->grad_norm. */
 void moe_optimizer_step(moe_optimizer *o, const moe_train_cfg *tc, moe_model *m, double lr, long long t);
 void moe_optimizer_free(moe_optimizer *o, moe_backend *be);
 

@@ -42,9 +42,8 @@ int moe_session_train_step(moe_session *s, const moe_config *cfg, long long step
     }
     /* Each micro-batch's gradient is a mean over its tokens; average them. */
     if (accum > 1) be->scale(be, m->params.grads, 1.0f / (float)accum, m->params.total);
-    /* Global-norm clipping on the device; the norm lands in the model's
+    /* Clipping and the update; the gradient norm lands in the model's
      * results block. */
-    be->clip_grad_norm(be, m->params.grads, m->params.total, tc->grad_clip, m->grad_norm);
     moe_optimizer_step(&s->opt, tc, m, lr, step);
 
     /* The step's one wait: losses, gradient norm and every router check in

@@ -1005,41 +1005,59 @@ static void test_xent(const cfg *c) {
     check_f32("xent(dlogits=NULL).losses", got_loss_nodl, want_loss, (size_t)T, TOL_EW);
 }
 
+/* AdamW at an early and a late step, with and without decay, with the
+ * clipping factor folded in (norm above clip), a norm below clip, and none;
+ * `shift` moves every array off 16-byte alignment (the scalar path). */
 static void test_adamw(const cfg *c) {
     const size_t n = (size_t)c->d * c->hidden + 5;
-    float *p = hrand(n, -1, 1), *g = hrand(n, -0.1f, 0.1f), *m = hrand(n, -0.01f, 0.01f);
-    float *v = hrand(n, 0.0f, 1e-3f);
-    uint8_t *decay = halloc(n);
-    for (size_t i = 0; i < n; ++i) decay[i] = (uint8_t)(moe_test_next(&rng) & 1);
+    float *p = hrand(n + 1, -1, 1), *g = hrand(n + 1, -0.1f, 0.1f), *m = hrand(n + 1, -0.01f, 0.01f);
+    float *v = hrand(n + 1, 0.0f, 1e-3f);
+    uint8_t *decay = halloc(n + 1);
+    for (size_t i = 0; i <= n; ++i) decay[i] = (uint8_t)(moe_test_next(&rng) & 1);
     const long long steps[2] = {1, 1000};
+    const double clip = 1.5, norms[3] = {0.0, 3.0, 1.0}; /* none, clipped, below clip */
+    const char *clip_names[3] = {"no clip", "clipped", "norm < clip"};
     for (int si = 0; si < 2; ++si)
-        for (int with_decay = 0; with_decay < 2; ++with_decay) {
-            const long long t = steps[si];
-            const uint8_t *dec = with_decay ? decay : NULL;
-            float *wp = hdup(p, n * 4), *wm = hdup(m, n * 4), *wv = hdup(v, n * 4);
-            cpu->adamw(cpu, wp, g, wm, wv, dec, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
-            float *d_g = up(gpu, g, n * 4);
-            uint8_t *d_dec = with_decay ? up(gpu, decay, n) : NULL;
-            float *gp[2], *gm[2], *gv[2];
-            for (int r = 0; r < 2; ++r) {
-                float *d_p = up(gpu, p, n * 4), *d_m = up(gpu, m, n * 4), *d_v = up(gpu, v, n * 4);
-                gpu->adamw(gpu, d_p, d_g, d_m, d_v, d_dec, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
-                if (!gpu_ok(gpu, "adamw")) return;
-                gp[r] = down(gpu, d_p, n * 4);
-                gm[r] = down(gpu, d_m, n * 4);
-                gv[r] = down(gpu, d_v, n * 4);
-            }
-            char op[64];
-            snprintf(op, sizeof op, "adamw(t=%lld,%s).p", t, with_decay ? "decay" : "no decay");
-            check_f32(op, gp, wp, n, TOL_EW);
-            snprintf(op, sizeof op, "adamw(t=%lld,%s).m", t, with_decay ? "decay" : "no decay");
-            check_f32(op, gm, wm, n, TOL_EW);
-            snprintf(op, sizeof op, "adamw(t=%lld,%s).v", t, with_decay ? "decay" : "no decay");
-            check_f32(op, gv, wv, n, TOL_EW);
-            /* written to follow the CPU operation for operation: report if not bitwise */
-            if (memcmp(gp[0], wp, n * 4) != 0)
-                printf("  note: adamw p is not bitwise equal to the CPU's (within tolerance)\n");
-        }
+        for (int with_decay = 0; with_decay < 2; ++with_decay)
+            for (int ci = 0; ci < 3; ++ci)
+                for (int shift = 0; shift < 2; ++shift) {
+                    if (shift && (si || ci != 1)) continue; /* the scalar path once per decay mode */
+                    const long long t = steps[si];
+                    const uint8_t *dec = with_decay ? decay : NULL;
+                    const double *norm = ci ? &norms[ci] : NULL;
+                    const double cl = ci ? clip : 0.0;
+                    float *wp = hdup(p + shift, n * 4), *wm = hdup(m + shift, n * 4), *wv = hdup(v + shift, n * 4);
+                    cpu->adamw(cpu, wp, g + shift, wm, wv, dec ? dec + shift : NULL, n, 1e-3f, 0.9f, 0.95f, 1e-8f,
+                               0.1f, t, norm, cl);
+                    float *d_g = up(gpu, g, (n + 1) * 4);
+                    uint8_t *d_dec = with_decay ? up(gpu, decay, n + 1) : NULL;
+                    double *d_norm = ci ? up(gpu, &norms[ci], sizeof(double)) : NULL;
+                    float *gp[2], *gm[2], *gv[2];
+                    for (int r = 0; r < 2; ++r) {
+                        float *d_p = up(gpu, p, (n + 1) * 4), *d_m = up(gpu, m, (n + 1) * 4);
+                        float *d_v = up(gpu, v, (n + 1) * 4);
+                        gpu->adamw(gpu, d_p + shift, d_g + shift, d_m + shift, d_v + shift,
+                                   d_dec ? d_dec + shift : NULL, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, t, d_norm, cl);
+                        if (!gpu_ok(gpu, "adamw")) return;
+                        gp[r] = down(gpu, d_p + shift, n * 4);
+                        gm[r] = down(gpu, d_m + shift, n * 4);
+                        gv[r] = down(gpu, d_v + shift, n * 4);
+                    }
+                    float *g_after = down(gpu, d_g + shift, n * 4);
+                    char op[96];
+                    const char *what = with_decay ? "decay" : "no decay";
+                    snprintf(op, sizeof op, "adamw(t=%lld,%s,%s%s).p", t, what, clip_names[ci], shift ? ",unaligned" : "");
+                    check_f32(op, gp, wp, n, TOL_EW);
+                    snprintf(op, sizeof op, "adamw(t=%lld,%s,%s%s).m", t, what, clip_names[ci], shift ? ",unaligned" : "");
+                    check_f32(op, gm, wm, n, TOL_EW);
+                    snprintf(op, sizeof op, "adamw(t=%lld,%s,%s%s).v", t, what, clip_names[ci], shift ? ",unaligned" : "");
+                    check_f32(op, gv, wv, n, TOL_EW);
+                    snprintf(op, sizeof op, "adamw(%s).g untouched", clip_names[ci]);
+                    report_bits(op, g_after, g + shift, n, sizeof(float));
+                    /* written to follow the CPU operation for operation: report if not bitwise */
+                    if (memcmp(gp[0], wp, n * 4) != 0)
+                        printf("  note: adamw p is not bitwise equal to the CPU's (within tolerance)\n");
+                }
 }
 
 /* ------------------------------------------------------------------ */

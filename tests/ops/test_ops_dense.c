@@ -592,9 +592,9 @@ static void test_adamw(moe_backend *be) {
     for (int i = 0; i < n; ++i) rp[i] = rq[i] = p[i];
     for (int step = 1; step <= 2; ++step) {
         be->adamw(be, p, g[step - 1], m, v, decay, n, (float)lr, (float)b1, (float)b2, (float)eps,
-                  (float)wd, step);
+                  (float)wd, step, NULL, 0.0);
         be->adamw(be, p_nodecay, g[step - 1], m2, v2, NULL, n, (float)lr, (float)b1, (float)b2,
-                  (float)eps, (float)wd, step);
+                  (float)eps, (float)wd, step, NULL, 0.0);
         double bc1 = 1.0 - pow(b1, step), bc2 = 1.0 - pow(b2, step);
         for (int i = 0; i < n; ++i) {
             double gi = g[step - 1][i];
@@ -615,6 +615,30 @@ static void test_adamw(moe_backend *be) {
     CHECK(p[0] != p_nodecay[0] && p[1] == p_nodecay[1]);
 }
 
+/* Clipping folded into AdamW: with a norm above clip, the update is bit for
+ * bit clip_grad_norm's scaling followed by an unclipped update, and g stays
+ * as it was; with the norm at or below clip (or no norm), nothing is scaled. */
+static void test_adamw_clip(moe_backend *be) {
+    enum { n = 5 };
+    const float g0[n] = {0.3f, -1.7f, 2.5f, 0.0f, 1e-3f};
+    const uint8_t decay[n] = {1, 0, 1, 1, 0};
+    const double norms[] = {6.0, 1.0, 0.25}; /* clip 1.0: scaled, at the limit, below it */
+    for (int ni = 0; ni < 3; ++ni) {
+        float pa[n] = {0.5f, -1.0f, 2.0f, 0.25f, 3.0f}, ma[n] = {0.1f, 0, 0, -0.2f, 0}, va[n] = {0.01f, 0, 0, 0.5f, 0};
+        float pb[n], mb[n], vb[n], ga[n], gb[n];
+        memcpy(pb, pa, sizeof pa), memcpy(mb, ma, sizeof ma), memcpy(vb, va, sizeof va);
+        memcpy(ga, g0, sizeof g0), memcpy(gb, g0, sizeof g0);
+        const double norm = norms[ni];
+        be->adamw(be, pa, ga, ma, va, decay, n, 0.01f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, &norm, 1.0);
+        if (norm > 1.0) be->scale(be, gb, (float)(1.0 / norm), n); /* what clip_grad_norm does */
+        be->adamw(be, pb, gb, mb, vb, decay, n, 0.01f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, NULL, 0.0);
+        CHECK(memcmp(pa, pb, sizeof pa) == 0 && memcmp(ma, mb, sizeof ma) == 0 && memcmp(va, vb, sizeof va) == 0);
+        CHECK(memcmp(ga, g0, sizeof g0) == 0);
+        /* the clipped run moved p by about 1/norm of the unclipped step's first moment */
+        if (ni == 0) CHECK_CLOSE(ma[1], 0.9f * 0.0f + 0.1f * (-1.7f / 6.0f), 1e-6, 1e-9);
+    }
+}
+
 int main(void) {
     moe_backend *be = moe_backend_cpu_create(2);
     test_table_and_memory(be);
@@ -631,6 +655,7 @@ int main(void) {
     test_xent(be);
     test_dropout(be);
     test_adamw(be);
+    test_adamw_clip(be);
     moe_backend_destroy(be);
     return moe_test_summary("test_ops_dense");
 }

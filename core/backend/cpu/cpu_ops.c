@@ -238,16 +238,21 @@ void cpu_xent_sums(moe_backend *be, const float *losses, const int32_t *correct,
 /* ------------------------------------------------------------------ */
 
 void cpu_adamw(moe_backend *be, float *p, const float *g, float *m, float *v, const uint8_t *decay,
-               size_t n, float lr, float b1, float b2, float eps, float wd, long long t) {
+               size_t n, float lr, float b1, float b2, float eps, float wd, long long t, const double *grad_norm,
+               double clip) {
     (void)be;
     /* bias corrections 1 - b^t in double: early on they are small differences
      * of numbers near 1, where float would lose digits */
     const float bc1 = (float)(1.0 - pow((double)b1, (double)t));
     const float bc2 = (float)(1.0 - pow((double)b2, (double)t));
+    /* clipping: the factor cpu_clip_grad_norm would have scaled g by */
+    const int clipped = grad_norm && clip > 0.0 && *grad_norm > clip;
+    const float gscale = clipped ? (float)(clip / *grad_norm) : 1.0f;
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; ++i) {
-        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
-        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+        const float gi = clipped ? g[i] * gscale : g[i];
+        m[i] = b1 * m[i] + (1.0f - b1) * gi;
+        v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
         float mhat = m[i] / bc1;
         float vhat = v[i] / bc2;
         /* decoupled weight decay (Loshchilov & Hutter): applied to p, not to g */

@@ -73,7 +73,8 @@ void cpu_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targe
                       float *losses, int32_t *correct, float *dlogits, float grad_scale);
 void cpu_xent_sums(moe_backend *be, const float *losses, const int32_t *correct, int T, double *out);
 void cpu_adamw(moe_backend *be, float *p, const float *g, float *m, float *v, const uint8_t *decay,
-               size_t n, float lr, float b1, float b2, float eps, float wd, long long t);
+               size_t n, float lr, float b1, float b2, float eps, float wd, long long t, const double *grad_norm,
+               double clip);
 
 /* Width of the column blocks that reductions over rows hand to threads:
  * 16 floats = one 64-byte cache line, so two threads never write the same

@@ -417,7 +417,7 @@ void cuda_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targ
 void cuda_xent_sums(moe_backend *be, const float *losses, const int32_t *correct, int T, double *out);
 void cuda_adamw(moe_backend *be, float *p, const float *g, float *m, float *v,
                 const uint8_t *decay, size_t n, float lr, float b1, float b2, float eps, float wd,
-                long long t);
+                long long t, const double *grad_norm, double clip);
 
 /* cuda_moe_ops.cu */
 void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,

@@ -137,34 +137,74 @@ void cuda_xent_sums(moe_backend *be, const float *losses, const int32_t *correct
 /* The CPU's formula, operation for operation, each rounded on its own
  * (the _rn intrinsics forbid fused multiply-adds): the same inputs give the
  * same bits as cpu_adamw. bc1, bc2 = 1 - b^t come from the host, computed in
- * double exactly as the CPU does. */
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, const uint8_t *decay,
-                             size_t n, float lr, float b1, float b2, float eps, float wd, float bc1,
-                             float bc2) {
-    const float one_m_b1 = __fsub_rn(1.0f, b1), one_m_b2 = __fsub_rn(1.0f, b2);
-    GRID_STRIDE_LOOP(i, n) {
-        const float gi = g[i];
-        const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(one_m_b1, gi));
-        const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(one_m_b2, gi), gi));
-        m[i] = mi;
-        v[i] = vi;
-        const float mhat = __fdiv_rn(mi, bc1);
-        const float vhat = __fdiv_rn(vi, bc2);
-        const float pi = p[i];
-        /* decoupled weight decay (Loshchilov & Hutter): applied to p, not to g */
-        const float decay_term = decay && decay[i] ? __fmul_rn(wd, pi) : 0.0f;
-        const float step = __fadd_rn(__fdiv_rn(mhat, __fadd_rn(__fsqrt_rn(vhat), eps)), decay_term);
-        p[i] = __fsub_rn(pi, __fmul_rn(lr, step));
+ * double exactly as the CPU does; gscale is the clipping factor (1: none). */
+struct adamw_coef {
+    float lr, b1, b2, eps, wd, bc1, bc2;
+};
+
+__device__ __forceinline__ void adamw_one(const adamw_coef &c, bool clipped, float gscale, float g, bool decays,
+                                          float &p, float &m, float &v) {
+    const float gi = clipped ? __fmul_rn(g, gscale) : g;
+    const float mi = __fadd_rn(__fmul_rn(c.b1, m), __fmul_rn(__fsub_rn(1.0f, c.b1), gi));
+    const float vi = __fadd_rn(__fmul_rn(c.b2, v), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, c.b2), gi), gi));
+    m = mi;
+    v = vi;
+    const float mhat = __fdiv_rn(mi, c.bc1);
+    const float vhat = __fdiv_rn(vi, c.bc2);
+    /* decoupled weight decay (Loshchilov & Hutter): applied to p, not to g */
+    const float decay_term = decays ? __fmul_rn(c.wd, p) : 0.0f;
+    const float step = __fadd_rn(__fdiv_rn(mhat, __fadd_rn(__fsqrt_rn(vhat), c.eps)), decay_term);
+    p = __fsub_rn(p, __fmul_rn(c.lr, step));
+}
+
+/* The clipping factor, from the norm clip_grad_norm left on the device: the
+ * (float)(clip / norm) cuda_clip_grad_norm would have scaled g by. */
+__device__ __forceinline__ bool adamw_clip(const double *grad_norm, double clip, float *gscale) {
+    const double nrm = grad_norm ? *grad_norm : 0.0;
+    const bool clipped = clip > 0.0 && nrm > clip; /* false for a NaN norm: the caller reports it */
+    *gscale = clipped ? (float)(clip / nrm) : 1.0f;
+    return clipped;
+}
+
+/* Elements [0, 4*n4) four at a time (16-byte loads of p, g, m, v), the rest
+ * one at a time; every element sees the same arithmetic either way. */
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, const uint8_t *decay, size_t n,
+                             size_t n4, adamw_coef c, const double *grad_norm, double clip) {
+    float gscale;
+    const bool clipped = adamw_clip(grad_norm, clip, &gscale);
+    GRID_STRIDE_LOOP(i, n4) {
+        float4 pv = reinterpret_cast<float4 *>(p)[i], mv = reinterpret_cast<float4 *>(m)[i];
+        float4 vv = reinterpret_cast<float4 *>(v)[i];
+        const float4 gv = reinterpret_cast<const float4 *>(g)[i];
+        uchar4 dv = make_uchar4(0, 0, 0, 0);
+        if (decay) dv = reinterpret_cast<const uchar4 *>(decay)[i];
+        adamw_one(c, clipped, gscale, gv.x, dv.x != 0, pv.x, mv.x, vv.x);
+        adamw_one(c, clipped, gscale, gv.y, dv.y != 0, pv.y, mv.y, vv.y);
+        adamw_one(c, clipped, gscale, gv.z, dv.z != 0, pv.z, mv.z, vv.z);
+        adamw_one(c, clipped, gscale, gv.w, dv.w != 0, pv.w, mv.w, vv.w);
+        reinterpret_cast<float4 *>(p)[i] = pv;
+        reinterpret_cast<float4 *>(m)[i] = mv;
+        reinterpret_cast<float4 *>(v)[i] = vv;
+    }
+    GRID_STRIDE_LOOP(j, n - 4 * n4) {
+        const size_t i = 4 * n4 + j;
+        adamw_one(c, clipped, gscale, g[i], decay && decay[i], p[i], m[i], v[i]);
     }
 }
 
 void cuda_adamw(moe_backend *be, float *p, const float *g, float *m, float *v,
                 const uint8_t *decay, size_t n, float lr, float b1, float b2, float eps, float wd,
-                long long t) {
+                long long t, const double *grad_norm, double clip) {
     if (!n) return;
-    const float bc1 = (float)(1.0 - pow((double)b1, (double)t));
-    const float bc2 = (float)(1.0 - pow((double)b2, (double)t));
-    adamw_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_stream(be)>>>(p, g, m, v, decay, n, lr, b1, b2,
-                                                                        eps, wd, bc1, bc2);
+    adamw_coef c;
+    c.lr = lr, c.b1 = b1, c.b2 = b2, c.eps = eps, c.wd = wd;
+    c.bc1 = (float)(1.0 - pow((double)b1, (double)t));
+    c.bc2 = (float)(1.0 - pow((double)b2, (double)t));
+    /* the vector body needs 16-byte aligned p, g, m, v and 4-byte aligned decay */
+    const bool aligned = (((uintptr_t)p | (uintptr_t)g | (uintptr_t)m | (uintptr_t)v) % 16 == 0) &&
+                         (uintptr_t)decay % 4 == 0;
+    const size_t n4 = aligned ? n / 4 : 0;
+    adamw_kernel<<<cuda_blocks(n4 ? n4 : n), CUDA_THREADS, 0, cuda_stream(be)>>>(p, g, m, v, decay, n, n4, c,
+                                                                                  grad_norm, clip);
     KERNEL_CHECK(be, "adamw_kernel");
 }
