@@ -138,9 +138,11 @@ struct moe_backend {
     /* out[b,s,:] = wte[ids[b,s],:] (+ wpe[s,:] when wpe != NULL); ids are [B*S]. */
     void (*embed_fwd)(moe_backend *be, const int32_t *ids, const float *wte, const float *wpe,
                       float *out, int B, int S, int d);
-    /* accumulate: dwte[ids] += dout; dwpe[s] += dout (when dwpe != NULL). */
+    /* accumulate: dwte[ids] += dout; dwpe[s] += dout (when dwpe != NULL).
+     * Every id is in [0, V), the rows of dwte (CUDA sorts the ids on only
+     * the bits V needs). */
     void (*embed_bwd)(moe_backend *be, const int32_t *ids, const float *dout, float *dwte,
-                      float *dwpe, int B, int S, int d);
+                      float *dwpe, int B, int S, int d, int V);
 
     /* ---- normalization (per row of d) ---- */
     /* y = (x - mean) * rstd * g + b; saves mean[T], rstd[T]. */
@@ -287,6 +289,10 @@ struct moe_backend {
      * while record[0] == 0 (guard zones). */
     void (*check_bytes)(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code,
                         int32_t *record);
+    /* Records {code, i, 0, the float's bits} for the first i < n (n < 2^31)
+     * with v[i] not finite, while record[0] == 0 (the gate's logits before
+     * a router plugin that leaves its input checks to the host). */
+    void (*check_finite)(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
     /* counts[e] = number of a < T*K with kept[a] == e (overwrite; entries
      * outside [0, E) are not counted). */
     void (*expert_counts)(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);

@@ -11,7 +11,7 @@
     X(act_fwd) X(act_bwd) X(rope_fwd) X(rope_bwd) X(attention_fwd) X(attention_bwd) X(dropout_fwd) \
     X(dropout_bwd) X(xent_fwd_bwd) X(adamw) X(capacity_assign) X(combine_weights) \
     X(combine_weights_bwd) X(dispatch) X(dispatch_bwd) X(combine) X(combine_bwd) X(aux_losses) \
-    X(aux_losses_counts) X(check_routing) X(check_bytes) X(expert_counts) X(xent_sums) \
+    X(aux_losses_counts) X(check_routing) X(check_bytes) X(check_finite) X(expert_counts) X(xent_sums) \
     X(clip_grad_norm)
 
 enum {
@@ -172,8 +172,8 @@ static void t_embed_fwd(moe_backend *be, const int32_t *ids, const float *wte, c
     TIMED_VOID(embed_fwd, (t->inner, ids, wte, wpe, out, B, S, d));
 }
 static void t_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, float *dwte, float *dwpe, int B,
-                        int S, int d) {
-    TIMED_VOID(embed_bwd, (t->inner, ids, dout, dwte, dwpe, B, S, d));
+                        int S, int d, int V) {
+    TIMED_VOID(embed_bwd, (t->inner, ids, dout, dwte, dwpe, B, S, d, V));
 }
 static void t_layernorm_fwd(moe_backend *be, const float *x, const float *g, const float *b, float *y, float *mean,
                             float *rstd, int T, int d, float eps) {
@@ -271,6 +271,9 @@ static void t_check_routing(moe_backend *be, const int32_t *expert, const float 
 }
 static void t_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record) {
     TIMED_VOID(check_bytes, (t->inner, p, n, value, code, record));
+}
+static void t_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {
+    TIMED_VOID(check_finite, (t->inner, v, n, code, record));
 }
 static void t_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
     TIMED_VOID(expert_counts, (t->inner, kept, T, K, E, counts));

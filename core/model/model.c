@@ -357,6 +357,13 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
                  "moe_model_collect", m->n_pending, m->max_pending);
         return -1;
     }
+    /* Token ids index the embedding and are hashed by routers: every id in
+     * [0, V), checked here on the host copy so no device check must wait. */
+    for (int i = 0; i < T; ++i)
+        if (ids[i] < 0 || ids[i] >= V) {
+            snprintf(err, errcap, "token %d of the batch has id %d, outside the vocabulary [0, %d)", i, ids[i], V);
+            return -1;
+        }
     m->T = T;
     be->from_host(be, m->ids, ids, (size_t)T * sizeof(int32_t));
     be->from_host(be, m->targets, targets, (size_t)T * sizeof(int32_t));
@@ -451,7 +458,7 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
         be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, SITE_EMBED));
         be->copy(be, m->dres, m->tmp1, n * sizeof(float));
     }
-    be->embed_bwd(be, m->ids, m->dres, m->dwte, m->rope ? NULL : m->dwpe, B, S, d);
+    be->embed_bwd(be, m->ids, m->dres, m->dwte, m->rope ? NULL : m->dwpe, B, S, d, m->V);
     return 0;
 }
 

@@ -243,6 +243,11 @@ static moe_context router_context(moe_layer *L, int training, moe_rng_key key) {
     c.world_size = 1;
     c.msg = L->msg;
     c.msg_cap = MSG_CAP;
+    /* On CUDA the host checks the plugin's inputs itself, into the layer's
+     * record (read once per step), so the plugin's own checks need not wait
+     * for the device in every call. Token ids are checked where the model
+     * takes them from the host. */
+    c.inputs_checked = L->be->device == MOE_DEVICE_CUDA;
     L->msg[0] = '\0';
     return c;
 }
@@ -334,6 +339,17 @@ int moe_layer_record_message(const moe_layer *L, const int32_t *r, char *err, si
     case MOE_CHECK_SLOT_TWICE:
         snprintf(err, errcap, "router '%s' gave two tokens slot %d of expert %d", name, r[3], r[4]);
         break;
+    case MOE_CHECK_LOGIT:
+    case MOE_CHECK_ROUTE_LOGIT: {
+        float v;
+        memcpy(&v, &r[3], sizeof v);
+        const int E = L->cfg.num_experts;
+        snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s of token %d, expert %d is %g; %s", name,
+                 L->cfg.layer, r[0] == MOE_CHECK_LOGIT ? "logit" : "perturbed logit", r[1] / E, r[1] % E, (double)v,
+                 r[0] == MOE_CHECK_LOGIT ? "the gate produced a non-finite value (lower train.lr or check the data)"
+                                         : "the router's perturbation produced a non-finite value");
+        break;
+    }
     case MOE_CHECK_GUARD_FORWARD:
     case MOE_CHECK_GUARD_BACKWARD:
         snprintf(err, errcap,
@@ -453,10 +469,13 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     fa.weight = L->weight;
     fa.slot = owns_capacity ? L->slot : NULL;
     fa.route_logits = perturbs ? L->route_logits : NULL;
+    if (ctx.inputs_checked) be->check_finite(be, L->logits, (size_t)T * E, MOE_CHECK_LOGIT, L->record);
     if (L->router_impl->forward(L->router_state, &ctx, &fa) != MOE_OK) {
         snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s", L->router->name, c->layer, L->msg);
         return -1;
     }
+    if (ctx.inputs_checked && perturbs)
+        be->check_finite(be, L->route_logits, (size_t)T * E, MOE_CHECK_ROUTE_LOGIT, L->record);
     /* Checks of the plugin's output, recorded in L->record (the guard first:
      * a plugin that overran its workspace is named for that). For a router
      * that owns capacity this also writes kept = expert where expert and

@@ -99,8 +99,15 @@ typedef struct moe_layer {
     char *msg;                /* plugin message buffer */
 } moe_layer;
 
-/* Check codes of the workspace guard, beside backend.h's MOE_CHECK_*. */
-enum { MOE_CHECK_GUARD_FORWARD = 16, MOE_CHECK_GUARD_BACKWARD = 17 };
+/* Check codes of the workspace guard and of the router's inputs the host
+ * checks for a CUDA plugin (moe_context.inputs_checked), beside backend.h's
+ * MOE_CHECK_*. */
+enum {
+    MOE_CHECK_GUARD_FORWARD = 16,
+    MOE_CHECK_GUARD_BACKWARD = 17,
+    MOE_CHECK_LOGIT = 18,      /* a gate logit is not finite */
+    MOE_CHECK_ROUTE_LOGIT = 19 /* a perturbing router wrote a non-finite route_logit */
+};
 
 /* Create the router instance and declare the layer's parameters into
  * `params` (and router buffers into `buffers`). 0 ok, -1 + err. */

@@ -81,7 +81,7 @@ __global__ void hash_forward_kernel(const int32_t *token_ids, int32_t T, int32_t
 static moe_status hash_cuda_check_ids(const hash_state *s, const moe_context *ctx, cudaStream_t stream,
                                       const int32_t *token_ids, int32_t T) {
     moe_status st = moe_router_check_workspace(ctx, hash_cuda_workspace_bytes(s));
-    if (st != MOE_OK) return st;
+    if (st != MOE_OK || moe_context_inputs_checked(ctx)) return st; /* the host's ids are in range */
     unsigned long long *flag = (unsigned long long *)ctx->workspace;
     MOE_ROUTER_CUDA(cudaMemsetAsync(flag, 0xFF, sizeof *flag, stream));
     st = moe_router_cuda_flag_out_of_range(ctx, stream, token_ids, (size_t)T, 0, s->vocab_size, flag);

@@ -242,9 +242,11 @@ static moe_status noisy_cuda_forward(void *state, const moe_context *ctx, const 
         flags);
     MOE_ROUTER_LAUNCHED(noisy_perturb_kernel);
     /* route_logits is written by now; expert and weight only once l and l'
-     * are known to be finite. */
-    st = noisy_cuda_read_perturb_flags(ctx, stream, a->logits, a->route_logits, E);
-    if (st != MOE_OK) return st;
+     * are known to be finite (or the host checks both after the step). */
+    if (!moe_context_inputs_checked(ctx)) {
+        st = noisy_cuda_read_perturb_flags(ctx, stream, a->logits, a->route_logits, E);
+        if (st != MOE_OK) return st;
+    }
 
     noisy_route_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->route_logits, T, E, K, s->temperature, a->expert, a->weight);

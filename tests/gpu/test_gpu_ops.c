@@ -377,6 +377,21 @@ static void test_gemm(const cfg *c) {
     test_gemm_case(gpu, "gemm", 1, 0, d, c->hidden, T, -1.0f, 1.0f, 5, TOL_MM);
     test_gemm_case(gpu16, "gemm_bf16", 0, 1, T, c->hidden, d, 0.5f, 0.75f, 3, TOL_BF16);
     test_gemm_case(gpu16, "gemm_bf16", 1, 0, d, c->hidden, T, -1.0f, 1.0f, 5, TOL_BF16);
+    /* the gate's shapes (fp32 in both modes: cuda_skinny_gemm.cu), with and
+     * without accumulation and padding, and widths 1 and 16 at the edges */
+    for (int beta = 0; beta < 2; ++beta)
+        for (int pad = 0; pad < 4; pad += 3) {
+            test_gemm_case(gpu16, "gemm_gate", 0, 0, T, c->E, d, 1.0f, (float)beta, pad, TOL_MM);
+            test_gemm_case(gpu16, "gemm_gate", 1, 0, d, c->E, T, 1.0f, (float)beta, pad, TOL_MM);
+            test_gemm_case(gpu16, "gemm_gate", 0, 1, T, d, c->E, 1.0f, (float)beta, pad, TOL_MM);
+            test_gemm_case(gpu, "gemm_gate", 0, 0, T, c->E, d, 0.5f, (float)beta, pad, TOL_MM);
+            test_gemm_case(gpu, "gemm_gate", 1, 0, d, c->E, T, -1.0f, (float)beta, pad, TOL_MM);
+            test_gemm_case(gpu, "gemm_gate", 0, 1, T, d, c->E, 2.0f, (float)beta, pad, TOL_MM);
+        }
+    test_gemm_case(gpu, "gemm_gate", 0, 0, T, 1, d, 1.0f, 0.0f, 1, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 1, 0, d, 16, T, 1.0f, 1.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 0, 1, T, d, 16, 1.0f, 0.0f, 2, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 1, 0, 37, 3, 300, 1.0f, 0.0f, 1, TOL_MM); /* a short K: cuBLAS */
 }
 
 static void test_gemm_batched(const cfg *c) {
@@ -464,9 +479,11 @@ static void test_gemm_bias(const cfg *c) {
 /* The experts' MLP, forward and backward, against the CPU's composition of
  * plain ops (composed_ops.c); in bf16 mode CUDA takes its fused path
  * (cuda_ffn.cu). Outputs are poisoned, accumulated gradients start from
- * random values. */
-static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, int with_bias, int batch, int C,
-                          int d, int n, double tol) {
+ * random values. fwd_bias: b1 and b2 given to the forward; bwd_bias: db1
+ * and db2 asked of the backward (the contract lets either be absent
+ * without the other). */
+static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, int fwd_bias, int bwd_bias, int batch,
+                          int C, int d, int n, double tol) {
     const int hin = kind == MOE_ACT_SWIGLU ? 2 * n : n;
     const size_t nX = (size_t)batch * C * d, nw1 = (size_t)batch * d * hin, nw2 = (size_t)batch * n * d;
     const size_t nb1 = (size_t)batch * hin, nb2 = (size_t)batch * d;
@@ -479,27 +496,27 @@ static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, in
     float *dA = halloc(nA * sizeof(float)), *dH = halloc(nH * sizeof(float)), *dX = halloc(nX * sizeof(float));
     float *dw1 = hdup(dw1_0, nw1 * sizeof(float)), *db1 = hdup(db1_0, nb1 * sizeof(float));
     float *dw2 = hdup(dw2_0, nw2 * sizeof(float)), *db2 = hdup(db2_0, nb2 * sizeof(float));
-    cpu->ffn_fwd(cpu, kind, X, w1, with_bias ? b1 : NULL, w2, with_bias ? b2 : NULL, H, A, Y, batch, C, d, n);
-    cpu->ffn_bwd(cpu, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, with_bias ? db1 : NULL, dw2,
-                 with_bias ? db2 : NULL, batch, C, d, n);
+    cpu->ffn_fwd(cpu, kind, X, w1, fwd_bias ? b1 : NULL, w2, fwd_bias ? b2 : NULL, H, A, Y, batch, C, d, n);
+    cpu->ffn_bwd(cpu, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, bwd_bias ? db1 : NULL, dw2,
+                 bwd_bias ? db2 : NULL, batch, C, d, n);
 
     float *gX = up(g, X, nX * sizeof(float)), *gw1 = up(g, w1, nw1 * sizeof(float));
     float *gw2 = up(g, w2, nw2 * sizeof(float)), *gb1 = up(g, b1, nb1 * sizeof(float));
     float *gb2 = up(g, b2, nb2 * sizeof(float)), *gdY = up(g, dY, nX * sizeof(float));
     float *got_Y[2], *got_dX[2], *got_dw1[2], *got_db1[2], *got_dw2[2], *got_db2[2];
     char op[160];
-    snprintf(op, sizeof op, "%s(%s%s,batch=%d,C=%d,d=%d,n=%d)", tag,
-             kind == MOE_ACT_GELU ? "gelu" : kind == MOE_ACT_SILU ? "silu" : "swiglu", with_bias ? ",bias" : "",
-             batch, C, d, n);
+    snprintf(op, sizeof op, "%s(%s%s%s,batch=%d,C=%d,d=%d,n=%d)", tag,
+             kind == MOE_ACT_GELU ? "gelu" : kind == MOE_ACT_SILU ? "silu" : "swiglu", fwd_bias ? ",bias" : "",
+             bwd_bias ? ",dbias" : "", batch, C, d, n);
     for (int r = 0; r < 2; ++r) {
         float *gH = dpoison(g, nH * sizeof(float), POISON_F32), *gA = dpoison(g, nA * sizeof(float), POISON_F32);
         float *gY = dpoison(g, nX * sizeof(float), POISON_F32), *gdX = dpoison(g, nX * sizeof(float), POISON_F32);
         float *gdA = dpoison(g, nA * sizeof(float), POISON_F32), *gdH = dpoison(g, nH * sizeof(float), POISON_F32);
         float *gdw1 = up(g, dw1_0, nw1 * sizeof(float)), *gdb1 = up(g, db1_0, nb1 * sizeof(float));
         float *gdw2 = up(g, dw2_0, nw2 * sizeof(float)), *gdb2 = up(g, db2_0, nb2 * sizeof(float));
-        g->ffn_fwd(g, kind, gX, gw1, with_bias ? gb1 : NULL, gw2, with_bias ? gb2 : NULL, gH, gA, gY, batch, C, d, n);
-        g->ffn_bwd(g, kind, gX, gw1, gw2, gH, gA, gdY, gdA, gdH, gdX, gdw1, with_bias ? gdb1 : NULL, gdw2,
-                   with_bias ? gdb2 : NULL, batch, C, d, n);
+        g->ffn_fwd(g, kind, gX, gw1, fwd_bias ? gb1 : NULL, gw2, fwd_bias ? gb2 : NULL, gH, gA, gY, batch, C, d, n);
+        g->ffn_bwd(g, kind, gX, gw1, gw2, gH, gA, gdY, gdA, gdH, gdX, gdw1, bwd_bias ? gdb1 : NULL, gdw2,
+                   bwd_bias ? gdb2 : NULL, batch, C, d, n);
         if (!gpu_ok(g, op)) return;
         got_Y[r] = down(g, gY, nX * sizeof(float)), got_dX[r] = down(g, gdX, nX * sizeof(float));
         got_dw1[r] = down(g, gdw1, nw1 * sizeof(float)), got_db1[r] = down(g, gdb1, nb1 * sizeof(float));
@@ -517,19 +534,24 @@ static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, in
         snprintf(name, sizeof name, "%s.%s", op, outs[i].name);
         check_f32(name, outs[i].got, outs[i].want, outs[i].n, tol);
     }
-    free_all(); /* eight cases in one test: keep within the buffer slots */
+    free_all(); /* many cases in one test: keep within the buffer slots */
 }
 
 static void test_ffn(const cfg *c) {
     const int T = T_of(c), E = c->E, C = (int)ceil(1.25 * T * c->K / E);
     for (int kind = 0; kind < 3; ++kind) {
         const int with_bias = kind != MOE_ACT_SILU;
-        test_ffn_case(gpu, "ffn", (moe_act_kind)kind, with_bias, E, C, c->d, c->hidden, TOL_MM);
-        test_ffn_case(gpu16, "ffn_bf16", (moe_act_kind)kind, with_bias, E, C, c->d, c->hidden, TOL_BF16);
+        test_ffn_case(gpu, "ffn", (moe_act_kind)kind, with_bias, with_bias, E, C, c->d, c->hidden, TOL_MM);
+        test_ffn_case(gpu16, "ffn_bf16", (moe_act_kind)kind, with_bias, with_bias, E, C, c->d, c->hidden, TOL_BF16);
     }
+    /* GELU in bf16 with the other combinations of biases: the forward's
+     * epilogue with and without b1, the backward with and without db1 */
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 0, E, C, c->d, c->hidden, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 0, E, C, c->d, c->hidden, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 1, E, C, c->d, c->hidden, TOL_BF16);
     /* odd sizes: no vector path, no 16-byte alignment of rows */
-    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 3, 37, 19, 23, TOL_BF16);
-    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 2, 5, 7, 9, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 1, 3, 37, 19, 23, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 1, 2, 5, 7, 9, TOL_BF16);
 }
 
 /* linear_bwd against the CPU's composition: dX poisoned, dW and db
@@ -676,8 +698,10 @@ static void test_vector_ops(const cfg *c) {
 /* Embeddings, norms, activations                                      */
 /* ------------------------------------------------------------------ */
 
-static void test_embed(const cfg *c) {
-    const int B = c->B, S = c->S, d = c->d, V = c->V, T = T_of(c);
+/* The embeddings with vocabulary V (the CUDA backward sorts ids on the
+ * bits V needs: one radix pass for small V, more for a BPE-sized one). */
+static void embed_case(const cfg *c, int V) {
+    const int B = c->B, S = c->S, d = c->d, T = T_of(c);
     const size_t n = (size_t)T * d;
     int32_t *ids = halloc((size_t)T * sizeof *ids);
     /* a small vocabulary: ids repeat, as in a char corpus; id 0 very often */
@@ -686,12 +710,15 @@ static void test_embed(const cfg *c) {
     float *wte = hrand((size_t)V * d, -1, 1), *wpe = hrand((size_t)S * d, -1, 1);
     float *dout = hrand(n, -1, 1), *dwte0 = hrand((size_t)V * d, -1, 1), *dwpe0 = hrand((size_t)S * d, -1, 1);
     for (int with_pos = 0; with_pos < 2; ++with_pos) {
-        const char *fwd_name = with_pos ? "embed_fwd(wpe).out" : "embed_fwd(no wpe).out";
+        char fwd_name[64], dwte_name[64], dwpe_name[64];
+        snprintf(fwd_name, sizeof fwd_name, "embed_fwd(%s,V=%d).out", with_pos ? "wpe" : "no wpe", V);
+        snprintf(dwte_name, sizeof dwte_name, "embed_bwd(%s,V=%d).dwte", with_pos ? "wpe" : "no wpe", V);
+        snprintf(dwpe_name, sizeof dwpe_name, "embed_bwd(%s,V=%d).dwpe", with_pos ? "wpe" : "no wpe", V);
         float *want = halloc(n * sizeof(float));
         cpu->embed_fwd(cpu, ids, wte, with_pos ? wpe : NULL, want, B, S, d);
         float *want_dwte = hdup(dwte0, (size_t)V * d * sizeof(float));
         float *want_dwpe = hdup(dwpe0, (size_t)S * d * sizeof(float));
-        cpu->embed_bwd(cpu, ids, dout, want_dwte, with_pos ? want_dwpe : NULL, B, S, d);
+        cpu->embed_bwd(cpu, ids, dout, want_dwte, with_pos ? want_dwpe : NULL, B, S, d, V);
 
         int32_t *d_ids = up(gpu, ids, (size_t)T * sizeof *ids);
         float *d_wte = up(gpu, wte, (size_t)V * d * sizeof(float)), *d_wpe = up(gpu, wpe, (size_t)S * d * sizeof(float));
@@ -702,19 +729,22 @@ static void test_embed(const cfg *c) {
             gpu->embed_fwd(gpu, d_ids, d_wte, with_pos ? d_wpe : NULL, d_out, B, S, d);
             float *d_dwte = up(gpu, dwte0, (size_t)V * d * sizeof(float));
             float *d_dwpe = up(gpu, dwpe0, (size_t)S * d * sizeof(float));
-            gpu->embed_bwd(gpu, d_ids, d_dout, d_dwte, with_pos ? d_dwpe : NULL, B, S, d);
+            gpu->embed_bwd(gpu, d_ids, d_dout, d_dwte, with_pos ? d_dwpe : NULL, B, S, d, V);
             if (!gpu_ok(gpu, "embed_fwd/embed_bwd")) return;
             got[r] = down(gpu, d_out, n * sizeof(float));
             got_dwte[r] = down(gpu, d_dwte, (size_t)V * d * sizeof(float));
             got_dwpe[r] = down(gpu, d_dwpe, (size_t)S * d * sizeof(float));
         }
         check_f32(fwd_name, got, want, n, TOL_EW);
-        check_f32(with_pos ? "embed_bwd(wpe).dwte" : "embed_bwd(no wpe).dwte", got_dwte, want_dwte,
-                  (size_t)V * d, TOL_EW);
+        check_f32(dwte_name, got_dwte, want_dwte, (size_t)V * d, TOL_EW);
         /* without dwpe, dwpe must be left alone (it still holds dwpe0) */
-        check_f32(with_pos ? "embed_bwd(wpe).dwpe" : "embed_bwd(no wpe).dwpe", got_dwpe, want_dwpe,
-                  (size_t)S * d, TOL_EW);
+        check_f32(dwpe_name, got_dwpe, want_dwpe, (size_t)S * d, TOL_EW);
     }
+}
+
+static void test_embed(const cfg *c) {
+    embed_case(c, c->V);
+    if (c == cfgs_first) embed_case(c, 50257); /* GPT-2's vocabulary: 16-bit keys */
 }
 
 /* "op(d=N)" into buf */
@@ -1481,6 +1511,38 @@ static void test_check_bytes(const cfg *c) {
     }
 }
 
+/* check_finite: clean data, a NaN and an Inf (the first wins), one bad value
+ * at the very end, and a record already holding an error. */
+static void test_check_finite(const cfg *c) {
+    const size_t n = (size_t)T_of(c) * c->E + 3;
+    float *v = hrand(n, -5, 5);
+    int32_t *clear = halloc(MOE_CHECK_RECORD_WORDS * 4), *taken = halloc(MOE_CHECK_RECORD_WORDS * 4);
+    memset(clear, 0, MOE_CHECK_RECORD_WORDS * 4);
+    memset(taken, 0, MOE_CHECK_RECORD_WORDS * 4);
+    taken[0] = 3, taken[1] = 77;
+    const size_t spots[4][2] = {{n, n}, {n / 2, n / 3}, {n - 1, n}, {0, n - 1}};
+    for (int i = 0; i < 5; ++i) {
+        float *w = hdup(v, n * 4);
+        const size_t *sp = spots[i < 4 ? i : 1];
+        if (sp[0] < n) w[sp[0]] = NAN;
+        if (sp[1] < n) w[sp[1]] = INFINITY;
+        const int32_t *start = i < 4 ? clear : taken;
+        int32_t *want = hdup(start, MOE_CHECK_RECORD_WORDS * 4);
+        cpu->check_finite(cpu, w, n, 21, want);
+        float *d_w = up(gpu, w, n * 4);
+        int32_t *got[2];
+        for (int r = 0; r < 2; ++r) {
+            int32_t *d_rec = up(gpu, start, MOE_CHECK_RECORD_WORDS * 4);
+            gpu->check_finite(gpu, d_w, n, 21, d_rec);
+            if (!gpu_ok(gpu, "check_finite")) return;
+            got[r] = down(gpu, d_rec, MOE_CHECK_RECORD_WORDS * 4);
+        }
+        char op[64];
+        snprintf(op, sizeof op, "check_finite(case %d).record", i);
+        check_i32(op, got, want, MOE_CHECK_RECORD_WORDS);
+    }
+}
+
 static void test_expert_counts(const cfg *c) {
     const int T = T_of(c), K = c->K, E = c->E;
     const size_t nA = (size_t)T * K;
@@ -1693,7 +1755,7 @@ int main(void) {
         test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_linear_bwd, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
-        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes,
+        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite,
         test_expert_counts, test_xent_sums, test_clip_grad_norm, test_from_host_staging,
     };
     cfgs_first = &cfgs[0];

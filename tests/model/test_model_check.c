@@ -153,6 +153,21 @@ static void test_records(const moe_router_lib *lib) {
         expect_message(&m, "wrote past its workspace in forward", "byte 3 after the end");
         put_record(&m, 1, MOE_CHECK_GUARD_BACKWARD, 0, 0, 0, 0);
         expect_message(&m, "wrote past its workspace in backward", NULL);
+        /* the plugin's inputs, checked by the host on CUDA (index t * E + e, E = 3 here) */
+        put_record(&m, 0, MOE_CHECK_LOGIT, 3 * 5 + 2, 0, nan_bits, 0);
+        expect_message(&m, "logit of token 5, expert 2 is nan", "the gate produced a non-finite value");
+        put_record(&m, 1, MOE_CHECK_ROUTE_LOGIT, 3 * 7 + 1, 0, nan_bits, 0);
+        expect_message(&m, "perturbed logit of token 7, expert 1 is nan", NULL);
+        /* token ids outside the vocabulary are refused before anything runs */
+        {
+            int32_t bad_ids[B_SEQ * S_LEN], bad_tg[B_SEQ * S_LEN];
+            make_batch(bad_ids, bad_tg, 5);
+            bad_ids[9] = m.V;
+            moe_forward_result bfr;
+            err[0] = '\0';
+            CHECK(moe_model_forward(&m, bad_ids, bad_tg, B_SEQ, 0, 0, &bfr, err, sizeof err) == -1);
+            CHECK_MSG(strstr(err, "token 9 of the batch has id") != NULL, "message: %s", err);
+        }
         /* a forward with a result reports a record too, and clears it */
         int32_t ids[B_SEQ * S_LEN], tg[B_SEQ * S_LEN];
         make_batch(ids, tg, 3);

@@ -233,7 +233,7 @@ static void test_embed_grad(void) {
                    malloc(B * S * d * sizeof(float)), randv(B * S * d, -1, 1)};
     float dwte[V * d], dwpe[S * d];
     float *pt = random_prior(dwte, V * d), *pp = random_prior(dwpe, S * d);
-    be->embed_bwd(be, ids, c.dout, dwte, dwpe, B, S, d);
+    be->embed_bwd(be, ids, c.dout, dwte, dwpe, B, S, d, V);
     subtract_prior(dwte, pt, V * d);
     subtract_prior(dwpe, pp, S * d);
     check_grad("embedding dwte", embed_loss, &c, c.wte, dwte, V * d);
@@ -244,7 +244,7 @@ static void test_embed_grad(void) {
     /* without wpe the token gradient is the same */
     float dwte2[V * d];
     memset(dwte2, 0, sizeof dwte2);
-    be->embed_bwd(be, ids, c.dout, dwte2, NULL, B, S, d);
+    be->embed_bwd(be, ids, c.dout, dwte2, NULL, B, S, d, V);
     double err = 0.0;
     for (int i = 0; i < V * d; ++i) err = fmax(err, fabs(dwte2[i] - dwte[i]));
     CHECK_MSG(err < 1e-6, "embed_bwd without dwpe: %g", err);
@@ -573,8 +573,8 @@ static void test_determinism(void) {
         float *dout = randv(B * S * d, -1, 1);
         float *t1 = calloc(V * d, sizeof(float)), *t2 = calloc(V * d, sizeof(float));
         float *p1 = calloc(S * d, sizeof(float)), *p2 = calloc(S * d, sizeof(float));
-        be->embed_bwd(be, ids, dout, t1, p1, B, S, d);
-        be->embed_bwd(be, ids, dout, t2, p2, B, S, d);
+        be->embed_bwd(be, ids, dout, t1, p1, B, S, d, V);
+        be->embed_bwd(be, ids, dout, t2, p2, B, S, d, V);
         CHECK_MSG(memcmp(t1, t2, V * d * sizeof(float)) == 0 &&
                       memcmp(p1, p2, S * d * sizeof(float)) == 0,
                   "embed_bwd not bitwise reproducible");

@@ -126,6 +126,7 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->aux_losses_counts = cpu_aux_losses_counts;
     be->check_routing = cpu_check_routing;
     be->check_bytes = cpu_check_bytes;
+    be->check_finite = cpu_check_finite;
     be->expert_counts = cpu_expert_counts;
     be->xent_sums = cpu_xent_sums;
     be->clip_grad_norm = cpu_clip_grad_norm;

@@ -268,6 +268,17 @@ void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, in
         }
 }
 
+void cpu_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {
+    (void)be;
+    for (size_t i = 0; i < n; ++i)
+        if (!isfinite(v[i])) {
+            int32_t bits;
+            memcpy(&bits, &v[i], sizeof bits);
+            set_record(record, code, (int32_t)i, 0, bits, 0);
+            return;
+        }
+}
+
 void cpu_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
     (void)be;
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);

@@ -34,6 +34,7 @@ void cpu_aux_losses_counts(moe_backend *be, const float *lb_logits, const float 
 void cpu_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot, int T,
                        int K, int E, int C, int32_t *kept, int32_t *record);
 void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
+void cpu_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 void cpu_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

@@ -36,8 +36,8 @@ void cpu_embed_fwd(moe_backend *be, const int32_t *ids, const float *wte, const 
  * no two threads touch the same element and each element is summed in token
  * order, whatever the thread count. */
 void cpu_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, float *dwte, float *dwpe,
-                   int B, int S, int d) {
-    (void)be;
+                   int B, int S, int d, int V) {
+    (void)be, (void)V;
     int nblocks = (d + CPU_COL_BLOCK - 1) / CPU_COL_BLOCK;
 #pragma omp parallel for schedule(static)
     for (int blk = 0; blk < nblocks; ++blk) {

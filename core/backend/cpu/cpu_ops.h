@@ -62,7 +62,7 @@ void cpu_attention_bwd(moe_backend *be, const float *qkv, const float *probs, co
 void cpu_embed_fwd(moe_backend *be, const int32_t *ids, const float *wte, const float *wpe,
                    float *out, int B, int S, int d);
 void cpu_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, float *dwte, float *dwpe,
-                   int B, int S, int d);
+                   int B, int S, int d, int V);
 void cpu_act_fwd(moe_backend *be, moe_act_kind kind, const float *in, float *out, int T, int n);
 void cpu_act_bwd(moe_backend *be, moe_act_kind kind, const float *in, const float *dout, float *din,
                  int T, int n);

@@ -208,6 +208,7 @@ static void release(moe_backend *be) {
         if (st->scratch) cudaFree(st->scratch);
         if (st->d_flags) cudaFree(st->d_flags);
         if (st->d_aux_out) cudaFree(st->d_aux_out);
+        if (st->d_tickets) cudaFree(st->d_tickets);
         for (int h = 0; h < 2; ++h) {
             if (st->upload_stage[h]) cudaFreeHost(st->upload_stage[h]);
             if (st->upload_done[h]) cudaEventDestroy(st->upload_done[h]);
@@ -306,6 +307,12 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
         st->d_aux_out = NULL;
         CREATE_FAIL("cudaMalloc (aux results): %s", cudaGetErrorString(e));
     }
+    if ((e = cudaMalloc(&st->d_tickets, CUDA_TICKETS * sizeof(int))) != cudaSuccess ||
+        (e = cudaMemset(st->d_tickets, 0, CUDA_TICKETS * sizeof(int))) != cudaSuccess) {
+        if (st->d_tickets) cudaFree(st->d_tickets);
+        st->d_tickets = NULL;
+        CREATE_FAIL("cudaMalloc (reduction tickets): %s", cudaGetErrorString(e));
+    }
     /* Pinned staging for from_host; without it (pinned memory refused)
      * from_host falls back to waiting copies. */
     for (int h = 0; h < 2; ++h) {
@@ -390,6 +397,7 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     be->aux_losses_counts = cuda_aux_losses_counts;
     be->check_routing = cuda_check_routing;
     be->check_bytes = cuda_check_bytes;
+    be->check_finite = cuda_check_finite;
     be->expert_counts = cuda_expert_counts;
     be->xent_sums = cuda_xent_sums;
     be->clip_grad_norm = cuda_clip_grad_norm;

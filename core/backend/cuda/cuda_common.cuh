@@ -78,6 +78,7 @@ struct cuda_impl {
     size_t scratch_bytes;
     int *d_flags;           /* device int: CUDA_FLAG_* bits */
     double *d_aux_out;      /* 2 device doubles: aux_losses' results on their way to the host */
+    int *d_tickets;         /* CUDA_TICKETS device ints, 0 between kernels: last_block_arrived */
     /* from_host's pinned staging: two halves used in turn; a half is
      * refilled only after the event recorded behind its last copy. */
     char *upload_stage[2];
@@ -215,16 +216,70 @@ __device__ T block_reduce(T v) {
 template <class T> __device__ T block_sum(T v) { return block_reduce<T, false>(v); }
 template <class T> __device__ T block_max(T v) { return block_reduce<T, true>(v); }
 
+/* A reduction finished inside the kernel that made its partials, instead
+ * of in a second launch: every block writes its partials, then calls this;
+ * it returns true in exactly one block, the last of `nblocks` to arrive at
+ * *ticket, which then reads every block's partials (with __ldcg: they were
+ * written by other SMs) and adds them in a fixed order, so the result does
+ * not depend on which block came last. The last block puts the ticket back
+ * to 0, so kernels in stream order can share tickets (cuda_impl.d_tickets,
+ * CUDA_TICKETS of them; a kernel whose groups finish separately takes one
+ * per group). Every thread of the block must call it. */
+constexpr int CUDA_TICKETS = 1024;
+
+__device__ __forceinline__ bool last_block_arrived(int *ticket, unsigned nblocks) {
+    __shared__ bool last;
+    __threadfence(); /* this block's partials are visible before its ticket */
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+        last = atomicAdd(ticket, 1) == (int)nblocks - 1;
+        if (last) *ticket = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence(); /* order the partials' loads after the ticket */
+    return last;
+}
+
 /* Column sums for weight gradients: out[j] += sum_t f(t, j) over T rows and
  * N columns, in a fixed order without atomics. Pass 1: a block of 32 columns
  * x COLSUM_LANES row lanes takes COLSUM_ROWS rows; each thread sums its rows
  * in order, the lanes are added in lane order, giving one partial per (chunk,
- * column). Pass 2: each column adds its partials in chunk order. */
+ * column). Pass 2: each column adds its partials in chunk order, done by the
+ * last block of the column tile to finish (colsum_out), or by a second
+ * kernel when there are more tiles than tickets. */
 constexpr int COLSUM_LANES = 8;
 constexpr int COLSUM_ROWS = 256;
 
+/* Where finished column sums go: column j = e * N + c adds into
+ * out[e * stride + c] (a plain sum: N = the column count, stride 0). out
+ * NULL: the partials are left for colsum_finish_kernel. tickets: one per
+ * column tile (cuda_impl.d_tickets). */
+struct colsum_out {
+    float *out;
+    int N;
+    long long stride;
+    int *tickets;
+};
+
+/* The tile's columns [col0, col0 + width) of `cols`, once every chunk's
+ * partial is in: each adds its chunks in chunk order (the order of
+ * colsum_finish_kernel, so the sums are the same floats) into its output. */
+__device__ __forceinline__ void colsum_finish_tile(const float *partial, int cols, int col0, int width,
+                                                   const colsum_out &dst) {
+    if (!last_block_arrived(&dst.tickets[blockIdx.y], gridDim.x)) return;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+    for (int i = tid; i < width; i += nthreads) {
+        const int j = col0 + i;
+        if (j >= cols) break;
+        float s = 0.0f;
+        for (unsigned c = 0; c < gridDim.x; ++c) s += __ldcg(&partial[(size_t)c * cols + j]);
+        const int e = j / dst.N, col = j - e * dst.N;
+        dst.out[(long long)e * dst.stride + col] += s;
+    }
+}
+
 template <class F>
-__global__ void colsum_partial_kernel(F f, int T, int N, float *partial) {
+__global__ void colsum_partial_kernel(F f, int T, int N, float *partial, colsum_out dst) {
     __shared__ float lane_sums[COLSUM_LANES][33]; /* +1 column: no bank conflicts */
     const int chunk = blockIdx.x;
     const int j = blockIdx.y * 32 + threadIdx.x;
@@ -240,6 +295,7 @@ __global__ void colsum_partial_kernel(F f, int T, int N, float *partial) {
         for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][threadIdx.x];
         partial[(size_t)chunk * N + j] = s;
     }
+    if (dst.out) colsum_finish_tile(partial, N, blockIdx.y * 32, 32, dst);
 }
 
 /* Four floats rounded to bf16 and packed for one 8-byte store. */
@@ -272,7 +328,7 @@ static inline bool colsum_grid(moe_backend *be, int T, int cols, bool vec4, cons
  * colsum_partial_kernel adds them, into partial[chunk][column]. */
 static_assert(32 * COLSUM_LANES >= 128, "the finishing threads cover a block's 128 columns");
 __device__ __forceinline__ void colsum4_store(float (&lane_sums)[COLSUM_LANES][128], const float acc[4], int cols,
-                                              float *partial) {
+                                              float *partial, const colsum_out &dst) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) lane_sums[threadIdx.y][threadIdx.x * 4 + q] = acc[q];
     __syncthreads();
@@ -282,9 +338,26 @@ __device__ __forceinline__ void colsum4_store(float (&lane_sums)[COLSUM_LANES][1
         for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][tid];
         partial[(size_t)blockIdx.x * cols + col] = s;
     }
+    if (dst.out) colsum_finish_tile(partial, cols, blockIdx.y * 128, 128, dst);
 }
 
 __global__ void colsum_finish_kernel(const float *partial, int nchunks, int N, float *out);
+__global__ void colsum_finish_batched_kernel(const float *partial, int nchunks, int N, int cols, float *out,
+                                             long long stride_out);
+
+/* The destination of a column sum over a grid with `ntiles` column tiles:
+ * finished in the partial kernel when each tile can have a ticket, else
+ * left (out NULL) for colsum_finish_*_kernel, which the caller launches when
+ * colsum_needs_finish says so. */
+static inline colsum_out colsum_dest(moe_backend *be, float *out, int N, long long stride, unsigned ntiles) {
+    colsum_out d;
+    d.out = ntiles <= (unsigned)CUDA_TICKETS ? out : nullptr;
+    d.N = N;
+    d.stride = stride;
+    d.tickets = cuda_state(be)->d_tickets;
+    return d;
+}
+static inline bool colsum_needs_finish(const colsum_out &d, const float *out) { return out && !d.out; }
 
 template <class F>
 void colsum_accumulate(moe_backend *be, F f, int T, int N, float *out, const char *what) {
@@ -297,12 +370,14 @@ void colsum_accumulate(moe_backend *be, F f, int T, int N, float *out, const cha
     }
     float *partial = (float *)cuda_scratch(be, (size_t)nchunks * N * sizeof(float));
     if (!partial) return;
+    const colsum_out dst = colsum_dest(be, out, N, 0, (unsigned)ntiles);
     colsum_partial_kernel<F><<<dim3(nchunks, ntiles), dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
-        f, T, N, partial);
+        f, T, N, partial, dst);
     KERNEL_CHECK(be, what);
-    colsum_finish_kernel<<<cuda_blocks((size_t)N), CUDA_THREADS, 0, cuda_stream(be)>>>(partial, nchunks,
-                                                                                      N, out);
-    KERNEL_CHECK(be, what);
+    if (colsum_needs_finish(dst, out)) {
+        colsum_finish_kernel<<<cuda_blocks((size_t)N), CUDA_THREADS, 0, cuda_stream(be)>>>(partial, nchunks, N, out);
+        KERNEL_CHECK(be, what);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -325,6 +400,11 @@ void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const 
 /* Whether a GEMM of M x N x K takes bf16 operands: bf16 mode, and no side
  * shorter than 16 (those run in fp32; cuda_linalg.cu says why). */
 bool cuda_gemm_takes_bf16(moe_backend *be, int M, int N, int K);
+/* One fp32 GEMM (row-major, as gemm) with a side of at most 16, the gate's
+ * shapes, by kernels of cuda_skinny_gemm.cu; false (nothing done) for a
+ * shape they do not take. */
+bool cuda_skinny_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                      const float *B, int ldb, float beta, float *C, int ldc);
 /* Rounds `batch` matrices of rows x cols (leading dimension ld, `stride`
  * apart; stride 0: one matrix) to bf16, packed into dst as [batch][rows]
  * [cols], or as [batch][cols][rows] with transpose. */
@@ -405,7 +485,7 @@ void cuda_attention_bwd(moe_backend *be, const float *qkv, const float *probs, c
 void cuda_embed_fwd(moe_backend *be, const int32_t *ids, const float *wte, const float *wpe,
                     float *out, int B, int S, int d);
 void cuda_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, float *dwte,
-                    float *dwpe, int B, int S, int d);
+                    float *dwpe, int B, int S, int d, int V);
 void cuda_dropout_fwd(moe_backend *be, const float *x, float *y, size_t n, float p,
                       moe_rng_key key);
 void cuda_dropout_bwd(moe_backend *be, const float *dy, float *dx, size_t n, float p,
@@ -445,6 +525,7 @@ void cuda_aux_losses_counts(moe_backend *be, const float *lb_logits, const float
 void cuda_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot,
                         int T, int K, int E, int C, int32_t *kept, int32_t *record);
 void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
+void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 void cuda_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

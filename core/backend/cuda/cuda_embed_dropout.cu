@@ -116,7 +116,7 @@ __global__ void embed_bwd_tok_kernel(const int32_t *sorted_ids, const float *par
 }
 
 void cuda_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, float *dwte,
-                    float *dwpe, int B, int S, int d) {
+                    float *dwpe, int B, int S, int d, int V) {
     if (B <= 0 || S <= 0 || d <= 0) return;
     const int n = B * S;
     cudaStream_t st = cuda_stream(be);
@@ -127,11 +127,15 @@ void cuda_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, floa
         KERNEL_CHECK(be, "embed_bwd_pos_kernel");
     }
 
-    /* Stable sort of (id, position) by id: equal ids keep token order. */
+    /* Stable sort of (id, position) by id: equal ids keep token order. Ids
+     * are in [0, V), so only their low bits need sorting (one pass of the
+     * radix sort for a character vocabulary instead of four). */
+    int key_bits = 1;
+    while (key_bits < 31 && (1LL << key_bits) < (long long)V) ++key_bits;
     size_t sort_bytes = 0;
     CUDA_CHECK(be, cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, (const int32_t *)nullptr,
                                                    (int32_t *)nullptr, (const int32_t *)nullptr,
-                                                   (int32_t *)nullptr, n, 0, 32, st));
+                                                   (int32_t *)nullptr, n, 0, key_bits, st));
     ScratchLayout lay;
     const size_t pos_off = lay.add((size_t)n * sizeof(int32_t));
     const size_t sids_off = lay.add((size_t)n * sizeof(int32_t));
@@ -147,7 +151,7 @@ void cuda_embed_bwd(moe_backend *be, const int32_t *ids, const float *dout, floa
     iota_kernel<<<cuda_blocks((size_t)n), CUDA_THREADS, 0, st>>>(pos, n);
     KERNEL_CHECK(be, "iota_kernel");
     CUDA_CHECK(be, cub::DeviceRadixSort::SortPairs(base + tmp_off, sort_bytes, ids, sorted_ids, pos,
-                                                   sorted_pos, n, 0, 32, st));
+                                                   sorted_pos, n, 0, key_bits, st));
     KERNEL_CHECK(be, "cub::DeviceRadixSort::SortPairs (embed_bwd)");
     float *partial = (float *)(base + part_off);
     const unsigned nchunks = (unsigned)((n + EMBED_CHUNK - 1) / EMBED_CHUNK);

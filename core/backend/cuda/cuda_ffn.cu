@@ -24,6 +24,15 @@
  * the bf16 copy of X the backward needs is kept beside it in H's buffer, so
  * the forward makes no activation pass and the backward rounds no X.
  *
+ * The backward does not take dH from cuBLASLt's matching DGELU or
+ * DGELU_BGRAD epilogue, measured slower on the H100 with cuBLASLt 13.1 at
+ * the expC shape (8 x [2560, 256] x [256, 1024]), where the dA GEMM, the dH
+ * pass and db1's finish take ~98 us: batched, cuBLASLt runs either as a
+ * plain GEMM followed by a separate epilogue kernel (~190 us; ~205 us with
+ * the bias gradient, which it offers in bf16 only); one product at a time,
+ * DGELU is fused but in an sm80 kernel, 8 x 13 us, ~127 us with db1's
+ * column sums over the bf16 dH.
+ *
  * The weights are rounded once per call (transposed where the GEMM reads
  * them transposed: cuBLAS is fastest with both operands untransposed at
  * these shapes). Every value is rounded exactly where the reference's
@@ -113,7 +122,7 @@ __device__ __forceinline__ void load4(const __nv_bfloat16 *p, float v[4]) {
 
 template <typename HT>
 __global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const float *dA, __nv_bfloat16 *dH, int C,
-                                   int hin, int cols, float *partial) {
+                                   int hin, int cols, float *partial, colsum_out dst) {
     __shared__ float lane_sums[COLSUM_LANES][128];
     const int chunk = blockIdx.x;
     const int j = blockIdx.y * 128 + threadIdx.x * 4; /* first of this thread's four columns */
@@ -135,7 +144,7 @@ __global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const float *
             *reinterpret_cast<uint2 *>(dH + at) = pack_bf16x4(v[0], v[1], v[2], v[3]);
         }
     }
-    colsum4_store(lane_sums, acc, cols, partial);
+    colsum4_store(lane_sums, acc, cols, partial, dst);
 }
 
 static bool bf16_mode(moe_backend *be) { return cuda_state(be)->precision == MOE_PRECISION_BF16; }
@@ -246,19 +255,20 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     /* dH = act'(H) dA as bf16, and its column sums in the same pass */
     const dim3 block(32, COLSUM_LANES);
     cudaStream_t st = cuda_stream(be);
+    const colsum_out dst = colsum_dest(be, db1, hin, hin, grid.y); /* db1's sums finish in the pass */
     if (vec4 && saved_bf16) {
-        ffn_dh_vec4_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(kind, Hh, dA, dHh, C, hin, cols, partial);
+        ffn_dh_vec4_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(kind, Hh, dA, dHh, C, hin, cols, partial, dst);
     } else if (vec4) {
-        ffn_dh_vec4_kernel<float><<<grid, block, 0, st>>>(kind, H, dA, dHh, C, hin, cols, partial);
+        ffn_dh_vec4_kernel<float><<<grid, block, 0, st>>>(kind, H, dA, dHh, C, hin, cols, partial, dst);
     } else if (saved_bf16) {
         colsum_partial_kernel<ffn_dh_term<__nv_bfloat16>><<<grid, block, 0, st>>>(
-            ffn_dh_term<__nv_bfloat16>{kind, Hh, dA, dHh, C, n, hin}, C, cols, partial);
+            ffn_dh_term<__nv_bfloat16>{kind, Hh, dA, dHh, C, n, hin}, C, cols, partial, dst);
     } else {
         colsum_partial_kernel<ffn_dh_term<float>><<<grid, block, 0, st>>>(
-            ffn_dh_term<float>{kind, H, dA, dHh, C, n, hin}, C, cols, partial);
+            ffn_dh_term<float>{kind, H, dA, dHh, C, n, hin}, C, cols, partial, dst);
     }
     KERNEL_CHECK(be, "ffn dH pass");
-    if (db1) {
+    if (colsum_needs_finish(dst, db1)) {
         colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
             partial, nchunks, hin, cols, db1, hin);
         KERNEL_CHECK(be, "colsum_finish_batched_kernel (ffn db1)");

@@ -205,6 +205,8 @@ void cuda_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N, in
     if (cuda_gemm_takes_bf16(be, M, N, K))
         gemm_bf16(be, ta, tb, M, N, K, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc,
                   strideC, batch);
+    else if (batch == 1 && cuda_skinny_gemm(be, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
+        return; /* the gate's shapes (cuda_skinny_gemm.cu) */
     else
         gemm_fp32(be, ta, tb, M, N, K, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc,
                   strideC, batch);
@@ -607,13 +609,16 @@ void cuda_bias_grad_batched(moe_backend *be, const float *dy, float *db, int bat
     const int cols = (int)cols_ll;
     float *partial = (float *)cuda_scratch(be, (size_t)nchunks * cols * sizeof(float));
     if (!partial) return;
+    const colsum_out dst = colsum_dest(be, db, N, stride_db, (unsigned)ntiles);
     colsum_partial_kernel<dy_batched_element>
         <<<dim3(nchunks, (unsigned)ntiles), dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
-            dy_batched_element{dy, N, stride_dy}, T, cols, partial);
+            dy_batched_element{dy, N, stride_dy}, T, cols, partial, dst);
     KERNEL_CHECK(be, "bias_grad_batched");
-    colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
-        partial, nchunks, N, cols, db, stride_db);
-    KERNEL_CHECK(be, "bias_grad_batched");
+    if (colsum_needs_finish(dst, db)) {
+        colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
+            partial, nchunks, N, cols, db, stride_db);
+        KERNEL_CHECK(be, "bias_grad_batched");
+    }
 }
 
 /* ------------------------------------------------------------------ */

@@ -30,7 +30,8 @@ struct round_term {
  * block (32, COLSUM_LANES) covers 128 columns of COLSUM_ROWS rows; each
  * thread sums its rows in order, the lanes are added in lane order, as in
  * colsum_partial_kernel, so every column's partial is the same float. */
-__global__ void round_colsum_vec4_kernel(const float *dY, __nv_bfloat16 *out, int T, int N, float *partial) {
+__global__ void round_colsum_vec4_kernel(const float *dY, __nv_bfloat16 *out, int T, int N, float *partial,
+                                         colsum_out dst) {
     __shared__ float lane_sums[COLSUM_LANES][128];
     const int chunk = blockIdx.x;
     const int j = blockIdx.y * 128 + threadIdx.x * 4;
@@ -43,7 +44,7 @@ __global__ void round_colsum_vec4_kernel(const float *dY, __nv_bfloat16 *out, in
             acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
             *reinterpret_cast<uint2 *>(out + at) = pack_bf16x4(v.x, v.y, v.z, v.w);
         }
-    colsum4_store(lane_sums, acc, N, partial);
+    colsum4_store(lane_sums, acc, N, partial, dst);
 }
 
 void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
@@ -70,14 +71,15 @@ void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const floa
 
     /* dY to bf16, its column sums on the way */
     const dim3 block(32, COLSUM_LANES);
+    const colsum_out dst = colsum_dest(be, db, N, 0, grid.y);
     if (vec4) {
-        round_colsum_vec4_kernel<<<grid, block, 0, st>>>(dY, dYh, T, N, partial);
+        round_colsum_vec4_kernel<<<grid, block, 0, st>>>(dY, dYh, T, N, partial, dst);
         KERNEL_CHECK(be, "round_colsum_vec4_kernel");
     } else {
-        colsum_partial_kernel<round_term><<<grid, block, 0, st>>>(round_term{dY, dYh, N}, T, N, partial);
+        colsum_partial_kernel<round_term><<<grid, block, 0, st>>>(round_term{dY, dYh, N}, T, N, partial, dst);
         KERNEL_CHECK(be, "colsum_partial_kernel (linear dY)");
     }
-    if (db) {
+    if (colsum_needs_finish(dst, db)) {
         colsum_finish_kernel<<<cuda_blocks((size_t)N), CUDA_THREADS, 0, st>>>(partial, nchunks, N, db);
         KERNEL_CHECK(be, "colsum_finish_kernel (linear db)");
     }

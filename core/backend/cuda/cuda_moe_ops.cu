@@ -568,17 +568,46 @@ void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, con
 /* Auxiliary losses                                                    */
 /* ------------------------------------------------------------------ */
 
-/* One thread per token row (E is the number of experts: small):
+/* The auxiliary losses in one kernel. One thread per token row (E, the
+ * number of experts, is small):
  *   p = softmax(lb_logits[t]), fp = sum_e f_e p_e,
  *   d_lb[t,e] = alpha * E / T * p_e * (f_e - fp)        (overwrite)
  *   lse = logsumexp(logits[t]),
  *   dlogits[t,e] += beta * 2/T * lse * softmax(logits[t])_e   (accumulate)
- * with the same row helpers and the same expressions as the CPU. The row's
- * fp and lse^2 go to per-row arrays, summed by the next kernel. p is kept in
- * d_lb's row until it is overwritten by the gradient. */
-__global__ void aux_rows_kernel(const float *lb_logits, const float *logits, const float *f, int T,
-                                int E, float alpha, float beta, float *d_lb, float *dlogits,
-                                double *row_fp, double *row_z) {
+ * with the same row helpers and the same expressions as the CPU (p is kept
+ * in d_lb's row until it is overwritten by the gradient). f comes from
+ * counts (as the CPU computes it: float division of the converted counts;
+ * each block makes its own copy in shared memory) or is given in device
+ * memory (for E > AUX_SHARED_E, aux_f_kernel computes it there first).
+ * Each block sums its rows' fp and lse^2 in
+ * double; the last block to finish adds the blocks' sums in block order:
+ * out[0] = E * mean_t fp = lb, out[1] = mean_t lse^2 = z. */
+constexpr int AUX_THREADS = 64; /* small blocks: a row is a long serial chain, so spread rows over SMs */
+constexpr int AUX_MAX_BLOCKS = 1024;
+constexpr int AUX_SHARED_E = 1024;
+
+/* f[e] = counts[e] / sum(counts), one thread. */
+__device__ void aux_f_from_counts(const int32_t *counts, int E, float *f) {
+    long long routed = 0;
+    for (int e = 0; e < E; ++e) routed += counts[e];
+    for (int e = 0; e < E; ++e) f[e] = routed ? (float)counts[e] / (float)routed : 0.0f;
+}
+
+__global__ void aux_f_kernel(const int32_t *counts, int E, float *f) {
+    if (threadIdx.x == 0) aux_f_from_counts(counts, E, f);
+}
+
+__global__ void __launch_bounds__(AUX_THREADS)
+aux_kernel(const float *lb_logits, const float *logits, const int32_t *counts, const float *f_given, int T, int E,
+           float alpha, float beta, float *d_lb, float *dlogits, double *partial, int *ticket, double *out) {
+    __shared__ float f_shared[AUX_SHARED_E];
+    const float *f = f_given;
+    if (counts) { /* then E <= AUX_SHARED_E */
+        if (threadIdx.x == 0) aux_f_from_counts(counts, E, f_shared);
+        __syncthreads();
+        f = f_shared;
+    }
+    double s_fp = 0.0, s_z = 0.0;
     GRID_STRIDE_LOOP(t, T) {
         const float *l = lb_logits + t * E;
         float *p = d_lb + t * E;
@@ -586,22 +615,22 @@ __global__ void aux_rows_kernel(const float *lb_logits, const float *logits, con
         double fp = 0.0;
         for (int e = 0; e < E; ++e) fp += (double)f[e] * p[e];
         for (int e = 0; e < E; ++e) p[e] = (float)(alpha * (double)E / T * p[e] * (f[e] - fp));
-        row_fp[t] = fp;
+        s_fp += fp;
 
         const float *lz = logits + t * E;
         const float lse = moe_logsumexp_row(lz, E);
-        row_z[t] = (double)lse * lse;
+        s_z += (double)lse * lse;
         float *dl = dlogits + t * E;
         for (int e = 0; e < E; ++e) dl[e] += beta * 2.0f / (float)T * lse * expf(lz[e] - lse);
     }
-}
-
-/* out[0] = E * mean_t fp = lb, out[1] = mean_t lse^2 = z; one block, fixed order. */
-__global__ void aux_sums_kernel(const double *row_fp, const double *row_z, int T, int E, double *out) {
-    double s_fp = 0.0, s_z = 0.0;
-    for (int t = threadIdx.x; t < T; t += blockDim.x) {
-        s_fp += row_fp[t];
-        s_z += row_z[t];
+    s_fp = block_sum(s_fp);
+    s_z = block_sum(s_z);
+    if (threadIdx.x == 0) partial[2 * blockIdx.x] = s_fp, partial[2 * blockIdx.x + 1] = s_z;
+    if (!last_block_arrived(ticket, gridDim.x)) return;
+    s_fp = 0.0, s_z = 0.0;
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+        s_fp += __ldcg(&partial[2 * b]);
+        s_z += __ldcg(&partial[2 * b + 1]);
     }
     s_fp = block_sum(s_fp);
     s_z = block_sum(s_z);
@@ -611,40 +640,30 @@ __global__ void aux_sums_kernel(const double *row_fp, const double *row_z, int T
     }
 }
 
-/* f[e] = counts[e] / sum(counts) as the CPU computes it (float division of
- * the converted counts); one thread, E is small. */
-__global__ void aux_f_kernel(const int32_t *counts, int E, float *f) {
-    if (threadIdx.x != 0) return;
-    long long routed = 0;
-    for (int e = 0; e < E; ++e) routed += counts[e];
-    for (int e = 0; e < E; ++e) f[e] = routed ? (float)counts[e] / (float)routed : 0.0f;
-}
-
-/* Both variants: f is in device memory (d_f, or computed from counts into
- * scratch), lb and z go to d_out[0..1] (device). */
+/* Both variants: f from counts (device) or h_f (host), lb and z to d_out[0..1] (device). */
 static void aux_enqueue(moe_backend *be, const float *lb_logits, const float *logits, const float *h_f,
                         const int32_t *counts, int T, int E, float alpha, float beta, float *d_lb,
                         float *dlogits, double *d_out) {
     cudaStream_t st = cuda_stream(be);
+    const long long want = ((long long)T + AUX_THREADS - 1) / AUX_THREADS;
+    const unsigned blocks = (unsigned)(want < AUX_MAX_BLOCKS ? want : AUX_MAX_BLOCKS);
     ScratchLayout lay;
     const size_t f_off = lay.add((size_t)E * sizeof(float));
-    const size_t fp_off = lay.add((size_t)T * sizeof(double));
-    const size_t z_off = lay.add((size_t)T * sizeof(double));
+    const size_t part_off = lay.add((size_t)blocks * 2 * sizeof(double));
     char *base = cuda_scratch(be, lay.total);
     if (!base) return;
     float *d_f = (float *)(base + f_off);
-    double *row_fp = (double *)(base + fp_off), *row_z = (double *)(base + z_off);
-    if (counts) {
+    double *partial = (double *)(base + part_off);
+    if (!counts) {
+        CUDA_CHECK(be, cudaMemcpyAsync(d_f, h_f, (size_t)E * sizeof(float), cudaMemcpyDefault, st));
+    } else if (E > AUX_SHARED_E) {
         aux_f_kernel<<<1, 32, 0, st>>>(counts, E, d_f);
         KERNEL_CHECK(be, "aux_f_kernel");
-    } else {
-        CUDA_CHECK(be, cudaMemcpyAsync(d_f, h_f, (size_t)E * sizeof(float), cudaMemcpyDefault, st));
+        counts = nullptr;
     }
-    aux_rows_kernel<<<cuda_blocks((size_t)T), CUDA_THREADS, 0, st>>>(lb_logits, logits, d_f, T, E, alpha,
-                                                                     beta, d_lb, dlogits, row_fp, row_z);
-    KERNEL_CHECK(be, "aux_rows_kernel");
-    aux_sums_kernel<<<1, 1024, 0, st>>>(row_fp, row_z, T, E, d_out); /* one block: many loads in flight */
-    KERNEL_CHECK(be, "aux_sums_kernel");
+    aux_kernel<<<blocks, AUX_THREADS, 0, st>>>(lb_logits, logits, counts, d_f, T, E, alpha, beta, d_lb, dlogits,
+                                               partial, cuda_state(be)->d_tickets, d_out);
+    KERNEL_CHECK(be, "aux_kernel");
 }
 
 void cuda_aux_losses_counts(moe_backend *be, const float *lb_logits, const float *logits,
@@ -795,6 +814,40 @@ void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, i
     if (n == 0) return;
     check_bytes_kernel<<<1, CUDA_THREADS, 0, cuda_stream(be)>>>((const uint8_t *)p, n, value, code, record);
     KERNEL_CHECK(be, "check_bytes_kernel");
+}
+
+/* The first non-finite v[i]: each block keeps its smallest such i (shared
+ * atomicMin: the same whatever the order), and the last block to finish
+ * takes the smallest of the blocks' and records it. */
+constexpr int CHECK_FINITE_MAX_BLOCKS = 256;
+
+__global__ void check_finite_kernel(const float *v, size_t n, int32_t code, int32_t *record,
+                                    unsigned long long *block_first, int *ticket) {
+    __shared__ unsigned long long smallest;
+    if (threadIdx.x == 0) smallest = CHECK_NONE;
+    __syncthreads();
+    GRID_STRIDE_LOOP(i, n)
+    if (!isfinite(v[i])) {
+        atomicMin(&smallest, (unsigned long long)i);
+        break; /* later elements of this thread come after i */
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) block_first[blockIdx.x] = smallest;
+    if (!last_block_arrived(ticket, gridDim.x)) return;
+    if (threadIdx.x != 0) return;
+    unsigned long long first = CHECK_NONE;
+    for (unsigned b = 0; b < gridDim.x; ++b) first = min(first, __ldcg(&block_first[b]));
+    if (first != CHECK_NONE && record[0] == 0) write_record(record, code, (int32_t)first, 0, __float_as_int(v[first]), 0);
+}
+
+void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {
+    if (n == 0) return;
+    const unsigned want = cuda_blocks(n), blocks = want < CHECK_FINITE_MAX_BLOCKS ? want : CHECK_FINITE_MAX_BLOCKS;
+    unsigned long long *block_first = (unsigned long long *)cuda_scratch(be, blocks * sizeof(unsigned long long));
+    if (!block_first) return;
+    check_finite_kernel<<<blocks, CUDA_THREADS, 0, cuda_stream(be)>>>(v, n, code, record, block_first,
+                                                                      cuda_state(be)->d_tickets);
+    KERNEL_CHECK(be, "check_finite_kernel");
 }
 
 /* Per-block histograms in shared memory, added into counts (zeroed first)

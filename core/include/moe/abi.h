@@ -78,7 +78,24 @@ typedef struct moe_context {
     int32_t world_size;        /* number of ranks */
     char *msg;                 /* error message buffer, msg_cap bytes, NUL-terminated */
     size_t msg_cap;
+    /* Appended within version 1: read it only when struct_size covers it
+     * (moe_context_inputs_checked below). 1 when the host itself checks,
+     * on the device, every input it passes (finite logits, token ids in
+     * [0, vocab_size), in backward its own earlier outputs), and the
+     * route_logits a perturbing router writes, and reports a failure after
+     * the step with the message the plugin would have written. A plugin may then skip its own input checks: on CUDA those
+     * wait for the device once per call, which the host's checks do not.
+     * The host sets it only on CUDA; the SDK's CUDA check helpers
+     * (moe/router_cuda.cuh) honour it. */
+    int32_t inputs_checked;
 } moe_context;
+
+/* Whether ctx says the host checks the plugin's inputs (0 for a host built
+ * before the field existed). */
+static inline int moe_context_inputs_checked(const moe_context *ctx) {
+    return ctx->struct_size >= offsetof(moe_context, inputs_checked) + sizeof ctx->inputs_checked &&
+           ctx->inputs_checked != 0;
+}
 
 /* ---- options: the [router] table (minus `plugin`) as typed key/values ---- */
 
