@@ -174,11 +174,16 @@ struct moe_backend {
     void (*rope_fwd)(moe_backend *be, float *qkv, int B, int S, int H, int hd, float theta);
     /* Inverse rotation applied in place to dq and dk in dqkv. */
     void (*rope_bwd)(moe_backend *be, float *dqkv, int B, int S, int H, int hd, float theta);
-    /* Causal softmax attention. qkv[B,S,3*H*hd] -> out[B,S,H*hd];
-     * probs[B,H,S,S] saved for backward (upper triangle written as 0). */
+    /* Causal softmax attention. qkv[B,S,3*H*hd] -> out[B,S,H*hd].
+     * probs [B*H*S*S floats] keeps what attention_bwd needs; what it holds
+     * is the backend's own (the CPU and fp32 CUDA keep the probabilities,
+     * zeros above the diagonal; bf16 CUDA keeps a softmax statistic per
+     * query row and recomputes the probabilities in the backward): read
+     * only out. */
     void (*attention_fwd)(moe_backend *be, const float *qkv, float *out, float *probs, int B, int S,
                           int H, int hd);
-    /* dqkv (overwrite) from dout. */
+    /* dqkv (overwrite) from dout. qkv and probs as attention_fwd had and
+     * left them. */
     void (*attention_bwd)(moe_backend *be, const float *qkv, const float *probs, const float *dout,
                           float *dqkv, int B, int S, int H, int hd);
 

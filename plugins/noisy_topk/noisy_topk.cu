@@ -18,7 +18,8 @@
  *                        chunk of NOISY_DW_ROWS tokens, then one per (d,e) adds
  *                        the chunks in order (a single thread over all T tokens
  *                        took most of a training step)
- *            dx[t,d]  += sum_e dpre[t,e] W[d,e]              one thread per (t,d)
+ *            dx[t,d]  += sum_e dpre[t,e] W[d,e]              a block per row t, W staged
+ *                        transposed in shared memory
  *
  * Bitwise agreement with the CPU: the choice of experts compares l', so l'
  * is computed with the CPU's roundings, __fmul_rn / __fadd_rn keeping the
@@ -161,6 +162,7 @@ __global__ void noisy_dw_partial_kernel(const float *x, const float *dpre, int32
     const int32_t d = (int32_t)(i / E), e = (int32_t)(i % E);
     const int32_t t0 = (int32_t)blockIdx.y * NOISY_DW_ROWS, t1 = min(T, t0 + NOISY_DW_ROWS);
     float acc = 0.0f;
+#pragma unroll 8 /* loads in flight; the sum stays in token order */
     for (int32_t t = t0; t < t1; ++t) acc += x[(size_t)t * d_model + d] * dpre[(size_t)t * E + e];
     partial[(size_t)blockIdx.y * n + i] = acc;
 }
@@ -169,20 +171,38 @@ __global__ void noisy_dw_partial_kernel(const float *x, const float *dpre, int32
 __global__ void noisy_dw_finish_kernel(const float *partial, size_t nchunks, size_t n, float *dW) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float acc = 0.0f;
+#pragma unroll 8
         for (size_t c = 0; c < nchunks; ++c) acc += partial[c * n + i];
         dW[i] += acc;
     }
 }
 
-/* dx[t,d] += sum_e dpre[t,e] W[d,e], e ascending as in the CPU loop. */
+/* dx[t,d] += sum_e dpre[t,e] W[d,e], e ascending as in the CPU loop. A
+ * block strides over rows t of dx, its threads over d (no index division,
+ * dx read and written coalesced). With `staged`, the block first copies W
+ * transposed into shared memory (sW[e][d]), so a warp's reads of W are
+ * consecutive words rather than one E-float stride per thread. */
+constexpr size_t NOISY_DX_SHARED_MAX = 32 * 1024;
+
+template <bool staged>
 __global__ void noisy_dx_kernel(const float *dpre, const float *w_noise, int32_t T, int32_t E, int32_t d_model,
                                 float *dx) {
-    const size_t n = (size_t)T * d_model;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const int32_t t = (int32_t)(i / d_model), d = (int32_t)(i % d_model);
-        float acc = dx[i];
-        for (int32_t e = 0; e < E; ++e) acc += dpre[(size_t)t * E + e] * w_noise[(size_t)d * E + e];
-        dx[i] = acc;
+    extern __shared__ float sW[];
+    if (staged) {
+        for (int32_t i = threadIdx.x; i < E * d_model; i += blockDim.x) {
+            const int32_t e = i / d_model, d = i - e * d_model;
+            sW[i] = w_noise[(size_t)d * E + e];
+        }
+        __syncthreads();
+    }
+    for (int32_t t = blockIdx.x; t < T; t += gridDim.x) {
+        const float *dp = dpre + (size_t)t * E;
+        float *dxr = dx + (size_t)t * d_model;
+        for (int32_t d = threadIdx.x; d < d_model; d += blockDim.x) {
+            float acc = dxr[d];
+            for (int32_t e = 0; e < E; ++e) acc += dp[e] * (staged ? sW[(size_t)e * d_model + d] : w_noise[(size_t)d * E + e]);
+            dxr[d] = acc;
+        }
     }
 }
 
@@ -268,7 +288,6 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
         return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                         "backward: learned noise in training needs dx and the w_noise gradient (got NULL)");
     cudaStream_t stream = (cudaStream_t)ctx->stream;
-    const size_t n = (size_t)T * E;
     /* Non-finite logits and expert entries outside [0, E), in one copy back. */
     st = moe_router_cuda_check_values(ctx, stream, a->logits, T, E, a->expert, K, 0,
                                       (unsigned long long *)ctx->workspace);
@@ -281,7 +300,7 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
 
     float *dpre = (float *)((char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES);
     const float *W = a->params[0];
-    noisy_dpre_kernel<<<moe_router_cuda_blocks(n, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    noisy_dpre_kernel<<<moe_router_cuda_blocks((size_t)T * E, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         a->dlogits, a->x, W, T, E, D, ctx->rng, dpre);
     MOE_ROUTER_LAUNCHED(noisy_dpre_kernel);
     float *partial = dpre + (size_t)T * E;
@@ -292,8 +311,14 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
     noisy_dw_finish_kernel<<<moe_router_cuda_blocks(nw, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
         partial, nchunks, nw, a->param_grads[0]);
     MOE_ROUTER_LAUNCHED(noisy_dw_finish_kernel);
-    noisy_dx_kernel<<<moe_router_cuda_blocks((size_t)T * D, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
-        dpre, W, T, E, D, a->dx);
+    const size_t w_bytes = (size_t)D * E * sizeof(float);
+    if (w_bytes <= NOISY_DX_SHARED_MAX) { /* a few blocks per SM, each staging W once */
+        noisy_dx_kernel<true><<<(unsigned)(T < 512 ? T : 512), MOE_ROUTER_CUDA_THREADS, w_bytes, stream>>>(dpre, W, T, E,
+                                                                                                      D, a->dx);
+    } else {
+        noisy_dx_kernel<false><<<(unsigned)(T < 65535 ? T : 65535), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(dpre, W, T, E,
+                                                                                                         D, a->dx);
+    }
     MOE_ROUTER_LAUNCHED(noisy_dx_kernel);
     return MOE_OK;
 }

@@ -5,8 +5,10 @@
  * kernels with bf16 operands and fp32 accumulation in bf16 mode (both near
  * the end of the file). Larger heads fall back, in either mode, to the fp32
  * row kernels, one block per (batch, head, row), that follow cpu_attention.c
- * step by step. probs[B,H,S,S] is materialised because the backward contract
- * takes it; the backward uses it instead of recomputing.
+ * step by step. probs[B,H,S,S] is the backward's work space (backend.h):
+ * the fp32 and row kernels keep the probabilities in it and the backward
+ * reads them; the bf16 kernels keep only a log-sum-exp per query row and
+ * the backward recomputes the probabilities from it.
  *
  * Layout: qkv[B,S,3*H*hd], each token row = [q heads | k heads | v heads],
  * each head hd contiguous. out[B,S,H*hd]. probs[B,H,S,S].
@@ -591,58 +593,63 @@ attention_bwd_kv_tiled_kernel(const float *qkv, const float *probs, const float 
 /* Tensor-core kernels (bf16 precision mode, hd <= 128)                */
 /* ------------------------------------------------------------------ */
 
-/* In bf16 mode the products (Q K^T, P V, dO V^T, dS K, dS^T Q, P^T dO) run
- * as mma.sync m16n8k16 with bf16 operands and fp32 accumulators. The
- * operands are rounded to bf16 on their way from fp32 global memory into
- * the MMA; everything else (scores, softmax statistics, probs, dP, dS, the
- * row sums D, the outputs) stays fp32, and the contract is the fp32
- * kernels' (probs written with zeros above the diagonal).
+/* In bf16 mode the products (Q K^T, P V, dO V^T, dS K, K Q^T, dS^T Q,
+ * P^T dO) run as mma.sync m16n8k16 with bf16 operands and fp32
+ * accumulators. The operands are rounded to bf16 on their way from fp32
+ * global memory into the MMA; everything else (scores, softmax statistics,
+ * P, dP, dS, the row sums D, the outputs) stays fp32.
+ *
+ * The S x S probabilities never go through memory (flash-attention style).
+ * The forward keeps per query row i only the base-2 log-sum-exp of its
+ * scaled scores, lse_i = log2 sum_{j<=i} 2^(s_ij) with s_ij = <q_i, k_j>
+ * log2(e) / sqrt(hd), in the first B*H*S floats of the probs buffer (work
+ * space by the contract); the backward recomputes every tile of
+ * probabilities, P_ij = 2^(s_ij - lse_i), from Q and K on the tensor cores.
+ * The fp32 probabilities are B*H*S*S floats (33.5 MB a layer at the shape
+ * below, written once and read twice): moving them cost more than the
+ * products that replace them.
+ *
+ * The backward needs D_i = sum_j P_ij dP_ij (= <dO_i, O_i>) before it can
+ * form dS = P (dP - D) / sqrt(hd). It is given neither O nor room to keep
+ * it (the buffer has S floats a row, fewer than hd when S < hd), so the dQ
+ * kernel, whose block sees whole query rows, makes D in a first pass over
+ * its key tiles (P and dP recomputed), stores it in a [B,H,S] scratch for
+ * the dK/dV kernel that runs after it, and forms dS and dQ in a second
+ * pass. One pass summing (P o dP) K and P K, with D subtracted at the end,
+ * would save the first but cancels: both terms carry the common part of a
+ * row's dP, and their bf16 operands 2^-9 of it.
  *
  * A block is 4 warps over a 64-row tile (the dK/dV kernel: 8 warps, see
  * there); warp w owns rows 16w..16w+15. In the m16n8 accumulator layout
  * lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 of its warp's
  * 16, columns 8n + 2t and 8n + 2t + 1 of each 8-column tile n; that layout
  * is also the A operand of the next product, so a score, P or dS tile goes
- * from one MMA (or from shared memory) into the next without a round trip.
- * The operand a block keeps for its whole life (Q, dO, or V of its key
- * tile) is held as A fragments in registers. The head is padded with zeros
- * to HDW = 64 or 128 columns and the sequence to whole tiles, so every
- * shape with hd <= 128 takes this path.
+ * from one MMA into the next without a round trip. The operands a block
+ * keeps for its whole life (Q and dO of its query tile, or K and V of its
+ * key tile) are held as A fragments in registers. The head is padded with
+ * zeros to HDW = 64 or 128 columns and the sequence to whole tiles, so
+ * every shape with hd <= 128 takes this path.
  *
- * The tensor cores are idle most of the time: the kernels are bound by
- * instruction issue and by memory latency at the few warps their registers
- * and shared memory allow (2 to 4 blocks a multiprocessor). Hence:
+ * The kernels are bound by instruction issue and by memory latency at the
+ * few warps their registers and shared memory allow. Hence:
  *  - every tile a loop step needs is copied with cp.async into fp32
  *    staging buffers one step ahead, while the current step computes (no
  *    registers held for it); a step converts its staged K, V, Q or dO tile
- *    to bf16 once for all warps, and reads its probs tile as fp32;
+ *    to bf16 once for all warps;
  *  - blocks are numbered heaviest first across all heads (a query tile
  *    qt does qt + 1 key tiles): with blocks handed to the multiprocessors
  *    in order, each gets a mix of long and short ones (numbered head by
  *    head, every 132nd block had the same tile index, so some
  *    multiprocessors got only the longest);
- *  - only the diagonal tile is masked, and its fully masked column groups
- *    are skipped in the MMAs (their terms are zeros, so skipping them
- *    changes no bit); the FULL form of each kernel (below) checks no
- *    bounds, and the forward's exponentials are single ex2 instructions:
- *    together these halved the instructions executed;
- *  - the backward never writes dS: the dQ kernel computes the row sums D
- *    (a [B,H,S] scratch) and dQ, the dK/dV kernel recomputes dP^T = V dO^T
- *    from D and probs; a matrix product costs less than 2 x 4 bytes of dS
- *    per element through device memory.
+ *  - only the diagonal tile is masked, and its fully masked 16-column
+ *    groups are skipped in the MMAs (their terms are zeros, so skipping
+ *    them changes no bit); the FULL form of each kernel (below) checks no
+ *    bounds, and the exponentials are single ex2 instructions.
  * On an H100 at B = 32, S = 256, H = 4, hd = 64 (ncu, per call): forward
- * 31 us, dQ 33 us, dK/dV 35 us (were 39, 46, 41 with dS through dA and
- * the head-by-head order). They now wait mostly on their loads (long
- * scoreboard stalls first, DRAM at about 1.5 TB/s): a deeper pipeline is
- * what is left, and the fp32 staging makes each stage cost twice the
- * shared memory of the bf16 operands.
- *
- * The forward makes two passes over the key tiles instead of the fp32
- * kernel's round trips through probs: pass 1 keeps a running row max and
- * sum (online softmax), pass 2 recomputes the scores (the same MMAs on the
- * same operands, so the same bits), writes the probabilities and multiplies
- * them with V. The dQ kernel likewise computes dP = dO V^T twice, once for
- * the row sums D and once for dS, instead of storing and re-reading dP.
+ * 19.3 us, dQ 30.4 us, dK/dV 34.7 us (were 31.7, 33.7 and 34.9 with the
+ * probabilities through memory). The forward issues an instruction in a
+ * quarter of the cycles, at 2.6 warps a scheduler: latency, not the tensor
+ * cores or DRAM (1.4 TB/s), limits it.
  * Every sum runs in an order fixed by the sizes: results repeat bit for bit. */
 typedef __nv_bfloat16 bf16;
 
@@ -651,17 +658,9 @@ constexpr int AM_THREADS = 128;  /* 4 warps x 16 rows */
 constexpr int AM_KV_THREADS = 256;
 constexpr int AM_PAD = 8;        /* bf16 padding of a shared row: rows start 16 bytes apart modulo
                                     128, so the 8 row addresses of an ldmatrix hit distinct banks */
-constexpr int AM_LP = AM + 8;    /* row stride (floats) of an fp32 probs tile read in accumulator
-                                    layout: the float2 reads of a quad's rows g = 0..3 cover the 32
-                                    banks */
-constexpr int AM_LT = AM + 4;    /* the same, read transposed (dK/dV kernel): rows 2t, columns g
-                                    land in distinct banks */
-constexpr int AM_NOMASK = 1 << 30;
-
-/* Which global arrays allow vector access (alignment and row lengths; the
- * host checks): 16-byte copies of qkv and dout rows, 16-byte copies of
- * probs rows (S % 4 == 0), float2 stores to them (S even). */
-enum { AM_VEC_QKV = 1, AM_VEC_DOUT = 2, AM_VEC_S4 = 4, AM_VEC_S2 = 8 };
+/* Which global arrays allow 16-byte copies of their rows (alignment and
+ * hd % 4; the host checks): qkv, dout. */
+enum { AM_VEC_QKV = 1, AM_VEC_DOUT = 2 };
 
 __device__ __forceinline__ uint32_t am_pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); /* lo in the low half: the lower column */
@@ -718,19 +717,17 @@ __device__ __forceinline__ void am_async_wait() { asm volatile("cp.async.wait_gr
 
 /* Starts copying a 64-row tile of a row-major fp32 matrix (row r at
  * src + r * stride) into dst (row stride ld floats), by NT threads: rows
- * r < nr, columns c < nc (of NC), and of those only the ones with
- * c <= r + diag (a probs tile on the diagonal: the upper triangle is never
- * read; AM_NOMASK elsewhere). What is not copied keeps stale data, which
- * the readers never take (am_convert zeroes it, the probs readers select).
- * vec: 16-byte copies, 4 columns at a time (src, stride and nc multiples of
- * 4 floats, src 16-byte aligned); else 4-byte ones. */
+ * r < nr, columns c < nc (of NC). What is not copied keeps stale data,
+ * which am_convert zeroes. vec: 16-byte copies, 4 columns at a time (src,
+ * stride and nc multiples of 4 floats, src 16-byte aligned); else 4-byte
+ * ones. */
 template <int NC, int NT, bool ALL>
 __device__ __forceinline__ void am_copy_tile(float *dst, int ld, const float *src, size_t stride, int nr, int nc,
-                                             int diag, bool vec) {
+                                             bool vec) {
     /* a thread keeps one column group and walks down the rows: a rolled
      * loop over one pointer pair, not a set of precomputed addresses that
      * would stay in registers across the caller's loop. ALL: every row and
-     * column exists (nr >= 64, nc = NC), nothing to check but the mask. */
+     * column exists (nr >= 64, nc = NC), nothing to check. */
     const int rmax = ALL ? AM : min(nr, AM);
     if (ALL || vec) {
         constexpr int G = NC / 4, RS = NT / G;
@@ -741,8 +738,7 @@ __device__ __forceinline__ void am_copy_tile(float *dst, int ld, const float *sr
         const float *s = src + (size_t)r * stride + c;
         unsigned d = am_smem_addr(dst + r * ld + c);
 #pragma unroll 1
-        for (; r < rmax; r += RS, s += RS * stride, d += RS * ld * 4)
-            if (c <= r + diag) am_cp16(d, s);
+        for (; r < rmax; r += RS, s += RS * stride, d += RS * ld * 4) am_cp16(d, s);
     } else {
         static_assert(NT % NC == 0, "a whole number of rows per pass");
         constexpr int RS = NT / NC;
@@ -750,7 +746,7 @@ __device__ __forceinline__ void am_copy_tile(float *dst, int ld, const float *sr
         if (c >= nc) return;
 #pragma unroll 1
         for (int r = threadIdx.x / NC; r < rmax; r += RS)
-            if (c <= r + diag) am_cp4(am_smem_addr(dst + r * ld + c), src + (size_t)r * stride + c);
+            am_cp4(am_smem_addr(dst + r * ld + c), src + (size_t)r * stride + c);
     }
 }
 
@@ -886,18 +882,6 @@ __device__ __forceinline__ void am_store_rows(float *dst, size_t stride, int i, 
     }
 }
 
-/* Stores the pair (i, j), (i, j + 1) of an S x S row-major matrix (j even,
- * j < S; j + 1 may be S when S is odd, then only the first is written). */
-__device__ __forceinline__ void am_put2(float *M, int i, int j, int S, bool v2, float a, float b) {
-    float *p = M + (size_t)i * S + j;
-    if (v2) {
-        *reinterpret_cast<float2 *>(p) = make_float2(a, b);
-    } else {
-        p[0] = a;
-        if (j + 1 < S) p[1] = b;
-    }
-}
-
 /* Blocks are numbered tile index first, heaviest first: block x is head
  * x % nbh, the (x / nbh)-th heaviest tile. */
 __device__ __forceinline__ void am_block(int nt, int &bh, int &rank) {
@@ -929,15 +913,19 @@ __device__ __forceinline__ float am_ex2(float x) {
  * anywhere; otherwise rows past S and columns past hd are masked as they
  * come. */
 
-/* Forward, block (b, h, query tile qt). Shared memory: fp32 staging for a
- * K and a V tile (cp.async), their bf16 copies; Q stays in registers. At
- * hd <= 64 that is 50 KB and 156 registers, 3 blocks a multiprocessor:
- * capped at 128 registers for 4 blocks it spilled and was slower (32.2 us
- * instead of 31.4 at the shape above). scale2 = log2(e) / sqrt(hd): the
- * scores in base 2. */
+/* Forward, block (b, h, query tile qt): one pass over the key tiles kt <= qt
+ * with a running row max m of the raw scores and sum l of 2^((score - m)
+ * scale2) (online softmax): a tile's exponentials are taken against the
+ * new max, and l and the output accumulators are rescaled by 2^((m_old -
+ * m) scale2) before the tile's P V is added. At the end out = acc / l, and
+ * lse = m scale2 + log2(l) goes to lse[bh * S + i]. Shared memory: fp32
+ * staging for a K and a V tile (cp.async), their bf16 copies; Q stays in
+ * registers. scale2 = log2(e) / sqrt(hd): the scores in base 2. At
+ * hd <= 64, 155 registers: 3 blocks a multiprocessor; capped at 128 for 4
+ * blocks it spilled and took 20.3 us instead of 19.4. */
 template <int HDW, bool FULL>
 __global__ void __launch_bounds__(AM_THREADS, 1)
-attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int H, int hd, float scale2, int vec) {
+attention_fwd_mma_kernel(const float *qkv, float *out, float *lse, int S, int H, int hd, float scale2, int vec) {
     constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8;
     extern __shared__ float4 am_smem4[];
     float *K32 = reinterpret_cast<float *>(am_smem4), *V32 = K32 + AM * HDW;
@@ -954,34 +942,34 @@ attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int r0 = qt * AM;
     const int i0 = r0 + warp * 16 + (lane >> 2); /* the lane's rows: i0 and i0 + 8 */
-    const bool vq = FULL || (vec & AM_VEC_QKV), v2 = FULL || (vec & AM_VEC_S2);
+    const bool vq = FULL || (vec & AM_VEC_QKV);
     const int ncol = FULL ? HDW : hd;
     auto rows = [&](int kt) { return FULL ? AM : S - kt * AM; }; /* rows of tile kt that exist */
-    float *P = probs + (size_t)bh * S * S;
-    const size_t prow = (size_t)i0 * S + 2 * t; /* FULL: the lane's first probs element, row i0 */
+    auto load = [&](int kt) {
+        am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + kt * tile, tok, rows(kt), ncol, vq);
+        am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + kt * tile, tok, rows(kt), ncol, vq);
+        am_async_commit();
+    };
 
-    am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase, tok, rows(0), ncol, AM_NOMASK, vq);
-    am_async_commit();
+    load(0);
     uint32_t qa[NK][4];
     am_frag_rows<NK>(qa, base + (size_t)r0 * tok, tok, warp * 16, rows(qt), ncol, lane);
 
-    /* pass 1: row max m and sum l of 2^(score - m), updated tile by tile */
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float o[NO][4] = {};
     for (int kt = 0; kt <= qt; ++kt) {
         am_async_wait();
-        __syncthreads(); /* K32 holds tile kt for all; the last tile's Ks readers are done */
+        __syncthreads(); /* tile kt staged for all; the last tile's Ks and Vs readers are done */
         am_convert<HDW, AM_THREADS, FULL>(Ks, K32, rows(kt), ncol);
+        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
         __syncthreads();
-        /* the next tile, or pass 2's first K and V */
-        const int nk = kt < qt ? kt + 1 : 0;
-        am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + nk * tile, tok, rows(nk), ncol, AM_NOMASK, vq);
-        if (kt == qt) am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase, tok, rows(0), ncol, AM_NOMASK, vq);
-        am_async_commit();
-        auto stats = [&](auto dg) {
+        if (kt < qt) load(kt + 1);
+        auto step = [&](auto dg) {
             constexpr bool DIAG = decltype(dg)::value;
-            float s[8][4];
             /* on the diagonal, the warp's rows see only the column groups np <= warp */
-            am_tile_rbt<NK>(s, qa, Ks, LD, lane, 0, DIAG ? warp + 1 : 4);
+            const int nhi = DIAG ? warp + 1 : 4;
+            float s[8][4];
+            am_tile_rbt<NK>(s, qa, Ks, LD, lane, 0, nhi);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int i = i0 + 8 * r;
@@ -990,128 +978,72 @@ attention_fwd_mma_kernel(const float *qkv, float *out, float *probs, int S, int 
                 for (int n = 0; n < 8; ++n)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        /* __fmul_rn: not fused into pass 2's subtraction, so both passes see one value */
-                        float v = __fmul_rn(s[n][2 * r + e], scale2);
-                        if (DIAG && kt * AM + 8 * n + 2 * t + e > i) v = -INFINITY;
-                        s[n][2 * r + e] = v;
-                        mx[e] = fmaxf(mx[e], v);
+                        if (DIAG && kt * AM + 8 * n + 2 * t + e > i) s[n][2 * r + e] = -INFINITY;
+                        mx[e] = fmaxf(mx[e], s[n][2 * r + e]);
                     }
                 /* finite: key kt * 64 <= i for every row of a tile qt >= kt */
                 const float mnew = fmaxf(m[r], am_quad_max(fmaxf(mx[0], mx[1])));
+                const float alpha = am_ex2((m[r] - mnew) * scale2); /* 0 on the first tile (m = -inf) */
+                const float neg = -mnew * scale2;
                 float sum[2] = {0.0f, 0.0f};
 #pragma unroll
                 for (int n = 0; n < 8; ++n)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) sum[e] += am_ex2(s[n][2 * r + e] - mnew);
-                l[r] = l[r] * am_ex2(m[r] - mnew) + am_quad_sum(sum[0] + sum[1]);
-                m[r] = mnew;
-            }
-        };
-        if (kt == qt)
-            stats(AmFlag<true>());
-        else
-            stats(AmFlag<false>());
-    }
-    const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
-
-    /* pass 2: probabilities into probs (zeros above the diagonal), out = P V */
-    float o[NO][4] = {};
-    for (int kt = 0; kt <= qt; ++kt) {
-        am_async_wait();
-        __syncthreads();
-        am_convert<HDW, AM_THREADS, FULL>(Ks, K32, rows(kt), ncol);
-        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
-        __syncthreads();
-        if (kt < qt) {
-            am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + (kt + 1) * tile, tok,
-                                                rows(kt + 1), ncol, AM_NOMASK, vq);
-            am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + (kt + 1) * tile, tok,
-                                                rows(kt + 1), ncol, AM_NOMASK, vq);
-            am_async_commit();
-        }
-        /* a 16-column group at a time, score to probability to P V, so that
-         * only 8 score registers live next to the output accumulators */
-        auto probs_pv = [&](auto dg) {
-            constexpr bool DIAG = decltype(dg)::value;
-            const int nhi = DIAG ? warp + 1 : 4;
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                float s[2][4] = {};
-                if (np < nhi) am_group_rbt<NK>(s, qa, Ks, LD, lane, np);
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int i = i0 + 8 * r;
-#pragma unroll
-                    for (int nn = 0; nn < 2; ++nn) {
-                        const int jc = 16 * np + 8 * nn; /* the pair's columns in the tile: jc + 2t, + 1 */
-                        const int j = kt * AM + jc + 2 * t;
-                        float p0 = am_ex2(__fmul_rn(s[nn][2 * r], scale2) - m[r]) * inv[r];
-                        float p1 = am_ex2(__fmul_rn(s[nn][2 * r + 1], scale2) - m[r]) * inv[r];
-                        if (DIAG && j > i) p0 = 0.0f;
-                        if (DIAG && j + 1 > i) p1 = 0.0f;
-                        s[nn][2 * r] = p0;
-                        s[nn][2 * r + 1] = p1;
-                        if (FULL)
-                            *reinterpret_cast<float2 *>(P + prow + (size_t)8 * r * S + kt * AM + jc) =
-                                make_float2(p0, p1);
-                        else if (i < S && j < S)
-                            am_put2(P, i, j, S, v2, p0, p1);
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = am_ex2(__fmaf_rn(s[n][2 * r + e], scale2, neg)); /* masked: 0 */
+                        s[n][2 * r + e] = p;
+                        sum[e] += p;
                     }
+                l[r] = l[r] * alpha + am_quad_sum(sum[0] + sum[1]);
+                m[r] = mnew;
+#pragma unroll
+                for (int n = 0; n < NO; ++n) {
+                    o[n][2 * r] *= alpha;
+                    o[n][2 * r + 1] *= alpha;
                 }
-                if (np < nhi) am_group_xy<NO>(o, s, Vs, LD, lane, np);
             }
+            am_tile_xy<NO>(o, s, Vs, LD, lane, 0, nhi);
         };
         if (kt == qt)
-            probs_pv(AmFlag<true>());
+            step(AmFlag<true>());
         else
-            probs_pv(AmFlag<false>());
+            step(AmFlag<false>());
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float inv = 1.0f / l[r]; /* l >= 1: the max term is 2^0 */
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            o[n][2 * r] *= inv;
+            o[n][2 * r + 1] *= inv;
+        }
     }
     am_store_rows<NO>(out + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
-
-    /* causal zeros right of the diagonal tile */
-    const int j0 = (qt + 1) * AM;
-    if (FULL) { /* a thread: 4 columns of every 8th row of each tile */
-        float *z = P + (size_t)(r0 + (threadIdx.x >> 4)) * S + (threadIdx.x & 15) * 4;
-        for (int jt = qt + 1; jt < nt; ++jt)
+    if (t == 0) {
 #pragma unroll
-            for (int u = 0; u < AM * 16 / AM_THREADS; ++u)
-                *reinterpret_cast<float4 *>(z + (size_t)u * (AM_THREADS / 16) * S + jt * AM) =
-                    make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    } else if (j0 < S) {
-        const int ncols = S - j0, nrows = min(AM, S - r0);
-        if (vec & AM_VEC_S4) { /* S % 4 == 0, so ncols too */
-            const int n4 = ncols / 4;
-            for (int idx = threadIdx.x; idx < nrows * n4; idx += AM_THREADS) {
-                const int r = idx / n4, c = idx - r * n4;
-                float4 *z = reinterpret_cast<float4 *>(P + (size_t)(r0 + r) * S + j0 + 4 * c);
-                *z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
-        } else {
-            for (int idx = threadIdx.x; idx < nrows * ncols; idx += AM_THREADS) {
-                const int r = idx / ncols, c = idx - r * ncols;
-                P[(size_t)(r0 + r) * S + j0 + c] = 0.0f;
-            }
-        }
+        for (int r = 0; r < 2; ++r)
+            if (FULL || i0 + 8 * r < S) lse[(size_t)bh * S + i0 + 8 * r] = m[r] * scale2 + log2f(l[r]);
     }
 }
 
-/* Backward, block (b, h, query tile qt): pass 1 dP = dO V^T and the row sums
- * D_i = sum_j P_ij dP_ij (stored for the dK/dV kernel); pass 2 dP again,
- * dS = P (dP - D) / sqrt(hd) (j <= i) and dQ = dS K. Shared memory: fp32
- * staging for a V and a K tile, two fp32 probs tiles (the one in use and
- * the next), bf16 copies of V and K; dO stays in registers. 88 KB at
- * hd <= 64: 2 blocks a multiprocessor. Twice the warps (8, each taking
- * half of every key tile, the halves' D and dQ added at the end) measured
- * the same (33.0 us instead of 33.2), so the simpler form stays. */
+/* Backward, block (b, h, query tile qt), two passes over the key tiles
+ * kt <= qt. Pass 1: P = 2^(Q K^T scale2 - lse) and dP = dO V^T, and the row
+ * sums D_i = sum_j P_ij dP_ij, stored for the dK/dV kernel. Pass 2: P and
+ * dP again (the same MMAs on the same operands: the same bits), dS = P (dP
+ * - D) / sqrt(hd) and dQ = dS K. A warp takes one 16-key group at a time
+ * from scores to dS to dQ, so only 8 score and 8 dP registers live next to
+ * the dQ accumulators. Shared memory: fp32 staging for a K and a V tile,
+ * their bf16 copies; Q and dO stay in registers. At hd <= 64, 137
+ * registers: 3 blocks a multiprocessor; capped at 128 for 4 blocks it
+ * spilled and took 34.3 us instead of 30.8. */
 template <int HDW, bool FULL>
 __global__ void __launch_bounds__(AM_THREADS)
-attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *dout, float *dqkv, float *Dsum, int S,
-                           int H, int hd, float scale, int vec) {
+attention_bwd_q_mma_kernel(const float *qkv, const float *lse, const float *dout, float *dqkv, float *Dsum, int S,
+                           int H, int hd, float scale, float scale2, int vec) {
     constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8;
     extern __shared__ float4 am_smem4[];
-    float *V32 = reinterpret_cast<float *>(am_smem4), *K32 = V32 + AM * HDW;
-    float *Pbuf = K32 + AM * HDW; /* [2][AM][AM_LP] */
-    bf16 *Vs = reinterpret_cast<bf16 *>(Pbuf + 2 * AM * AM_LP), *Ks = Vs + AM * LD;
+    float *K32 = reinterpret_cast<float *>(am_smem4), *V32 = K32 + AM * HDW;
+    bf16 *Ks = reinterpret_cast<bf16 *>(V32 + AM * HDW), *Vs = Ks + AM * LD;
     const int nt = (S + AM - 1) / AM;
     int bh, rank;
     am_block(nt, bh, rank);
@@ -1125,55 +1057,73 @@ attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *do
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int r0 = qt * AM;
     const int i0 = r0 + warp * 16 + (lane >> 2);
-    const bool vq = FULL || (vec & AM_VEC_QKV), v4 = FULL || (vec & AM_VEC_S4);
+    const bool vq = FULL || (vec & AM_VEC_QKV);
     const int ncol = FULL ? HDW : hd;
     auto rows = [&](int kt) { return FULL ? AM : S - kt * AM; };
-    const float *P = probs + (size_t)bh * S * S;
-    /* the lane's element (row 8r of its pair, column 8n) of a probs tile */
-    const int poff = (warp * 16 + (lane >> 2)) * AM_LP + 2 * t;
-    /* probs tile (r0, kt) into buffer u & 1; on the diagonal only j <= i */
-    auto copy_p = [&](int kt, int u) {
-        am_copy_tile<AM, AM_THREADS, FULL>(Pbuf + (u & 1) * AM * AM_LP, AM_LP, P + (size_t)r0 * S + kt * AM, S,
-                                           rows(qt), rows(kt), r0 - kt * AM, v4);
+    auto load = [&](int kt) {
+        am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + kt * tile, tok, rows(kt), ncol, vq);
+        am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + kt * tile, tok, rows(kt), ncol, vq);
+        am_async_commit();
+    };
+    /* K and V tile kt, staged, into Ks and Vs; then tile `next` (if >= 0) starts staging */
+    auto stage = [&](int kt, int next) {
+        am_async_wait();
+        __syncthreads(); /* tile kt staged for all; the last tile's Ks and Vs readers are done */
+        am_convert<HDW, AM_THREADS, FULL>(Ks, K32, rows(kt), ncol);
+        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
+        __syncthreads();
+        if (next >= 0) load(next);
     };
 
-    am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase, tok, rows(0), ncol, AM_NOMASK, vq);
-    copy_p(0, 0);
-    am_async_commit();
-    uint32_t ga[NK][4];
+    load(0);
+    uint32_t qa[NK][4], ga[NK][4];
+    am_frag_rows<NK>(qa, base + (size_t)r0 * tok, tok, warp * 16, rows(qt), ncol, lane);
     am_frag_rows<NK>(ga, gbase + (size_t)r0 * C, C, warp * 16, rows(qt), ncol, lane);
+    const bool row_ok[2] = {FULL || i0 < S, FULL || i0 + 8 < S};
+    float L[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) L[r] = row_ok[r] ? lse[(size_t)bh * S + i0 + 8 * r] : 0.0f;
+
+    /* P and dP of the warp's rows and the keys of group np of tile kt
+     * (columns 16np..16np+15); P is 0 outside the causal mask and on rows
+     * past S (selects, not products: their lse was never written) */
+    auto group = [&](auto dg, int kt, int np, float p[2][4], float dp[2][4]) {
+        constexpr bool DIAG = decltype(dg)::value;
+        am_group_rbt<NK>(p, qa, Ks, LD, lane, np);
+        am_group_rbt<NK>(dp, ga, Vs, LD, lane, np);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = kt * AM + 16 * np + 8 * nn + 2 * t + e;
+                    const bool ok = row_ok[r] && (!DIAG || j <= i0 + 8 * r);
+                    const float x = am_ex2(__fmaf_rn(p[nn][2 * r + e], scale2, -L[r]));
+                    p[nn][2 * r + e] = ok ? x : 0.0f;
+                }
+    };
 
     float D[2] = {0.0f, 0.0f};
     for (int kt = 0; kt <= qt; ++kt) {
-        am_async_wait();
-        __syncthreads(); /* tile kt staged for all; Vs and the other probs buffer are no longer read */
-        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
-        __syncthreads();
-        /* the next tile, or pass 2's first */
-        const int nk = kt < qt ? kt + 1 : 0;
-        am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + nk * tile, tok, rows(nk), ncol, AM_NOMASK, vq);
-        copy_p(nk, kt + 1);
-        if (kt == qt) am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase, tok, rows(0), ncol, AM_NOMASK, vq);
-        am_async_commit();
-        const float *Pt = Pbuf + (kt & 1) * AM * AM_LP + poff;
+        stage(kt, kt < qt ? kt + 1 : 0); /* after the last tile, pass 2's first */
         auto row_sums = [&](auto dg) {
             constexpr bool DIAG = decltype(dg)::value;
-            float dp[8][4];
-            am_tile_rbt<NK>(dp, ga, Vs, LD, lane, 0, DIAG ? warp + 1 : 4);
+            const int nhi = DIAG ? warp + 1 : 4;
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = i0 + 8 * r;
-                const bool row_ok = FULL || i < S;
-                float a[2] = {0.0f, 0.0f}; /* two chains, for latency */
+            for (int np = 0; np < 4; ++np) {
+                if (np >= nhi) continue;
+                float p[2][4], dp[2][4];
+                group(dg, kt, np, p, dp);
 #pragma unroll
-                for (int n = 0; n < 8; ++n) {
-                    const int j = kt * AM + 8 * n + 2 * t;
-                    const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
-                    /* selects, not products: probs past the mask were never copied */
-                    a[0] += row_ok && (!DIAG || j <= i) ? p.x * dp[n][2 * r] : 0.0f;
-                    a[1] += row_ok && (!DIAG || j + 1 <= i) ? p.y * dp[n][2 * r + 1] : 0.0f;
+                for (int r = 0; r < 2; ++r) {
+                    float a[2] = {0.0f, 0.0f}; /* two chains, for latency */
+#pragma unroll
+                    for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) a[e] += p[nn][2 * r + e] * dp[nn][2 * r + e];
+                    D[r] += a[0] + a[1];
                 }
-                D[r] += a[0] + a[1];
             }
         };
         if (kt == qt)
@@ -1184,46 +1134,30 @@ attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *do
     D[0] = am_quad_sum(D[0]);
     D[1] = am_quad_sum(D[1]);
     if (t == 0) {
-        if (i0 < S) Dsum[(size_t)bh * S + i0] = D[0];
-        if (i0 + 8 < S) Dsum[(size_t)bh * S + i0 + 8] = D[1];
+        if (row_ok[0]) Dsum[(size_t)bh * S + i0] = D[0];
+        if (row_ok[1]) Dsum[(size_t)bh * S + i0 + 8] = D[1];
     }
 
     float dq[NO][4] = {};
     for (int kt = 0; kt <= qt; ++kt) {
-        const int u = qt + 1 + kt; /* the step's probs buffer: u & 1 */
-        am_async_wait();
-        __syncthreads();
-        am_convert<HDW, AM_THREADS, FULL>(Vs, V32, rows(kt), ncol);
-        am_convert<HDW, AM_THREADS, FULL>(Ks, K32, rows(kt), ncol);
-        __syncthreads();
-        if (kt < qt) {
-            am_copy_tile<HDW, AM_THREADS, FULL>(V32, HDW, vbase + (kt + 1) * tile, tok,
-                                                rows(kt + 1), ncol, AM_NOMASK, vq);
-            am_copy_tile<HDW, AM_THREADS, FULL>(K32, HDW, kbase + (kt + 1) * tile, tok,
-                                                rows(kt + 1), ncol, AM_NOMASK, vq);
-            copy_p(kt + 1, u + 1);
-            am_async_commit();
-        }
-        const float *Pt = Pbuf + (u & 1) * AM * AM_LP + poff;
+        stage(kt, kt < qt ? kt + 1 : -1);
         auto ds_dq = [&](auto dg) {
             constexpr bool DIAG = decltype(dg)::value;
             const int nhi = DIAG ? warp + 1 : 4;
-            float dp[8][4];
-            am_tile_rbt<NK>(dp, ga, Vs, LD, lane, 0, nhi);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = i0 + 8 * r;
-                const bool row_ok = FULL || i < S;
+            for (int np = 0; np < 4; ++np) {
+                if (np >= nhi) continue;
+                float p[2][4], dp[2][4];
+                group(dg, kt, np, p, dp);
 #pragma unroll
-                for (int n = 0; n < 8; ++n) {
-                    const int j = kt * AM + 8 * n + 2 * t;
-                    const float2 p = *reinterpret_cast<const float2 *>(Pt + 8 * r * AM_LP + 8 * n);
-                    dp[n][2 * r] = row_ok && (!DIAG || j <= i) ? p.x * (dp[n][2 * r] - D[r]) * scale : 0.0f;
-                    dp[n][2 * r + 1] =
-                        row_ok && (!DIAG || j + 1 <= i) ? p.y * (dp[n][2 * r + 1] - D[r]) * scale : 0.0f;
-                }
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            p[nn][2 * r + e] = p[nn][2 * r + e] * (dp[nn][2 * r + e] - D[r]) * scale;
+                am_group_xy<NO>(dq, p, Ks, LD, lane, np);
             }
-            am_tile_xy<NO>(dq, dp, Ks, LD, lane, 0, nhi);
         };
         if (kt == qt)
             ds_dq(AmFlag<true>());
@@ -1233,24 +1167,42 @@ attention_bwd_q_mma_kernel(const float *qkv, const float *probs, const float *do
     am_store_rows<NO>(dqkv + (size_t)b * S * tok + (size_t)h * hd, tok, i0, S, hd, t, dq);
 }
 
+/* Named barriers between a dK warp and the dV warp of the same keys (ids
+ * 1-4; 0 is __syncthreads'): the dV warp arrives once its P^T is in shared
+ * memory and goes on, the dK warp waits for it. Both order the shared
+ * memory accesses before them for the 64 threads of the pair. */
+__device__ __forceinline__ void am_pair_arrive(int id) {
+    asm volatile("bar.arrive %0, 64;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void am_pair_wait(int id) { asm volatile("bar.sync %0, 64;\n" ::"r"(id) : "memory"); }
+
 /* Backward, block (b, h, key tile kt): dK = dS^T Q and dV = P^T dO over the
- * query tiles it >= kt, in query order, with dS^T = P^T (dP^T - D) / sqrt(hd)
- * and dP^T = V dO^T recomputed here (V of the block's keys in registers).
- * The probs tile is staged as stored ([query][key]) and read transposed,
- * straight into the accumulator layout of the keys' rows. 8 warps: warps
- * 0-3 make dK, warps 4-7 dV, each for 16 keys, so a thread holds one
- * HDW-wide accumulator row pair instead of two. Shared memory: fp32 staging
- * for a Q and a dO tile, two fp32 probs tiles and two D rows (the one in
- * use and the next), bf16 copies of Q and dO. */
+ * query tiles it >= kt, in query order, with P^T = 2^(K Q^T scale2 - lse)
+ * and dS^T = P^T (V dO^T - D) / sqrt(hd) recomputed here (K and V of the
+ * block's keys in registers, lse and D of each query tile staged with it).
+ * 8 warps: warps 0-3 make dK, warps 4-7 dV, each for 16 keys, so a thread
+ * holds one HDW-wide accumulator row pair instead of two. A step is two
+ * products for each: the dV warp w + 4 makes P^T = 2^(K Q^T scale2 - lse),
+ * hands it to the dK warp w of the same keys through shared memory, and
+ * adds P^T dO; the dK warp makes dP^T = V dO^T meanwhile, then takes P^T
+ * and adds dS^T Q. (With each half computing P^T itself, the dK warps did
+ * three products a step and the kernel took 36.4 us instead of 34.7 at the
+ * shape above.) At hd <= 64 the bound of 2 blocks a multiprocessor keeps
+ * it at 128 registers; left alone, ptxas took 132, and one block fits.
+ * Shared memory: fp32 staging for a Q and a dO tile, two lse and two D rows
+ * (the tile in use and the next), bf16 copies of Q and dO, and the fp32
+ * P^T of the step, held in the lanes' accumulator order (a lane writes and
+ * its partner reads the same float4s: no bank conflicts). */
 template <int HDW, bool FULL>
-__global__ void __launch_bounds__(AM_KV_THREADS)
-attention_bwd_kv_mma_kernel(const float *qkv, const float *probs, const float *dout, const float *Dsum, float *dqkv,
-                            int S, int H, int hd, float scale, int vec) {
+__global__ void __launch_bounds__(AM_KV_THREADS, HDW == 64 ? 2 : 1)
+attention_bwd_kv_mma_kernel(const float *qkv, const float *lse, const float *dout, const float *Dsum, float *dqkv,
+                            int S, int H, int hd, float scale, float scale2, int vec) {
     constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8;
     extern __shared__ float4 am_smem4[];
-    float *Q32 = reinterpret_cast<float *>(am_smem4), *G32 = Q32 + AM * HDW;
-    float *Pbuf = G32 + AM * HDW;        /* [2][AM][AM_LT] */
-    float *Dbuf = Pbuf + 2 * AM * AM_LT; /* [2][AM] */
+    float4 *Pbuf = am_smem4; /* [4 key groups][4 query groups][2 tiles][32 lanes] */
+    float *Q32 = reinterpret_cast<float *>(Pbuf + 4 * 4 * 2 * 32), *G32 = Q32 + AM * HDW;
+    float *Lbuf = G32 + AM * HDW; /* [2][AM] */
+    float *Dbuf = Lbuf + 2 * AM;  /* [2][AM] */
     bf16 *Qs = reinterpret_cast<bf16 *>(Dbuf + 2 * AM), *Gs = Qs + AM * LD;
     const int nt = (S + AM - 1) / AM;
     int bh, kt;
@@ -1263,73 +1215,95 @@ attention_bwd_kv_mma_kernel(const float *qkv, const float *probs, const float *d
     const bool is_v = warp >= 4; /* uniform per warp */
     const int wr = warp & 3;     /* the warp's keys: j0 + 16 wr + (0..15) */
     const int j0 = kt * AM;
-    const bool vq = FULL || (vec & AM_VEC_QKV), vg = FULL || (vec & AM_VEC_DOUT), v4 = FULL || (vec & AM_VEC_S4);
+    const bool vq = FULL || (vec & AM_VEC_QKV), vg = FULL || (vec & AM_VEC_DOUT);
     const int ncol = FULL ? HDW : hd;
     auto rows = [&](int it) { return FULL ? AM : S - it * AM; };
-    const float *P = probs + (size_t)bh * S * S;
-    const float *Drow = Dsum + (size_t)bh * S;
-    /* query tile it into the staging buffers and the probs and D buffers it & 1 */
+    const float *Lrow = lse + (size_t)bh * S, *Drow = Dsum + (size_t)bh * S;
+    /* query tile it into the staging buffers, its lse and D into buffers it & 1 */
     auto load = [&](int it) {
-        const int i0 = it * AM, u = it & 1;
-        am_copy_tile<HDW, AM_KV_THREADS, FULL>(Q32, HDW, base + (size_t)i0 * tok, tok, rows(it), ncol, AM_NOMASK, vq);
-        am_copy_tile<HDW, AM_KV_THREADS, FULL>(G32, HDW, gbase + (size_t)i0 * C, C, rows(it), ncol, AM_NOMASK, vg);
-        am_copy_tile<AM, AM_KV_THREADS, FULL>(Pbuf + u * AM * AM_LT, AM_LT, P + (size_t)i0 * S + j0, S, rows(it),
-                                              rows(kt), i0 - j0, v4);
-        if ((int)threadIdx.x < min(AM, rows(it)))
-            am_cp4(am_smem_addr(Dbuf + u * AM + threadIdx.x), Drow + i0 + threadIdx.x);
+        const int i0 = it * AM, u = it & 1, n = min(AM, rows(it)), x = threadIdx.x;
+        am_copy_tile<HDW, AM_KV_THREADS, FULL>(Q32, HDW, base + (size_t)i0 * tok, tok, rows(it), ncol, vq);
+        am_copy_tile<HDW, AM_KV_THREADS, FULL>(G32, HDW, gbase + (size_t)i0 * C, C, rows(it), ncol, vg);
+        if (x < n)
+            am_cp4(am_smem_addr(Lbuf + u * AM + x), Lrow + i0 + x);
+        else if (x >= AM && x - AM < n)
+            am_cp4(am_smem_addr(Dbuf + u * AM + x - AM), Drow + i0 + x - AM);
         am_async_commit();
     };
 
     load(kt);
-    uint32_t va[NK][4]; /* V of the warp's 16 keys (read by the dK warps) */
-    am_frag_rows<NK>(va, base + 2 * C + (size_t)j0 * tok, tok, wr * 16, rows(kt), ncol, lane);
+    /* the warp's 16 keys: K for the dV warps, V for the dK warps */
+    uint32_t kva[NK][4];
+    am_frag_rows<NK>(kva, base + (is_v ? C : 2 * C) + (size_t)j0 * tok, tok, wr * 16, rows(kt), ncol, lane);
+    float4 *Pw = Pbuf + wr * 4 * 2 * 32 + lane; /* the pair's P^T, group np, tile nn at Pw[(2np + nn) * 32] */
 
     float acc[NO][4] = {};
     for (int it = kt; it < nt; ++it) {
         const int i0 = it * AM;
         am_async_wait();
-        __syncthreads(); /* tile it staged for all; Qs, Gs and the other buffers are no longer read */
+        __syncthreads(); /* tile it staged for all; Qs, Gs, Pbuf and the other lse and D rows are no longer read */
         am_convert<HDW, AM_KV_THREADS, FULL>(Qs, Q32, rows(it), ncol);
         am_convert<HDW, AM_KV_THREADS, FULL>(Gs, G32, rows(it), ncol);
         __syncthreads();
         if (it + 1 < nt) load(it + 1);
-        /* the lane's probs element (query 8n + 2t + e, key 16 wr + g + 8hh) is at
-         * Pt[(8n + e) * AM_LT + 8hh] */
-        const float *Pt = Pbuf + (it & 1) * AM * AM_LT + 2 * t * AM_LT + wr * 16 + g;
-        const float *Dt = Dbuf + (it & 1) * AM + 2 * t;
+        /* the lane's queries in group np: i0 + 16np + 8nn + 2t + e, their
+         * lse and D at Lt, Dt[16np + 8nn + e] */
+        const float *Lt = Lbuf + (it & 1) * AM + 2 * t, *Dt = Dbuf + (it & 1) * AM + 2 * t;
         auto body = [&](auto dg) {
             constexpr bool DIAG = decltype(dg)::value;
             const int klo = DIAG ? wr : 0; /* on the diagonal the warp's keys see only query groups >= wr */
-            float x[8][4];
+            /* the warp's 16 keys x queries 16np..16np+15: P^T (dV warps) or dP^T (dK warps) */
+            float x[4][2][4];
             if (is_v) {
 #pragma unroll
-                for (int n = 0; n < 8; ++n)
+                for (int np = 0; np < 4; ++np) {
+                    if (np < klo) continue;
+                    am_group_rbt<NK>(x[np], kva, Qs, LD, lane, np);
 #pragma unroll
-                    for (int hh = 0; hh < 2; ++hh)
+                    for (int nn = 0; nn < 2; ++nn) {
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
-                            const int i = i0 + 8 * n + 2 * t + e, j = j0 + wr * 16 + g + 8 * hh;
-                            const bool ok = (FULL || i < S) && (!DIAG || j <= i);
-                            x[n][2 * hh + e] = ok ? Pt[(8 * n + e) * AM_LT + 8 * hh] : 0.0f;
+                            const int q = 16 * np + 8 * nn + e, i = i0 + q + 2 * t;
+                            const float L = Lt[q];
+#pragma unroll
+                            for (int hh = 0; hh < 2; ++hh) {
+                                const int j = j0 + wr * 16 + g + 8 * hh;
+                                /* selects, not products: lse past S was never staged */
+                                const bool ok = (FULL || i < S) && (!DIAG || j <= i);
+                                const float p = am_ex2(__fmaf_rn(x[np][nn][2 * hh + e], scale2, -L));
+                                x[np][nn][2 * hh + e] = ok ? p : 0.0f;
+                            }
                         }
-                am_tile_xy<NO>(acc, x, Gs, LD, lane, klo, 4);
+                        Pw[(2 * np + nn) * 32] = make_float4(x[np][nn][0], x[np][nn][1], x[np][nn][2], x[np][nn][3]);
+                    }
+                }
+                am_pair_arrive(1 + wr);
+#pragma unroll
+                for (int np = 0; np < 4; ++np)
+                    if (np >= klo) am_group_xy<NO>(acc, x[np], Gs, LD, lane, np);
             } else {
-                am_tile_rbt<NK>(x, va, Gs, LD, lane, klo, 4); /* dP^T: keys x queries */
 #pragma unroll
-                for (int n = 0; n < 8; ++n)
+                for (int np = 0; np < 4; ++np)
+                    if (np >= klo) am_group_rbt<NK>(x[np], kva, Gs, LD, lane, np);
+                am_pair_wait(1 + wr);
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int i = i0 + 8 * n + 2 * t + e;
-                        const float d = Dt[8 * n + e];
+                for (int np = 0; np < 4; ++np) {
+                    if (np < klo) continue;
 #pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) {
-                            const int j = j0 + wr * 16 + g + 8 * hh;
-                            const bool ok = (FULL || i < S) && (!DIAG || j <= i);
-                            x[n][2 * hh + e] = ok ? Pt[(8 * n + e) * AM_LT + 8 * hh] * (x[n][2 * hh + e] - d) * scale
-                                                  : 0.0f;
+                    for (int nn = 0; nn < 2; ++nn) {
+                        const float4 p4 = Pw[(2 * np + nn) * 32];
+                        const float p[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int q = 16 * np + 8 * nn + e;
+                            const float d = FULL || i0 + q + 2 * t < S ? Dt[q] : 0.0f;
+#pragma unroll
+                            for (int hh = 0; hh < 2; ++hh)
+                                x[np][nn][2 * hh + e] = p[2 * hh + e] * (x[np][nn][2 * hh + e] - d) * scale;
                         }
                     }
-                am_tile_xy<NO>(acc, x, Qs, LD, lane, klo, 4);
+                    am_group_xy<NO>(acc, x[np], Qs, LD, lane, np);
+                }
             }
         };
         if (it == kt)
@@ -1369,14 +1343,12 @@ static int am_smem_optin(moe_backend *be, const void *kernel, size_t bytes, cons
     return 0;
 }
 
-/* The AM_VEC_* bits the arrays' addresses and the sizes allow. */
-static int am_vec_flags(const float *qkv, const float *dout, const float *probs, int S, int hd) {
-    const uintptr_t a16 = 15, a8 = 7;
+/* The AM_VEC_* bits the arrays' addresses and the head size allow. */
+static int am_vec_flags(const float *qkv, const float *dout, int hd) {
+    const uintptr_t a16 = 15;
     int f = 0;
     if (hd % 4 == 0 && ((uintptr_t)qkv & a16) == 0) f |= AM_VEC_QKV;
     if (hd % 4 == 0 && dout && ((uintptr_t)dout & a16) == 0) f |= AM_VEC_DOUT;
-    if (S % 4 == 0 && ((uintptr_t)probs & a16) == 0) f |= AM_VEC_S4;
-    if (S % 2 == 0 && ((uintptr_t)probs & a8) == 0) f |= AM_VEC_S2;
     return f;
 }
 
@@ -1386,13 +1358,18 @@ static bool am_full(int S, int hd, int vec, int need) {
     return S % AM == 0 && hd == HDW && (vec & need) == need;
 }
 
+/* log2(e) / sqrt(hd): the scores in base 2; one value for the forward and
+ * the backward, whose probabilities must agree with the forward's lse */
+static float am_scale2(int hd) { return (float)(1.4426950408889634 / sqrt((double)hd)); }
+
+/* probs: the lse rows go to its first B*H*S floats; the rest is not touched */
 template <int HDW>
 static void am_fwd(moe_backend *be, const float *qkv, float *out, float *probs, int B, int S, int H, int hd) {
     const unsigned blocks = (unsigned)((size_t)B * H * ((S + AM - 1) / AM));
     const size_t shmem = (size_t)2 * AM * HDW * sizeof(float) + (size_t)2 * AM * (HDW + AM_PAD) * sizeof(bf16);
-    const int vec = am_vec_flags(qkv, NULL, probs, S, hd);
-    const bool full = am_full<HDW>(S, hd, vec, AM_VEC_QKV | AM_VEC_S4 | AM_VEC_S2);
-    const float scale2 = (float)(1.4426950408889634 / sqrt((double)hd)); /* log2(e) / sqrt(hd) */
+    const int vec = am_vec_flags(qkv, NULL, hd);
+    const bool full = am_full<HDW>(S, hd, vec, AM_VEC_QKV);
+    const float scale2 = am_scale2(hd);
     const void *kernel = full ? (const void *)attention_fwd_mma_kernel<HDW, true>
                               : (const void *)attention_fwd_mma_kernel<HDW, false>;
     if (!am_smem_optin(be, kernel, shmem, "attention_fwd")) return;
@@ -1404,18 +1381,19 @@ static void am_fwd(moe_backend *be, const float *qkv, float *out, float *probs, 
     KERNEL_CHECK(be, "attention_fwd_mma_kernel");
 }
 
+/* probs: as am_fwd left it (the lse rows) */
 template <int HDW>
 static void am_bwd(moe_backend *be, const float *qkv, const float *probs, const float *dout, float *dqkv, int B,
                    int S, int H, int hd) {
     const unsigned blocks = (unsigned)((size_t)B * H * ((S + AM - 1) / AM));
     float *Dsum = (float *)cuda_scratch(be, (size_t)B * H * S * sizeof(float));
     if (!Dsum) return;
-    const int vec = am_vec_flags(qkv, dout, probs, S, hd);
-    const bool full = am_full<HDW>(S, hd, vec, AM_VEC_QKV | AM_VEC_DOUT | AM_VEC_S4 | AM_VEC_S2);
-    const float scale = 1.0f / sqrtf((float)hd);
+    const int vec = am_vec_flags(qkv, dout, hd);
+    const bool full = am_full<HDW>(S, hd, vec, AM_VEC_QKV | AM_VEC_DOUT);
+    const float scale = 1.0f / sqrtf((float)hd), scale2 = am_scale2(hd);
     const size_t staged = (size_t)2 * AM * HDW * sizeof(float), bf = (size_t)2 * AM * (HDW + AM_PAD) * sizeof(bf16);
-    const size_t sh_q = staged + (size_t)2 * AM * AM_LP * sizeof(float) + bf;
-    const size_t sh_kv = staged + ((size_t)2 * AM * AM_LT + 2 * AM) * sizeof(float) + bf;
+    const size_t sh_q = staged + bf;
+    const size_t sh_kv = staged + (size_t)(4 * AM + AM * AM) * sizeof(float) + bf; /* + lse, D rows, P^T */
     const void *kq = full ? (const void *)attention_bwd_q_mma_kernel<HDW, true>
                           : (const void *)attention_bwd_q_mma_kernel<HDW, false>;
     const void *kkv = full ? (const void *)attention_bwd_kv_mma_kernel<HDW, true>
@@ -1425,17 +1403,18 @@ static void am_bwd(moe_backend *be, const float *qkv, const float *probs, const 
     cudaStream_t st = cuda_stream(be);
     if (full)
         attention_bwd_q_mma_kernel<HDW, true><<<blocks, AM_THREADS, sh_q, st>>>(qkv, probs, dout, dqkv, Dsum, S, H, hd,
-                                                                                scale, vec);
+                                                                                scale, scale2, vec);
     else
         attention_bwd_q_mma_kernel<HDW, false><<<blocks, AM_THREADS, sh_q, st>>>(qkv, probs, dout, dqkv, Dsum, S, H,
-                                                                                 hd, scale, vec);
+                                                                                 hd, scale, scale2, vec);
     KERNEL_CHECK(be, "attention_bwd_q_mma_kernel");
+    /* after the dQ kernel: it writes the row sums D this one reads */
     if (full)
         attention_bwd_kv_mma_kernel<HDW, true><<<blocks, AM_KV_THREADS, sh_kv, st>>>(qkv, probs, dout, Dsum, dqkv, S,
-                                                                                     H, hd, scale, vec);
+                                                                                     H, hd, scale, scale2, vec);
     else
         attention_bwd_kv_mma_kernel<HDW, false><<<blocks, AM_KV_THREADS, sh_kv, st>>>(qkv, probs, dout, Dsum, dqkv, S,
-                                                                                      H, hd, scale, vec);
+                                                                                      H, hd, scale, scale2, vec);
     KERNEL_CHECK(be, "attention_bwd_kv_mma_kernel");
 }
 

@@ -272,6 +272,7 @@ __device__ __forceinline__ void colsum_finish_tile(const float *partial, int col
         const int j = col0 + i;
         if (j >= cols) break;
         float s = 0.0f;
+#pragma unroll 8 /* independent loads in flight; the adds stay in chunk order */
         for (unsigned c = 0; c < gridDim.x; ++c) s += __ldcg(&partial[(size_t)c * cols + j]);
         const int e = j / dst.N, col = j - e * dst.N;
         dst.out[(long long)e * dst.stride + col] += s;
@@ -417,6 +418,13 @@ void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int 
                              int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB,
                              const float *bias, long long sbias, float beta, float *C, int ldc, long long sC,
                              int batch);
+/* C = op(A) op(B) for bf16 operands with fp32 accumulation, C written in
+ * bf16 (each element rounded once from its fp32 sum), for a product whose
+ * reader is bound by reading it. Does nothing where M, N, K or batch is 0:
+ * the caller needs K > 0. */
+void cuda_gemm_bf16_out(moe_backend *be, int ta, int tb, int M, int N, int K, const __nv_bfloat16 *A, int lda,
+                        long long sA, const __nv_bfloat16 *B, int ldb, long long sB, __nv_bfloat16 *C, int ldc,
+                        long long sC, int batch);
 /* The experts' first layer with GELU in the GEMM's epilogue: for `batch`
  * packed products of A [M, K] (bf16) and B [K, N] (bf16), D = bf16(gelu(A B
  * + bias)) and aux = bf16(A B + bias), both [M, N] per product, bias [N]

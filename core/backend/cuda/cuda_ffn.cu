@@ -9,7 +9,8 @@
  *   forward   H = X w1 + b1        bias in the GEMM's epilogue, H fp32
  *             A = act(H)           written once, as bf16 (into A's buffer)
  *             Y = A w2 + b2        A read as it is
- *   backward  dA = dY w2^T         dY rounded once for both its GEMMs
+ *   backward  dA = dY w2^T         dY rounded once for both its GEMMs; dA
+ *                                  written as bf16 (into dA's buffer)
  *             dw2 += A^T dY        A read as it is
  *             dH = act'(H) dA      written once, as bf16 (into dH's buffer),
  *             db1 += colsum(dH)    summed from the fp32 values in the same pass
@@ -17,27 +18,36 @@
  *
  * For GELU, where cuBLASLt takes the shape, the first GEMM's epilogue also
  * applies the bias and the GELU (the tanh form, as the CPU) and writes A and
- * the pre-activation H, both bf16: H is then kept in bf16 and b1 is rounded
- * to bf16 for the epilogue (the two roundings the reference does not make:
- * the GELU derivative is taken at bf16 H, and b1 enters H with bf16's
- * relative error, below the rounding of H itself where |b1| <= |H|), and
- * the bf16 copy of X the backward needs is kept beside it in H's buffer, so
- * the forward makes no activation pass and the backward rounds no X.
+ * the pre-activation H, both bf16, and the bf16 copy of X the backward
+ * needs is kept beside H in H's buffer, so the forward makes no activation
+ * pass and the backward rounds no X.
+ *
+ * The composition in bf16 mode rounds every GEMM operand (X, the weights,
+ * A, dY, dH) to bf16; this path rounds there too, and also where it does
+ * not (nor the fp32 CPU):
+ *  - dA, for every activation: the dA GEMM writes it in bf16 (each element
+ *    rounded once from its fp32 sum), so the dH pass, bound by reading it,
+ *    reads half the bytes; act'(H) dA is then taken at dA's bf16 value
+ *    (relative error 2^-9 per element, before dH's own rounding);
+ *  - with the GELU epilogue, H: the GELU derivative is taken at bf16 H;
+ *  - with the GELU epilogue, b1: it enters H with bf16's relative error,
+ *    below the rounding of H itself where |b1| <= |H|.
  *
  * The backward does not take dH from cuBLASLt's matching DGELU or
  * DGELU_BGRAD epilogue, measured slower on the H100 with cuBLASLt 13.1 at
  * the expC shape (8 x [2560, 256] x [256, 1024]), where the dA GEMM, the dH
- * pass and db1's finish take ~98 us: batched, cuBLASLt runs either as a
- * plain GEMM followed by a separate epilogue kernel (~190 us; ~205 us with
- * the bias gradient, which it offers in bf16 only); one product at a time,
- * DGELU is fused but in an sm80 kernel, 8 x 13 us, ~127 us with db1's
- * column sums over the bf16 dH.
+ * pass and db1's finish took ~98 us with dA in fp32 and take ~74 us with
+ * dA in bf16 (GEMM 38 -> 24.5 us, dH pass 59 -> 49 us): batched, cuBLASLt
+ * runs either as a plain GEMM followed by a separate epilogue kernel
+ * (~190 us; ~205 us with the bias gradient, which it offers in bf16 only);
+ * one product at a time, DGELU is fused but in an sm80 kernel, 8 x 13 us,
+ * ~127 us with db1's column sums over the bf16 dH.
  *
  * The weights are rounded once per call (transposed where the GEMM reads
  * them transposed: cuBLAS is fastest with both operands untransposed at
- * these shapes). Every value is rounded exactly where the reference's
- * bf16 GEMMs round it (A and dH as GEMM operands; H, the activation's
- * input, stays fp32), so the two differ only in fp32 summation order.
+ * these shapes). Elsewhere (SiLU, SwiGLU, GELU where cuBLASLt refuses the
+ * epilogue) H stays fp32, and the path differs from the reference by
+ * the operand roundings, dA's rounding and fp32 summation order.
  */
 #include "backend/cuda/cuda_act.cuh"
 #include "backend/cuda/cuda_common.cuh"
@@ -71,8 +81,8 @@ __global__ void ffn_act_fwd_vec4_kernel(moe_act_kind kind, const float4 *H, uint
 
 /* Element (t, j) of the batched column sum over batch*hin columns: row t of
  * expert j / hin, column c = j % hin of dH. It computes dH there from H and
- * dA, stores it as bf16 for the GEMMs, and returns the fp32 value for db1.
- * colsum_partial_kernel calls it once per element. */
+ * dA (bf16), stores it as bf16 for the GEMMs, and returns the fp32 value
+ * for db1. colsum_partial_kernel calls it once per element. */
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
@@ -80,23 +90,23 @@ template <typename HT> /* H in fp32, or bf16 when the GELU epilogue saved it */
 struct ffn_dh_term {
     moe_act_kind kind;
     const HT *H;
-    const float *dA;
+    const __nv_bfloat16 *dA;
     __nv_bfloat16 *dH;
     int C, n, hin;
     __device__ float operator()(int t, int j) const {
         const int e = j / hin, c = j - e * hin;
         const size_t row = (size_t)e * C + t;
         const HT *h = H + row * hin;
-        const float *da = dA + row * n;
+        const __nv_bfloat16 *da = dA + row * n;
         float v;
         if (kind == MOE_ACT_GELU) {
-            v = da[c] * gelu_grad(to_f32(h[c]));
+            v = to_f32(da[c]) * gelu_grad(to_f32(h[c]));
         } else if (kind == MOE_ACT_SILU) {
-            v = da[c] * silu_grad(to_f32(h[c]));
+            v = to_f32(da[c]) * silu_grad(to_f32(h[c]));
         } else if (c < n) { /* SwiGLU, d/d gate of silu(gate) * up */
-            v = da[c] * to_f32(h[n + c]) * silu_grad(to_f32(h[c]));
+            v = to_f32(da[c]) * to_f32(h[n + c]) * silu_grad(to_f32(h[c]));
         } else { /* d/d up */
-            v = da[c - n] * silu(to_f32(h[c - n]));
+            v = to_f32(da[c - n]) * silu(to_f32(h[c - n]));
         }
         dH[row * hin + c] = __float2bfloat16_rn(v);
         return v;
@@ -104,11 +114,12 @@ struct ffn_dh_term {
 };
 
 /* The same pass for GELU and SiLU when hin (= n) is a multiple of 4, four
- * columns per thread: 16-byte loads of H and dA, an 8-byte store of dH.
+ * columns per thread: 16-byte (fp32) or 8-byte (bf16) loads of H, 8-byte
+ * loads of dA (bf16), an 8-byte store of dH.
  * Block (32, COLSUM_LANES) covers 128 columns of COLSUM_ROWS rows; each
  * thread sums its rows in order, then the lanes are added in lane order,
  * as colsum_partial_kernel does, so the partials are deterministic. */
-/* Four H values from fp32 (16 bytes) or bf16 (8 bytes). */
+/* Four values from fp32 (16 bytes) or bf16 (8 bytes). */
 __device__ __forceinline__ void load4(const float *p, float v[4]) {
     const float4 h = *reinterpret_cast<const float4 *>(p);
     v[0] = h.x, v[1] = h.y, v[2] = h.z, v[3] = h.w;
@@ -121,8 +132,8 @@ __device__ __forceinline__ void load4(const __nv_bfloat16 *p, float v[4]) {
 }
 
 template <typename HT>
-__global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const float *dA, __nv_bfloat16 *dH, int C,
-                                   int hin, int cols, float *partial, colsum_out dst) {
+__global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const __nv_bfloat16 *dA, __nv_bfloat16 *dH,
+                                   int C, int hin, int cols, float *partial, colsum_out dst) {
     __shared__ float lane_sums[COLSUM_LANES][128];
     const int chunk = blockIdx.x;
     const int j = blockIdx.y * 128 + threadIdx.x * 4; /* first of this thread's four columns */
@@ -230,7 +241,7 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const bool saved_bf16 = gelu_epilogue_path(be, kind, H, A, batch, C, d, n);
     const __nv_bfloat16 *Hh = (const __nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
     const int cols = batch * hin, nchunks = (C + COLSUM_ROWS - 1) / COLSUM_ROWS;
-    const bool vec4 = kind != MOE_ACT_SWIGLU && hin % 4 == 0 && ((uintptr_t)H | (uintptr_t)dA) % 16 == 0;
+    const bool vec4 = kind != MOE_ACT_SWIGLU && hin % 4 == 0 && (uintptr_t)H % 16 == 0 && (uintptr_t)dA % 8 == 0;
     dim3 grid;
     if (!colsum_grid(be, C, cols, vec4, "ffn_bwd", &grid)) return;
     ScratchLayout lay;
@@ -245,27 +256,27 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     __nv_bfloat16 *w1t = (__nv_bfloat16 *)(base + w1t_off), *w2t = (__nv_bfloat16 *)(base + w2t_off);
     float *partial = (float *)(base + part_off);
     const __nv_bfloat16 *Ah = (const __nv_bfloat16 *)A; /* as ffn_fwd left it */
-    __nv_bfloat16 *dHh = (__nv_bfloat16 *)dH;
+    __nv_bfloat16 *dAh = (__nv_bfloat16 *)dA, *dHh = (__nv_bfloat16 *)dH;
 
     cuda_round_bf16(be, dY, d, sX, C, d, batch, dYh, false);
     cuda_round_bf16(be, w2, d, sw2, n, d, batch, w2t, true); /* [d, n] */
-    /* dA = dY w2^T (fp32); dw2 += A^T dY */
-    cuda_gemm_bf16_operands(be, 0, 0, C, n, d, dYh, d, sX, w2t, n, sw2, NULL, 0, 0.0f, dA, n, sA, batch);
+    /* dA = dY w2^T (bf16); dw2 += A^T dY */
+    cuda_gemm_bf16_out(be, 0, 0, C, n, d, dYh, d, sX, w2t, n, sw2, dAh, n, sA, batch);
     cuda_gemm_bf16_operands(be, 1, 0, n, d, C, Ah, n, sA, dYh, d, sX, NULL, 0, 1.0f, dw2, d, sw2, batch);
     /* dH = act'(H) dA as bf16, and its column sums in the same pass */
     const dim3 block(32, COLSUM_LANES);
     cudaStream_t st = cuda_stream(be);
     const colsum_out dst = colsum_dest(be, db1, hin, hin, grid.y); /* db1's sums finish in the pass */
     if (vec4 && saved_bf16) {
-        ffn_dh_vec4_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(kind, Hh, dA, dHh, C, hin, cols, partial, dst);
+        ffn_dh_vec4_kernel<__nv_bfloat16><<<grid, block, 0, st>>>(kind, Hh, dAh, dHh, C, hin, cols, partial, dst);
     } else if (vec4) {
-        ffn_dh_vec4_kernel<float><<<grid, block, 0, st>>>(kind, H, dA, dHh, C, hin, cols, partial, dst);
+        ffn_dh_vec4_kernel<float><<<grid, block, 0, st>>>(kind, H, dAh, dHh, C, hin, cols, partial, dst);
     } else if (saved_bf16) {
         colsum_partial_kernel<ffn_dh_term<__nv_bfloat16>><<<grid, block, 0, st>>>(
-            ffn_dh_term<__nv_bfloat16>{kind, Hh, dA, dHh, C, n, hin}, C, cols, partial, dst);
+            ffn_dh_term<__nv_bfloat16>{kind, Hh, dAh, dHh, C, n, hin}, C, cols, partial, dst);
     } else {
         colsum_partial_kernel<ffn_dh_term<float>><<<grid, block, 0, st>>>(
-            ffn_dh_term<float>{kind, H, dA, dHh, C, n, hin}, C, cols, partial, dst);
+            ffn_dh_term<float>{kind, H, dAh, dHh, C, n, hin}, C, cols, partial, dst);
     }
     KERNEL_CHECK(be, "ffn dH pass");
     if (colsum_needs_finish(dst, db1)) {

@@ -77,7 +77,7 @@ static void to_bf16(moe_backend *be, const float *src, long long ld, long long s
 
 static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, float alpha, const void *A,
                     int lda, long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
-                    float beta, float *C, int ldc, long long sC, int batch);
+                    float beta, void *C, int ldc, long long sC, int batch, int out_bf16 = 0);
 static void gemm_bf16_ops(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const __nv_bfloat16 *A,
                           int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB, const float *bias,
                           long long sbias, float beta, float *C, int ldc, long long sC, int batch);
@@ -229,7 +229,10 @@ struct cuda_lt_key {
     long long sA, sB, sC, sbias;
     /* gelu_aux: D = gelu(product + bias) in bf16, and the pre-activation
      * product + bias in bf16 into an aux matrix of D's layout (ldc, sC) */
-    int gelu_aux, pad_;
+    int gelu_aux;
+    /* out_bf16: the plain product (no bias) written to C in bf16, once
+     * rounded from the fp32 sum */
+    int out_bf16;
 };
 
 struct cuda_lt_plan {
@@ -327,7 +330,7 @@ static cublasStatus_t lt_plan_make(cuda_impl *st, const cuda_lt_key &k, cuda_lt_
     /* stored shapes, column-major: cuBLASLt's A is our B, its B our A */
     p->a = lt_layout(ab, k.tb ? k.K : k.N, k.tb ? k.N : k.K, k.ldb, k.batch, k.sB, &s);
     p->b = lt_layout(ab, k.ta ? k.M : k.K, k.ta ? k.K : k.M, k.lda, k.batch, k.sA, &s);
-    p->c = lt_layout(k.gelu_aux ? CUDA_R_16BF : CUDA_R_32F, k.N, k.M, k.ldc, k.batch, k.sC, &s);
+    p->c = lt_layout(k.gelu_aux || k.out_bf16 ? CUDA_R_16BF : CUDA_R_32F, k.N, k.M, k.ldc, k.batch, k.sC, &s);
     if (s != CUBLAS_STATUS_SUCCESS) return s;
 
     cublasLtMatmulPreference_t pref = NULL;
@@ -336,9 +339,10 @@ static cublasStatus_t lt_plan_make(cuda_impl *st, const cuda_lt_key &k, cuda_lt_
     const uint64_t ws = st->lt_workspace_bytes;
     const uint32_t align = (uint32_t)k.align;
     /* No split-K scheme that adds partial results in place: results must
-     * repeat bit for bit. */
+     * repeat bit for bit. Nor, for a bf16 C, partials kept in bf16: the
+     * product is rounded once, from its fp32 sum. */
     const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE |
-                             CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+                             (k.out_bf16 ? 0u : (uint32_t)CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE);
     s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
     const cublasLtMatmulPreferenceAttributes_t aligns[] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -415,18 +419,20 @@ static void bias_rows(moe_backend *be, float *C, int ldc, long long sC, const fl
 }
 
 /* C = op(A) op(B) (+ bias) + beta C through a cuBLASLt plan; A and B are
- * bf16 or fp32 (bf16 != 0). Returns false, having done nothing, when
- * cuBLASLt has no algorithm for the shape (the caller takes another way);
- * true when it ran or an error was recorded. */
+ * bf16 or fp32 (bf16 != 0), C fp32, or bf16 where out_bf16 != 0 (then
+ * without a bias). Returns false, having done nothing, when cuBLASLt has no
+ * algorithm for the shape (the caller takes another way); true when it ran
+ * or an error was recorded. */
 static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, float alpha, const void *A,
                     int lda, long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
-                    float beta, float *C, int ldc, long long sC, int batch) {
+                    float beta, void *C, int ldc, long long sC, int batch, int out_bf16) {
     cuda_impl *st = cuda_state(be);
     cuda_lt_key k;
     memset(&k, 0, sizeof k); /* the key is compared bytewise, padding included */
     k.bf16 = bf16, k.ta = ta, k.tb = tb, k.M = M, k.N = N, k.K = K;
     k.lda = lda, k.ldb = ldb, k.ldc = ldc, k.batch = batch, k.has_bias = bias != NULL;
     k.sA = sA, k.sB = sB, k.sC = sC, k.sbias = bias ? sbias : 0;
+    k.out_bf16 = out_bf16;
     k.align = min(byte_alignment(C), min(byte_alignment(A), byte_alignment(B)));
     cuda_lt_plan *p = lt_plan_find(be, k);
     if (!p) return true; /* recorded */
@@ -467,6 +473,17 @@ void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int 
                              const float *bias, long long sbias, float beta, float *C, int ldc, long long sC,
                              int batch) {
     gemm_bf16_ops(be, ta, tb, M, N, K, 1.0f, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch);
+}
+
+void cuda_gemm_bf16_out(moe_backend *be, int ta, int tb, int M, int N, int K, const __nv_bfloat16 *A, int lda,
+                        long long sA, const __nv_bfloat16 *B, int ldb, long long sB, __nv_bfloat16 *C, int ldc,
+                        long long sC, int batch) {
+    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
+    const float one = 1.0f, zero = 0.0f;
+    if (lt_gemm(be, 1, ta, tb, M, N, K, one, A, lda, sA, B, ldb, sB, NULL, 0, zero, C, ldc, sC, batch, 1)) return;
+    CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(tb), cublas_op(ta), N, M, K, &one,
+                                                B, CUDA_R_16BF, ldb, sB, A, CUDA_R_16BF, lda, sA, &zero, C,
+                                                CUDA_R_16BF, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 static cuda_lt_key gelu_aux_key(int M, int N, int K, const void *A, const void *B, const void *bias, const void *D,

@@ -819,7 +819,7 @@ void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, i
 /* The first non-finite v[i]: each block keeps its smallest such i (shared
  * atomicMin: the same whatever the order), and the last block to finish
  * takes the smallest of the blocks' and records it. */
-constexpr int CHECK_FINITE_MAX_BLOCKS = 256;
+constexpr int CHECK_FINITE_MAX_BLOCKS = CUDA_THREADS; /* the last block takes one block's first per thread */
 
 __global__ void check_finite_kernel(const float *v, size_t n, int32_t code, int32_t *record,
                                     unsigned long long *block_first, int *ticket) {
@@ -834,10 +834,14 @@ __global__ void check_finite_kernel(const float *v, size_t n, int32_t code, int3
     __syncthreads();
     if (threadIdx.x == 0) block_first[blockIdx.x] = smallest;
     if (!last_block_arrived(ticket, gridDim.x)) return;
-    if (threadIdx.x != 0) return;
-    unsigned long long first = CHECK_NONE;
-    for (unsigned b = 0; b < gridDim.x; ++b) first = min(first, __ldcg(&block_first[b]));
-    if (first != CHECK_NONE && record[0] == 0) write_record(record, code, (int32_t)first, 0, __float_as_int(v[first]), 0);
+    /* the blocks' firsts, one per thread (gridDim.x <= blockDim.x) */
+    if (threadIdx.x == 0) smallest = CHECK_NONE;
+    __syncthreads();
+    if (threadIdx.x < gridDim.x) atomicMin(&smallest, __ldcg(&block_first[threadIdx.x]));
+    __syncthreads();
+    const unsigned long long first = smallest;
+    if (threadIdx.x == 0 && first != CHECK_NONE && record[0] == 0)
+        write_record(record, code, (int32_t)first, 0, __float_as_int(v[first]), 0);
 }
 
 void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {

@@ -106,6 +106,7 @@ skinny_tn_kernel(int M, int K, float alpha, const float *A, int lda, const float
         if (mo >= M) continue;
         const float *col = partial + (size_t)blockIdx.y * tile_elems + i;
         float s = 0.0f;
+#pragma unroll 8 /* independent loads in flight; the adds stay in chunk order */
         for (unsigned c = 0; c < gridDim.x; ++c) s += __ldcg(col + c * chunk_stride);
         C[(size_t)mo * ldc + n] = skinny_out(alpha, s, beta, C[(size_t)mo * ldc + n]);
     }
