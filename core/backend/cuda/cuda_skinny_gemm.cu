@@ -1,12 +1,15 @@
 /*
  * fp32 GEMMs with one side of at most SKINNY_MAX (the gate: E logits per
  * token), where cuBLAS's general kernels spend most of their time on tiles
- * that are mostly empty and on a split-K reduction launched apart. The three
- * shapes the gate makes (row-major, C = alpha op(A) op(B) + beta C):
+ * that are mostly empty and on a split-K reduction launched apart. Two of
+ * the gate's three shapes (row-major, C = alpha op(A) op(B) + beta C):
  *
  *   forward    logits[T,E]  = x[T,d] wg[d,E]        ta=0 tb=0, N small
  *   dW         dwg[d,E]    += x^T[d,T] dlogits[T,E] ta=1 tb=0, N small, K long
- *   dx         dx[T,d]     += dlogits[T,E] wg^T     ta=0 tb=1, K small
+ *
+ * The third, dx[T,d] += dlogits[T,E] wg^T (K small), stays with cuBLAS: a
+ * kernel of one thread per output measured slower (16 against 9 us at the
+ * expC shape on the H100).
  *
  * Each output is one fp32 sum in a fixed order (lanes in lane order, K
  * chunks in chunk order), so a second run gives the same bits. Other shapes
@@ -112,28 +115,6 @@ skinny_tn_kernel(int M, int K, float alpha, const float *A, int lda, const float
     }
 }
 
-/* ---- tb = 1, K small: one thread per output --------------------------- */
-
-/* C[r, j] = alpha sum_k A[r, k] B[j, k] + beta C[r, j]; B in shared memory
- * as sB[k * N + j], K <= SKINNY_MAX. Threads of a warp mostly share r (A's
- * row is a broadcast load) and take consecutive j (C coalesced, sB without
- * bank conflicts). */
-template <int KK>
-__global__ void skinny_nt_kernel(int M, int N, float alpha, const float *A, int lda, const float *B, int ldb,
-                                 float beta, float *C, int ldc) {
-    extern __shared__ float sB[];
-    for (int i = threadIdx.x; i < N * KK; i += blockDim.x) sB[i] = B[(size_t)(i % N) * ldb + i / N];
-    __syncthreads();
-    GRID_STRIDE_LOOP(i, (size_t)M * N) {
-        const int r = (int)(i / N), j = (int)(i % N);
-        const float *a = A + (size_t)r * lda;
-        float acc = 0.0f;
-#pragma unroll
-        for (int k = 0; k < KK; ++k) acc = fmaf(a[k], sB[k * N + j], acc);
-        C[(size_t)r * ldc + j] = skinny_out(alpha, acc, beta, C[(size_t)r * ldc + j]);
-    }
-}
-
 /* ---- dispatch --------------------------------------------------------- */
 
 struct skinny_args {
@@ -176,19 +157,6 @@ template <int N> struct run_tn {
     }
 };
 
-template <int KK> struct run_nt {
-    static bool run(const skinny_args &a) {
-        const size_t smem = (size_t)a.N * KK * sizeof(float);
-        if (smem > SKINNY_SHARED_MAX) return false;
-        /* a few blocks per SM, each loading B once, striding over C */
-        const unsigned want = cuda_blocks((size_t)a.M * a.N), blocks = want < 1024u ? want : 1024u;
-        skinny_nt_kernel<KK><<<blocks, CUDA_THREADS, smem, cuda_stream(a.be)>>>(
-            a.M, a.N, a.alpha, a.A, a.lda, a.B, a.ldb, a.beta, a.C, a.ldc);
-        KERNEL_CHECK_RET(a.be, "skinny_nt_kernel", true);
-        return true;
-    }
-};
-
 /* F<v>::run(a) for the compile-time width equal to v in 1..SKINNY_MAX. */
 template <template <int> class F> static bool by_width(int v, const skinny_args &a) {
     switch (v) {
@@ -219,6 +187,5 @@ bool cuda_skinny_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, floa
     const skinny_args a{be, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc};
     if (!ta && !tb && N <= SKINNY_MAX) return by_width<run_rows>(N, a);
     if (ta && !tb && N <= SKINNY_MAX && K >= SKINNY_KCHUNK) return by_width<run_tn>(N, a);
-    if (!ta && tb && K <= SKINNY_MAX) return by_width<run_nt>(K, a);
     return false;
 }
