@@ -27,6 +27,14 @@ typedef enum moe_act_kind { MOE_ACT_GELU = 0, MOE_ACT_SILU = 1, MOE_ACT_SWIGLU =
 
 typedef struct moe_backend moe_backend;
 
+/* A weight the GEMMs read as an operand, for round_weights: `batch`
+ * matrices of rows x cols, packed, starting `offset` floats into the
+ * parameter buffer. */
+typedef struct moe_weight_view {
+    int64_t offset;
+    int32_t batch, rows, cols, pad_;
+} moe_weight_view;
+
 struct moe_backend {
     const char *name;       /* "cpu" or "cuda" */
     moe_device_kind device;
@@ -298,6 +306,21 @@ struct moe_backend {
      * with v[i] not finite, while record[0] == 0 (the gate's logits before
      * a router plugin that leaves its input checks to the host). */
     void (*check_finite)(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
+
+    /* ---- operand copies of the weights ----
+     * Makes the backend's own copies of the listed weights of `params` (a
+     * host array of n views) in the precision its GEMMs take, as they are
+     * now, and forgets any earlier list. Until the next call, an op that
+     * reads one of these weights as a GEMM operand (the exact view: its
+     * pointer and shape) reads the copy instead of converting the weight
+     * again: so the caller calls it whenever the weights may have changed,
+     * before the ops that read them (the model does at the start of every
+     * forward), and with n = 0 before their memory is freed. The copies
+     * hold exactly what the op would have converted, so results are the
+     * same bits either way. CUDA in bf16 mode makes a bf16 copy of each
+     * weight and of its transpose in one pass; where GEMMs read fp32 (the
+     * CPU, CUDA in fp32 mode) there is nothing to copy. */
+    void (*round_weights)(moe_backend *be, const float *params, const moe_weight_view *views, int n);
     /* counts[e] = number of a < T*K with kept[a] == e (overwrite; entries
      * outside [0, E) are not counted). */
     void (*expert_counts)(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);

@@ -142,6 +142,21 @@ int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V
         m->wlm = m->wte;
         m->dwlm = m->dwte;
     }
+    /* the GEMMs' weights, for round_weights: per block the attention's two
+     * projections and the experts', and the LM head */
+    m->weight_views = calloc((size_t)L * 5 + 1, sizeof *m->weight_views);
+    if (!m->weight_views) {
+        snprintf(err, errcap, "out of memory for the model's weight views");
+        return -1;
+    }
+    const float *P0 = m->params.values;
+    for (int l = 0; l < L; ++l) {
+        moe_block *b = &m->blocks[l];
+        m->weight_views[m->n_weight_views++] = (moe_weight_view){b->wqkv - P0, 1, d, 3 * d, 0};
+        m->weight_views[m->n_weight_views++] = (moe_weight_view){b->wo - P0, 1, d, d, 0};
+        m->n_weight_views += moe_layer_weight_views(&b->moe, P0, m->weight_views + m->n_weight_views);
+    }
+    m->weight_views[m->n_weight_views++] = (moe_weight_view){m->wlm - P0, 1, V, d, 0};
 
     /* the results block (model.h): xent sums per pending forward (+1 for
      * forwards with out), the gradient norm, per layer lb and z, per layer
@@ -209,6 +224,8 @@ int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V
 void moe_model_destroy(moe_model *m) {
     moe_backend *be = m->be;
     if (!be) return;
+    be->round_weights(be, NULL, NULL, 0); /* the copies must not outlive the weights */
+    free(m->weight_views);
     for (int l = 0; l < m->n_layers && m->blocks; ++l) {
         moe_block *b = &m->blocks[l];
         moe_layer_destroy(&b->moe);
@@ -365,6 +382,9 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
             return -1;
         }
     m->T = T;
+    /* the backend's operand copies of the weights as they are now (the
+     * optimizer, a checkpoint or the caller may have changed them) */
+    be->round_weights(be, m->params.values, m->weight_views, m->n_weight_views);
     be->from_host(be, m->ids, ids, (size_t)T * sizeof(int32_t));
     be->from_host(be, m->targets, targets, (size_t)T * sizeof(int32_t));
     if (out) memset(out, 0, sizeof *out);

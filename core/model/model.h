@@ -48,6 +48,10 @@ typedef struct moe_model {
     float *nfg, *dnfg, *nfb, *dnfb;
     float *wlm, *dwlm;      /* [V,d]; == wte when tied */
     moe_block *blocks;
+    /* The weights the GEMMs read as operands, for the backend's
+     * round_weights (called at the start of every forward). */
+    moe_weight_view *weight_views;
+    int n_weight_views;
 
     /* activations */
     int32_t *ids, *targets; /* [T] in backend memory */

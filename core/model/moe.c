@@ -372,6 +372,16 @@ int moe_layer_check(moe_layer *L, char *err, size_t errcap) {
     return -1;
 }
 
+int moe_layer_weight_views(const moe_layer *L, const float *params, moe_weight_view *out) {
+    const moe_layer_cfg *c = &L->cfg;
+    const int E = c->num_experts, d = c->d_model, hin = expert_in_width(c), n = c->d_ff;
+    int k = 0;
+    out[k++] = (moe_weight_view){L->w1 - params, E, d, hin, 0};
+    out[k++] = (moe_weight_view){L->w2 - params, E, n, d, 0};
+    if (c->expert_bias) out[k++] = (moe_weight_view){L->b1 - params, E, 1, hin, 0}; /* the GELU epilogue's bias */
+    return k;
+}
+
 /* On the CPU the record is host memory and every op has finished: report at
  * once, as before, so no bad index reaches the CPU's capacity loop. */
 static int check_now(moe_layer *L, char *err, size_t errcap) {

@@ -146,5 +146,9 @@ int moe_layer_record_message(const moe_layer *L, const int32_t *record, char *er
 /* Reads L->record (a wait on CUDA): 0, or -1 with its message; a reported
  * record is cleared. */
 int moe_layer_check(moe_layer *L, char *err, size_t errcap);
+/* The layer's GEMM weights (the experts' w1, w2 and, with biases, b1) as
+ * views of `params` (moe_weight_view, backend.h) into out[0..3); returns
+ * how many. */
+int moe_layer_weight_views(const moe_layer *L, const float *params, moe_weight_view *out);
 
 #endif

@@ -554,6 +554,72 @@ static void test_ffn(const cfg *c) {
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 1, 2, 5, 7, 9, TOL_BF16);
 }
 
+/* round_weights: the bf16 GEMM paths read the copies it makes of listed
+ * weights instead of rounding them, and the results must be the same bits
+ * as without copies (ffn_fwd/ffn_bwd, linear_bwd, gemm_bias, gemm with a
+ * transposed weight); after the weights change and round_weights runs
+ * again, the results follow the new weights (no stale copy). */
+static void weight_ops(const float *P, int E, int C, int d, int n, int T, int N, float *const out[12]) {
+    /* the parameter buffer: w1 [E,d,n] | w2 [E,n,d] | b1 [E,n] | W [d,N] */
+    const float *w1 = P, *w2 = w1 + (size_t)E * d * n, *b1 = w2 + (size_t)E * n * d, *W = b1 + (size_t)E * n;
+    (void)T;
+    float *X = out[0], *H = out[1], *A = out[2], *Y = out[3], *dY = out[4], *dA = out[5], *dH = out[6];
+    float *dX = out[7], *grads = out[8], *lin = out[9], *gb = out[10], *gt = out[11];
+    float *dw1 = grads, *db1 = dw1 + (size_t)E * d * n, *dw2 = db1 + (size_t)E * n, *db2 = dw2 + (size_t)E * n * d;
+    gpu16->ffn_fwd(gpu16, MOE_ACT_GELU, X, w1, b1, w2, NULL, H, A, Y, E, C, d, n);
+    gpu16->ffn_bwd(gpu16, MOE_ACT_GELU, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, E, C, d, n);
+    /* linear_bwd over rows X [E*C, d] with W [d, N], dY's first E*C*N floats */
+    float *ldX = lin, *ldW = ldX + (size_t)E * C * d, *ldb = ldW + (size_t)d * N;
+    gpu16->linear_bwd(gpu16, X, W, dY, ldX, ldW, ldb, E * C, d, N);
+    gpu16->gemm_bias(gpu16, 0, 0, E * C, N, d, X, d, 0, W, N, 0, b1, 0, gb, N, 0, 1);
+    /* W as [N2, d] read transposed: the LM head's product (N2 = d here: W is [d, N] packed, viewed as N rows of d) */
+    gpu16->gemm(gpu16, 0, 1, E * C, N, d, 1.0f, X, d, W, d, 0.0f, gt, N);
+}
+
+static void test_weight_copies(const cfg *c) {
+    if (c != cfgs_first) return;
+    const int E = 4, C = 96, d = 64, n = 128, N = 64;
+    const size_t nP = (size_t)E * d * n * 2 + (size_t)E * n + (size_t)d * N;
+    const size_t sizes[12] = {(size_t)E * C * d, (size_t)E * C * n, (size_t)E * C * n, (size_t)E * C * d,
+                              (size_t)E * C * d, (size_t)E * C * n, (size_t)E * C * n, (size_t)E * C * d,
+                              (size_t)E * d * n * 2 + (size_t)E * n + (size_t)E * d,
+                              (size_t)E * C * d + (size_t)d * N + N, (size_t)E * C * N, (size_t)E * C * N};
+    const moe_weight_view views[5] = {{0, E, d, n, 0},
+                                      {(int64_t)E * d * n, E, n, d, 0},
+                                      {(int64_t)E * d * n * 2, E, 1, n, 0},
+                                      {(int64_t)E * d * n * 2 + E * n, 1, d, N, 0},
+                                      {(int64_t)E * d * n * 2 + E * n, 1, N, d, 0}};
+    for (int round = 0; round < 2; ++round) { /* round 1: new weights after the copies were made */
+        float *Ph = hrand(nP, -0.1f, 0.1f), *ins[12];
+        for (int i = 0; i < 12; ++i) ins[i] = hrand(sizes[i], -1, 1);
+        float *P = up(gpu16, Ph, nP * sizeof(float));
+        float *res[2][12];
+        for (int with = 0; with < 2; ++with) {
+            if (with && round == 1) {
+                /* copies of other values first, then the weights change and the copies are made again */
+                float *old = hrand(nP, -0.1f, 0.1f);
+                gpu16->from_host(gpu16, P, old, nP * sizeof(float));
+                gpu16->round_weights(gpu16, P, views, 5);
+                gpu16->from_host(gpu16, P, Ph, nP * sizeof(float));
+            }
+            gpu16->round_weights(gpu16, P, views, with ? 5 : 0);
+            float *outs[12];
+            for (int i = 0; i < 12; ++i) outs[i] = up(gpu16, ins[i], sizes[i] * sizeof(float));
+            weight_ops(P, E, C, d, n, 0, N, outs);
+            if (!gpu_ok(gpu16, "round_weights")) return;
+            for (int i = 0; i < 12; ++i) res[with][i] = down(gpu16, outs[i], sizes[i] * sizeof(float));
+        }
+        gpu16->round_weights(gpu16, NULL, NULL, 0);
+        static const char *names[12] = {"X", "H", "A", "Y", "dY", "dA", "dH", "dX", "grads", "linear_bwd", "gemm_bias", "gemm_tb"};
+        for (int i = 0; i < 12; ++i) {
+            if (i == 0 || i == 4) continue; /* inputs */
+            char op[96];
+            snprintf(op, sizeof op, "round_weights(%s).%s = without copies", round ? "after a change" : "fresh", names[i]);
+            report_bits(op, res[1][i], res[0][i], sizes[i], sizeof(float));
+        }
+    }
+}
+
 /* linear_bwd against the CPU's composition: dX poisoned, dW and db
  * accumulating onto random values, db NULL too. */
 static void test_linear_bwd_case(moe_backend *g, const char *tag, int T, int K, int N, int with_db, double tol) {
@@ -1768,7 +1834,7 @@ int main(void) {
         test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_linear_bwd, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
-        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite,
+        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite, test_weight_copies,
         test_expert_counts, test_xent_sums, test_clip_grad_norm, test_from_host_staging,
     };
     cfgs_first = &cfgs[0];

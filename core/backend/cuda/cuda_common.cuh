@@ -79,6 +79,17 @@ struct cuda_impl {
     int *d_flags;           /* device int: CUDA_FLAG_* bits */
     double *d_aux_out;      /* 2 device doubles: aux_losses' results on their way to the host */
     int *d_tickets;         /* CUDA_TICKETS device ints, 0 between kernels: last_block_arrived */
+    /* round_weights' copies (cuda_weight_copies.cu): the views, host side,
+     * and per view the offset of its bf16 copy in wcopy (its transpose
+     * follows it); the kernel's table on the device. */
+    const float *wv_params;
+    moe_weight_view *wv;
+    long long *wv_copy;
+    int wv_n, wv_cap;
+    __nv_bfloat16 *wcopy;
+    size_t wcopy_elems;
+    void *d_wv_table;
+    size_t d_wv_table_bytes;
     /* from_host's pinned staging: two halves used in turn; a half is
      * refilled only after the event recorded behind its last copy. */
     char *upload_stage[2];
@@ -534,6 +545,18 @@ void cuda_check_routing(moe_backend *be, const int32_t *expert, const float *wei
                         int T, int K, int E, int C, int32_t *kept, int32_t *record);
 void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
 void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
+/* cuda_weight_copies.cu */
+void cuda_round_weights(moe_backend *be, const float *params, const moe_weight_view *views, int n);
+/* round_weights' bf16 copy of the weight src read as rows x cols matrices
+ * (leading dimension ld, `stride` apart, `batch` of them), transposed or
+ * not, or NULL when src is not a listed weight of that shape. */
+const __nv_bfloat16 *cuda_weight_copy(moe_backend *be, const float *src, long long ld, long long stride, int rows,
+                                      int cols, int batch, bool transpose);
+/* What a bf16 GEMM reads for the fp32 operand src: round_weights' copy when
+ * there is one, else src rounded into dst (cuda_round_bf16). */
+const __nv_bfloat16 *cuda_bf16_operand(moe_backend *be, const float *src, long long ld, long long stride, int rows,
+                                       int cols, int batch, __nv_bfloat16 *dst, bool transpose);
+void cuda_weight_copies_release(cuda_impl *st);
 void cuda_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

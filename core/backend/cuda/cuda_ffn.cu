@@ -192,18 +192,20 @@ void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const size_t b1_off = lay.add((size_t)hin * batch * sizeof(__nv_bfloat16));
     char *base = cuda_scratch(be, lay.total);
     if (!base) return;
-    __nv_bfloat16 *Xh = (__nv_bfloat16 *)(base + x_off), *w1h = (__nv_bfloat16 *)(base + w1_off);
-    __nv_bfloat16 *w2h = (__nv_bfloat16 *)(base + w2_off), *b1h = (__nv_bfloat16 *)(base + b1_off);
+    __nv_bfloat16 *Xh = (__nv_bfloat16 *)(base + x_off);
     __nv_bfloat16 *Ah = (__nv_bfloat16 *)A; /* A's buffer holds bf16 from here to ffn_bwd */
 
-    cuda_round_bf16(be, w1, hin, sw1, d, hin, batch, w1h, false);
-    cuda_round_bf16(be, w2, d, sw2, n, d, batch, w2h, false);
+    /* the weights as round_weights copied them, or rounded here */
+    const __nv_bfloat16 *w1h =
+        cuda_bf16_operand(be, w1, hin, sw1, d, hin, batch, (__nv_bfloat16 *)(base + w1_off), false);
+    const __nv_bfloat16 *w2h = cuda_bf16_operand(be, w2, d, sw2, n, d, batch, (__nv_bfloat16 *)(base + w2_off), false);
     if (gelu_epilogue_path(be, kind, H, A, batch, C, d, n)) {
         __nv_bfloat16 *Hh = (__nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
         cuda_round_bf16(be, X, d, sX, C, d, batch, Xs, false);
-        if (b1) cuda_round_bf16(be, b1, n, n, 1, n, batch, b1h, false);
+        const __nv_bfloat16 *b1h =
+            b1 ? cuda_bf16_operand(be, b1, n, n, 1, n, batch, (__nv_bfloat16 *)(base + b1_off), false) : NULL;
         /* A = gelu(X w1 + b1) and H = X w1 + b1, both bf16, from the epilogue */
-        if (!cuda_gemm_bf16_gelu_aux(be, C, n, d, Xs, w1h, b1 ? b1h : NULL, Ah, Hh, batch))
+        if (!cuda_gemm_bf16_gelu_aux(be, C, n, d, Xs, w1h, b1h, Ah, Hh, batch))
             cuda_record_error(be, __FILE__, __LINE__, "ffn_fwd", "cuBLASLt refused a GELU plan it had accepted");
         cuda_gemm_bf16_operands(be, 0, 0, C, d, n, Ah, n, sA, w2h, d, sw2, b2, d, 0.0f, Y, d, sX, batch);
         return;
@@ -253,13 +255,14 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     char *base = cuda_scratch(be, lay.total);
     if (!base) return;
     __nv_bfloat16 *dYh = (__nv_bfloat16 *)(base + dy_off), *Xh = (__nv_bfloat16 *)(base + x_off);
-    __nv_bfloat16 *w1t = (__nv_bfloat16 *)(base + w1t_off), *w2t = (__nv_bfloat16 *)(base + w2t_off);
+
     float *partial = (float *)(base + part_off);
     const __nv_bfloat16 *Ah = (const __nv_bfloat16 *)A; /* as ffn_fwd left it */
     __nv_bfloat16 *dAh = (__nv_bfloat16 *)dA, *dHh = (__nv_bfloat16 *)dH;
 
     cuda_round_bf16(be, dY, d, sX, C, d, batch, dYh, false);
-    cuda_round_bf16(be, w2, d, sw2, n, d, batch, w2t, true); /* [d, n] */
+    const __nv_bfloat16 *w2t = /* [d, n] */
+        cuda_bf16_operand(be, w2, d, sw2, n, d, batch, (__nv_bfloat16 *)(base + w2t_off), true);
     /* dA = dY w2^T (bf16); dw2 += A^T dY */
     cuda_gemm_bf16_out(be, 0, 0, C, n, d, dYh, d, sX, w2t, n, sw2, dAh, n, sA, batch);
     cuda_gemm_bf16_operands(be, 1, 0, n, d, C, Ah, n, sA, dYh, d, sX, NULL, 0, 1.0f, dw2, d, sw2, batch);
@@ -285,7 +288,8 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
         KERNEL_CHECK(be, "colsum_finish_batched_kernel (ffn db1)");
     }
     /* dX = dH w1^T; dw1 += X^T dH */
-    cuda_round_bf16(be, w1, hin, sw1, d, hin, batch, w1t, true); /* [hin, d] */
+    const __nv_bfloat16 *w1t = /* [hin, d] */
+        cuda_bf16_operand(be, w1, hin, sw1, d, hin, batch, (__nv_bfloat16 *)(base + w1t_off), true);
     cuda_gemm_bf16_operands(be, 0, 0, C, d, hin, dHh, hin, sH, w1t, d, sw1, NULL, 0, 0.0f, dX, d, sX, batch);
     if (saved_bf16) {
         Xh = const_cast<__nv_bfloat16 *>(Xs); /* ffn_fwd kept it */

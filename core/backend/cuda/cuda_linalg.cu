@@ -166,10 +166,11 @@ static bool round_operands(moe_backend *be, int ta, int tb, int M, int N, int K,
     const size_t b_off = lay.add((size_t)b_pack * b_batch * sizeof(__nv_bfloat16));
     char *base = cuda_scratch(be, lay.total);
     if (!base) return false;
-    __nv_bfloat16 *Ah = (__nv_bfloat16 *)(base + a_off), *Bh = (__nv_bfloat16 *)(base + b_off);
+    /* B is a weight in the model's products: round_weights' copy when it has one */
+    __nv_bfloat16 *Ah = (__nv_bfloat16 *)(base + a_off);
     cuda_round_bf16(be, A, lda, strideA, a_rows, a_cols, a_batch, Ah, false);
-    cuda_round_bf16(be, B, ldb, strideB, b_rows, b_cols, b_batch, Bh, tb != 0);
-    out->A = Ah, out->B = Bh;
+    out->A = Ah;
+    out->B = cuda_bf16_operand(be, B, ldb, strideB, b_rows, b_cols, b_batch, (__nv_bfloat16 *)(base + b_off), tb != 0);
     out->ta = ta, out->tb = 0;
     out->lda = a_cols, out->ldb = N; /* op(B) is [K, N] */
     out->sA = strideA == 0 ? 0 : a_pack, out->sB = strideB == 0 ? 0 : b_pack;

@@ -65,7 +65,7 @@ void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const floa
     char *base = cuda_scratch(be, lay.total);
     if (!base) return;
     __nv_bfloat16 *dYh = (__nv_bfloat16 *)(base + dy_off), *Xh = (__nv_bfloat16 *)(base + x_off);
-    __nv_bfloat16 *Wt = (__nv_bfloat16 *)(base + wt_off);
+
     float *partial = (float *)(base + part_off);
     cudaStream_t st = cuda_stream(be);
 
@@ -87,6 +87,6 @@ void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const floa
     cuda_round_bf16(be, X, K, 0, T, K, 1, Xh, false);
     cuda_gemm_bf16_operands(be, 1, 0, K, N, T, Xh, K, 0, dYh, N, 0, NULL, 0, 1.0f, dW, N, 0, 1);
     /* dX = dY W^T, with W rounded as [N, K] */
-    cuda_round_bf16(be, W, N, 0, K, N, 1, Wt, true);
+    const __nv_bfloat16 *Wt = cuda_bf16_operand(be, W, N, 0, K, N, 1, (__nv_bfloat16 *)(base + wt_off), true);
     cuda_gemm_bf16_operands(be, 0, 0, T, K, N, dYh, N, 0, Wt, K, 0, NULL, 0, 0.0f, dX, K, 0, 1);
 }
