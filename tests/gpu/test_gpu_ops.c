@@ -559,9 +559,11 @@ static void test_ffn(const cfg *c) {
  * as without copies (ffn_fwd/ffn_bwd, linear_bwd, gemm_bias, gemm with a
  * transposed weight); after the weights change and round_weights runs
  * again, the results follow the new weights (no stale copy). */
-static void weight_ops(const float *P, int E, int C, int d, int n, int T, int N, float *const out[12]) {
-    /* the parameter buffer: w1 [E,d,n] | w2 [E,n,d] | b1 [E,n] | W [d,N] */
+static void weight_ops(const float *P, int E, int C, int d, int n, int T, int N, float *const out[13]) {
+    /* the parameter buffer: w1 [E,d,n] | w2 [E,n,d] | b1 [E,n] | W [d,N] | one float | W2 [d,37]
+     * (W2: an odd width at an odd offset, where the copies take single elements) */
     const float *w1 = P, *w2 = w1 + (size_t)E * d * n, *b1 = w2 + (size_t)E * n * d, *W = b1 + (size_t)E * n;
+    const float *W2 = W + (size_t)d * N + 1;
     (void)T;
     float *X = out[0], *H = out[1], *A = out[2], *Y = out[3], *dY = out[4], *dA = out[5], *dH = out[6];
     float *dX = out[7], *grads = out[8], *lin = out[9], *gb = out[10], *gt = out[11];
@@ -574,44 +576,47 @@ static void weight_ops(const float *P, int E, int C, int d, int n, int T, int N,
     gpu16->gemm_bias(gpu16, 0, 0, E * C, N, d, X, d, 0, W, N, 0, b1, 0, gb, N, 0, 1);
     /* W as [N2, d] read transposed: the LM head's product (N2 = d here: W is [d, N] packed, viewed as N rows of d) */
     gpu16->gemm(gpu16, 0, 1, E * C, N, d, 1.0f, X, d, W, d, 0.0f, gt, N);
+    gpu16->gemm(gpu16, 0, 0, E * C, 37, d, 1.0f, X, d, W2, 37, 0.0f, out[12], 37);
 }
 
 static void test_weight_copies(const cfg *c) {
     if (c != cfgs_first) return;
     const int E = 4, C = 96, d = 64, n = 128, N = 64;
-    const size_t nP = (size_t)E * d * n * 2 + (size_t)E * n + (size_t)d * N;
-    const size_t sizes[12] = {(size_t)E * C * d, (size_t)E * C * n, (size_t)E * C * n, (size_t)E * C * d,
+    const size_t nP = (size_t)E * d * n * 2 + (size_t)E * n + (size_t)d * N + 1 + (size_t)d * 37;
+    const size_t sizes[13] = {(size_t)E * C * d, (size_t)E * C * n, (size_t)E * C * n, (size_t)E * C * d,
                               (size_t)E * C * d, (size_t)E * C * n, (size_t)E * C * n, (size_t)E * C * d,
                               (size_t)E * d * n * 2 + (size_t)E * n + (size_t)E * d,
-                              (size_t)E * C * d + (size_t)d * N + N, (size_t)E * C * N, (size_t)E * C * N};
-    const moe_weight_view views[5] = {{0, E, d, n, 0},
-                                      {(int64_t)E * d * n, E, n, d, 0},
-                                      {(int64_t)E * d * n * 2, E, 1, n, 0},
-                                      {(int64_t)E * d * n * 2 + E * n, 1, d, N, 0},
-                                      {(int64_t)E * d * n * 2 + E * n, 1, N, d, 0}};
+                              (size_t)E * C * d + (size_t)d * N + N, (size_t)E * C * N, (size_t)E * C * N,
+                              (size_t)E * C * 37};
+    const int64_t w_at = (int64_t)E * d * n * 2 + E * n;
+    const moe_weight_view views[6] = {{0, E, d, n, 0},          {(int64_t)E * d * n, E, n, d, 0},
+                                      {(int64_t)E * d * n * 2, E, 1, n, 0}, {w_at, 1, d, N, 0},
+                                      {w_at, 1, N, d, 0},       {w_at + (int64_t)d * N + 1, 1, d, 37, 0}};
+    const int nviews = 6;
     for (int round = 0; round < 2; ++round) { /* round 1: new weights after the copies were made */
-        float *Ph = hrand(nP, -0.1f, 0.1f), *ins[12];
-        for (int i = 0; i < 12; ++i) ins[i] = hrand(sizes[i], -1, 1);
+        float *Ph = hrand(nP, -0.1f, 0.1f), *ins[13];
+        for (int i = 0; i < 13; ++i) ins[i] = hrand(sizes[i], -1, 1);
         float *P = up(gpu16, Ph, nP * sizeof(float));
-        float *res[2][12];
+        float *res[2][13];
         for (int with = 0; with < 2; ++with) {
             if (with && round == 1) {
                 /* copies of other values first, then the weights change and the copies are made again */
                 float *old = hrand(nP, -0.1f, 0.1f);
                 gpu16->from_host(gpu16, P, old, nP * sizeof(float));
-                gpu16->round_weights(gpu16, P, views, 5);
+                gpu16->round_weights(gpu16, P, views, nviews);
                 gpu16->from_host(gpu16, P, Ph, nP * sizeof(float));
             }
-            gpu16->round_weights(gpu16, P, views, with ? 5 : 0);
-            float *outs[12];
-            for (int i = 0; i < 12; ++i) outs[i] = up(gpu16, ins[i], sizes[i] * sizeof(float));
+            gpu16->round_weights(gpu16, P, views, with ? nviews : 0);
+            float *outs[13];
+            for (int i = 0; i < 13; ++i) outs[i] = up(gpu16, ins[i], sizes[i] * sizeof(float));
             weight_ops(P, E, C, d, n, 0, N, outs);
             if (!gpu_ok(gpu16, "round_weights")) return;
-            for (int i = 0; i < 12; ++i) res[with][i] = down(gpu16, outs[i], sizes[i] * sizeof(float));
+            for (int i = 0; i < 13; ++i) res[with][i] = down(gpu16, outs[i], sizes[i] * sizeof(float));
         }
         gpu16->round_weights(gpu16, NULL, NULL, 0);
-        static const char *names[12] = {"X", "H", "A", "Y", "dY", "dA", "dH", "dX", "grads", "linear_bwd", "gemm_bias", "gemm_tb"};
-        for (int i = 0; i < 12; ++i) {
+        static const char *names[13] = {"X",     "H",          "A",         "Y",       "dY",     "dA",          "dH",
+                                        "dX",    "grads",      "linear_bwd", "gemm_bias", "gemm_tb", "gemm_odd"};
+        for (int i = 0; i < 13; ++i) {
             if (i == 0 || i == 4) continue; /* inputs */
             char op[96];
             snprintf(op, sizeof op, "round_weights(%s).%s = without copies", round ? "after a change" : "fresh", names[i]);

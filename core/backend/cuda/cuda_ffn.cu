@@ -9,8 +9,9 @@
  *   forward   H = X w1 + b1        bias in the GEMM's epilogue, H fp32
  *             A = act(H)           written once, as bf16 (into A's buffer)
  *             Y = A w2 + b2        A read as it is
- *   backward  dA = dY w2^T         dY rounded once for both its GEMMs; dA
- *                                  written as bf16 (into dA's buffer)
+ *   backward  dA = dY w2^T         dY rounded once for both its GEMMs, db2
+ *                                  summed in that pass; dA written as bf16
+ *                                  (into dA's buffer)
  *             dw2 += A^T dY        A read as it is
  *             dH = act'(H) dA      written once, as bf16 (into dH's buffer),
  *             db1 += colsum(dH)    summed from the fp32 values in the same pass
@@ -43,9 +44,10 @@
  * one product at a time, DGELU is fused but in an sm80 kernel, 8 x 13 us,
  * ~127 us with db1's column sums over the bf16 dH.
  *
- * The weights are rounded once per call (transposed where the GEMM reads
- * them transposed: cuBLAS is fastest with both operands untransposed at
- * these shapes). Elsewhere (SiLU, SwiGLU, GELU where cuBLASLt refuses the
+ * The weights are read from round_weights' copies when the caller made them
+ * (the model does, once per forward), else rounded once per call
+ * (transposed where the GEMM reads them transposed: cuBLAS is fastest with
+ * both operands untransposed at these shapes). Elsewhere (SiLU, SwiGLU, GELU where cuBLASLt refuses the
  * epilogue) H stays fp32, and the path differs from the reference by
  * the operand roundings, dA's rounding and fp32 summation order.
  */
@@ -158,6 +160,43 @@ __global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const __nv_bf
     colsum4_store(lane_sums, acc, cols, partial, dst);
 }
 
+/* The backward's first pass over dY [batch][C][d]: dY rounded to bf16 for
+ * both of its GEMMs, and its column sums (db2) taken from the fp32 values
+ * in the same pass, in colsum_partial_kernel's order (so db2 is the bits
+ * bias_grad_batched would give). Column j of the sum is expert j / d,
+ * column j % d. */
+struct ffn_dy_term {
+    const float *dY;
+    __nv_bfloat16 *out;
+    int C, d;
+    __device__ float operator()(int t, int j) const {
+        const int e = j / d, c = j - e * d;
+        const size_t at = ((size_t)e * C + t) * d + c;
+        const float v = dY[at];
+        out[at] = __float2bfloat16_rn(v);
+        return v;
+    }
+};
+
+/* The same four columns per thread (d % 4 == 0, dY 16-byte aligned). */
+__global__ void ffn_dy_vec4_kernel(const float *dY, __nv_bfloat16 *out, int C, int d, int cols, float *partial,
+                                   colsum_out dst) {
+    __shared__ float lane_sums[COLSUM_LANES][128];
+    const int j = blockIdx.y * 128 + threadIdx.x * 4;
+    const int t0 = blockIdx.x * COLSUM_ROWS, t1 = min(C, t0 + COLSUM_ROWS);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (j < cols) {
+        const int e = j / d, c = j - e * d; /* d % 4 == 0: the four share an expert */
+        for (int t = t0 + threadIdx.y; t < t1; t += COLSUM_LANES) {
+            const size_t at = ((size_t)e * C + t) * d + c;
+            const float4 v = *reinterpret_cast<const float4 *>(dY + at);
+            acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
+            *reinterpret_cast<uint2 *>(out + at) = pack_bf16x4(v.x, v.y, v.z, v.w);
+        }
+    }
+    colsum4_store(lane_sums, acc, cols, partial, dst);
+}
+
 static bool bf16_mode(moe_backend *be) { return cuda_state(be)->precision == MOE_PRECISION_BF16; }
 
 /* Whether ffn_fwd takes the GELU-epilogue path, and so what H holds for
@@ -237,9 +276,6 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const int hin = ffn_in_width(kind, n);
     const long long sX = (long long)C * d, sH = (long long)C * hin, sA = (long long)C * n;
     const long long sw1 = (long long)d * hin, sw2 = (long long)n * d;
-    /* db2 first: bias_grad_batched takes the scratch buffer for itself */
-    if (db2) cuda_bias_grad_batched(be, dY, db2, batch, C, d, sX, d);
-
     const bool saved_bf16 = gelu_epilogue_path(be, kind, H, A, batch, C, d, n);
     const __nv_bfloat16 *Hh = (const __nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
     const int cols = batch * hin, nchunks = (C + COLSUM_ROWS - 1) / COLSUM_ROWS;
@@ -252,6 +288,8 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const size_t w1t_off = lay.add((size_t)sw1 * batch * sizeof(__nv_bfloat16));
     const size_t w2t_off = lay.add((size_t)sw2 * batch * sizeof(__nv_bfloat16));
     const size_t part_off = lay.add((size_t)nchunks * cols * sizeof(float));
+    const int dy_cols = batch * d;
+    const size_t dy_part_off = lay.add((size_t)nchunks * dy_cols * sizeof(float));
     char *base = cuda_scratch(be, lay.total);
     if (!base) return;
     __nv_bfloat16 *dYh = (__nv_bfloat16 *)(base + dy_off), *Xh = (__nv_bfloat16 *)(base + x_off);
@@ -260,7 +298,27 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const __nv_bfloat16 *Ah = (const __nv_bfloat16 *)A; /* as ffn_fwd left it */
     __nv_bfloat16 *dAh = (__nv_bfloat16 *)dA, *dHh = (__nv_bfloat16 *)dH;
 
-    cuda_round_bf16(be, dY, d, sX, C, d, batch, dYh, false);
+    /* dY to bf16, db2 summed on the way */
+    {
+        const bool dy_vec4 = d % 4 == 0 && (uintptr_t)dY % 16 == 0;
+        dim3 dy_grid;
+        if (!colsum_grid(be, C, dy_cols, dy_vec4, "ffn_bwd (dY)", &dy_grid)) return;
+        const colsum_out dy_dst = colsum_dest(be, db2, d, d, dy_grid.y);
+        float *dy_partial = (float *)(base + dy_part_off);
+        if (dy_vec4) {
+            ffn_dy_vec4_kernel<<<dy_grid, dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(dY, dYh, C, d, dy_cols,
+                                                                                       dy_partial, dy_dst);
+        } else {
+            colsum_partial_kernel<ffn_dy_term><<<dy_grid, dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
+                ffn_dy_term{dY, dYh, C, d}, C, dy_cols, dy_partial, dy_dst);
+        }
+        KERNEL_CHECK(be, "ffn dY pass");
+        if (colsum_needs_finish(dy_dst, db2)) {
+            colsum_finish_batched_kernel<<<cuda_blocks((size_t)dy_cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
+                dy_partial, nchunks, d, dy_cols, db2, d);
+            KERNEL_CHECK(be, "colsum_finish_batched_kernel (ffn db2)");
+        }
+    }
     const __nv_bfloat16 *w2t = /* [d, n] */
         cuda_bf16_operand(be, w2, d, sw2, n, d, batch, (__nv_bfloat16 *)(base + w2t_off), true);
     /* dA = dY w2^T (bf16); dw2 += A^T dY */

@@ -6,12 +6,13 @@
  * training step rounded ~40 weight operands one launch at a time.
  *
  * Layout of the copies in cuda_impl.wcopy: per view, its `batch` matrices
- * [rows][cols] packed, then the transposes [cols][rows] packed.
+ * [rows][cols] packed, then the transposes [cols][rows] packed, each copy
+ * starting at an even offset.
  */
 #include "backend/cuda/cuda_common.cuh"
 
 /* One view as the kernel sees it: where its fp32 rows are, where its two
- * copies go, and the first of its 32 x 32 tiles in the kernel's numbering. */
+ * copies go, and the first of its tiles in the kernel's numbering. */
 struct weight_tile_view {
     const float *src;
     __nv_bfloat16 *plain, *trans;
@@ -19,11 +20,17 @@ struct weight_tile_view {
     long long first_tile;
 };
 
-/* Block = one 32 x 32 tile of one matrix of one view: read once in fp32,
- * written rounded in place and, through shared memory, transposed (both
- * stores coalesced). */
-__global__ void round_weights_kernel(const weight_tile_view *views, int nviews) {
-    __shared__ float tile[32][33]; /* +1: no bank conflicts on the transposed read */
+/* Block = one WT_TILE x WT_TILE tile of one matrix of one view, 256
+ * threads: thread (x, y) reads columns 2x, 2x + 1 of rows y, y + 8, ...
+ * (8-byte loads), stores them rounded in place two at a time, and after a
+ * trip through shared memory stores rows 2x, 2x + 1 of columns y, y + 8,
+ * ... of the transpose two at a time (a warp writes 128 contiguous bytes
+ * either way). Pairs fall back to single elements at odd widths, where a
+ * pair would not be 4-byte aligned, and at the tile's edge. */
+constexpr int WT_TILE = 64;
+
+__global__ void __launch_bounds__(256) round_weights_kernel(const weight_tile_view *views, int nviews) {
+    __shared__ float tile[WT_TILE][WT_TILE + 1]; /* +1: the column reads hit different banks */
     const long long id = blockIdx.x;
     int v = 0;
     while (v + 1 < nviews && views[v + 1].first_tile <= id) ++v;
@@ -32,24 +39,51 @@ __global__ void round_weights_kernel(const weight_tile_view *views, int nviews) 
     const int per_matrix = w.tiles_x * w.tiles_y;
     const int b = (int)(k / per_matrix);
     k -= (long long)b * per_matrix;
-    const int r0 = (int)(k / w.tiles_x) * 32, c0 = (int)(k % w.tiles_x) * 32;
+    const int r0 = (int)(k / w.tiles_x) * WT_TILE, c0 = (int)(k % w.tiles_x) * WT_TILE;
     const size_t mat = (size_t)w.rows * w.cols;
     const float *s = w.src + b * mat;
     __nv_bfloat16 *plain = w.plain + b * mat, *trans = w.trans + b * mat;
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int r = r0 + i, c = c0 + threadIdx.x;
-        if (r < w.rows && c < w.cols) {
-            const float x = s[(size_t)r * w.cols + c];
-            tile[i][threadIdx.x] = x;
-            plain[(size_t)r * w.cols + c] = __float2bfloat16_rn(x);
+    const int x = threadIdx.x, y = threadIdx.y;
+    /* pairs need 8-byte aligned fp32 and 4-byte aligned bf16: even widths
+     * (the copies start at even offsets) and an 8-byte aligned source */
+    const bool pairs_in = (w.cols % 2) == 0 && ((uintptr_t)w.src & 7) == 0, pairs_out = (w.rows % 2) == 0;
+    const int c = c0 + 2 * x;
+    for (int i = y; i < WT_TILE; i += 8) {
+        const int r = r0 + i;
+        if (r >= w.rows || c >= w.cols) continue;
+        const float *src = s + (size_t)r * w.cols + c;
+        __nv_bfloat16 *dst = plain + (size_t)r * w.cols + c;
+        if (pairs_in && c + 1 < w.cols) {
+            const float2 v2 = *reinterpret_cast<const float2 *>(src);
+            tile[i][2 * x] = v2.x, tile[i][2 * x + 1] = v2.y;
+            *reinterpret_cast<__nv_bfloat162 *>(dst) = __floats2bfloat162_rn(v2.x, v2.y);
+        } else {
+            tile[i][2 * x] = src[0];
+            dst[0] = __float2bfloat16_rn(src[0]);
+            if (c + 1 < w.cols) {
+                tile[i][2 * x + 1] = src[1];
+                dst[1] = __float2bfloat16_rn(src[1]);
+            }
         }
     }
     __syncthreads();
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int c = c0 + i, r = r0 + threadIdx.x;
-        if (r < w.rows && c < w.cols) trans[(size_t)c * w.rows + r] = __float2bfloat16_rn(tile[threadIdx.x][i]);
+    const int r = r0 + 2 * x; /* this thread's two rows of the transpose's columns */
+    for (int j = y; j < WT_TILE; j += 8) {
+        const int cc = c0 + j;
+        if (cc >= w.cols || r >= w.rows) continue;
+        __nv_bfloat16 *dst = trans + (size_t)cc * w.rows + r;
+        if (pairs_out && r + 1 < w.rows) {
+            *reinterpret_cast<__nv_bfloat162 *>(dst) = __floats2bfloat162_rn(tile[2 * x][j], tile[2 * x + 1][j]);
+        } else {
+            dst[0] = __float2bfloat16_rn(tile[2 * x][j]);
+            if (r + 1 < w.rows) dst[1] = __float2bfloat16_rn(tile[2 * x + 1][j]);
+        }
     }
 }
+
+/* Elements reserved for one of a view's two copies: its size rounded up to
+ * even, so every copy starts 4-byte aligned (the kernel stores pairs). */
+static size_t copy_elems(const moe_weight_view &v) { return ((size_t)v.batch * v.rows * v.cols + 1) & ~(size_t)1; }
 
 void cuda_weight_copies_release(cuda_impl *st) {
     free(st->wv);
@@ -109,10 +143,10 @@ void cuda_round_weights(moe_backend *be, const float *params, const moe_weight_v
         }
         st->wv[i] = v;
         st->wv_copy[i] = (long long)elems;
-        const size_t numel = (size_t)v.batch * v.rows * v.cols;
+        const size_t numel = copy_elems(v);
         table[i].src = params + v.offset;
         table[i].batch = v.batch, table[i].rows = v.rows, table[i].cols = v.cols;
-        table[i].tiles_x = (v.cols + 31) / 32, table[i].tiles_y = (v.rows + 31) / 32;
+        table[i].tiles_x = (v.cols + WT_TILE - 1) / WT_TILE, table[i].tiles_y = (v.rows + WT_TILE - 1) / WT_TILE;
         table[i].first_tile = tiles;
         tiles += (long long)v.batch * table[i].tiles_x * table[i].tiles_y;
         elems += 2 * numel;
@@ -128,7 +162,7 @@ void cuda_round_weights(moe_backend *be, const float *params, const moe_weight_v
                            "cudaMalloc (weight view table)");
     if (ok) {
         for (int i = 0; i < n; ++i) {
-            const size_t numel = (size_t)views[i].batch * views[i].rows * views[i].cols;
+            const size_t numel = copy_elems(views[i]);
             table[i].plain = st->wcopy + st->wv_copy[i];
             table[i].trans = table[i].plain + numel;
         }
@@ -153,7 +187,7 @@ const __nv_bfloat16 *cuda_weight_copy(moe_backend *be, const float *src, long lo
         if (v.offset != offset || v.rows != rows || v.cols != cols || v.batch != batch) continue;
         if (batch > 1 && stride != (long long)rows * cols) continue;
         const __nv_bfloat16 *plain = st->wcopy + st->wv_copy[i];
-        return transpose ? plain + (size_t)batch * rows * cols : plain;
+        return transpose ? plain + copy_elems(v) : plain;
     }
     return NULL;
 }
