@@ -78,15 +78,20 @@ struct moe_backend {
                                  const float *A, int lda, long long strideA, const float *B, int ldb,
                                  long long strideB, float beta, float *C, int ldc, long long strideC,
                                  int batch);
-    /* C = op(A) op(B) + bias (overwrite) for `batch` products at fixed
-     * strides: bias[e*stride_bias + n] is added to every row of product e
-     * (stride_bias 0: one bias for all; bias NULL: no bias). The result is
-     * gemm_strided_batched with alpha 1 and beta 0 followed by the bias add
-     * of add_bias_batched; one op, so that CUDA adds the bias in the GEMM's
-     * epilogue instead of in another pass over C. */
+    /* C = op(A) op(B) + bias + residual (overwrite) for `batch` products at
+     * fixed strides: bias[e*stride_bias + n] is added to every row of
+     * product e (stride_bias 0: one bias for all; bias NULL: no bias), and
+     * residual, laid out as C (ldc, strideC), element by element (NULL: none;
+     * it must not overlap C). The result is gemm_strided_batched with alpha 1
+     * and beta 0, then the bias add of add_bias_batched, then the residual
+     * add; one op, so that CUDA adds the bias in the GEMM's epilogue and the
+     * residual as the GEMM's C input (beta 1) instead of in more passes over
+     * C. CUDA's order of the two adds is cuBLASLt's, so equal within
+     * rounding. */
     void (*gemm_bias)(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
                       long long strideA, const float *B, int ldb, long long strideB, const float *bias,
-                      long long stride_bias, float *C, int ldc, long long strideC, int batch);
+                      long long stride_bias, const float *residual, float *C, int ldc, long long strideC,
+                      int batch);
     /* y[T,N] += b[N] on every row. */
     void (*add_bias)(moe_backend *be, float *y, const float *b, int T, int N);
     /* db[N] += sum over rows of dy[T,N]. */
@@ -250,9 +255,13 @@ struct moe_backend {
     /* accumulate: dx[t] += sum over kept k of dXe[kept*C+slot]. */
     void (*dispatch_bwd)(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
                          int T, int K, int C, int d, float *dx);
-    /* y[t] = sum over kept k of cw[t,k] * Ye[kept*C+slot] (overwrite). */
+    /* y[t] = sum over kept k of cw[t,k] * Ye[kept*C+slot] (overwrite), the
+     * products added in k order from 0, and then, when residual [T,d] is
+     * not NULL, + residual[t] (the residual connection around the MoE
+     * branch, added last: the sum is bitwise that of combine followed by
+     * axpy(1, residual, y)). residual must not overlap y. */
     void (*combine)(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
-                    const float *cw, int T, int K, int C, int d, float *y);
+                    const float *cw, int T, int K, int C, int d, const float *residual, float *y);
     /* dYe (overwrite, E*C rows): row of (t,k) = cw[t,k] * dy[t], others 0;
      * dcw[t,k] = <dy[t], Ye[row]> for kept, 0 else. */
     void (*combine_bwd)(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,

@@ -19,11 +19,11 @@ void moe_ffn_fwd_reference(moe_backend *be, moe_act_kind kind, const float *X, c
     const int hin = ffn_in_width(kind, n);
     const long long sX = (long long)C * d, sH = (long long)C * hin, sA = (long long)C * n;
     /* H = X w1 + b1 */
-    be->gemm_bias(be, 0, 0, C, hin, d, X, d, sX, w1, hin, (long long)d * hin, b1, hin, H, hin, sH, batch);
+    be->gemm_bias(be, 0, 0, C, hin, d, X, d, sX, w1, hin, (long long)d * hin, b1, hin, NULL, H, hin, sH, batch);
     /* A = act(H) */
     be->act_fwd(be, kind, H, A, batch * C, n);
     /* Y = A w2 + b2 */
-    be->gemm_bias(be, 0, 0, C, d, n, A, n, sA, w2, d, (long long)n * d, b2, d, Y, d, sX, batch);
+    be->gemm_bias(be, 0, 0, C, d, n, A, n, sA, w2, d, (long long)n * d, b2, d, NULL, Y, d, sX, batch);
 }
 
 void moe_ffn_bwd_reference(moe_backend *be, moe_act_kind kind, const float *X, const float *w1,

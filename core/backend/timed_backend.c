@@ -122,8 +122,9 @@ static void t_gemm_strided_batched(moe_backend *be, int ta, int tb, int M, int N
 }
 static void t_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
                         long long sA, const float *B, int ldb, long long sB, const float *bias, long long sbias,
-                        float *C, int ldc, long long sC, int batch) {
-    TIMED_VOID(gemm_bias, (t->inner, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bias, sbias, C, ldc, sC, batch));
+                        const float *residual, float *C, int ldc, long long sC, int batch) {
+    TIMED_VOID(gemm_bias,
+               (t->inner, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bias, sbias, residual, C, ldc, sC, batch));
 }
 static void t_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
                       const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
@@ -248,8 +249,8 @@ static void t_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kep
     TIMED_VOID(dispatch_bwd, (t->inner, dXe, kept, slot, T, K, C, d, dx));
 }
 static void t_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot, const float *cw,
-                      int T, int K, int C, int d, float *y) {
-    TIMED_VOID(combine, (t->inner, Ye, kept, slot, cw, T, K, C, d, y));
+                      int T, int K, int C, int d, const float *residual, float *y) {
+    TIMED_VOID(combine, (t->inner, Ye, kept, slot, cw, T, K, C, d, residual, y));
 }
 static void t_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                           const float *cw, const float *dy, int T, int K, int C, int E, int d, float *dYe,

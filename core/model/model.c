@@ -268,21 +268,28 @@ static void norm_bwd(moe_model *m, const float *x, const float *g, const float *
 }
 
 /* Where a residual branch writes its output: straight into the sum's
- * buffer x_out when no dropout applies (residual_add then adds x_in in
- * place, saving a copy), else into tmp1. */
+ * buffer x_out when no dropout applies (the op that makes the branch then
+ * adds x_in itself, see residual_input: no pass of its own), else into
+ * tmp1. */
 static float *residual_branch(moe_model *m, int training, float *x_out) {
     return training && m->dropout > 0.0f ? m->tmp1 : x_out;
 }
 
-/* x_out = x_in + dropout(branch), branch from residual_branch (clobbered). */
+/* The residual input the op making a branch adds as it writes it
+ * (gemm_bias's and combine's residual argument): x_in when the branch goes
+ * straight into the sum's buffer, NULL when dropout must come between
+ * (residual_add then adds x_in). */
+static const float *residual_input(const float *x_in, const float *branch, const float *x_out) {
+    return branch == x_out ? x_in : NULL;
+}
+
+/* x_out = x_in + dropout(branch), branch from residual_branch (clobbered).
+ * Nothing to do when the branch was made in x_out: its op added x_in. */
 static void residual_add(moe_model *m, const float *x_in, float *branch, float *x_out, int T, int training,
                          uint64_t step, int site) {
     moe_backend *be = m->be;
     size_t n = (size_t)T * m->d;
-    if (branch == x_out) { /* branch + x_in: the same sum, float addition commutes */
-        be->axpy(be, 1.0f, x_in, x_out, n);
-        return;
-    }
+    if (branch == x_out) return;
     if (training && m->dropout > 0.0f) be->dropout_fwd(be, branch, branch, n, m->dropout, dropout_key(m, step, site));
     be->copy(be, x_out, x_in, n * sizeof(float));
     be->axpy(be, 1.0f, branch, x_out, n);
@@ -398,17 +405,18 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
         moe_block *b = &m->blocks[l];
         /* attention branch */
         norm_fwd(m, m->x[l], b->n1g, b->n1b, b->n1, b->n1_mean, b->n1_rstd, T);
-        be->gemm_bias(be, 0, 0, T, 3 * d, d, b->n1, d, 0, b->wqkv, 3 * d, 0, b->bqkv, 0, b->qkv, 3 * d, 0, 1);
+        be->gemm_bias(be, 0, 0, T, 3 * d, d, b->n1, d, 0, b->wqkv, 3 * d, 0, b->bqkv, 0, NULL, b->qkv, 3 * d, 0, 1);
         if (m->rope) be->rope_fwd(be, b->qkv, B, S, H, hd, m->rope_theta);
         be->attention_fwd(be, b->qkv, b->att, b->probs, B, S, H, hd);
         float *branch = residual_branch(m, training, b->x_mid);
-        be->gemm_bias(be, 0, 0, T, d, d, b->att, d, 0, b->wo, d, 0, b->bo, 0, branch, d, 0, 1);
+        be->gemm_bias(be, 0, 0, T, d, d, b->att, d, 0, b->wo, d, 0, b->bo, 0,
+                      residual_input(m->x[l], branch, b->x_mid), branch, d, 0, 1);
         residual_add(m, m->x[l], branch, b->x_mid, T, training, step, 1 + 2 * l);
         /* MoE branch */
         norm_fwd(m, b->x_mid, b->n2g, b->n2b, b->n2, b->n2_mean, b->n2_rstd, T);
         branch = residual_branch(m, training, m->x[l + 1]);
-        if (moe_layer_forward(&b->moe, b->n2, m->ids, T, training, router_key(m, step, l), branch, NULL, err,
-                              errcap) != 0)
+        if (moe_layer_forward(&b->moe, b->n2, m->ids, T, training, router_key(m, step, l),
+                              residual_input(b->x_mid, branch, m->x[l + 1]), branch, NULL, err, errcap) != 0)
             return prefer_record(m, err, errcap);
         residual_add(m, b->x_mid, branch, m->x[l + 1], T, training, step, 2 + 2 * l);
     }

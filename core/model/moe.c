@@ -440,7 +440,8 @@ static void routing_stats(moe_layer *L, const float *logits, const int32_t *expe
 /* ================================ forward ================================ */
 
 int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
-                      moe_rng_key key, float *y, double *aux_total, char *err, size_t errcap) {
+                      moe_rng_key key, const float *residual, float *y, double *aux_total, char *err,
+                      size_t errcap) {
     moe_backend *be = L->be;
     const moe_layer_cfg *c = &L->cfg;
     int d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff;
@@ -517,8 +518,8 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     be->ffn_fwd(be, c->activation, L->Xe, L->w1, c->expert_bias ? L->b1 : NULL, L->w2,
                 c->expert_bias ? L->b2 : NULL, L->H, L->A, L->Ye, E, C, d, h);
 
-    /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] */
-    be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, y);
+    /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] (+ residual[t]) */
+    be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, residual, y);
 
     /* 8. auxiliary losses, f from the counts on the device; their gradients
      *    are prepared now: the load-balancing one into L->probs (d_lb), the

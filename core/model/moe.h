@@ -128,11 +128,15 @@ void moe_layer_destroy(moe_layer *L);
  * returned here (the CPU's capacity loop must not see a bad index). On
  * CUDA the kernels skip bad indices and the caller reports the record
  * (moe_model_check, or moe_layer_check below).
+ * residual: when not NULL ([T,d], not overlapping y), y = residual + MoE(x)
+ * instead, added by the combine (the residual connection around the layer
+ * in the op that writes y; the sum is bitwise y = MoE(x) then y += residual).
  * aux_total: when not NULL, the weighted auxiliary losses are read back
  * (a wait) and added to it; the model passes NULL and reads L->scalars
  * with its other results. */
 int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
-                      moe_rng_key key, float *y, double *aux_total, char *err, size_t errcap);
+                      moe_rng_key key, const float *residual, float *y, double *aux_total, char *err,
+                      size_t errcap);
 /* Given dy, accumulate dx and parameter gradients (the auxiliary losses'
  * gradients were prepared by the forward). The guard check after the
  * plugin's backward is recorded as in the forward. */

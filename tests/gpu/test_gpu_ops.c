@@ -410,15 +410,16 @@ static void test_gemm_batched(const cfg *c) {
     test_gemm_batched_case(gpu16, "gemm_batched_bf16", 1, 1, h, d, C, E, 0.5f, -0.25f, 7, 1, TOL_BF16);
 }
 
-/* gemm_bias: C = op(A) op(B) + bias over `batch` products. `gap` extra
- * elements between products, `pad` extra columns in every leading
- * dimension, `off` elements of misalignment of every pointer (fp32 operands
- * are handed to cuBLASLt as they are), shareB a stride of 0 for B,
- * bias_mode 0 no bias, 1 one per product, 2 one for all. C starts random:
- * an element left unwritten, or a gap or padding overwritten, shows. */
+/* gemm_bias: C = op(A) op(B) + bias (+ residual) over `batch` products.
+ * `gap` extra elements between products, `pad` extra columns in every
+ * leading dimension, `off` elements of misalignment of every pointer (fp32
+ * operands are handed to cuBLASLt as they are), shareB a stride of 0 for B,
+ * bias_mode 0 no bias, 1 one per product, 2 one for all; with_res a random
+ * residual laid out as C (misaligned by off too). C starts random: an
+ * element left unwritten, or a gap or padding overwritten, shows. */
 static void test_gemm_bias_case(moe_backend *g, const char *tag, int ta, int tb, int M, int N, int K,
                                 int batch, int gap, int pad, int off, int shareB, int bias_mode,
-                                double tol) {
+                                int with_res, double tol) {
     const int a_rows = ta ? K : M, a_cols = ta ? M : K, lda = a_cols + pad;
     const int b_rows = tb ? N : K, b_cols = tb ? K : N, ldb = b_cols + pad;
     const int ldc = N + pad;
@@ -430,20 +431,21 @@ static void test_gemm_bias_case(moe_backend *g, const char *tag, int ta, int tb,
     const size_t nB = (shareB ? (size_t)b_rows * ldb : (size_t)sB * batch) + off;
     const size_t nbias = (bias_mode == 1 ? (size_t)sbias * batch : (size_t)N) + off;
     float *A = hrand(nA, -1, 1), *B = hrand(nB, -1, 1), *C0 = hrand(nC, -1, 1), *bias = hrand(nbias, -1, 1);
+    float *res = hrand(nC, -2, 2);
     float *want = hdup(C0, nC * sizeof(float));
     cpu->gemm_bias(cpu, ta, tb, M, N, K, A + off, lda, sA, B + off, ldb, sB, bias_mode ? bias + off : NULL,
-                   sbias, want + off, ldc, sC, batch);
+                   sbias, with_res ? res + off : NULL, want + off, ldc, sC, batch);
     float *dA = up(g, A, nA * sizeof(float)), *dB = up(g, B, nB * sizeof(float));
-    float *dbias = up(g, bias, nbias * sizeof(float));
+    float *dbias = up(g, bias, nbias * sizeof(float)), *dres = up(g, res, nC * sizeof(float));
     float *got[2];
     char op[200];
-    snprintf(op, sizeof op, "%s(ta=%d,tb=%d,M=%d,N=%d,K=%d,batch=%d,gap=%d,pad=%d,off=%d%s,bias=%s)", tag,
+    snprintf(op, sizeof op, "%s(ta=%d,tb=%d,M=%d,N=%d,K=%d,batch=%d,gap=%d,pad=%d,off=%d%s,bias=%s%s)", tag,
              ta, tb, M, N, K, batch, gap, pad, off, shareB ? ",strideB=0" : "",
-             bias_mode == 0 ? "none" : bias_mode == 1 ? "each" : "shared");
+             bias_mode == 0 ? "none" : bias_mode == 1 ? "each" : "shared", with_res ? ",residual" : "");
     for (int r = 0; r < 2; ++r) {
         float *dC = up(g, C0, nC * sizeof(float));
         g->gemm_bias(g, ta, tb, M, N, K, dA + off, lda, sA, dB + off, ldb, sB, bias_mode ? dbias + off : NULL,
-                     sbias, dC + off, ldc, sC, batch);
+                     sbias, with_res ? dres + off : NULL, dC + off, ldc, sC, batch);
         if (!gpu_ok(g, op)) return;
         got[r] = down(g, dC, nC * sizeof(float));
     }
@@ -462,17 +464,25 @@ static void test_gemm_bias(const cfg *c) {
         moe_backend *g = precisions[p].g;
         const char *tag = precisions[p].tag;
         const double tol = precisions[p].tol;
-        /* the model's calls: the experts' two products, the attention projections */
-        test_gemm_bias_case(g, tag, 0, 0, C, h, d, E, 0, 0, 0, 0, 1, tol);
-        test_gemm_bias_case(g, tag, 0, 0, C, d, h, E, 0, 0, 0, 0, 1, tol);
-        test_gemm_bias_case(g, tag, 0, 0, T, 3 * d, d, 1, 0, 0, 0, 0, 1, tol);
-        test_gemm_bias_case(g, tag, 0, 0, C, d, h, E, 0, 0, 0, 0, 0, tol);
+        /* the model's calls: the experts' two products, the attention
+         * projections (the output one with its residual) */
+        test_gemm_bias_case(g, tag, 0, 0, C, h, d, E, 0, 0, 0, 0, 1, 0, tol);
+        test_gemm_bias_case(g, tag, 0, 0, C, d, h, E, 0, 0, 0, 0, 1, 0, tol);
+        test_gemm_bias_case(g, tag, 0, 0, T, 3 * d, d, 1, 0, 0, 0, 0, 1, 0, tol);
+        test_gemm_bias_case(g, tag, 0, 0, T, d, d, 1, 0, 0, 0, 0, 1, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, T, d, d, 1, 0, 0, 0, 0, 1, 0, tol);
+        test_gemm_bias_case(g, tag, 0, 0, C, d, h, E, 0, 0, 0, 0, 0, 0, tol);
         /* transposes, gaps, padding, misaligned pointers, shared operands */
-        test_gemm_bias_case(g, tag, 1, 0, d, h, C, E, 5, 0, 0, 0, 1, tol);
-        test_gemm_bias_case(g, tag, 0, 1, C, h, d, E, 0, 3, 0, 0, 2, tol);
-        test_gemm_bias_case(g, tag, 1, 1, h, d, C, E, 7, 1, 1, 1, 1, tol);
-        test_gemm_bias_case(g, tag, 0, 0, T, d + 1, d, 1, 0, 2, 1, 0, 1, tol);
-        test_gemm_bias_case(g, tag, 0, 0, 5, 3, 0, 2, 1, 0, 0, 0, 1, tol); /* K = 0: C = bias */
+        test_gemm_bias_case(g, tag, 1, 0, d, h, C, E, 5, 0, 0, 0, 1, 0, tol);
+        test_gemm_bias_case(g, tag, 0, 1, C, h, d, E, 0, 3, 0, 0, 2, 0, tol);
+        test_gemm_bias_case(g, tag, 1, 1, h, d, C, E, 7, 1, 1, 1, 1, 0, tol);
+        test_gemm_bias_case(g, tag, 0, 0, T, d + 1, d, 1, 0, 2, 1, 0, 1, 0, tol);
+        test_gemm_bias_case(g, tag, 0, 0, 5, 3, 0, 2, 1, 0, 0, 0, 1, 0, tol); /* K = 0: C = bias */
+        /* a residual with gaps, padding, misalignment; without a bias; K = 0 */
+        test_gemm_bias_case(g, tag, 1, 1, h, d, C, E, 7, 1, 1, 1, 1, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 1, C, h, d, E, 3, 2, 0, 0, 2, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, T, d + 1, d, 1, 0, 2, 1, 0, 0, 1, tol);
+        test_gemm_bias_case(g, tag, 0, 0, 5, 3, 0, 2, 1, 0, 0, 0, 1, 1, tol); /* K = 0: bias + residual */
     }
 }
 
@@ -573,7 +583,7 @@ static void weight_ops(const float *P, int E, int C, int d, int n, int T, int N,
     /* linear_bwd over rows X [E*C, d] with W [d, N], dY's first E*C*N floats */
     float *ldX = lin, *ldW = ldX + (size_t)E * C * d, *ldb = ldW + (size_t)d * N;
     gpu16->linear_bwd(gpu16, X, W, dY, ldX, ldW, ldb, E * C, d, N);
-    gpu16->gemm_bias(gpu16, 0, 0, E * C, N, d, X, d, 0, W, N, 0, b1, 0, gb, N, 0, 1);
+    gpu16->gemm_bias(gpu16, 0, 0, E * C, N, d, X, d, 0, W, N, 0, b1, 0, NULL, gb, N, 0, 1);
     /* W as [N2, d] read transposed: the LM head's product (N2 = d here: W is [d, N] packed, viewed as N rows of d) */
     gpu16->gemm(gpu16, 0, 1, E * C, N, d, 1.0f, X, d, W, d, 0.0f, gt, N);
     gpu16->gemm(gpu16, 0, 0, E * C, 37, d, 1.0f, X, d, W2, 37, 0.0f, out[12], 37);
@@ -1291,7 +1301,7 @@ static void test_dispatch_combine(const cfg *c) {
     float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
     cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
     cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, want_dx);
-    cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, want_y);
+    cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, NULL, want_y);
     cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
     float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2];
     for (int r = 0; r < 2; ++r) {
@@ -1300,7 +1310,7 @@ static void test_dispatch_combine(const cfg *c) {
         float *d_dcw = dpoison(gpu, nA * 4, POISON_F32);
         gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
         gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, d_dx);
-        gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_y);
+        gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, NULL, d_y);
         gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);
         if (!gpu_ok(gpu, "dispatch/combine")) return;
         got_Xe[r] = down(gpu, d_Xe, nXe * 4);
@@ -1314,6 +1324,22 @@ static void test_dispatch_combine(const cfg *c) {
     check_f32("combine.y", got_y, want_y, nX, TOL_EW);
     check_f32("combine_bwd.dYe", got_dYe, want_dYe, nXe, TOL_EW);
     check_f32("combine_bwd.dcw", got_dcw, want_dcw, nA, TOL_EW);
+
+    /* with a residual (the model's MoE residual connection), 16-byte
+     * aligned and one float off (the scalar path) */
+    float *res = hrand(nX + 1, -2, 2);
+    float *d_res = up(gpu, res, (nX + 1) * 4);
+    for (int mis = 0; mis < 2; ++mis) {
+        float *want_yr = halloc(nX * 4), *got_yr[2];
+        cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, res + mis, want_yr);
+        for (int r = 0; r < 2; ++r) {
+            float *d_y = dpoison(gpu, nX * 4, POISON_F32);
+            gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_res + mis, d_y);
+            if (!gpu_ok(gpu, "combine(residual)")) return;
+            got_yr[r] = down(gpu, d_y, nX * 4);
+        }
+        check_f32(mis ? "combine(residual,misaligned).y" : "combine(residual).y", got_yr, want_yr, nX, TOL_EW);
+    }
 }
 
 /* dispatch, combine and their backwards on a routing with gaps (as a
@@ -1344,18 +1370,24 @@ static void test_dispatch_gaps_case(const cfg *c, int T, int d) {
     float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
     cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
     cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, want_dx);
-    cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, want_y);
+    cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, NULL, want_y);
     cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
-    float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2];
+    /* the combine with a residual too (x), on the scalar path (d + 1) and
+     * at a large d */
+    float *want_yr = halloc(nX * 4);
+    cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, x, want_yr);
+    float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2], *got_yr[2];
     for (int r = 0; r < 2; ++r) {
         float *d_Xe = dpoison(gpu, nXe * 4, POISON_F32), *d_dx = up(gpu, dx0, nX * 4);
         float *d_y = dpoison(gpu, nX * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
-        float *d_dcw = dpoison(gpu, nA * 4, POISON_F32);
+        float *d_dcw = dpoison(gpu, nA * 4, POISON_F32), *d_yr = dpoison(gpu, nX * 4, POISON_F32);
         gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
         gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, d_dx);
-        gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_y);
+        gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, NULL, d_y);
+        gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_x, d_yr);
         gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);
         if (!gpu_ok(gpu, "dispatch/combine(gaps)")) return;
+        got_yr[r] = down(gpu, d_yr, nX * 4);
         got_Xe[r] = down(gpu, d_Xe, nXe * 4);
         got_dx[r] = down(gpu, d_dx, nX * 4);
         got_y[r] = down(gpu, d_y, nX * 4);
@@ -1369,6 +1401,8 @@ static void test_dispatch_gaps_case(const cfg *c, int T, int d) {
     check_f32(op, got_dx, want_dx, nX, TOL_EW);
     snprintf(op, sizeof op, "combine(gaps,d=%d).y", d);
     check_f32(op, got_y, want_y, nX, TOL_EW);
+    snprintf(op, sizeof op, "combine(gaps,d=%d,residual).y", d);
+    check_f32(op, got_yr, want_yr, nX, TOL_EW);
     snprintf(op, sizeof op, "combine_bwd(gaps,d=%d).dYe", d);
     check_f32(op, got_dYe, want_dYe, nXe, TOL_EW);
     snprintf(op, sizeof op, "combine_bwd(gaps,d=%d).dcw", d);

@@ -188,7 +188,7 @@ static double st_surrogate(const harness *h) {
 
 static int h_forward(harness *h, double *probe, char *err, size_t errcap) {
     double aux = 0.0;
-    int rc = moe_layer_forward(&h->L, h->x, h->ids, h->T, h->lc->training, h->key, h->y, &aux, err, errcap);
+    int rc = moe_layer_forward(&h->L, h->x, h->ids, h->T, h->lc->training, h->key, NULL, h->y, &aux, err, errcap);
     if (rc != 0) return rc;
     double s = aux;
     for (size_t i = 0; i < (size_t)h->T * h->d; ++i) s += (double)h->c[i] * (double)h->y[i];

@@ -318,7 +318,7 @@ static void run_case(const lcase *lc, uint64_t seed) {
     if (h_open(&h, lc, seed) == 0) {
         char err[1024];
         double aux = 0.0;
-        int rc = moe_layer_forward(&h.L, h.x, h.ids, h.T, lc->training, h.key, h.y, &aux, err, sizeof err);
+        int rc = moe_layer_forward(&h.L, h.x, h.ids, h.T, lc->training, h.key, NULL, h.y, &aux, err, sizeof err);
         CHECK_MSG(rc == 0, "%s: forward: %s", lc->name, err);
         if (rc == 0) check_forward(&h, aux);
         gradcheck(&h);
@@ -350,7 +350,7 @@ static void test_hand_top1(int policy) {
     memcpy(h.x, xs, sizeof xs);
     char err[1024];
     double aux = 0.0;
-    int rc = moe_layer_forward(L, h.x, h.ids, 6, 1, h.key, h.y, &aux, err, sizeof err);
+    int rc = moe_layer_forward(L, h.x, h.ids, 6, 1, h.key, NULL, h.y, &aux, err, sizeof err);
     CHECK_MSG(rc == 0, "%s: %s", lc.name, err);
     if (rc != 0) {
         h_close(&h);
@@ -411,7 +411,7 @@ static void test_bad_router(void) {
         }
         char err[1024] = "";
         double aux = 0.0;
-        int rc = moe_layer_forward(&h.L, h.x, h.ids, 8, 1, h.key, h.y, &aux, err, sizeof err);
+        int rc = moe_layer_forward(&h.L, h.x, h.ids, 8, 1, h.key, NULL, h.y, &aux, err, sizeof err);
         if (mode != 7) {
             CHECK_MSG(rc == -1, "bad_router mode %d: forward returned %d, expected -1", mode, rc);
             CHECK_MSG(strstr(err, "bad_router") != NULL && strstr(err, want[mode]) != NULL,
@@ -432,7 +432,7 @@ static void test_empty(void) {
     if (h_open(&h, &lc, 31) == 0) {
         char err[1024];
         double aux = 0.25;
-        int rc = moe_layer_forward(&h.L, h.x, h.ids, 0, 1, h.key, h.y, &aux, err, sizeof err);
+        int rc = moe_layer_forward(&h.L, h.x, h.ids, 0, 1, h.key, NULL, h.y, &aux, err, sizeof err);
         CHECK_MSG(rc == 0, "T=0 forward: %s", err);
         CHECK(aux == 0.25);
         CHECK(h.L.stats.T == 0 && h.L.stats.assigned == 0 && h.L.stats.dropped == 0 && h.L.stats.tokens_dropped == 0);

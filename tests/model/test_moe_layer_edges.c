@@ -33,7 +33,7 @@ static void test_T_above_max(void) {
         for (int i = 0; i < T * h.d; ++i) x[i] = (float)((i * 37) % 11) / 11.0f - 0.5f;
         char err[1024] = "";
         double aux = 0.0;
-        int rc = moe_layer_forward(&h.L, x, ids, T, 1, h.key, y, &aux, err, sizeof err);
+        int rc = moe_layer_forward(&h.L, x, ids, T, 1, h.key, NULL, y, &aux, err, sizeof err);
         if (rc == 0) fprintf(stderr, "  T_above_max: forward with T = %d > max_tokens = %d returned 0\n", T, MAX_T);
         else fprintf(stderr, "  T_above_max: refused: %s\n", err);
         free(x);

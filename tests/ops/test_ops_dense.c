@@ -179,7 +179,9 @@ static void test_gemm_batched(moe_backend *be) {
 /* gemm_bias against a double-precision triple loop (with transposes, gaps
  * between products, padded rows, a bias per product or one for all, none),
  * the gaps and padding of C untouched; and with packed rows bitwise equal to
- * gemm_strided_batched followed by add_bias_batched, as backend.h says. */
+ * gemm_strided_batched followed by add_bias_batched, as backend.h says.
+ * With a residual (laid out as C): the loop's sum plus the residual, and
+ * bitwise the result without it followed by the residual's add. */
 static void test_gemm_bias(moe_backend *be) {
     const struct { int ta, tb, M, N, K, batch, gap, pad, bias_mode; } cases[] = {
         {0, 0, 9, 7, 5, 3, 0, 0, 1}, {1, 0, 6, 11, 4, 2, 3, 0, 1}, {0, 1, 5, 8, 13, 4, 1, 2, 2},
@@ -209,8 +211,30 @@ static void test_gemm_bias(moe_backend *be) {
                     }
                     ref[e * sC + (long long)m * ldc + n] = acc;
                 }
-        be->gemm_bias(be, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bm ? bias : NULL, sbias, C, ldc, sC, batch);
+        be->gemm_bias(be, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bm ? bias : NULL, sbias, NULL, C, ldc, sC,
+                      batch);
         CHECK_MSG(max_err(C, ref, nC) < 1e-5, "gemm_bias vs double loop (case %zu): %g", ci, max_err(C, ref, nC));
+        {
+            float *R = randv(nC, -1, 1), *CR = malloc(nC * sizeof *CR), *CplusR = malloc(nC * sizeof *CplusR);
+            double *refR = malloc(nC * sizeof *refR);
+            memcpy(CR, C0, nC * sizeof *CR);
+            memcpy(CplusR, C, nC * sizeof *CplusR);
+            memcpy(refR, ref, nC * sizeof *refR);
+            for (int e = 0; e < batch; ++e)
+                for (int m = 0; m < M; ++m)
+                    for (int n = 0; n < N; ++n) {
+                        const long long i = e * sC + (long long)m * ldc + n;
+                        refR[i] += R[i];
+                        CplusR[i] += R[i];
+                    }
+            be->gemm_bias(be, ta, tb, M, N, K, A, lda, sA, B, ldb, sB, bm ? bias : NULL, sbias, R, CR, ldc, sC,
+                          batch);
+            CHECK_MSG(max_err(CR, refR, nC) < 1e-5, "gemm_bias + residual vs double loop (case %zu): %g", ci,
+                      max_err(CR, refR, nC));
+            CHECK_MSG(memcmp(CR, CplusR, nC * sizeof *CR) == 0,
+                      "gemm_bias with a residual != gemm_bias then + residual (case %zu)", ci);
+            free(R), free(CR), free(CplusR), free(refR);
+        }
         if (pad == 0 && bm) {
             float *C2 = malloc(nC * sizeof *C2);
             memcpy(C2, C0, nC * sizeof *C2);

@@ -321,7 +321,7 @@ typedef struct {
 
 static double linear_loss(void *p) {
     linear_ctx *c = p;
-    be->gemm_bias(be, 0, 0, c->T, c->N, c->K, c->X, c->K, 0, c->W, c->N, 0, c->b, 0, c->Y, c->N, 0, 1);
+    be->gemm_bias(be, 0, 0, c->T, c->N, c->K, c->X, c->K, 0, c->W, c->N, 0, c->b, 0, NULL, c->Y, c->N, 0, 1);
     return dot(c->dY, c->Y, (size_t)c->T * c->N);
 }
 
@@ -458,7 +458,7 @@ typedef struct {
 
 static double combine_loss(void *p) {
     combine_ctx *c = p;
-    be->combine(be, c->Ye, c->kept, c->slot, c->cw, c->T, c->K, c->C, c->d, c->y);
+    be->combine(be, c->Ye, c->kept, c->slot, c->cw, c->T, c->K, c->C, c->d, NULL, c->y);
     return dot(c->dy, c->y, (size_t)c->T * c->d);
 }
 

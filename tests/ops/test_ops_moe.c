@@ -153,8 +153,14 @@ static void test_dispatch_combine(moe_backend *be) {
     moe_test_fill(&rng, Ye, E * C * d, -1, 1);
     moe_test_fill(&rng, cw, T * K, 0, 1);
     moe_test_fill(&rng, y, T * d, 5, 6); /* overwritten */
-    be->combine(be, Ye, kept, slot, cw, T, K, C, d, y);
-    double err = 0.0;
+    be->combine(be, Ye, kept, slot, cw, T, K, C, d, NULL, y);
+    /* with a residual: the sum plus it, and bitwise combine then its add */
+    float res[T * d], yr[T * d];
+    moe_test_fill(&rng, res, T * d, -1, 1);
+    moe_test_fill(&rng, yr, T * d, 5, 6); /* overwritten */
+    be->combine(be, Ye, kept, slot, cw, T, K, C, d, res, yr);
+    double err = 0.0, err_r = 0.0;
+    int same = 1;
     for (int t = 0; t < T; ++t)
         for (int i = 0; i < d; ++i) {
             double want = 0.0;
@@ -163,8 +169,12 @@ static void test_dispatch_combine(moe_backend *be) {
                 if (kept[a] >= 0) want += (double)cw[a] * Ye[(kept[a] * C + slot[a]) * d + i];
             }
             err = fmax(err, fabs(y[t * d + i] - want));
+            err_r = fmax(err_r, fabs(yr[t * d + i] - (want + res[t * d + i])));
+            same &= yr[t * d + i] == y[t * d + i] + res[t * d + i];
         }
     CHECK_MSG(err < 1e-6, "combine: max error %g", err);
+    CHECK_MSG(err_r < 1e-6, "combine with a residual: max error %g", err_r);
+    CHECK_MSG(same, "combine with a residual != combine then + residual");
 }
 
 /* lb = E sum_e f[e] P[e] with P[e] = mean_t softmax(lb_logits[t])[e];

@@ -72,14 +72,32 @@ static void add_bias_rows(float *C, int ldc, long long strideC, const float *bia
     }
 }
 
+/* C[e][m][j] += R[e][m][j] for `batch` blocks of M rows, R laid out as C:
+ * one addition per element. */
+static void add_residual_rows(float *C, int ldc, long long strideC, const float *R, int M, int N, int batch) {
+    if (batch <= 0 || M <= 0 || N <= 0) return;
+    long long rows = (long long)batch * M;
+#pragma omp parallel for schedule(static)
+    for (long long r = 0; r < rows; ++r) {
+        long long e = r / M, m = r % M;
+        long long off = e * strideC + m * (long long)ldc;
+        float *row = C + off;
+        const float *res = R + off;
+        for (int j = 0; j < N; ++j) row[j] += res[j];
+    }
+}
+
 /* The product, then the bias add of cpu_add_bias_batched (bitwise that pair
- * of calls when ldc == N). */
+ * of calls when ldc == N), then the residual add (bitwise an axpy of 1 *
+ * residual into that result: 1 * r is r, and the addition commutes). */
 void cpu_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
                    long long strideA, const float *B, int ldb, long long strideB, const float *bias,
-                   long long stride_bias, float *C, int ldc, long long strideC, int batch) {
+                   long long stride_bias, const float *residual, float *C, int ldc, long long strideC,
+                   int batch) {
     cpu_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,
                              strideC, batch);
     if (bias) add_bias_rows(C, ldc, strideC, bias, stride_bias, M, N, batch);
+    if (residual) add_residual_rows(C, ldc, strideC, residual, M, N, batch);
 }
 
 /* The per-expert forms: entry e of the batch is y + e*stride_y ([T,N]) and

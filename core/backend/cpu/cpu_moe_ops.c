@@ -123,8 +123,11 @@ void cpu_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, co
         }
 }
 
+/* The weighted sum from 0 in k order, then the residual: bitwise combine
+ * followed by axpy(1, residual, y), so a model folding its residual add in
+ * here keeps its results. */
 void cpu_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
-                 const float *cw, int T, int K, int C, int d, float *y) {
+                 const float *cw, int T, int K, int C, int d, const float *residual, float *y) {
     (void)be;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; ++t) {
@@ -135,6 +138,10 @@ void cpu_combine(moe_backend *be, const float *Ye, const int32_t *kept, const in
             if (kept[a] < 0) continue;
             const float *src = Ye + ((size_t)kept[a] * C + slot[a]) * d;
             for (int i = 0; i < d; ++i) out[i] += cw[a] * src[i];
+        }
+        if (residual) {
+            const float *res = residual + (size_t)t * d;
+            for (int i = 0; i < d; ++i) out[i] += res[i];
         }
     }
 }

@@ -29,7 +29,8 @@ void cpu_add_bias(moe_backend *be, float *y, const float *b, int T, int N);
 void cpu_bias_grad(moe_backend *be, const float *dy, float *db, int T, int N);
 void cpu_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
                    long long strideA, const float *B, int ldb, long long strideB, const float *bias,
-                   long long stride_bias, float *C, int ldc, long long strideC, int batch);
+                   long long stride_bias, const float *residual, float *C, int ldc, long long strideC,
+                   int batch);
 void cpu_add_bias_batched(moe_backend *be, float *y, const float *b, int batch, int T, int N,
                           long long stride_y, long long stride_b);
 void cpu_bias_grad_batched(moe_backend *be, const float *dy, float *db, int batch, int T, int N,

@@ -408,7 +408,8 @@ void cuda_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha
                int lda, const float *B, int ldb, float beta, float *C, int ldc);
 void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
                     long long strideA, const float *B, int ldb, long long strideB, const float *bias,
-                    long long stride_bias, float *C, int ldc, long long strideC, int batch);
+                    long long stride_bias, const float *residual, float *C, int ldc, long long strideC,
+                    int batch);
 /* Whether a GEMM of M x N x K takes bf16 operands: bf16 mode, and no side
  * shorter than 16 (those run in fp32; cuda_linalg.cu says why). */
 bool cuda_gemm_takes_bf16(moe_backend *be, int M, int N, int K);
@@ -531,7 +532,7 @@ void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const i
 void cuda_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
                        int T, int K, int C, int d, float *dx);
 void cuda_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
-                  const float *cw, int T, int K, int C, int d, float *y);
+                  const float *cw, int T, int K, int C, int d, const float *residual, float *y);
 void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                       const float *cw, const float *dy, int T, int K, int C, int E, int d,
                       float *dYe, float *dcw);

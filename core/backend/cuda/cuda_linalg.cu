@@ -77,10 +77,12 @@ static void to_bf16(moe_backend *be, const float *src, long long ld, long long s
 
 static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, float alpha, const void *A,
                     int lda, long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
-                    float beta, void *C, int ldc, long long sC, int batch, int out_bf16 = 0);
+                    float beta, void *C, int ldc, long long sC, int batch, int out_bf16 = 0,
+                    const float *residual = NULL);
 static void gemm_bf16_ops(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const __nv_bfloat16 *A,
                           int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB, const float *bias,
-                          long long sbias, float beta, float *C, int ldc, long long sC, int batch);
+                          long long sbias, float beta, float *C, int ldc, long long sC, int batch,
+                          const float *residual = NULL);
 
 /* fp32: pure fp32 (no TF32) through a cuBLASLt plan, whose heuristics split
  * long sums (the gate's weight gradient, K = T) where cuBLAS's sgemm did
@@ -234,6 +236,10 @@ struct cuda_lt_key {
     /* out_bf16: the plain product (no bias) written to C in bf16, once
      * rounded from the fp32 sum */
     int out_bf16;
+    /* has_residual: the GEMM's C input is another matrix than its output D
+     * (same layout, beta 1), the residual of gemm_bias; its address counts
+     * in align */
+    int has_residual;
 };
 
 struct cuda_lt_plan {
@@ -419,14 +425,35 @@ static void bias_rows(moe_backend *be, float *C, int ldc, long long sC, const fl
     KERNEL_CHECK(be, set ? "bias_rows_kernel (set)" : "bias_rows_kernel (add)");
 }
 
-/* C = op(A) op(B) (+ bias) + beta C through a cuBLASLt plan; A and B are
- * bf16 or fp32 (bf16 != 0), C fp32, or bf16 where out_bf16 != 0 (then
- * without a bias). Returns false, having done nothing, when cuBLASLt has no
- * algorithm for the shape (the caller takes another way); true when it ran
- * or an error was recorded. */
+/* C += R element by element, R laid out as C: gemm_bias's residual where
+ * no cuBLASLt plan takes it as the GEMM's C input. */
+__global__ void residual_rows_kernel(float *C, int ldc, long long strideC, const float *R, int M, int N,
+                                     long long rows) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long e = r / M, m = r - e * M;
+        const long long off = e * strideC + m * ldc;
+        for (int j = threadIdx.x; j < N; j += blockDim.x) C[off + j] += R[off + j];
+    }
+}
+
+static void residual_rows(moe_backend *be, float *C, int ldc, long long sC, const float *R, int M, int N,
+                          int batch) {
+    const long long rows = (long long)batch * M;
+    if (!R || rows <= 0 || N <= 0) return;
+    residual_rows_kernel<<<(unsigned)(rows < 65536 ? rows : 65536), 128, 0, cuda_stream(be)>>>(C, ldc, sC, R, M,
+                                                                                               N, rows);
+    KERNEL_CHECK(be, "residual_rows_kernel");
+}
+
+/* C = op(A) op(B) (+ bias) + beta R through a cuBLASLt plan, R = residual
+ * (fp32, C's layout, not overlapping C) when not NULL, else C itself; A and
+ * B are bf16 or fp32 (bf16 != 0), C fp32, or bf16 where out_bf16 != 0 (then
+ * without a bias or residual). Returns false, having done nothing, when
+ * cuBLASLt has no algorithm for the shape (the caller takes another way);
+ * true when it ran or an error was recorded. */
 static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int K, float alpha, const void *A,
                     int lda, long long sA, const void *B, int ldb, long long sB, const float *bias, long long sbias,
-                    float beta, void *C, int ldc, long long sC, int batch, int out_bf16) {
+                    float beta, void *C, int ldc, long long sC, int batch, int out_bf16, const float *residual) {
     cuda_impl *st = cuda_state(be);
     cuda_lt_key k;
     memset(&k, 0, sizeof k); /* the key is compared bytewise, padding included */
@@ -434,7 +461,9 @@ static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int
     k.lda = lda, k.ldb = ldb, k.ldc = ldc, k.batch = batch, k.has_bias = bias != NULL;
     k.sA = sA, k.sB = sB, k.sC = sC, k.sbias = bias ? sbias : 0;
     k.out_bf16 = out_bf16;
+    k.has_residual = residual != NULL;
     k.align = min(byte_alignment(C), min(byte_alignment(A), byte_alignment(B)));
+    if (residual) k.align = min(k.align, byte_alignment(residual));
     cuda_lt_plan *p = lt_plan_find(be, k);
     if (!p) return true; /* recorded */
     if (!p->usable) return false;
@@ -447,7 +476,8 @@ static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int
             return true;
         }
     }
-    cublasStatus_t s = cublasLtMatmul(st->lt, p->desc, &alpha, B, p->a, A, p->b, &beta, C, p->c, C, p->c,
+    const void *Cin = residual ? (const void *)residual : (const void *)C;
+    cublasStatus_t s = cublasLtMatmul(st->lt, p->desc, &alpha, B, p->a, A, p->b, &beta, Cin, p->c, C, p->c,
                                       &p->algo, st->lt_workspace, st->lt_workspace_bytes, cuda_stream(be));
     if (s != CUBLAS_STATUS_SUCCESS)
         cuda_record_error(be, __FILE__, __LINE__, "cublasLtMatmul", cublasGetStatusString(s));
@@ -456,17 +486,23 @@ static bool lt_gemm(moe_backend *be, int bf16, int ta, int tb, int M, int N, int
 
 
 /* The GEMM of bf16 operands: a cuBLASLt plan, or cuBLAS and then the bias
- * where cuBLASLt has no algorithm. */
+ * (and the residual) where cuBLASLt has no algorithm. With a residual, beta
+ * scales it instead of C (gemm_bias passes 1); without, C is the input. */
 static void gemm_bf16_ops(moe_backend *be, int ta, int tb, int M, int N, int K, float alpha, const __nv_bfloat16 *A,
                           int lda, long long sA, const __nv_bfloat16 *B, int ldb, long long sB, const float *bias,
-                          long long sbias, float beta, float *C, int ldc, long long sC, int batch) {
+                          long long sbias, float beta, float *C, int ldc, long long sC, int batch,
+                          const float *residual) {
     if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;
-    if (lt_gemm(be, 1, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch))
+    if (lt_gemm(be, 1, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, bias, sbias, beta, C, ldc, sC, batch, 0,
+                residual))
         return;
+    const float cublas_beta = residual ? 0.0f : beta;
     CUBLAS_CHECK(be, cublasGemmStridedBatchedEx(cuda_state(be)->cublas, cublas_op(tb), cublas_op(ta), N, M, K,
-                                                &alpha, B, CUDA_R_16BF, ldb, sB, A, CUDA_R_16BF, lda, sA, &beta, C,
-                                                CUDA_R_32F, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                                &alpha, B, CUDA_R_16BF, ldb, sB, A, CUDA_R_16BF, lda, sA,
+                                                &cublas_beta, C, CUDA_R_32F, ldc, sC, batch, CUBLAS_COMPUTE_32F,
+                                                CUBLAS_GEMM_DEFAULT));
     if (bias) bias_rows<false>(be, C, ldc, sC, bias, sbias, M, N, batch);
+    residual_rows(be, C, ldc, sC, residual, M, N, batch);
 }
 
 void cuda_gemm_bf16_operands(moe_backend *be, int ta, int tb, int M, int N, int K, const __nv_bfloat16 *A,
@@ -523,27 +559,34 @@ bool cuda_gemm_bf16_gelu_aux(moe_backend *be, int M, int N, int K, const __nv_bf
     return true;
 }
 
+/* The residual enters cuBLASLt as the GEMM's C input with beta 1 (D, the
+ * output, another matrix of the same layout): the model's residual add
+ * costs no pass of its own. */
 void cuda_gemm_bias(moe_backend *be, int ta, int tb, int M, int N, int K, const float *A, int lda,
                     long long strideA, const float *B, int ldb, long long strideB, const float *bias,
-                    long long stride_bias, float *C, int ldc, long long strideC, int batch) {
+                    long long stride_bias, const float *residual, float *C, int ldc, long long strideC,
+                    int batch) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
     if (K <= 0) { /* an empty sum: C is the bias (or 0); cuBLAS would refuse ld = 0 */
         bias_rows<true>(be, C, ldc, strideC, bias, stride_bias, M, N, batch);
+        residual_rows(be, C, ldc, strideC, residual, M, N, batch);
         return;
     }
+    const float beta = residual ? 1.0f : 0.0f;
     if (cuda_gemm_takes_bf16(be, M, N, K)) {
         bf16_operands op;
         if (!round_operands(be, ta, tb, M, N, K, A, lda, strideA, B, ldb, strideB, batch, &op)) return;
-        cuda_gemm_bf16_operands(be, op.ta, op.tb, M, N, K, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, bias,
-                                stride_bias, 0.0f, C, ldc, strideC, batch);
+        gemm_bf16_ops(be, op.ta, op.tb, M, N, K, 1.0f, op.A, op.lda, op.sA, op.B, op.ldb, op.sB, bias, stride_bias,
+                      beta, C, ldc, strideC, batch, residual);
         return;
     }
-    if (lt_gemm(be, 0, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, bias, stride_bias, 0.0f, C, ldc,
-                strideC, batch))
+    if (lt_gemm(be, 0, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, bias, stride_bias, beta, C, ldc,
+                strideC, batch, 0, residual))
         return;
     cuda_gemm_strided_batched(be, ta, tb, M, N, K, 1.0f, A, lda, strideA, B, ldb, strideB, 0.0f, C, ldc,
                               strideC, batch);
     if (bias) bias_rows<false>(be, C, ldc, strideC, bias, stride_bias, M, N, batch);
+    residual_rows(be, C, ldc, strideC, residual, M, N, batch);
 }
 
 /* ------------------------------------------------------------------ */

@@ -409,12 +409,13 @@ void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const i
 
 /* One block per token: out[t] = init + sum over kept k (ascending) of
  * scale_k * rows[t,k], scale_k = cw[t,k] (combine: init 0, products rounded
- * as on the CPU) or 1 (dispatch_bwd: init dx[t], plain sums). E is not
- * passed: only the slot can be range-checked. */
+ * as on the CPU, then + residual[t] when not NULL) or 1 (dispatch_bwd: init
+ * dx[t], plain sums). E is not passed: only the slot can be range-checked. */
 template <int W, bool WEIGHTED>
 __global__ void gather_sum_kernel(const float *__restrict__ rows, const int32_t *__restrict__ kept,
                                   const int32_t *__restrict__ slot, const float *__restrict__ cw,
-                                  int T, int K, int C, int d, float *__restrict__ out, int *flags) {
+                                  const float *__restrict__ residual, int T, int K, int C, int d,
+                                  float *__restrict__ out, int *flags) {
     const int nvec = d / W;
     for (size_t t = blockIdx.x; t < (size_t)T; t += gridDim.x) {
         float *dst = out + t * d;
@@ -446,6 +447,11 @@ __global__ void gather_sum_kernel(const float *__restrict__ rows, const int32_t 
                     for (int c = 0; c < W; ++c) acc.v[c] = __fadd_rn(acc.v[c], v.v[c]);
                 }
             }
+            if (WEIGHTED && residual) {
+                const VecF<W> r = vload_ro<W>(residual + t * d + (size_t)i * W);
+#pragma unroll
+                for (int c = 0; c < W; ++c) acc.v[c] = __fadd_rn(acc.v[c], r.v[c]);
+            }
             vstore<W>(dst + (size_t)i * W, acc);
         }
     }
@@ -459,27 +465,28 @@ void cuda_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, c
     int *flags = cuda_state(be)->d_flags;
     if (d % 4 == 0 && aligned16(dXe) && aligned16(dx)) {
         gather_sum_kernel<4, false><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
-            dXe, kept, slot, NULL, T, K, C, d, dx, flags);
+            dXe, kept, slot, NULL, NULL, T, K, C, d, dx, flags);
     } else {
         gather_sum_kernel<1, false><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
-            dXe, kept, slot, NULL, T, K, C, d, dx, flags);
+            dXe, kept, slot, NULL, NULL, T, K, C, d, dx, flags);
     }
     KERNEL_CHECK(be, "dispatch_bwd_kernel");
 }
 
-/* y[t, i] = sum over kept k of cw[t,k] * Ye[row(t,k), i] (overwrite). */
+/* y[t, i] = sum over kept k of cw[t,k] * Ye[row(t,k), i] (+ residual[t, i]
+ * last, when not NULL) (overwrite). */
 void cuda_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
-                  const float *cw, int T, int K, int C, int d, float *y) {
+                  const float *cw, int T, int K, int C, int d, const float *residual, float *y) {
     if (T <= 0 || d <= 0) return;
     cudaStream_t st = cuda_stream(be);
     int *flags = cuda_state(be)->d_flags;
     const int Kc = K > 0 ? K : 0;
-    if (d % 4 == 0 && aligned16(Ye) && aligned16(y)) {
+    if (d % 4 == 0 && aligned16(Ye) && aligned16(y) && (!residual || aligned16(residual))) {
         gather_sum_kernel<4, true><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
-            Ye, kept, slot, cw, T, Kc, C, d, y, flags);
+            Ye, kept, slot, cw, residual, T, Kc, C, d, y, flags);
     } else {
         gather_sum_kernel<1, true><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
-            Ye, kept, slot, cw, T, Kc, C, d, y, flags);
+            Ye, kept, slot, cw, residual, T, Kc, C, d, y, flags);
     }
     KERNEL_CHECK(be, "combine_kernel");
 }
