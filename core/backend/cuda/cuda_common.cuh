@@ -259,7 +259,11 @@ __device__ __forceinline__ bool last_block_arrived(int *ticket, unsigned nblocks
  * last block of the column tile to finish (colsum_out), or by a second
  * kernel when there are more tiles than tickets. */
 constexpr int COLSUM_LANES = 8;
-constexpr int COLSUM_ROWS = 256;
+/* 64 rows per chunk: at a dense layer's shape (8192 rows, 256-768 columns
+ * in tiles of 128) 256-row chunks made 64-192 blocks, too few to keep the
+ * GPU's memory busy (the fused dY passes ran at a third of its bandwidth);
+ * the in-kernel finish then adds more partials, which costs far less. */
+constexpr int COLSUM_ROWS = 64;
 
 /* Where finished column sums go: column j = e * N + c adds into
  * out[e * stride + c] (a plain sum: N = the column count, stride 0). out

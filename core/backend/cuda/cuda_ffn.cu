@@ -133,13 +133,19 @@ __device__ __forceinline__ void load4(const __nv_bfloat16 *p, float v[4]) {
     v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
 }
 
+/* Its chunks are FFN_DH_ROWS rows, not COLSUM_ROWS: the experts' dH has
+ * batch * hin columns (8192 at the expC shape), enough blocks already, and
+ * longer chunks leave fewer partials to add. */
+constexpr int FFN_DH_ROWS = 256;
+static_assert(FFN_DH_ROWS >= COLSUM_ROWS, "ffn_bwd sizes the dH partials for COLSUM_ROWS chunks");
+
 template <typename HT>
 __global__ void ffn_dh_vec4_kernel(moe_act_kind kind, const HT *H, const __nv_bfloat16 *dA, __nv_bfloat16 *dH,
                                    int C, int hin, int cols, float *partial, colsum_out dst) {
     __shared__ float lane_sums[COLSUM_LANES][128];
     const int chunk = blockIdx.x;
     const int j = blockIdx.y * 128 + threadIdx.x * 4; /* first of this thread's four columns */
-    const int t0 = chunk * COLSUM_ROWS, t1 = min(C, t0 + COLSUM_ROWS);
+    const int t0 = chunk * FFN_DH_ROWS, t1 = min(C, t0 + FFN_DH_ROWS);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (j < cols) {
         const int e = j / hin, c = j - e * hin; /* hin % 4 == 0: the four share an expert */
@@ -282,6 +288,10 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const bool vec4 = kind != MOE_ACT_SWIGLU && hin % 4 == 0 && (uintptr_t)H % 16 == 0 && (uintptr_t)dA % 8 == 0;
     dim3 grid;
     if (!colsum_grid(be, C, cols, vec4, "ffn_bwd", &grid)) return;
+    /* the vector dH pass takes FFN_DH_ROWS rows per chunk (fewer chunks
+     * than COLSUM_ROWS gives, so the partials' space below is enough) */
+    const int dh_chunks = vec4 ? (C + FFN_DH_ROWS - 1) / FFN_DH_ROWS : nchunks;
+    grid.x = (unsigned)dh_chunks;
     ScratchLayout lay;
     const size_t dy_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
     const size_t x_off = lay.add((size_t)sX * batch * sizeof(__nv_bfloat16));
@@ -342,7 +352,7 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     KERNEL_CHECK(be, "ffn dH pass");
     if (colsum_needs_finish(dst, db1)) {
         colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
-            partial, nchunks, hin, cols, db1, hin);
+            partial, dh_chunks, hin, cols, db1, hin);
         KERNEL_CHECK(be, "colsum_finish_batched_kernel (ffn db1)");
     }
     /* dX = dH w1^T; dw1 += X^T dH */
