@@ -267,7 +267,7 @@ constexpr int COLSUM_ROWS = 64;
 
 /* Where finished column sums go: column j = e * N + c adds into
  * out[e * stride + c] (a plain sum: N = the column count, stride 0). out
- * NULL: the partials are left for colsum_finish_kernel. tickets: one per
+ * NULL: the partials are left for colsum_finish_if_needed. tickets: one per
  * column tile (cuda_impl.d_tickets). */
 struct colsum_out {
     float *out;
@@ -278,7 +278,8 @@ struct colsum_out {
 
 /* The tile's columns [col0, col0 + width) of `cols`, once every chunk's
  * partial is in: each adds its chunks in chunk order (the order of
- * colsum_finish_kernel, so the sums are the same floats) into its output. */
+ * colsum_finish_batched_kernel, so the sums are the same floats) into its
+ * output. */
 __device__ __forceinline__ void colsum_finish_tile(const float *partial, int cols, int col0, int width,
                                                    const colsum_out &dst) {
     if (!last_block_arrived(&dst.tickets[blockIdx.y], gridDim.x)) return;
@@ -357,7 +358,6 @@ __device__ __forceinline__ void colsum4_store(float (&lane_sums)[COLSUM_LANES][1
     if (dst.out) colsum_finish_tile(partial, cols, blockIdx.y * 128, 128, dst);
 }
 
-__global__ void colsum_finish_kernel(const float *partial, int nchunks, int N, float *out);
 __global__ void colsum_finish_batched_kernel(const float *partial, int nchunks, int N, int cols, float *out,
                                              long long stride_out);
 
@@ -375,6 +375,17 @@ static inline colsum_out colsum_dest(moe_backend *be, float *out, int N, long lo
 }
 static inline bool colsum_needs_finish(const colsum_out &d, const float *out) { return out && !d.out; }
 
+/* The second pass, when the partial kernel could not finish the sums itself
+ * (more column tiles than tickets): the chunks' partials of `cols` columns
+ * added in chunk order into out, mapped as dst says. */
+static inline void colsum_finish_if_needed(moe_backend *be, const colsum_out &dst, float *out, const float *partial,
+                                           int nchunks, int cols, const char *what) {
+    if (!colsum_needs_finish(dst, out)) return;
+    colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
+        partial, nchunks, dst.N, cols, out, dst.stride);
+    KERNEL_CHECK(be, what);
+}
+
 template <class F>
 void colsum_accumulate(moe_backend *be, F f, int T, int N, float *out, const char *what) {
     if (T <= 0 || N <= 0) return;
@@ -390,10 +401,7 @@ void colsum_accumulate(moe_backend *be, F f, int T, int N, float *out, const cha
     colsum_partial_kernel<F><<<dim3(nchunks, ntiles), dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
         f, T, N, partial, dst);
     KERNEL_CHECK(be, what);
-    if (colsum_needs_finish(dst, out)) {
-        colsum_finish_kernel<<<cuda_blocks((size_t)N), CUDA_THREADS, 0, cuda_stream(be)>>>(partial, nchunks, N, out);
-        KERNEL_CHECK(be, what);
-    }
+    colsum_finish_if_needed(be, dst, out, partial, nchunks, N, what);
 }
 
 /* ------------------------------------------------------------------ */

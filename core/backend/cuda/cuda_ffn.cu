@@ -323,11 +323,7 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
                 ffn_dy_term{dY, dYh, C, d}, C, dy_cols, dy_partial, dy_dst);
         }
         KERNEL_CHECK(be, "ffn dY pass");
-        if (colsum_needs_finish(dy_dst, db2)) {
-            colsum_finish_batched_kernel<<<cuda_blocks((size_t)dy_cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
-                dy_partial, nchunks, d, dy_cols, db2, d);
-            KERNEL_CHECK(be, "colsum_finish_batched_kernel (ffn db2)");
-        }
+        colsum_finish_if_needed(be, dy_dst, db2, dy_partial, nchunks, dy_cols, "colsum finish (ffn db2)");
     }
     const __nv_bfloat16 *w2t = /* [d, n] */
         cuda_bf16_operand(be, w2, d, sw2, n, d, batch, (__nv_bfloat16 *)(base + w2t_off), true);
@@ -350,11 +346,7 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
             ffn_dh_term<float>{kind, H, dAh, dHh, C, n, hin}, C, cols, partial, dst);
     }
     KERNEL_CHECK(be, "ffn dH pass");
-    if (colsum_needs_finish(dst, db1)) {
-        colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
-            partial, dh_chunks, hin, cols, db1, hin);
-        KERNEL_CHECK(be, "colsum_finish_batched_kernel (ffn db1)");
-    }
+    colsum_finish_if_needed(be, dst, db1, partial, dh_chunks, cols, "colsum finish (ffn db1)");
     /* dX = dH w1^T; dw1 += X^T dH */
     const __nv_bfloat16 *w1t = /* [hin, d] */
         cuda_bf16_operand(be, w1, hin, sw1, d, hin, batch, (__nv_bfloat16 *)(base + w1t_off), true);

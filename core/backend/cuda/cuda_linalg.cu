@@ -604,16 +604,6 @@ void cuda_add_bias(moe_backend *be, float *y, const float *b, int T, int N) {
     KERNEL_CHECK(be, "add_bias_kernel");
 }
 
-/* Shared by every column sum (cuda_common.cuh): adds each column's chunk
- * partials in chunk order. */
-__global__ void colsum_finish_kernel(const float *partial, int nchunks, int N, float *out) {
-    GRID_STRIDE_LOOP(j, N) {
-        float s = 0.0f;
-        for (int c = 0; c < nchunks; ++c) s += partial[(size_t)c * N + j];
-        out[j] += s;
-    }
-}
-
 struct dy_element {
     const float *dy;
     int N;
@@ -642,6 +632,9 @@ struct dy_batched_element {
     }
 };
 
+/* Every column sum's second pass, when its partial kernel could not finish
+ * it (colsum_finish_if_needed): column j adds its chunk partials in chunk
+ * order into out[(j / N) * stride_out + j % N] (a plain sum: N = cols). */
 __global__ void colsum_finish_batched_kernel(const float *partial, int nchunks, int N, int cols,
                                              float *out, long long stride_out) {
     GRID_STRIDE_LOOP(j, cols) {
@@ -675,11 +668,7 @@ void cuda_bias_grad_batched(moe_backend *be, const float *dy, float *db, int bat
         <<<dim3(nchunks, (unsigned)ntiles), dim3(32, COLSUM_LANES), 0, cuda_stream(be)>>>(
             dy_batched_element{dy, N, stride_dy}, T, cols, partial, dst);
     KERNEL_CHECK(be, "bias_grad_batched");
-    if (colsum_needs_finish(dst, db)) {
-        colsum_finish_batched_kernel<<<cuda_blocks((size_t)cols), CUDA_THREADS, 0, cuda_stream(be)>>>(
-            partial, nchunks, N, cols, db, stride_db);
-        KERNEL_CHECK(be, "bias_grad_batched");
-    }
+    colsum_finish_if_needed(be, dst, db, partial, nchunks, cols, "bias_grad_batched");
 }
 
 /* ------------------------------------------------------------------ */

@@ -79,10 +79,7 @@ void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const floa
         colsum_partial_kernel<round_term><<<grid, block, 0, st>>>(round_term{dY, dYh, N}, T, N, partial, dst);
         KERNEL_CHECK(be, "colsum_partial_kernel (linear dY)");
     }
-    if (colsum_needs_finish(dst, db)) {
-        colsum_finish_kernel<<<cuda_blocks((size_t)N), CUDA_THREADS, 0, st>>>(partial, nchunks, N, db);
-        KERNEL_CHECK(be, "colsum_finish_kernel (linear db)");
-    }
+    colsum_finish_if_needed(be, dst, db, partial, nchunks, N, "colsum finish (linear db)");
     /* dW += X^T dY */
     cuda_round_bf16(be, X, K, 0, T, K, 1, Xh, false);
     cuda_gemm_bf16_operands(be, 1, 0, K, N, T, Xh, K, 0, dYh, N, 0, NULL, 0, 1.0f, dW, N, 0, 1);
