@@ -610,7 +610,7 @@ static moe_status ec_cuda_forward(void *state, const moe_context *ctx, const moe
     unsigned long long *keys = (unsigned long long *)(ws + L.keys);
     unsigned long long *keys2 = L.keys2 ? (unsigned long long *)(ws + L.keys2) : NULL;
 
-    ec_scores_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    ec_scores_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->logits, T, E, S);
     MOE_ROUTER_LAUNCHED(ec_scores_kernel);
     MOE_ROUTER_CUDA(cudaMemsetAsync(rank, 0xFF, (size_t)T * E * sizeof(int32_t), stream)); /* -1: not taken */
@@ -619,7 +619,7 @@ static moe_status ec_cuda_forward(void *state, const moe_context *ctx, const moe
         if (st != MOE_OK) return st;
     }
     /* Seed mode builds its masked logit rows in S, which no one reads again. */
-    ec_assign_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    ec_assign_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->logits, S, rank, T, E, k_out, owns_capacity, owns_capacity ? NULL : S, a->expert, a->weight, a->slot);
     MOE_ROUTER_LAUNCHED(ec_assign_kernel);
     return MOE_OK;
@@ -641,7 +641,7 @@ static moe_status ec_cuda_backward(void *state, const moe_context *ctx, const mo
     if (st != MOE_OK) return st;
 
     float *S = (float *)((char *)ctx->workspace + ec_layout_for(s, T).S);
-    ec_backward_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    ec_backward_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->logits, a->expert, a->weight, a->dweight, T, E, k_out, s->max_per_token == 0, S, a->dlogits);
     MOE_ROUTER_LAUNCHED(ec_backward_kernel);
     return MOE_OK;

@@ -111,7 +111,7 @@ static moe_status hash_cuda_forward(void *state, const moe_context *ctx, const m
         st = hash_cuda_check_ids(s, ctx, stream, ids, a->T);
         if (st != MOE_OK) return st;
     }
-    hash_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    hash_forward_kernel<<<moe_router_cuda_row_blocks((size_t)a->T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         ids, a->T, s->E, s->K, 1.0f / (float)s->K, a->expert, a->weight);
     MOE_ROUTER_LAUNCHED(hash_forward_kernel);
     return MOE_OK;

@@ -200,7 +200,8 @@ __global__ void noisy_dx_kernel(const float *dpre, const float *w_noise, int32_t
         float *dxr = dx + (size_t)t * d_model;
         for (int32_t d = threadIdx.x; d < d_model; d += blockDim.x) {
             float acc = dxr[d];
-            for (int32_t e = 0; e < E; ++e) acc += dp[e] * (staged ? sW[(size_t)e * d_model + d] : w_noise[(size_t)d * E + e]);
+            for (int32_t e = 0; e < E; ++e)
+                acc += dp[e] * (staged ? sW[(size_t)e * d_model + d] : w_noise[(size_t)d * E + e]);
             dxr[d] = acc;
         }
     }
@@ -257,7 +258,7 @@ static moe_status noisy_cuda_forward(void *state, const moe_context *ctx, const 
     unsigned long long *flags = (unsigned long long *)ctx->workspace;
 
     MOE_ROUTER_CUDA(cudaMemsetAsync(flags, 0xFF, 2 * sizeof *flags, stream));
-    noisy_perturb_kernel<<<moe_router_cuda_blocks((size_t)T * E, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    noisy_perturb_kernel<<<moe_router_cuda_row_blocks((size_t)T * E), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->logits, T, E, ctx->training != 0, ctx->rng, s->noise_std, a->x, w_noise, s->d_model, a->route_logits,
         flags);
     MOE_ROUTER_LAUNCHED(noisy_perturb_kernel);
@@ -268,7 +269,7 @@ static moe_status noisy_cuda_forward(void *state, const moe_context *ctx, const 
         if (st != MOE_OK) return st;
     }
 
-    noisy_route_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    noisy_route_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->route_logits, T, E, K, s->temperature, a->expert, a->weight);
     MOE_ROUTER_LAUNCHED(noisy_route_kernel);
     return MOE_OK;
@@ -293,14 +294,14 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
                                       (unsigned long long *)ctx->workspace);
     if (st != MOE_OK) return st;
 
-    noisy_dlp_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    noisy_dlp_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->expert, a->weight, a->dweight, a->d_route_logits, T, E, K, s->temperature, a->dlogits);
     MOE_ROUTER_LAUNCHED(noisy_dlp_kernel);
     if (!noise_path) return MOE_OK;
 
     float *dpre = (float *)((char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES);
     const float *W = a->params[0];
-    noisy_dpre_kernel<<<moe_router_cuda_blocks((size_t)T * E, 1u << 16), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    noisy_dpre_kernel<<<moe_router_cuda_row_blocks((size_t)T * E), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->dlogits, a->x, W, T, E, D, ctx->rng, dpre);
     MOE_ROUTER_LAUNCHED(noisy_dpre_kernel);
     float *partial = dpre + (size_t)T * E;
@@ -313,11 +314,11 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
     MOE_ROUTER_LAUNCHED(noisy_dw_finish_kernel);
     const size_t w_bytes = (size_t)D * E * sizeof(float);
     if (w_bytes <= NOISY_DX_SHARED_MAX) { /* a few blocks per SM, each staging W once */
-        noisy_dx_kernel<true><<<(unsigned)(T < 512 ? T : 512), MOE_ROUTER_CUDA_THREADS, w_bytes, stream>>>(dpre, W, T, E,
-                                                                                                      D, a->dx);
+        const unsigned blocks = (unsigned)(T < 512 ? T : 512);
+        noisy_dx_kernel<true><<<blocks, MOE_ROUTER_CUDA_THREADS, w_bytes, stream>>>(dpre, W, T, E, D, a->dx);
     } else {
-        noisy_dx_kernel<false><<<(unsigned)(T < 65535 ? T : 65535), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(dpre, W, T, E,
-                                                                                                         D, a->dx);
+        const unsigned blocks = (unsigned)(T < 65535 ? T : 65535);
+        noisy_dx_kernel<false><<<blocks, MOE_ROUTER_CUDA_THREADS, 0, stream>>>(dpre, W, T, E, D, a->dx);
     }
     MOE_ROUTER_LAUNCHED(noisy_dx_kernel);
     return MOE_OK;

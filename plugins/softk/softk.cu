@@ -166,7 +166,7 @@ static moe_status softk_cuda_forward(void *state, const moe_context *ctx, const 
     if (st != MOE_OK) return st;
 
     char *rows = (char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES;
-    softk_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    softk_forward_kernel<<<moe_router_cuda_row_blocks((size_t)a->T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->logits, a->T, a->E, s->top_k, s->temperature, s->normalize == SOFTK_SUM, rows, a->expert, a->weight);
     MOE_ROUTER_LAUNCHED(softk_forward_kernel);
     return MOE_OK;
@@ -185,7 +185,7 @@ static moe_status softk_cuda_backward(void *state, const moe_context *ctx, const
     if (st != MOE_OK) return st;
 
     char *rows = (char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES;
-    softk_backward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0,
+    softk_backward_kernel<<<moe_router_cuda_row_blocks((size_t)a->T), MOE_ROUTER_CUDA_ROW_THREADS, 0,
                             stream>>>(a->logits, a->dweight, a->T, a->E, s->top_k, s->temperature,
                                       s->normalize == SOFTK_SUM, rows, a->dlogits);
     MOE_ROUTER_LAUNCHED(softk_backward_kernel);

@@ -110,7 +110,7 @@ static moe_status top1_cuda_forward(void *state, const moe_context *ctx, const m
     if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, a->T, a->E, flag);
     if (st != MOE_OK) return st;
 
-    top1_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    top1_forward_kernel<<<moe_router_cuda_row_blocks((size_t)a->T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->logits, a->T, a->E, s->gate == TOP1_GATE_NONE, a->expert, a->weight);
     MOE_ROUTER_LAUNCHED(top1_forward_kernel);
     return MOE_OK;
@@ -135,7 +135,7 @@ static moe_status top1_cuda_backward(void *state, const moe_context *ctx, const 
     if (st == MOE_OK) st = moe_router_cuda_check_logits(ctx, stream, a->logits, T, E, flag);
     if (st != MOE_OK) return st;
 
-    top1_backward_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+    top1_backward_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
         a->logits, a->dweight, T, E, a->dlogits);
     MOE_ROUTER_LAUNCHED(top1_backward_kernel);
     return MOE_OK;

@@ -96,7 +96,7 @@ static moe_status topk_hard_cuda_forward(void *state, const moe_context *ctx, co
 
     /* "st" shares the uniform forward pass; only its backward differs. */
     const float w = s->weight == TOPK_HARD_ONE ? 1.0f : 1.0f / (float)s->top_k;
-    topk_hard_forward_kernel<<<moe_router_cuda_blocks((size_t)a->T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0,
+    topk_hard_forward_kernel<<<moe_router_cuda_row_blocks((size_t)a->T), MOE_ROUTER_CUDA_ROW_THREADS, 0,
                                stream>>>(a->logits, a->T, a->E, s->top_k, w, a->expert, a->weight);
     MOE_ROUTER_LAUNCHED(topk_hard_forward_kernel);
     return MOE_OK;
@@ -122,7 +122,7 @@ static moe_status topk_hard_cuda_backward(void *state, const moe_context *ctx, c
     char *base = (char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES;
     float *w = (float *)base;                            /* [T,K] */
     int32_t *idx = (int32_t *)(w + (size_t)T * K);       /* [T,K] */
-    topk_hard_st_backward_kernel<<<moe_router_cuda_blocks((size_t)T, (size_t)1 << 30), MOE_ROUTER_CUDA_THREADS, 0,
+    topk_hard_st_backward_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0,
                                    stream>>>(a->logits, a->dweight, T, E, K, w, idx, a->dlogits);
     MOE_ROUTER_LAUNCHED(topk_hard_st_backward_kernel);
     return MOE_OK;

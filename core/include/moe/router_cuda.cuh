@@ -69,6 +69,17 @@ static inline unsigned moe_router_cuda_blocks(size_t n, size_t cap) {
     return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
 }
 
+/* For kernels of one thread per token (or per logit) that each run a serial
+ * loop (a row's top-k, softmax, a dot product): blocks of
+ * MOE_ROUTER_CUDA_ROW_THREADS, so a batch of 8192 tokens makes 128 blocks
+ * instead of 32 and reaches every SM of a large GPU. */
+#define MOE_ROUTER_CUDA_ROW_THREADS 64
+static inline unsigned moe_router_cuda_row_blocks(size_t n) {
+    size_t b = (n + MOE_ROUTER_CUDA_ROW_THREADS - 1) / MOE_ROUTER_CUDA_ROW_THREADS;
+    const size_t cap = (size_t)1 << 30;
+    return (unsigned)(b < cap ? (b > 0 ? b : 1) : cap);
+}
+
 /* ---- flag kernels ---------------------------------------------------------------- */
 
 /* *flag = min(*flag, the smallest i with v[i] not finite). */
