@@ -1094,8 +1094,9 @@ static void test_dropout(const cfg *c) {
     }
 }
 
-static void test_xent(const cfg *c) {
-    const int T = T_of(c), V = c->V;
+/* Cross-entropy over T rows of V classes: a warp per row up to 2048
+ * classes, a block per row beyond. */
+static void xent_case(int T, int V) {
     const size_t n = (size_t)T * V;
     const float grad_scale = 1.0f / (float)T;
     float *logits = hrand(n, -4, 4);
@@ -1132,10 +1133,20 @@ static void test_xent(const cfg *c) {
         got_dl[r] = down(gpu, d_dl, n * sizeof(float));
         got_loss_nodl[r] = down(gpu, d_loss2, (size_t)T * sizeof(float));
     }
-    check_f32("xent.losses", got_loss, want_loss, (size_t)T, TOL_EW);
-    check_i32("xent.correct", got_ok, want_ok, (size_t)T);
-    check_f32("xent.dlogits", got_dl, want_dl, n, TOL_EW);
-    check_f32("xent(dlogits=NULL).losses", got_loss_nodl, want_loss, (size_t)T, TOL_EW);
+    char op[64];
+    snprintf(op, sizeof op, "xent(V=%d).losses", V);
+    check_f32(op, got_loss, want_loss, (size_t)T, TOL_EW);
+    snprintf(op, sizeof op, "xent(V=%d).correct", V);
+    check_i32(op, got_ok, want_ok, (size_t)T);
+    snprintf(op, sizeof op, "xent(V=%d).dlogits", V);
+    check_f32(op, got_dl, want_dl, n, TOL_EW);
+    snprintf(op, sizeof op, "xent(V=%d,dlogits=NULL).losses", V);
+    check_f32(op, got_loss_nodl, want_loss, (size_t)T, TOL_EW);
+}
+
+static void test_xent(const cfg *c) {
+    xent_case(T_of(c), c->V);
+    if (c == cfgs_first) xent_case(203, 5000); /* a block per row */
 }
 
 /* AdamW at an early and a late step, with and without decay, with the

@@ -45,51 +45,90 @@ __device__ arg_best block_argmax(arg_best a) {
     return r;
 }
 
-/* One block per row t:
+/* The threads that share one row: a whole block (large V), or one warp
+ * (V up to XENT_WARP_MAX_V: a block per row would leave most of its threads
+ * idle and spend the row's time in block-wide reductions). */
+struct xent_block_group {
+    __device__ int rank() const { return threadIdx.x; }
+    __device__ int size() const { return blockDim.x; }
+    __device__ arg_best argmax(arg_best a) const { return block_argmax(a); }
+    __device__ double sum(double v) const { return block_sum(v); }
+};
+struct xent_warp_group {
+    __device__ int rank() const { return threadIdx.x & 31; }
+    __device__ int size() const { return 32; }
+    __device__ arg_best argmax(arg_best a) const {
+        for (int off = 16; off > 0; off >>= 1) {
+            arg_best o;
+            o.v = __shfl_xor_sync(0xffffffffu, a.v, off);
+            o.idx = __shfl_xor_sync(0xffffffffu, a.idx, off);
+            a = better(a, o);
+        }
+        return a;
+    }
+    __device__ double sum(double v) const { return warp_sum(v); }
+};
+constexpr int XENT_WARP_MAX_V = 2048;
+
+/* Row t, by the threads of group g:
  *   loss = logsumexp(l) - l[target] = max + log(sum exp(l - max)) - l[target],
  * the sum in double as on the CPU (V reaches tens of thousands);
  *   dl = grad_scale * (softmax - onehot).
  * The products of dl are rounded one at a time (__fmul_rn, no fused
  * multiply-add) to follow the CPU's arithmetic. */
-__global__ void xent_kernel(const float *logits, const int32_t *targets, int V, float *losses,
-                            int32_t *correct, float *dlogits, float grad_scale, int *flags) {
-    const int t = blockIdx.x;
+template <class G>
+__device__ void xent_row(G g, int t, const float *logits, const int32_t *targets, int V, float *losses,
+                         int32_t *correct, float *dlogits, float grad_scale, int *flags) {
     const float *l = logits + (size_t)t * V;
     float *dl = dlogits ? dlogits + (size_t)t * V : nullptr;
     const int target = targets[t];
-    /* every thread sees the same target, so the whole block takes this branch */
+    /* every thread of the group sees the same target and takes this branch */
     if (target < 0 || target >= V) {
-        if (target >= V && threadIdx.x == 0) cuda_flag(flags, CUDA_FLAG_TARGET);
-        if (threadIdx.x == 0) {
+        if (target >= V && g.rank() == 0) cuda_flag(flags, CUDA_FLAG_TARGET);
+        if (g.rank() == 0) {
             losses[t] = 0.0f;
             correct[t] = 0;
         }
         if (dl)
-            for (int j = threadIdx.x; j < V; j += blockDim.x) dl[j] = 0.0f;
+            for (int j = g.rank(); j < V; j += g.size()) dl[j] = 0.0f;
         return;
     }
 
     arg_best best = {0.0f, -1};
-    for (int j = threadIdx.x; j < V; j += blockDim.x) best = better(best, arg_best{l[j], j});
-    best = block_argmax(best);
+    for (int j = g.rank(); j < V; j += g.size()) best = better(best, arg_best{l[j], j});
+    best = g.argmax(best);
     const float maxv = best.v;
 
     double part = 0.0;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) part += (double)expf(l[j] - maxv);
-    const double sum = block_sum(part);
+    for (int j = g.rank(); j < V; j += g.size()) part += (double)expf(l[j] - maxv);
+    const double sum = g.sum(part);
 
-    if (threadIdx.x == 0) {
+    if (g.rank() == 0) {
         losses[t] = (float)((double)maxv + log(sum) - (double)l[target]);
         correct[t] = best.idx == target;
     }
     if (dl) {
         const float inv = (float)(1.0 / sum);
-        for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            float g = __fmul_rn(__fmul_rn(grad_scale, expf(l[j] - maxv)), inv);
-            if (j == target) g = __fsub_rn(g, grad_scale);
-            dl[j] = g;
+        for (int j = g.rank(); j < V; j += g.size()) {
+            float gr = __fmul_rn(__fmul_rn(grad_scale, expf(l[j] - maxv)), inv);
+            if (j == target) gr = __fsub_rn(gr, grad_scale);
+            dl[j] = gr;
         }
     }
+}
+
+/* One block per row. */
+__global__ void xent_kernel(const float *logits, const int32_t *targets, int V, float *losses,
+                            int32_t *correct, float *dlogits, float grad_scale, int *flags) {
+    xent_row(xent_block_group{}, blockIdx.x, logits, targets, V, losses, correct, dlogits, grad_scale, flags);
+}
+
+/* One warp per row, XENT_THREADS / 32 rows per block. */
+__global__ void xent_warp_kernel(const float *logits, const int32_t *targets, int T, int V, float *losses,
+                                 int32_t *correct, float *dlogits, float grad_scale, int *flags) {
+    const int t = blockIdx.x * (XENT_THREADS / 32) + (threadIdx.x >> 5);
+    if (t >= T) return; /* a whole warp: the warp's shuffles see no missing lane */
+    xent_row(xent_warp_group{}, t, logits, targets, V, losses, correct, dlogits, grad_scale, flags);
 }
 
 void cuda_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targets, int T, int V,
@@ -99,9 +138,16 @@ void cuda_xent_fwd_bwd(moe_backend *be, const float *logits, const int32_t *targ
         cuda_record_error(be, __FILE__, __LINE__, "xent_fwd_bwd", "V <= 0");
         return;
     }
-    xent_kernel<<<(unsigned)T, XENT_THREADS, 0, cuda_stream(be)>>>(logits, targets, V, losses, correct,
-                                                                   dlogits, grad_scale,
-                                                                   cuda_state(be)->d_flags);
+    int *flags = cuda_state(be)->d_flags;
+    if (V <= XENT_WARP_MAX_V) {
+        const unsigned blocks = (unsigned)((T + XENT_THREADS / 32 - 1) / (XENT_THREADS / 32));
+        xent_warp_kernel<<<blocks, XENT_THREADS, 0, cuda_stream(be)>>>(logits, targets, T, V, losses, correct,
+                                                                      dlogits, grad_scale, flags);
+        KERNEL_CHECK(be, "xent_warp_kernel");
+        return;
+    }
+    xent_kernel<<<(unsigned)T, XENT_THREADS, 0, cuda_stream(be)>>>(logits, targets, V, losses, correct, dlogits,
+                                                                   grad_scale, flags);
     KERNEL_CHECK(be, "xent_kernel");
 }
 

@@ -225,18 +225,22 @@ __global__ void combine_weights_bwd_kernel(const float *weight, const int32_t *k
     }
 }
 
+/* One thread per token: blocks of ROW_THREADS, so a batch's tokens reach
+ * every SM (8192 tokens in blocks of 256 would be 32 blocks). */
+constexpr int ROW_THREADS = 64;
+
 void cuda_combine_weights(moe_backend *be, const float *weight, const int32_t *kept, int T, int K,
                           int renorm, float *cw) {
     if (T <= 0 || K <= 0) return;
-    combine_weights_kernel<<<cuda_blocks((size_t)T), CUDA_THREADS, 0, cuda_stream(be)>>>(weight, kept, T,
-                                                                                          K, renorm, cw);
+    combine_weights_kernel<<<cuda_blocks((size_t)T, ROW_THREADS), ROW_THREADS, 0, cuda_stream(be)>>>(
+        weight, kept, T, K, renorm, cw);
     KERNEL_CHECK(be, "combine_weights_kernel");
 }
 
 void cuda_combine_weights_bwd(moe_backend *be, const float *weight, const int32_t *kept, int T,
                               int K, int renorm, const float *dcw, float *dweight) {
     if (T <= 0 || K <= 0) return;
-    combine_weights_bwd_kernel<<<cuda_blocks((size_t)T), CUDA_THREADS, 0, cuda_stream(be)>>>(
+    combine_weights_bwd_kernel<<<cuda_blocks((size_t)T, ROW_THREADS), ROW_THREADS, 0, cuda_stream(be)>>>(
         weight, kept, T, K, renorm, dcw, dweight);
     KERNEL_CHECK(be, "combine_weights_bwd_kernel");
 }
