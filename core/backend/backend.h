@@ -35,6 +35,12 @@ typedef struct moe_weight_view {
     int32_t batch, rows, cols, pad_;
 } moe_weight_view;
 
+/* A saved activation for keep_activations: rows x cols floats, packed. */
+typedef struct moe_activation_view {
+    const float *data;
+    int64_t rows, cols;
+} moe_activation_view;
+
 struct moe_backend {
     const char *name;       /* "cpu" or "cuda" */
     moe_device_kind device;
@@ -330,6 +336,20 @@ struct moe_backend {
      * weight and of its transpose in one pass; where GEMMs read fp32 (the
      * CPU, CUDA in fp32 mode) there is nothing to copy. */
     void (*round_weights)(moe_backend *be, const float *params, const moe_weight_view *views, int n);
+    /* ---- operand copies of saved activations ----
+     * Declares activation buffers (a host array of n views) that, until the
+     * next call, are each written at most once, as an op's output, and
+     * otherwise only read: the activations a forward saves for its backward
+     * (the model declares them at the start of every forward). The backend
+     * may keep its own GEMM-operand copy of each, written by the op that
+     * produces the buffer or made by the first GEMM that reads it, and read
+     * by every later GEMM instead of converting the buffer again. A copy
+     * holds exactly what that conversion gives, so results are the same
+     * bits either way. A call forgets the earlier list; n = 0 before the
+     * buffers are freed. CUDA in bf16 mode keeps bf16 copies (layernorm_fwd,
+     * attention_fwd and dispatch write them as they write the buffer); where
+     * GEMMs read fp32 (the CPU, CUDA in fp32 mode) there is nothing to keep. */
+    void (*keep_activations)(moe_backend *be, const moe_activation_view *views, int n);
     /* counts[e] = number of a < T*K with kept[a] == e (overwrite; entries
      * outside [0, E) are not counted). */
     void (*expert_counts)(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);

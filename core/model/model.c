@@ -157,6 +157,11 @@ int moe_model_create(moe_model *m, const moe_config *cfg, moe_backend *be, int V
         m->n_weight_views += moe_layer_weight_views(&b->moe, P0, m->weight_views + m->n_weight_views);
     }
     m->weight_views[m->n_weight_views++] = (moe_weight_view){m->wlm - P0, 1, V, d, 0};
+    m->activation_views = calloc((size_t)L * 3 + 1, sizeof *m->activation_views);
+    if (!m->activation_views) {
+        snprintf(err, errcap, "out of memory for the model's activation views");
+        return -1;
+    }
 
     /* the results block (model.h): xent sums per pending forward (+1 for
      * forwards with out), the gradient norm, per layer lb and z, per layer
@@ -225,7 +230,9 @@ void moe_model_destroy(moe_model *m) {
     moe_backend *be = m->be;
     if (!be) return;
     be->round_weights(be, NULL, NULL, 0); /* the copies must not outlive the weights */
+    be->keep_activations(be, NULL, 0);     /* nor the activations */
     free(m->weight_views);
+    free(m->activation_views);
     for (int l = 0; l < m->n_layers && m->blocks; ++l) {
         moe_block *b = &m->blocks[l];
         moe_layer_destroy(&b->moe);
@@ -368,6 +375,23 @@ void moe_model_set_collect_stats(moe_model *m, int on) {
 
 /* =============================== forward ================================ */
 
+/* The saved activations that bf16 GEMMs read in the forward and again in
+ * the backward, each written once per forward: per block the attention's
+ * input (n1) and output (att) and the experts' dispatched rows (Xe), and
+ * the head's input (xf). The backend keeps one operand copy of each. */
+static void declare_saved_activations(moe_model *m, int T) {
+    int n = 0;
+    for (int l = 0; l < m->n_layers && T > 0; ++l) {
+        moe_block *b = &m->blocks[l];
+        m->activation_views[n++] = (moe_activation_view){b->n1, T, m->d};
+        m->activation_views[n++] = (moe_activation_view){b->att, T, m->d};
+        moe_activation_view xe = moe_layer_activation_view(&b->moe, T);
+        if (xe.rows > 0) m->activation_views[n++] = xe;
+    }
+    if (T > 0) m->activation_views[n++] = (moe_activation_view){m->xf, T, m->d};
+    m->be->keep_activations(m->be, m->activation_views, n);
+}
+
 int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, int B, int training,
                       uint64_t step, moe_forward_result *out, char *err, size_t errcap) {
     moe_backend *be = m->be;
@@ -392,6 +416,7 @@ int moe_model_forward(moe_model *m, const int32_t *ids, const int32_t *targets, 
     /* the backend's operand copies of the weights as they are now (the
      * optimizer, a checkpoint or the caller may have changed them) */
     be->round_weights(be, m->params.values, m->weight_views, m->n_weight_views);
+    declare_saved_activations(m, T);
     be->from_host(be, m->ids, ids, (size_t)T * sizeof(int32_t));
     be->from_host(be, m->targets, targets, (size_t)T * sizeof(int32_t));
     if (out) memset(out, 0, sizeof *out);

@@ -52,6 +52,10 @@ typedef struct moe_model {
      * round_weights (called at the start of every forward). */
     moe_weight_view *weight_views;
     int n_weight_views;
+    /* The saved activations GEMMs read as operands, declared to the
+     * backend's keep_activations at the start of every forward (their
+     * shapes depend on the forward's T): 3 per block and the head's. */
+    moe_activation_view *activation_views;
 
     /* activations */
     int32_t *ids, *targets; /* [T] in backend memory */

@@ -382,6 +382,11 @@ int moe_layer_weight_views(const moe_layer *L, const float *params, moe_weight_v
     return k;
 }
 
+moe_activation_view moe_layer_activation_view(const moe_layer *L, int T) {
+    const moe_layer_cfg *c = &L->cfg;
+    return (moe_activation_view){L->Xe, (int64_t)c->num_experts * capacity_for(L, T), c->d_model};
+}
+
 /* On the CPU the record is host memory and every op has finished: report at
  * once, as before, so no bad index reaches the CPU's capacity loop. */
 static int check_now(moe_layer *L, char *err, size_t errcap) {

@@ -154,5 +154,8 @@ int moe_layer_check(moe_layer *L, char *err, size_t errcap);
  * views of `params` (moe_weight_view, backend.h) into out[0..3); returns
  * how many. */
 int moe_layer_weight_views(const moe_layer *L, const float *params, moe_weight_view *out);
+/* The activation a forward of T tokens saves and the experts' GEMMs read
+ * again in the backward (Xe, [E*C, d]), as a view for keep_activations. */
+moe_activation_view moe_layer_activation_view(const moe_layer *L, int T);
 
 #endif

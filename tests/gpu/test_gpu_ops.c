@@ -635,6 +635,106 @@ static void test_weight_copies(const cfg *c) {
     }
 }
 
+/* keep_activations: with the saved activations declared, LayerNorm,
+ * attention and dispatch write their bf16 copies, the first GEMM to read an
+ * uploaded buffer (x2) makes its copy, and every later GEMM (forward and
+ * backward, as A or as B) reads the copies. Every result must be the bits
+ * of the same ops without the declaration. Round 1 runs the whole sequence
+ * once on other inputs first, then declares again and overwrites the
+ * buffers: a copy of the earlier values must not be read. */
+enum { ACT_B = 2, ACT_S = 128, ACT_D = 128, ACT_H = 2, ACT_E = 4, ACT_K = 2, ACT_C = 160, ACT_N = 256, ACT_V = 96 };
+enum { ACT_T = ACT_B * ACT_S, ACT_NIN = 15, ACT_NOUT = 22 };
+
+static void activation_ops(moe_backend *g, float *const in[ACT_NIN], float *const o[ACT_NOUT], const int32_t *kept,
+                           const int32_t *slot) {
+    const int T = ACT_T, d = ACT_D, E = ACT_E, C = ACT_C, n = ACT_N, V = ACT_V;
+    const float *x = in[0], *gam = in[1], *bet = in[2], *Wqkv = in[3], *bqkv = in[4], *Wo = in[5], *bo = in[6];
+    const float *w1 = in[7], *b1 = in[8], *w2 = in[9], *b2 = in[10], *Wlm = in[11], *dq = in[12], *dsmall = in[13];
+    const float *dlog = in[14];
+    float *y = o[0], *mean = o[1], *rstd = o[2], *qkv = o[3], *att = o[4], *probs = o[5], *po = o[6], *Xe = o[7];
+    float *H = o[8], *A = o[9], *Ye = o[10], *logits = o[11], *gx2 = o[12], *dA = o[13], *dH = o[14], *dXe = o[15];
+    float *grads = o[16], *lo = o[17], *lq = o[18], *dWlm = o[19], *dWx2 = o[20], *x2 = o[21];
+    float *dw1 = grads, *db1 = dw1 + (size_t)E * d * n, *dw2 = db1 + (size_t)E * n, *db2 = dw2 + (size_t)E * n * d;
+    g->layernorm_fwd(g, x, gam, bet, y, mean, rstd, T, d, 1e-5f);
+    g->gemm_bias(g, 0, 0, T, 3 * d, d, y, d, 0, Wqkv, 3 * d, 0, bqkv, 0, NULL, qkv, 3 * d, 0, 1);
+    g->attention_fwd(g, qkv, att, probs, ACT_B, ACT_S, ACT_H, d / ACT_H);
+    g->gemm_bias(g, 0, 0, T, d, d, att, d, 0, Wo, d, 0, bo, 0, NULL, po, d, 0, 1);
+    g->dispatch(g, y, kept, slot, T, ACT_K, C, E, d, Xe);
+    g->ffn_fwd(g, MOE_ACT_GELU, Xe, w1, b1, w2, b2, H, A, Ye, E, C, d, n);
+    g->gemm(g, 0, 1, T, V, d, 1.0f, y, d, Wlm, d, 0.0f, logits, V);
+    g->gemm(g, 0, 0, T, 3 * d, d, 1.0f, x2, d, Wqkv, 3 * d, 0.0f, gx2, 3 * d);
+    /* the backward's reads: dsmall's first E*C*d floats as dYe, its first T*d as d(att proj) */
+    g->ffn_bwd(g, MOE_ACT_GELU, Xe, w1, w2, H, A, dsmall, dA, dH, dXe, dw1, db1, dw2, db2, E, C, d, n);
+    g->linear_bwd(g, att, Wo, dsmall, lo, lo + (size_t)T * d, lo + (size_t)T * d + (size_t)d * d, T, d, d);
+    g->linear_bwd(g, y, Wqkv, dq, lq, lq + (size_t)T * d, lq + (size_t)T * d + (size_t)d * 3 * d, T, d, 3 * d);
+    g->gemm(g, 1, 0, V, d, T, 1.0f, dlog, V, y, d, 1.0f, dWlm, d);
+    g->gemm(g, 1, 0, d, 3 * d, T, 1.0f, x2, d, dq, 3 * d, 1.0f, dWx2, 3 * d);
+}
+
+static void test_activation_copies(const cfg *c) {
+    if (c != cfgs_first) return;
+    const int T = ACT_T, d = ACT_D, E = ACT_E, C = ACT_C, n = ACT_N, V = ACT_V, K = ACT_K;
+    const size_t in_sizes[ACT_NIN] = {(size_t)T * d, d, d, (size_t)d * 3 * d, 3 * d, (size_t)d * d, d,
+                                      (size_t)E * d * n, (size_t)E * n, (size_t)E * n * d, (size_t)E * d,
+                                      (size_t)V * d, (size_t)T * 3 * d, (size_t)E * C * d, (size_t)T * V};
+    const size_t out_sizes[ACT_NOUT] = {(size_t)T * d, T, T, (size_t)T * 3 * d, (size_t)T * d,
+                                        (size_t)ACT_B * ACT_H * ACT_S * ACT_S, (size_t)T * d, (size_t)E * C * d,
+                                        (size_t)E * C * n, (size_t)E * C * n, (size_t)E * C * d, (size_t)T * V,
+                                        (size_t)T * 3 * d, (size_t)E * C * n, (size_t)E * C * n, (size_t)E * C * d,
+                                        (size_t)E * d * n * 2 + (size_t)E * n + (size_t)E * d,
+                                        (size_t)T * d + (size_t)d * d + d, (size_t)T * d + (size_t)d * 3 * d + 3 * d,
+                                        (size_t)V * d, (size_t)d * 3 * d, (size_t)T * d};
+    static const char *names[ACT_NOUT] = {"y",  "mean", "rstd", "qkv", "att",  "probs", "proj",       "Xe",
+                                          "H",  "A",    "Ye",   "logits", "gemm(x2)", "dA", "dH", "dXe",
+                                          "expert grads", "linear_bwd(att)", "linear_bwd(y)", "dWlm", "dW(x2)", "x2"};
+    /* routing with full, partly filled and dropping experts: t's experts (t % 3 + k) % E */
+    int32_t kept[ACT_T * ACT_K], slot[ACT_T * ACT_K], count[ACT_E] = {0};
+    for (int t = 0; t < T; ++t)
+        for (int k = 0; k < K; ++k) {
+            const int e = (t % 3 + k) % E, a = t * K + k;
+            kept[a] = count[e] < C ? e : -1;
+            slot[a] = count[e] < C ? count[e]++ : -1;
+        }
+    const int32_t *d_kept = up(gpu16, kept, sizeof kept), *d_slot = up(gpu16, slot, sizeof slot);
+    for (int round = 0; round < 2; ++round) {
+        float *ins[ACT_NIN], *old_ins[ACT_NIN], *res[2][ACT_NOUT];
+        for (int i = 0; i < ACT_NIN; ++i) {
+            ins[i] = hrand(in_sizes[i], -1, 1);
+            old_ins[i] = hrand(in_sizes[i], -1, 1);
+        }
+        float *x2 = hrand(out_sizes[21], -1, 1), *old_x2 = hrand(out_sizes[21], -1, 1);
+        for (int with = 0; with < 2; ++with) {
+            float *din[ACT_NIN], *dout[ACT_NOUT];
+            for (int i = 0; i < ACT_NIN; ++i) din[i] = up(gpu16, round && with ? old_ins[i] : ins[i], in_sizes[i] * 4);
+            for (int i = 0; i < ACT_NOUT; ++i) dout[i] = dpoison(gpu16, out_sizes[i] * 4, POISON_F32);
+            for (int i = 16; i <= 20; ++i) gpu16->zero(gpu16, dout[i], out_sizes[i] * 4); /* accumulated into */
+            const moe_activation_view views[4] = {{dout[0], T, d}, {dout[4], T, d}, {dout[7], (int64_t)E * C, d},
+                                                  {dout[21], T, d}};
+            gpu16->keep_activations(gpu16, views, with ? 4 : 0);
+            if (round && with) { /* the copies of other values first */
+                gpu16->from_host(gpu16, dout[21], old_x2, out_sizes[21] * 4);
+                activation_ops(gpu16, din, dout, d_kept, d_slot);
+                gpu16->keep_activations(gpu16, views, 4);
+                for (int i = 0; i < ACT_NIN; ++i) gpu16->from_host(gpu16, din[i], ins[i], in_sizes[i] * 4);
+                for (int i = 0; i < ACT_NOUT; ++i) poison(gpu16, dout[i], out_sizes[i] * 4, POISON_F32);
+                for (int i = 16; i <= 20; ++i) gpu16->zero(gpu16, dout[i], out_sizes[i] * 4);
+            }
+            gpu16->from_host(gpu16, dout[21], x2, out_sizes[21] * 4);
+            activation_ops(gpu16, din, dout, d_kept, d_slot);
+            if (!gpu_ok(gpu16, "keep_activations")) return;
+            for (int i = 0; i < ACT_NOUT; ++i) res[with][i] = down(gpu16, dout[i], out_sizes[i] * 4);
+        }
+        gpu16->keep_activations(gpu16, NULL, 0);
+        for (int i = 0; i < ACT_NOUT - 1; ++i) {
+            if (i == 8) continue; /* H: the backend's own (without the copies it also holds X's rounding) */
+            char op[96];
+            snprintf(op, sizeof op, "keep_activations(%s).%s = without copies", round ? "declared again" : "fresh",
+                     names[i]);
+            report_bits(op, res[1][i], res[0][i], out_sizes[i], sizeof(float));
+        }
+    }
+}
+
 /* linear_bwd against the CPU's composition: dX poisoned, dW and db
  * accumulating onto random values, db NULL too. */
 static void test_linear_bwd_case(moe_backend *g, const char *tag, int T, int K, int N, int with_db, double tol) {
@@ -1893,7 +1993,7 @@ int main(void) {
         test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_linear_bwd, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
-        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite, test_weight_copies,
+        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite, test_weight_copies, test_activation_copies,
         test_expert_counts, test_xent_sums, test_clip_grad_norm, test_from_host_staging,
     };
     cfgs_first = &cfgs[0];

@@ -291,6 +291,11 @@ void cpu_round_weights(moe_backend *be, const float *params, const moe_weight_vi
     (void)be, (void)params, (void)views, (void)n;
 }
 
+/* ... nor an activation copy to keep. */
+void cpu_keep_activations(moe_backend *be, const moe_activation_view *views, int n) {
+    (void)be, (void)views, (void)n;
+}
+
 void cpu_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
     (void)be;
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);

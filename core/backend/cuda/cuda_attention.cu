@@ -882,6 +882,28 @@ __device__ __forceinline__ void am_store_rows(float *dst, size_t stride, int i, 
     }
 }
 
+/* The same rows rounded to bf16 (the operand copy of a saved activation:
+ * keep_activations), in pairs where hd is even (4-byte aligned). */
+template <int NO>
+__device__ __forceinline__ void am_store_rows_bf16(bf16 *dst, size_t stride, int i, int S, int hd, int t,
+                                                   const float acc[NO][4]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (i + 8 * r >= S) continue;
+        bf16 *row = dst + (size_t)(i + 8 * r) * stride;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            const int c = 8 * n + 2 * t;
+            if (c + 1 < hd && hd % 2 == 0) {
+                *reinterpret_cast<__nv_bfloat162 *>(row + c) = __floats2bfloat162_rn(acc[n][2 * r], acc[n][2 * r + 1]);
+            } else {
+                if (c < hd) row[c] = __float2bfloat16_rn(acc[n][2 * r]);
+                if (c + 1 < hd) row[c + 1] = __float2bfloat16_rn(acc[n][2 * r + 1]);
+            }
+        }
+    }
+}
+
 /* Blocks are numbered tile index first, heaviest first: block x is head
  * x % nbh, the (x / nbh)-th heaviest tile. */
 __device__ __forceinline__ void am_block(int nt, int &bh, int &rank) {
@@ -925,7 +947,8 @@ __device__ __forceinline__ float am_ex2(float x) {
  * blocks it spilled and took 20.3 us instead of 19.4. */
 template <int HDW, bool FULL>
 __global__ void __launch_bounds__(AM_THREADS, 1)
-attention_fwd_mma_kernel(const float *qkv, float *out, float *lse, int S, int H, int hd, float scale2, int vec) {
+attention_fwd_mma_kernel(const float *qkv, float *out, float *lse, int S, int H, int hd, float scale2, int vec,
+                         bf16 *out_bf16) {
     constexpr int LD = HDW + AM_PAD, NK = HDW / 16, NO = HDW / 8;
     extern __shared__ float4 am_smem4[];
     float *K32 = reinterpret_cast<float *>(am_smem4), *V32 = K32 + AM * HDW;
@@ -1019,6 +1042,7 @@ attention_fwd_mma_kernel(const float *qkv, float *out, float *lse, int S, int H,
         }
     }
     am_store_rows<NO>(out + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
+    if (out_bf16) am_store_rows_bf16<NO>(out_bf16 + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
     if (t == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
@@ -1374,10 +1398,13 @@ static void am_fwd(moe_backend *be, const float *qkv, float *out, float *probs, 
                               : (const void *)attention_fwd_mma_kernel<HDW, false>;
     if (!am_smem_optin(be, kernel, shmem, "attention_fwd")) return;
     cudaStream_t st = cuda_stream(be);
+    bf16 *out_bf16 = cuda_activation_copy_target(be, out, (long long)B * S, (long long)H * hd); /* or NULL */
     if (full)
-        attention_fwd_mma_kernel<HDW, true><<<blocks, AM_THREADS, shmem, st>>>(qkv, out, probs, S, H, hd, scale2, vec);
+        attention_fwd_mma_kernel<HDW, true>
+            <<<blocks, AM_THREADS, shmem, st>>>(qkv, out, probs, S, H, hd, scale2, vec, out_bf16);
     else
-        attention_fwd_mma_kernel<HDW, false><<<blocks, AM_THREADS, shmem, st>>>(qkv, out, probs, S, H, hd, scale2, vec);
+        attention_fwd_mma_kernel<HDW, false>
+            <<<blocks, AM_THREADS, shmem, st>>>(qkv, out, probs, S, H, hd, scale2, vec, out_bf16);
     KERNEL_CHECK(be, "attention_fwd_mma_kernel");
 }
 

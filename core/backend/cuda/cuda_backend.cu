@@ -210,6 +210,7 @@ static void release(moe_backend *be) {
         if (st->d_aux_out) cudaFree(st->d_aux_out);
         if (st->d_tickets) cudaFree(st->d_tickets);
         cuda_weight_copies_release(st);
+        cuda_activation_copies_release(st);
         for (int h = 0; h < 2; ++h) {
             if (st->upload_stage[h]) cudaFreeHost(st->upload_stage[h]);
             if (st->upload_done[h]) cudaEventDestroy(st->upload_done[h]);
@@ -400,6 +401,7 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     be->check_bytes = cuda_check_bytes;
     be->check_finite = cuda_check_finite;
     be->round_weights = cuda_round_weights;
+    be->keep_activations = cuda_keep_activations;
     be->expert_counts = cuda_expert_counts;
     be->xent_sums = cuda_xent_sums;
     be->clip_grad_norm = cuda_clip_grad_norm;

@@ -58,6 +58,13 @@ enum {
 /* A cuBLASLt matmul set up once per shape (cuda_linalg.cu). */
 struct cuda_lt_plan;
 
+/* One saved activation declared by keep_activations and its bf16 copy. */
+struct cuda_activation_copy {
+    moe_activation_view view;
+    __nv_bfloat16 *copy;
+    bool written; /* by its producer or its first GEMM, since the declaration */
+};
+
 struct cuda_impl {
     cudaStream_t stream;
     cublasHandle_t cublas;
@@ -90,6 +97,13 @@ struct cuda_impl {
     size_t wcopy_elems;
     void *d_wv_table;
     size_t d_wv_table_bytes;
+    /* keep_activations' copies (cuda_activation_copies.cu): the declared
+     * views, host side, each with its bf16 copy in acopy_mem and whether
+     * the copy has been written since the declaration. */
+    cuda_activation_copy *acopy;
+    int acopy_n, acopy_cap;
+    __nv_bfloat16 *acopy_mem;
+    size_t acopy_mem_elems;
     /* from_host's pinned staging: two halves used in turn; a half is
      * refilled only after the event recorded behind its last copy. */
     char *upload_stage[2];
@@ -566,10 +580,23 @@ void cuda_round_weights(moe_backend *be, const float *params, const moe_weight_v
 const __nv_bfloat16 *cuda_weight_copy(moe_backend *be, const float *src, long long ld, long long stride, int rows,
                                       int cols, int batch, bool transpose);
 /* What a bf16 GEMM reads for the fp32 operand src: round_weights' copy when
- * there is one, else src rounded into dst (cuda_round_bf16). */
+ * there is one, else keep_activations' copy (made now if no op wrote it
+ * yet), else src rounded into dst (cuda_round_bf16). */
 const __nv_bfloat16 *cuda_bf16_operand(moe_backend *be, const float *src, long long ld, long long stride, int rows,
                                        int cols, int batch, __nv_bfloat16 *dst, bool transpose);
 void cuda_weight_copies_release(cuda_impl *st);
+/* cuda_activation_copies.cu */
+void cuda_keep_activations(moe_backend *be, const moe_activation_view *views, int n);
+/* The declared activation src read as `batch` packed rows x cols matrices
+ * `stride` apart (ld = cols), or NULL when src is not one declared whole. */
+cuda_activation_copy *cuda_activation_copy_of(moe_backend *be, const float *src, long long ld, long long stride,
+                                              int rows, int cols, int batch);
+/* For a producer about to write the declared activation dst [rows, cols]:
+ * where it writes the bf16 copy in the same pass (the copy then counts as
+ * written), or NULL when dst is not declared. A producer that cannot write
+ * the copy does not ask: the first GEMM then makes it. */
+__nv_bfloat16 *cuda_activation_copy_target(moe_backend *be, const float *dst, long long rows, long long cols);
+void cuda_activation_copies_release(cuda_impl *st);
 void cuda_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

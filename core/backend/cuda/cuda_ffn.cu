@@ -246,18 +246,19 @@ void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const __nv_bfloat16 *w2h = cuda_bf16_operand(be, w2, d, sw2, n, d, batch, (__nv_bfloat16 *)(base + w2_off), false);
     if (gelu_epilogue_path(be, kind, H, A, batch, C, d, n)) {
         __nv_bfloat16 *Hh = (__nv_bfloat16 *)H, *Xs = Hh + (size_t)batch * C * n;
-        cuda_round_bf16(be, X, d, sX, C, d, batch, Xs, false);
+        /* X's copy where dispatch wrote it (keep_activations), else rounded beside H */
+        const __nv_bfloat16 *Xop = cuda_bf16_operand(be, X, d, sX, C, d, batch, Xs, false);
         const __nv_bfloat16 *b1h =
             b1 ? cuda_bf16_operand(be, b1, n, n, 1, n, batch, (__nv_bfloat16 *)(base + b1_off), false) : NULL;
         /* A = gelu(X w1 + b1) and H = X w1 + b1, both bf16, from the epilogue */
-        if (!cuda_gemm_bf16_gelu_aux(be, C, n, d, Xs, w1h, b1h, Ah, Hh, batch))
+        if (!cuda_gemm_bf16_gelu_aux(be, C, n, d, Xop, w1h, b1h, Ah, Hh, batch))
             cuda_record_error(be, __FILE__, __LINE__, "ffn_fwd", "cuBLASLt refused a GELU plan it had accepted");
         cuda_gemm_bf16_operands(be, 0, 0, C, d, n, Ah, n, sA, w2h, d, sw2, b2, d, 0.0f, Y, d, sX, batch);
         return;
     }
-    cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
+    const __nv_bfloat16 *Xop = cuda_bf16_operand(be, X, d, sX, C, d, batch, Xh, false);
     /* H = X w1 + b1 */
-    cuda_gemm_bf16_operands(be, 0, 0, C, hin, d, Xh, d, sX, w1h, hin, sw1, b1, hin, 0.0f, H, hin, sH, batch);
+    cuda_gemm_bf16_operands(be, 0, 0, C, hin, d, Xop, d, sX, w1h, hin, sw1, b1, hin, 0.0f, H, hin, sH, batch);
     /* A = act(H), bf16 */
     const size_t count = (size_t)batch * C * n;
     if (kind != MOE_ACT_SWIGLU && n % 4 == 0) {
@@ -351,10 +352,10 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const __nv_bfloat16 *w1t = /* [hin, d] */
         cuda_bf16_operand(be, w1, hin, sw1, d, hin, batch, (__nv_bfloat16 *)(base + w1t_off), true);
     cuda_gemm_bf16_operands(be, 0, 0, C, d, hin, dHh, hin, sH, w1t, d, sw1, NULL, 0, 0.0f, dX, d, sX, batch);
-    if (saved_bf16) {
-        Xh = const_cast<__nv_bfloat16 *>(Xs); /* ffn_fwd kept it */
-    } else {
-        cuda_round_bf16(be, X, d, sX, C, d, batch, Xh, false);
-    }
-    cuda_gemm_bf16_operands(be, 1, 0, d, hin, C, Xh, d, sX, dHh, hin, sH, NULL, 0, 1.0f, dw1, hin, sw1, batch);
+    /* X as ffn_fwd read it: the saved activation's copy, or the one it
+     * kept beside H, or rounded again */
+    const __nv_bfloat16 *Xop = cuda_activation_copy_of(be, X, d, sX, C, d, batch) || !saved_bf16
+                                   ? cuda_bf16_operand(be, X, d, sX, C, d, batch, Xh, false)
+                                   : Xs;
+    cuda_gemm_bf16_operands(be, 1, 0, d, hin, C, Xop, d, sX, dHh, hin, sH, NULL, 0, 1.0f, dw1, hin, sw1, batch);
 }

@@ -168,10 +168,9 @@ static bool round_operands(moe_backend *be, int ta, int tb, int M, int N, int K,
     const size_t b_off = lay.add((size_t)b_pack * b_batch * sizeof(__nv_bfloat16));
     char *base = cuda_scratch(be, lay.total);
     if (!base) return false;
-    /* B is a weight in the model's products: round_weights' copy when it has one */
-    __nv_bfloat16 *Ah = (__nv_bfloat16 *)(base + a_off);
-    cuda_round_bf16(be, A, lda, strideA, a_rows, a_cols, a_batch, Ah, false);
-    out->A = Ah;
+    /* each as it is stored: a weight's or a saved activation's copy when
+     * the operand has one (cuda_bf16_operand), else rounded here */
+    out->A = cuda_bf16_operand(be, A, lda, strideA, a_rows, a_cols, a_batch, (__nv_bfloat16 *)(base + a_off), false);
     out->B = cuda_bf16_operand(be, B, ldb, strideB, b_rows, b_cols, b_batch, (__nv_bfloat16 *)(base + b_off), tb != 0);
     out->ta = ta, out->tb = 0;
     out->lda = a_cols, out->ldb = N; /* op(B) is [K, N] */

@@ -81,8 +81,8 @@ void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const floa
     }
     colsum_finish_if_needed(be, dst, db, partial, nchunks, N, "colsum finish (linear db)");
     /* dW += X^T dY */
-    cuda_round_bf16(be, X, K, 0, T, K, 1, Xh, false);
-    cuda_gemm_bf16_operands(be, 1, 0, K, N, T, Xh, K, 0, dYh, N, 0, NULL, 0, 1.0f, dW, N, 0, 1);
+    const __nv_bfloat16 *Xop = cuda_bf16_operand(be, X, K, 0, T, K, 1, Xh, false); /* the forward's copy, if kept */
+    cuda_gemm_bf16_operands(be, 1, 0, K, N, T, Xop, K, 0, dYh, N, 0, NULL, 0, 1.0f, dW, N, 0, 1);
     /* dX = dY W^T, with W rounded as [N, K] */
     const __nv_bfloat16 *Wt = cuda_bf16_operand(be, W, N, 0, K, N, 1, (__nv_bfloat16 *)(base + wt_off), true);
     cuda_gemm_bf16_operands(be, 0, 0, T, K, N, dYh, N, 0, Wt, K, 0, NULL, 0, 0.0f, dX, K, 0, 1);

@@ -289,6 +289,15 @@ __device__ __forceinline__ void vstore(float *p, const VecF<W> &r) {
         *p = r.v[0];
 }
 
+/* The same values rounded to bf16 (an operand copy: keep_activations). */
+template <int W>
+__device__ __forceinline__ void vstore_bf16(__nv_bfloat16 *p, const VecF<W> &r) {
+    if constexpr (W == 4)
+        *reinterpret_cast<uint2 *>(p) = pack_bf16x4(r.v[0], r.v[1], r.v[2], r.v[3]);
+    else
+        *p = __float2bfloat16_rn(r.v[0]);
+}
+
 static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 /* Threads of a row kernel's block: one block per token (or assignment), at
@@ -309,11 +318,13 @@ static inline unsigned row_blocks(size_t n) {
 constexpr int DISPATCH_MAX_K = 8;
 
 /* One block per token: x[t] is read once and stored to the row of each of
- * its kept assignments, which are marked in `filled`. */
+ * its kept assignments, which are marked in `filled`; also rounded to bf16
+ * into Xe_bf16 when Xe is a saved activation (keep_activations). */
 template <int W>
 __global__ void dispatch_kernel(const float *__restrict__ x, const int32_t *__restrict__ kept,
                                 const int32_t *__restrict__ slot, int T, int K, int C, int E, int d,
-                                float *__restrict__ Xe, int32_t *__restrict__ filled, int *flags) {
+                                float *__restrict__ Xe, int32_t *__restrict__ filled, int *flags,
+                                __nv_bfloat16 *__restrict__ Xe_bf16) {
     const int nvec = d / W;
     for (size_t t = blockIdx.x; t < (size_t)T; t += gridDim.x) {
         for (int k0 = 0; k0 < K; k0 += DISPATCH_MAX_K) {
@@ -343,7 +354,10 @@ __global__ void dispatch_kernel(const float *__restrict__ x, const int32_t *__re
                 const VecF<W> v = vload_ro<W>(src + (size_t)i * W);
 #pragma unroll
                 for (int j = 0; j < DISPATCH_MAX_K; ++j)
-                    if (rows[j] != (size_t)-1) vstore<W>(Xe + rows[j] * d + (size_t)i * W, v);
+                    if (rows[j] != (size_t)-1) {
+                        vstore<W>(Xe + rows[j] * d + (size_t)i * W, v);
+                        if (Xe_bf16) vstore_bf16<W>(Xe_bf16 + rows[j] * d + (size_t)i * W, v);
+                    }
             }
         }
     }
@@ -354,7 +368,7 @@ __global__ void dispatch_kernel(const float *__restrict__ x, const int32_t *__re
  * spent its time starting blocks that had nothing to do. */
 template <int W>
 __global__ void zero_unfilled_kernel(float *__restrict__ buf, const int32_t *__restrict__ filled,
-                                     size_t nrows, int d) {
+                                     size_t nrows, int d, __nv_bfloat16 *__restrict__ buf_bf16) {
     const int nvec = d / W, lane = threadIdx.x & 31;
     const size_t warps = (size_t)gridDim.x * (blockDim.x >> 5);
     VecF<W> z;
@@ -364,6 +378,8 @@ __global__ void zero_unfilled_kernel(float *__restrict__ buf, const int32_t *__r
         if (filled[r]) continue;
         float *dst = buf + r * d;
         for (int i = lane; i < nvec; i += 32) vstore<W>(dst + (size_t)i * W, z);
+        if (buf_bf16)
+            for (int i = lane; i < nvec; i += 32) vstore_bf16<W>(buf_bf16 + r * d + (size_t)i * W, z);
     }
 }
 
@@ -375,15 +391,15 @@ static int32_t *filled_mask(moe_backend *be, size_t n) {
     return filled;
 }
 
-static void zero_unfilled(moe_backend *be, float *buf, const int32_t *filled, size_t nrows, int d,
-                          bool vec) {
+static void zero_unfilled(moe_backend *be, float *buf, const int32_t *filled, size_t nrows, int d, bool vec,
+                          __nv_bfloat16 *buf_bf16 = nullptr) {
     cudaStream_t st = cuda_stream(be);
     const size_t rows_per_block = CUDA_THREADS / 32;
     const unsigned blocks = row_blocks((nrows + rows_per_block - 1) / rows_per_block);
     if (vec) {
-        zero_unfilled_kernel<4><<<blocks, CUDA_THREADS, 0, st>>>(buf, filled, nrows, d);
+        zero_unfilled_kernel<4><<<blocks, CUDA_THREADS, 0, st>>>(buf, filled, nrows, d, buf_bf16);
     } else {
-        zero_unfilled_kernel<1><<<blocks, CUDA_THREADS, 0, st>>>(buf, filled, nrows, d);
+        zero_unfilled_kernel<1><<<blocks, CUDA_THREADS, 0, st>>>(buf, filled, nrows, d, buf_bf16);
     }
     KERNEL_CHECK(be, "zero_unfilled_kernel");
 }
@@ -396,19 +412,20 @@ void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const i
     int32_t *filled = filled_mask(be, nrows);
     if (!filled) return;
     const bool vec = d % 4 == 0 && aligned16(x) && aligned16(Xe);
+    __nv_bfloat16 *Xe_bf16 = cuda_activation_copy_target(be, Xe, (long long)nrows, d); /* or NULL */
     if (T > 0 && K > 0) {
         int *flags = cuda_state(be)->d_flags;
         if (vec) {
             dispatch_kernel<4><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
-                x, kept, slot, T, K, C, E, d, Xe, filled, flags);
+                x, kept, slot, T, K, C, E, d, Xe, filled, flags, Xe_bf16);
         } else {
             dispatch_kernel<1><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
-                x, kept, slot, T, K, C, E, d, Xe, filled, flags);
+                x, kept, slot, T, K, C, E, d, Xe, filled, flags, Xe_bf16);
         }
         KERNEL_CHECK(be, "dispatch_kernel");
     }
     /* the slots no kept assignment filled: the expert GEMMs read them */
-    zero_unfilled(be, Xe, filled, nrows, d, vec);
+    zero_unfilled(be, Xe, filled, nrows, d, vec, Xe_bf16);
 }
 
 /* One block per token: out[t] = init + sum over kept k (ascending) of

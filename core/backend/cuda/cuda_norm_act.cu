@@ -47,10 +47,12 @@ __global__ void layernorm_fwd_kernel(const float *x, const float *g, const float
 /* The same for d = 128 V (V <= 8) with 16-byte aligned rows: a lane holds
  * V float4 of its row (columns 4 lane + 128 k ..) in registers, so the row
  * is read from memory once instead of three times. Same arithmetic; the
- * sums run in a different (fixed) order. */
+ * sums run in a different (fixed) order. When y_bf16 is not NULL (y is a
+ * saved activation: keep_activations) the rows are also stored rounded to
+ * bf16 there, the operand copy the GEMMs that read y would have made. */
 template <int V>
 __global__ void layernorm_fwd_vec_kernel(const float *x, const float *g, const float *b, float *y, float *mean,
-                                         float *rstd, int T, float eps) {
+                                         float *rstd, int T, float eps, __nv_bfloat16 *y_bf16) {
     constexpr int d = 128 * V;
     const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -73,11 +75,14 @@ __global__ void layernorm_fwd_vec_kernel(const float *x, const float *g, const f
     const float r = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
     const float4 *g4 = reinterpret_cast<const float4 *>(g), *b4 = reinterpret_cast<const float4 *>(b);
     float4 *yr = reinterpret_cast<float4 *>(y + (size_t)row * d);
+    uint2 *yh = y_bf16 ? reinterpret_cast<uint2 *>(y_bf16 + (size_t)row * d) : nullptr;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         const float4 gg = g4[lane + 32 * k], bv = b4[lane + 32 * k];
-        yr[lane + 32 * k] = make_float4((v[k].x - m) * r * gg.x + bv.x, (v[k].y - m) * r * gg.y + bv.y,
-                                        (v[k].z - m) * r * gg.z + bv.z, (v[k].w - m) * r * gg.w + bv.w);
+        const float4 out = make_float4((v[k].x - m) * r * gg.x + bv.x, (v[k].y - m) * r * gg.y + bv.y,
+                                       (v[k].z - m) * r * gg.z + bv.z, (v[k].w - m) * r * gg.w + bv.w);
+        yr[lane + 32 * k] = out;
+        if (yh) yh[lane + 32 * k] = pack_bf16x4(out.x, out.y, out.z, out.w);
     }
     if (lane == 0) {
         mean[row] = m;
@@ -93,12 +98,14 @@ void cuda_layernorm_fwd(moe_backend *be, const float *x, const float *g, const f
     const bool vec = d % 128 == 0 && d <= 1024 && rows_vec4(x) && rows_vec4(y) && rows_vec4(g) && rows_vec4(b);
     if (vec) {
         typedef void (*kernel_fn)(const float *, const float *, const float *, float *, float *, float *, int,
-                                  float);
+                                  float, __nv_bfloat16 *);
         static const kernel_fn by_v[8] = {layernorm_fwd_vec_kernel<1>, layernorm_fwd_vec_kernel<2>,
                                           layernorm_fwd_vec_kernel<3>, layernorm_fwd_vec_kernel<4>,
                                           layernorm_fwd_vec_kernel<5>, layernorm_fwd_vec_kernel<6>,
                                           layernorm_fwd_vec_kernel<7>, layernorm_fwd_vec_kernel<8>};
-        by_v[d / 128 - 1]<<<norm_blocks(T), CUDA_THREADS, 0, cuda_stream(be)>>>(x, g, b, y, mean, rstd, T, eps);
+        __nv_bfloat16 *y_bf16 = cuda_activation_copy_target(be, y, T, d); /* NULL unless y is a saved activation */
+        by_v[d / 128 - 1]<<<norm_blocks(T), CUDA_THREADS, 0, cuda_stream(be)>>>(x, g, b, y, mean, rstd, T, eps,
+                                                                                y_bf16);
         KERNEL_CHECK(be, "layernorm_fwd_vec_kernel");
         return;
     }

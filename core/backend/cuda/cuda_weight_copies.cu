@@ -196,6 +196,12 @@ const __nv_bfloat16 *cuda_bf16_operand(moe_backend *be, const float *src, long l
                                        int cols, int batch, __nv_bfloat16 *dst, bool transpose) {
     const __nv_bfloat16 *copy = cuda_weight_copy(be, src, ld, stride, rows, cols, batch, transpose);
     if (copy) return copy;
+    cuda_activation_copy *a = transpose ? NULL : cuda_activation_copy_of(be, src, ld, stride, rows, cols, batch);
+    if (a) { /* a saved activation: its copy, made now by the first GEMM to read it */
+        if (!a->written) cuda_round_bf16(be, src, ld, stride, rows, cols, batch, a->copy, false);
+        a->written = true;
+        return a->copy;
+    }
     cuda_round_bf16(be, src, ld, stride, rows, cols, batch, dst, transpose);
     return dst;
 }
