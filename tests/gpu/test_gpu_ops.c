@@ -392,6 +392,17 @@ static void test_gemm(const cfg *c) {
     test_gemm_case(gpu, "gemm_gate", 1, 0, d, 16, T, 1.0f, 1.0f, 0, TOL_MM);
     test_gemm_case(gpu, "gemm_gate", 0, 1, T, d, 16, 1.0f, 0.0f, 2, TOL_MM);
     test_gemm_case(gpu, "gemm_gate", 1, 0, 37, 3, 300, 1.0f, 0.0f, 1, TOL_MM); /* a short K: cuBLAS */
+    if (c != cfgs_first) return;
+    /* the 16-byte paths at the edge widths and at odd widths, with a
+     * partial last tile and chunk of dW, and the expC shape (T = 8192) */
+    test_gemm_case(gpu, "gemm_gate", 0, 0, T, 1, d, 1.0f, 0.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 0, 0, T, 16, d, -0.5f, 1.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 0, 0, 77, 5, 1000, 1.0f, 0.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 1, 0, 100, 5, 1000, 1.0f, 1.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 1, 0, 36, 3, 1300, 2.0f, 0.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 1, 0, 36, 1, 777, 1.0f, 0.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 0, 0, 8192, 8, 256, 1.0f, 0.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 1, 0, 256, 8, 8192, 1.0f, 1.0f, 0, TOL_MM);
 }
 
 static void test_gemm_batched(const cfg *c) {
@@ -1320,8 +1331,7 @@ static void make_routing(int T, int K, int E, int32_t *expert, float *weight) {
     }
 }
 
-static void test_capacity(const cfg *c) {
-    const int T = T_of(c), K = c->K, E = c->E;
+static void capacity_case(int T, int K, int E) {
     const size_t nA = (size_t)T * K;
     int32_t *expert = halloc(nA * sizeof(int32_t));
     float *weight = halloc(nA * sizeof(float));
@@ -1358,21 +1368,42 @@ static void test_capacity(const cfg *c) {
                                      h_after[r]);
                 if (!gpu_ok(gpu, "capacity_assign(host counts)")) return;
             }
-            char op[96];
+            char op[128];
             const char *pol = policy ? "probs" : "position";
-            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).kept", pol, C);
+            snprintf(op, sizeof op, "capacity_assign(T=%d,K=%d,E=%d,%s,C=%d).kept", T, K, E, pol, C);
             check_i32(op, kept, want_kept, nA);
-            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).slot", pol, C);
+            snprintf(op, sizeof op, "capacity_assign(T=%d,K=%d,E=%d,%s,C=%d).slot", T, K, E, pol, C);
             check_i32(op, slot, want_slot, nA);
-            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).counts_before", pol, C);
+            snprintf(op, sizeof op, "capacity_assign(T=%d,K=%d,E=%d,%s,C=%d).counts_before", T, K, E, pol, C);
             check_i32(op, before, want_before, (size_t)E);
-            snprintf(op, sizeof op, "capacity_assign(%s,C=%d).counts_after", pol, C);
+            snprintf(op, sizeof op, "capacity_assign(T=%d,K=%d,E=%d,%s,C=%d).counts_after", T, K, E, pol, C);
             check_i32(op, after, want_after, (size_t)E);
-            snprintf(op, sizeof op, "capacity_assign(%s,C=%d,host counts).counts_before", pol, C);
+            snprintf(op, sizeof op, "capacity_assign(T=%d,K=%d,E=%d,%s,C=%d,host counts).counts_before", T, K, E,
+                     pol, C);
             check_i32(op, h_before, want_before, (size_t)E);
-            snprintf(op, sizeof op, "capacity_assign(%s,C=%d,host counts).counts_after", pol, C);
+            snprintf(op, sizeof op, "capacity_assign(T=%d,K=%d,E=%d,%s,C=%d,host counts).counts_after", T, K, E,
+                     pol, C);
             check_i32(op, h_after, want_after, (size_t)E);
         }
+}
+
+/* The CUDA kernel cuts the priority order into chunks (up to 1022, fewer
+ * when E is large) of warp segments; beyond the size's own routing, the
+ * first size also checks K = 1 and 4, the expC shape (T = 8192, K = 2: 64
+ * chunks), E = 256, counts too large for shared memory (E = 2000), and
+ * segments of many steps (T*K = 280000, past the chunk cap). */
+static void test_capacity(const cfg *c) {
+    capacity_case(T_of(c), c->K, c->E);
+    if (c != cfgs_first) return;
+    static const int extra[][3] = {
+        /* T     K  E */
+        {2048, 1, 8},   {2048, 4, 8},  {8192, 2, 8},
+        {4096, 2, 256}, {999, 3, 2000}, {40000, 7, 64},
+    };
+    for (size_t i = 0; i < sizeof extra / sizeof extra[0]; ++i) {
+        free_all(); /* each case allocates a few hundred buffers */
+        capacity_case(extra[i][0], extra[i][1], extra[i][2]);
+    }
 }
 
 /* combine weights, dispatch, combine and their backwards on one routing

@@ -34,22 +34,32 @@ __device__ __forceinline__ float add_product(float acc, float a, float b) {
  *
  * On the GPU: (1) for "probs", each k's tokens are sorted by weight with a
  * stable descending radix sort, so equal weights keep ascending token order;
- * (2) one block per expert walks the priority order (k by k, a tile of tokens
- * at a time) and ranks its assignments with a block-wide exclusive scan of
- * (expert == e), carrying its running count across tiles and k. */
-constexpr int CAP_THREADS = 1024;
-constexpr int CAP_ITEMS = 4; /* assignments per thread per tile: a tile is 4096 of them */
-
-/* kept = slot = -1 everywhere; the expert blocks then fill in what they keep.
- * Experts >= E are flagged (they are left dropped). */
-__global__ void capacity_init_kernel(const int32_t *expert, size_t nA, int E, int32_t *kept,
-                                     int32_t *slot, int *flags) {
-    GRID_STRIDE_LOOP(a, nA) {
-        kept[a] = -1;
-        slot[a] = -1;
-        if (expert[a] >= E) cuda_flag(flags, CUDA_FLAG_ROUTING);
-    }
-}
+ * (2) one kernel ranks every assignment. The priority order is cut into
+ * chunks, one per block, and a chunk into one segment per warp, walked 32
+ * assignments (a step) at a time. Pass 1: each warp counts its segment's
+ * assignments per expert (__match_any_sync groups a step's lanes by expert;
+ * the group's lowest lane adds the group's size to the warp's row of
+ * counts). A scan of those rows over the warps gives each warp's offset
+ * inside the chunk and the chunk's total per expert, which the block
+ * publishes. The block then adds the totals of every earlier chunk as they
+ * appear. Pass 2: the warps walk their segments again; an assignment's rank
+ * = its warp's running offset + its rank in its group. The block of the
+ * last chunk, which then holds every total, writes the counts. Every sum is
+ * of integers, so the result does not depend on timing.
+ *
+ * A block waits only for blocks of lower index, which publish without
+ * waiting: like CUB's single-pass scans, this relies on blocks being started
+ * in index order. The totals are published in the tickets (cuda_impl.
+ * d_tickets, 0 between kernels) as total + 1, so a nonzero word is both the
+ * flag and the value: [0] counts the blocks that are done, [1 + c E + e]
+ * holds chunk c's total of expert e; the last block done puts them back to
+ * 0. So (chunks - 1) x E is at most CUDA_TICKETS - 1 (one chunk, which
+ * publishes nothing, when E is larger). */
+constexpr int CAP_THREADS = 256;
+constexpr int CAP_WARPS = CAP_THREADS / 32;
+constexpr int CAP_BATCH = 8; /* steps of a warp whose loads are issued together */
+constexpr int CAP_PUBLISHED = CUDA_TICKETS - 1;
+constexpr size_t CAP_SHARED_MAX = 48 * 1024; /* the default, without opting in */
 
 /* keys[k*T + t] = weight[t, k] for the sort. -0.0 becomes +0.0: the CPU
  * compares them equal (so the lower token goes first). CUB's radix sort
@@ -67,53 +77,139 @@ __global__ void capacity_iota_kernel(int32_t *v, int n) {
     GRID_STRIDE_LOOP(i, n) v[i] = (int32_t)i;
 }
 
-/* Block e. order (NULL for token order) holds, for each k, the T tokens in
- * priority order. counts_before[e] = assignments routed to e,
- * counts_after[e] = kept. */
-__global__ void capacity_scan_kernel(const int32_t *expert, const int32_t *order, int T, int K,
-                                     int E, int C, int32_t *kept, int32_t *slot,
-                                     int32_t *counts_before, int32_t *counts_after) {
-    typedef cub::BlockScan<int, CAP_THREADS> Scan;
-    __shared__ typename Scan::TempStorage scan_tmp;
-    const int e = blockIdx.x;
-    constexpr int TILE = CAP_THREADS * CAP_ITEMS;
-    int running = 0; /* assignments to e met so far, in priority order */
-    for (int k = 0; k < K; ++k) {
-        for (int base = 0; base < T; base += TILE) {
-            /* thread j holds the tile's items j*CAP_ITEMS .. +CAP_ITEMS-1 (the
-             * blocked arrangement the scan expects), so ranks follow the
-             * priority order */
-            size_t a[CAP_ITEMS];
-            int match[CAP_ITEMS], rank[CAP_ITEMS], tile_total;
+/* The assignment at position p < T*K of the priority order: its index a =
+ * t*K + k and its expert, -1 for none (dropped without a count) and for one
+ * >= E (flagged when flags != NULL). order (NULL: token order) holds, for
+ * each k, the T tokens in priority order. 32-bit arithmetic: the host keeps
+ * T*K below 2^31 (a 64-bit division costs several times more, per item). */
+__device__ __forceinline__ int capacity_item(const int32_t *expert, const int32_t *order, unsigned T, unsigned K,
+                                             int E, unsigned p, unsigned *a, int *flags) {
+    const unsigned k = p / T, i = p - k * T;
+    const unsigned t = order ? (unsigned)order[p] : i;
+    *a = t * K + k;
+    const int e = expert[*a];
+    if (e >= E && flags) cuda_flag(flags, CUDA_FLAG_ROUTING);
+    return e >= 0 && e < E ? e : -1;
+}
+
+/* counts: CAP_ROWS x E ints for each chunk when they do not fit in shared
+ * memory (NULL: they do). Rows 0 .. CAP_WARPS-1: the warps' counts, then
+ * their running offsets; then the earlier chunks' totals; then the chunk's
+ * own. */
+constexpr int CAP_ROWS = CAP_WARPS + 2;
+
+__global__ void __launch_bounds__(CAP_THREADS)
+capacity_rank_kernel(const int32_t *expert, const int32_t *order, int T, int K, int E, int C, int seg,
+                     int32_t *kept, int32_t *slot, int32_t *counts_before, int32_t *counts_after, int *counts,
+                     int *tickets, int *flags) {
+    extern __shared__ int cap_smem[];
+    __shared__ bool last_done;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, chunk = blockIdx.x, nchunks = gridDim.x;
+    int *cnt = counts ? counts + (size_t)chunk * CAP_ROWS * E : cap_smem;
+    int *wcnt = cnt + (size_t)warp * E, *earlier = cnt + (size_t)CAP_WARPS * E, *own = earlier + E;
+    int *published = tickets + 1;
+    for (int i = threadIdx.x; i < CAP_ROWS * E; i += CAP_THREADS) cnt[i] = 0;
+    __syncthreads();
+
+    const unsigned nP = (unsigned)T * (unsigned)K, first = ((unsigned)chunk * CAP_WARPS + warp) * (unsigned)seg;
+    const unsigned end = first < nP ? min(nP, first + (unsigned)seg) : first;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    for (unsigned b = first; b < end; b += 32 * CAP_BATCH) {
+        int e[CAP_BATCH];
 #pragma unroll
-            for (int q = 0; q < CAP_ITEMS; ++q) {
-                const int i = base + threadIdx.x * CAP_ITEMS + q;
-                a[q] = 0;
-                match[q] = 0;
-                if (i < T) {
-                    const int t = order ? order[(size_t)k * T + i] : i;
-                    a[q] = (size_t)t * K + k;
-                    match[q] = expert[a[q]] == e;
-                }
-            }
-            Scan(scan_tmp).ExclusiveSum(match, rank, tile_total);
+        for (int q = 0; q < CAP_BATCH; ++q) {
+            const unsigned p = b + q * 32 + lane;
+            unsigned a;
+            e[q] = p < end ? capacity_item(expert, order, T, K, E, p, &a, flags) : -1;
+        }
 #pragma unroll
-            for (int q = 0; q < CAP_ITEMS; ++q) {
-                if (!match[q]) continue;
-                const int r = running + rank[q];
-                if (r < C) {
-                    kept[a[q]] = e;
-                    slot[a[q]] = r;
-                }
-            }
-            running += tile_total;
-            __syncthreads(); /* scan_tmp is reused by the next tile */
+        for (int q = 0; q < CAP_BATCH; ++q) {
+            if (b + q * 32 >= end) break;
+            const unsigned peers = __match_any_sync(0xffffffffu, e[q]);
+            if (e[q] >= 0 && (peers & lanes_below) == 0) atomicAdd(&wcnt[e[q]], __popc(peers));
         }
     }
-    if (threadIdx.x == 0) {
-        counts_before[e] = running;
-        counts_after[e] = running < C ? running : (C > 0 ? C : 0);
+    __syncthreads();
+    /* warp w scans experts w, w + CAP_WARPS, ...: lane i holds warp i's count */
+    for (int e = warp; e < E; e += CAP_WARPS) {
+        const int n = lane < CAP_WARPS ? cnt[lane * E + e] : 0;
+        int incl = n;
+#pragma unroll
+        for (int off = 1; off < CAP_WARPS; off <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, off);
+            if (lane >= off) incl += y;
+        }
+        if (lane < CAP_WARPS) cnt[lane * E + e] = incl - n;
+        const int total = __shfl_sync(0xffffffffu, incl, CAP_WARPS - 1);
+        if (lane == 0) {
+            own[e] = total;
+            if (chunk < nchunks - 1) atomicExch(&published[chunk * E + e], total + 1);
+        }
     }
+    if (nchunks > 1) {
+        /* chunk * E <= CAP_PUBLISHED words, a few per thread: all loads in flight */
+        constexpr int PER_THREAD = (CAP_PUBLISHED + CAP_THREADS - 1) / CAP_THREADS;
+        const int words = chunk * E;
+        int v[PER_THREAD];
+#pragma unroll
+        for (int u = 0; u < PER_THREAD; ++u) {
+            const int i = threadIdx.x + u * CAP_THREADS;
+            v[u] = i < words ? *(volatile int *)&published[i] : 1;
+        }
+#pragma unroll
+        for (int u = 0; u < PER_THREAD; ++u) {
+            const int i = threadIdx.x + u * CAP_THREADS;
+            while (v[u] == 0) {
+                __nanosleep(32);
+                v[u] = *(volatile int *)&published[i];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < PER_THREAD; ++u) {
+            const int i = threadIdx.x + u * CAP_THREADS;
+            if (i < words) atomicAdd(&earlier[i % E], v[u] - 1);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < CAP_WARPS * E; i += CAP_THREADS) cnt[i] += earlier[i % E];
+    __syncthreads();
+    if (chunk == nchunks - 1)
+        for (int e = threadIdx.x; e < E; e += CAP_THREADS) {
+            const int total = earlier[e] + own[e];
+            counts_before[e] = total;
+            counts_after[e] = total < C ? total : (C > 0 ? C : 0);
+        }
+
+    for (unsigned b = first; b < end; b += 32 * CAP_BATCH) {
+        int e[CAP_BATCH];
+        unsigned a[CAP_BATCH];
+#pragma unroll
+        for (int q = 0; q < CAP_BATCH; ++q) {
+            const unsigned p = b + q * 32 + lane;
+            e[q] = p < end ? capacity_item(expert, order, T, K, E, p, &a[q], nullptr) : -1;
+        }
+#pragma unroll
+        for (int q = 0; q < CAP_BATCH; ++q) {
+            if (b + q * 32 >= end) break;
+            const unsigned peers = __match_any_sync(0xffffffffu, e[q]);
+            const int rank = e[q] >= 0 ? wcnt[e[q]] + __popc(peers & lanes_below) : 0;
+            __syncwarp(); /* every lane has read its group's offset */
+            if (e[q] >= 0 && (peers & lanes_below) == 0) wcnt[e[q]] += __popc(peers);
+            __syncwarp();
+            if (b + q * 32 + lane < end) {
+                const bool keep = e[q] >= 0 && rank < C;
+                kept[a[q]] = keep ? e[q] : -1;
+                slot[a[q]] = keep ? rank : -1;
+            }
+        }
+    }
+    if (nchunks == 1) return;
+    __syncthreads();
+    if (threadIdx.x == 0) last_done = atomicAdd(&tickets[0], 1) == nchunks - 1;
+    __syncthreads();
+    if (!last_done) return;
+    for (int i = threadIdx.x; i < (nchunks - 1) * E; i += CAP_THREADS) published[i] = 0;
+    if (threadIdx.x == 0) tickets[0] = 0;
 }
 
 void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,
@@ -122,8 +218,28 @@ void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *w
     if (E <= 0) return;
     cudaStream_t st = cuda_stream(be);
     int *flags = cuda_state(be)->d_flags;
-    const size_t nA = (size_t)(T > 0 ? T : 0) * (K > 0 ? K : 0);
+    if (T < 0) T = 0;
+    if (K < 0) K = 0;
+    const size_t nA = (size_t)T * K;
+    if (nA > (size_t)INT32_MAX) { /* positions are 32-bit in the kernel */
+        cuda_record_error(be, __FILE__, __LINE__, "capacity_assign", "more than 2^31 - 1 assignments");
+        return;
+    }
     const int sorted = policy == 1 && nA > 0;
+
+    /* As many chunks as the published words allow, of at least one step per
+     * warp; a warp's segment a whole number of steps. */
+    const size_t block_step = 32 * CAP_WARPS;
+    size_t nchunks = (nA + block_step - 1) / block_step;
+    const size_t max_chunks = 1 + (size_t)CAP_PUBLISHED / E; /* the last chunk publishes nothing */
+    if (nchunks > max_chunks) nchunks = max_chunks;
+    if (nchunks < 1) nchunks = 1;
+    const size_t per_warp = (nA + nchunks * CAP_WARPS - 1) / (nchunks * CAP_WARPS);
+    const size_t seg = per_warp > 32 ? (per_warp + 31) / 32 * 32 : 32;
+    nchunks = (nA + seg * CAP_WARPS - 1) / (seg * CAP_WARPS);
+    if (nchunks < 1) nchunks = 1;
+    const size_t count_bytes = (size_t)CAP_ROWS * E * sizeof(int);
+    const bool shared_counts = count_bytes <= CAP_SHARED_MAX;
 
     size_t sort_bytes = 0;
     if (sorted)
@@ -136,6 +252,7 @@ void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *w
     const bool host_counts = !cuda_is_device_ptr(counts_before) || !cuda_is_device_ptr(counts_after);
     ScratchLayout lay;
     const size_t counts_off = lay.add(host_counts ? 2 * (size_t)E * sizeof(int32_t) : 0);
+    const size_t big_off = lay.add(shared_counts ? 0 : nchunks * count_bytes);
     const size_t keys_off = lay.add(sorted ? nA * sizeof(float) : 0);
     const size_t skeys_off = lay.add(sorted ? nA * sizeof(float) : 0);
     const size_t iota_off = lay.add(sorted ? (size_t)T * sizeof(int32_t) : 0);
@@ -146,10 +263,6 @@ void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *w
     int32_t *d_counts = (int32_t *)(base + counts_off);
     int32_t *order = nullptr;
 
-    if (nA > 0) {
-        capacity_init_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(expert, nA, E, kept, slot, flags);
-        KERNEL_CHECK(be, "capacity_init_kernel");
-    }
     if (sorted) {
         float *keys = (float *)(base + keys_off), *sorted_keys = (float *)(base + skeys_off);
         int32_t *iota = (int32_t *)(base + iota_off);
@@ -165,10 +278,11 @@ void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *w
             KERNEL_CHECK(be, "cub::DeviceRadixSort::SortPairsDescending (capacity)");
         }
     }
-    capacity_scan_kernel<<<E, CAP_THREADS, 0, st>>>(expert, order, nA > 0 ? T : 0, nA > 0 ? K : 0, E, C,
-                                                    kept, slot, host_counts ? d_counts : counts_before,
-                                                    host_counts ? d_counts + E : counts_after);
-    KERNEL_CHECK(be, "capacity_scan_kernel");
+    capacity_rank_kernel<<<(unsigned)nchunks, CAP_THREADS, shared_counts ? count_bytes : 0, st>>>(
+        expert, order, T, K, E, C, (int)seg, kept, slot, host_counts ? d_counts : counts_before,
+        host_counts ? d_counts + E : counts_after, shared_counts ? nullptr : (int *)(base + big_off),
+        cuda_state(be)->d_tickets, flags);
+    KERNEL_CHECK(be, "capacity_rank_kernel");
     if (!host_counts) return;
     CUDA_CHECK(be, cudaMemcpyAsync(counts_before, d_counts, (size_t)E * sizeof(int32_t),
                                    cudaMemcpyDefault, st));

@@ -7,110 +7,272 @@
  *   forward    logits[T,E]  = x[T,d] wg[d,E]        ta=0 tb=0, N small
  *   dW         dwg[d,E]    += x^T[d,T] dlogits[T,E] ta=1 tb=0, N small, K long
  *
+ * Both are bound by reading A (x: 8 MB at the expC shape), so both are laid
+ * out to keep many wide loads of A in flight: each thread issues all its
+ * loads of A for a pass before using any of them, and the first pass's
+ * loads are issued before B is staged in shared memory, so the two
+ * latencies overlap. A is read 16 bytes at a time where its rows allow it
+ * (VEC = 4: A 16-byte aligned, lda and the vectorised extent multiples of
+ * 4), else one float at a time (VEC = 1, the same code).
+ *
  * The third, dx[T,d] += dlogits[T,E] wg^T (K small), stays with cuBLAS: a
  * kernel of one thread per output measured slower (16 against 9 us at the
  * expC shape on the H100).
  *
- * Each output is one fp32 sum in a fixed order (lanes in lane order, K
- * chunks in chunk order), so a second run gives the same bits. Other shapes
- * return false and take cuBLAS.
+ * Each output is one fp32 sum in an order fixed by the shape (a thread's
+ * terms in k order, then lanes and warps combined in a fixed pattern, then
+ * K chunks in chunk order), so a second run gives the same bits. Other
+ * shapes return false and take cuBLAS.
  */
+#include <stdint.h>
+
 #include "backend/cuda/cuda_common.cuh"
 
 constexpr int SKINNY_MAX = 16;
+constexpr int SKINNY_THREADS = 256;
+constexpr int SKINNY_WARPS = SKINNY_THREADS / 32;
 
 /* beta == 0 overwrites C without reading it (C may hold NaN), as BLAS does. */
 __device__ __forceinline__ float skinny_out(float alpha, float acc, float beta, float c) {
     return beta == 0.0f ? alpha * acc : alpha * acc + beta * c;
 }
 
-/* ---- N small: one warp per row of A ---------------------------------- */
+/* v[0 .. VEC) = p[0 .. VEC); VEC = 4 needs p 16-byte aligned. */
+template <int VEC> __device__ __forceinline__ void load_floats(const float *p, float *v) {
+    if constexpr (VEC == 4) {
+        const float4 t = __ldg(reinterpret_cast<const float4 *>(p));
+        v[0] = t.x;
+        v[1] = t.y;
+        v[2] = t.z;
+        v[3] = t.w;
+    } else {
+        v[0] = __ldg(p);
+    }
+}
 
-/* B in shared memory as sB[n * K + k] (consecutive lanes read consecutive
- * k: no bank conflicts); warp w of the block takes rows r = blockIdx.x *
- * warps + w, then every gridDim.x * warps-th row; the lanes stride over K,
- * and each of the N lane partials is summed across the warp by shuffles. */
-template <int N>
-__global__ void skinny_rows_kernel(int M, int K, float alpha, const float *A, int lda, const float *B, int ldb,
-                                   float beta, float *C, int ldc) {
-    extern __shared__ float sB[];
-    for (int i = threadIdx.x; i < K * N; i += blockDim.x) sB[i] = B[(size_t)(i % K) * ldb + i / K];
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warps = blockDim.x / 32;
-    for (int r = blockIdx.x * warps + threadIdx.x / 32; r < M; r += gridDim.x * warps) {
-        const float *a = A + (size_t)r * lda;
-        float acc[N];
+/* ---- N small: 8 lanes per row of A ----------------------------------- */
+
+/* A warp reads 4 rows side by side (8 lanes each: 128 contiguous bytes of a
+ * row per load with VEC = 4) and 2 such sets, so 8 rows; a block of 8 warps
+ * takes 64 consecutive rows. Lane l of a row takes the vectors at k = (8 j
+ * + l) VEC, j = 0, 1, ..., loaded 8 vectors at a time (one pass) before any
+ * is used. B sits in shared memory as sB[n * KP + k] (KP: K rounded up to
+ * 32, plus 4, so the staging writes spread over the banks): the 8 lanes of
+ * a row read 8 consecutive vectors (no bank conflicts), and the 4 rows of a
+ * set read the same ones (broadcasts). Each lane's N sums are added over
+ * the row's 8 lanes by a butterfly; lane l then writes the outputs n with
+ * n % 8 = l. */
+constexpr int ROW_LANES = 8;
+constexpr int ROW_GROUPS = 32 / ROW_LANES; /* rows a warp reads side by side */
+/* 2 sets per warp: 1 (twice the blocks, half the registers) measured 8.0
+ * against 7.5 us at the expC shape on the H100 */
+constexpr int ROW_SETS = 2;                /* such sets per warp */
+constexpr int ROW_VECS = 8;                /* vectors per lane per row in one pass */
+
+/* v[s][j] = the vector of row s at k = k0 + (8 j + l) VEC, zero past K or
+ * for a row past M. */
+template <int VEC, int SETS>
+__device__ __forceinline__ void rows_load(const float *const (&a)[SETS], const bool (&ok)[SETS], int k0,
+                                          int K, int l, float (&v)[SETS][ROW_VECS][VEC]) {
 #pragma unroll
-        for (int n = 0; n < N; ++n) acc[n] = 0.0f;
-        for (int k = lane; k < K; k += 32) {
-            const float av = a[k];
+    for (int s = 0; s < SETS; ++s)
 #pragma unroll
-            for (int n = 0; n < N; ++n) acc[n] = fmaf(av, sB[n * K + k], acc[n]);
+        for (int j = 0; j < ROW_VECS; ++j) {
+            const int k = k0 + (j * ROW_LANES + l) * VEC;
+            if (ok[s] && k < K) {
+                load_floats<VEC>(a[s] + k, v[s][j]);
+            } else {
+#pragma unroll
+                for (int q = 0; q < VEC; ++q) v[s][j][q] = 0.0f;
+            }
         }
+}
+
+template <int N, int VEC, int SETS>
+__global__ void __launch_bounds__(SKINNY_THREADS)
+skinny_rows_kernel(int M, int K, int KP, float alpha, const float *A, int lda, const float *B, int ldb, float beta,
+                   float *C, int ldc) {
+    extern __shared__ float4 rows_smem[]; /* float4: the vectors' alignment */
+    float *sB = reinterpret_cast<float *>(rows_smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int l = lane % ROW_LANES, g = lane / ROW_LANES;
+    const long long row0 = (long long)blockIdx.x * (SKINNY_WARPS * ROW_GROUPS * SETS) + warp * (ROW_GROUPS * SETS) + g;
+    const float *a[SETS];
+    bool ok[SETS];
+#pragma unroll
+    for (int s = 0; s < SETS; ++s) {
+        const long long r = row0 + s * ROW_GROUPS;
+        ok[s] = r < M;
+        a[s] = A + (size_t)(ok[s] ? r : 0) * lda;
+    }
+    constexpr int PASS = ROW_LANES * VEC * ROW_VECS; /* k covered by one pass */
+    float v[SETS][ROW_VECS][VEC];
+    rows_load<VEC, SETS>(a, ok, 0, K, l, v); /* in flight while B is staged */
+#pragma unroll 8 /* loads in flight */
+    for (int i = threadIdx.x; i < K * N; i += SKINNY_THREADS) {
+        const int k = i / N, n = i % N;
+        sB[n * KP + k] = B[(size_t)k * ldb + n];
+    }
+    __syncthreads();
+    float acc[SETS][N];
+#pragma unroll
+    for (int s = 0; s < SETS; ++s)
+#pragma unroll
+        for (int n = 0; n < N; ++n) acc[s][n] = 0.0f;
+    for (int k0 = 0;;) {
+#pragma unroll
+        for (int j = 0; j < ROW_VECS; ++j) {
+            const int k = k0 + (j * ROW_LANES + l) * VEC;
+            if (k >= K) break;
+#pragma unroll
+            for (int n = 0; n < N; ++n) {
+                float b[VEC];
+                if constexpr (VEC == 4) {
+                    const float4 t = *reinterpret_cast<const float4 *>(sB + n * KP + k);
+                    b[0] = t.x;
+                    b[1] = t.y;
+                    b[2] = t.z;
+                    b[3] = t.w;
+                } else {
+                    b[0] = sB[n * KP + k];
+                }
+#pragma unroll
+                for (int s = 0; s < SETS; ++s)
+#pragma unroll
+                    for (int q = 0; q < VEC; ++q) acc[s][n] = fmaf(v[s][j][q], b[q], acc[s][n]);
+            }
+        }
+        k0 += PASS;
+        if (k0 >= K) break;
+        rows_load<VEC, SETS>(a, ok, k0, K, l, v);
+    }
+    /* the row's 8 lanes are an aligned group of the warp: xor 4, 2, 1 stays inside it */
+#pragma unroll
+    for (int s = 0; s < SETS; ++s)
 #pragma unroll
         for (int n = 0; n < N; ++n)
 #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
-        /* every lane holds every sum; lane n writes column n */
+            for (int off = ROW_LANES / 2; off > 0; off >>= 1)
+                acc[s][n] += __shfl_xor_sync(0xffffffffu, acc[s][n], off);
+#pragma unroll
+    for (int s = 0; s < SETS; ++s) {
+        if (!ok[s]) continue;
+        float *c = C + (size_t)(row0 + s * ROW_GROUPS) * ldc;
 #pragma unroll
         for (int n = 0; n < N; ++n)
-            if (lane == n) C[(size_t)r * ldc + n] = skinny_out(alpha, acc[n], beta, C[(size_t)r * ldc + n]);
+            if (n % ROW_LANES == l) c[n] = skinny_out(alpha, acc[s][n], beta, c[n]);
     }
 }
 
 /* ---- ta = 1, N small, K long: split K in chunks ---------------------- */
 
-/* Block (chunk of SKINNY_KCHUNK rows of k, tile of 32 columns m of A),
- * 8 warps: lane l takes column m = 32 * tile + l, warp w the chunk's rows
- * w * SKINNY_KCHUNK / 8 .. in order; the warps' sums are added in warp
- * order into partial[chunk][m][:]. The last chunk block of a tile to finish
- * adds the tile's partials in chunk order into C (last_block_arrived, one
- * ticket per tile). */
-constexpr int SKINNY_KCHUNK = 256;
-constexpr int SKINNY_TN_WARPS = 8;
+/* Block (chunk of TN_ROWS rows k of A, tile of TN_COLS columns m): the
+ * columns are spread over TPR = TN_COLS / VEC threads (each VEC columns,
+ * 128 contiguous bytes of a row of A per TPR threads), the rows over the
+ * block's 256 / TPR row lanes (lane r takes rows r, r + lanes, ...), all
+ * of a thread's loads of A issued before B's rows of the chunk are staged
+ * in shared memory (sB[k][n], each row read as float4 broadcasts). Each
+ * thread keeps VEC x N sums; the row lanes of a warp are added by a
+ * butterfly, the warps in warp order, into partial[chunk][tile][:]. The
+ * last chunk block of a tile to finish adds the tile's partials in chunk
+ * order into C (last_block_arrived, one ticket per tile). */
+constexpr int TN_COLS = 32;
+/* chunks of 256 rows: 128 and 512 measured 10.5 against 10.2 us at the
+ * expC shape on the H100 (smaller blocks overlap better, but leave more
+ * partials to the finish) */
+constexpr int TN_ROWS = 256;
+constexpr int SKINNY_TN_MIN_K = 256; /* shorter sums go to cuBLAS */
 
-template <int N>
-__global__ void __launch_bounds__(32 * SKINNY_TN_WARPS)
+template <int N, int VEC, int KC>
+__global__ void __launch_bounds__(SKINNY_THREADS)
 skinny_tn_kernel(int M, int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C,
                  int ldc, float *partial, int *tickets) {
-    __shared__ float sB[SKINNY_KCHUNK * N];
-    __shared__ float warp_acc[SKINNY_TN_WARPS][32][N + 1];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int k0 = blockIdx.x * SKINNY_KCHUNK, kn = min(SKINNY_KCHUNK, K - k0);
-    for (int i = threadIdx.x; i < kn * N; i += blockDim.x) sB[i] = B[(size_t)(k0 + i / N) * ldb + i % N];
-    __syncthreads();
-    const int m = blockIdx.y * 32 + lane;
-    float acc[N];
+    constexpr int TPR = TN_COLS / VEC;           /* threads along a row of the tile */
+    constexpr int LANES = SKINNY_THREADS / TPR;  /* row lanes */
+    constexpr int RPL = KC / LANES;         /* rows per lane */
+    constexpr int NP = (N + 3) / 4 * 4;          /* a row of sB, in whole float4 */
+    constexpr int OUT = TN_COLS * N;             /* outputs of a tile */
+    constexpr int STAGE = KC * NP, PARTS = SKINNY_WARPS * OUT;
+    /* B's rows while summing, then the warps' sums */
+    __shared__ float4 tn_smem[(STAGE > PARTS ? STAGE : PARTS) / 4];
+    float *sB = reinterpret_cast<float *>(tn_smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, c = tid % TPR, lrow = tid / TPR;
+    const int k0 = blockIdx.x * KC, kn = min(KC, K - k0);
+    const int m = blockIdx.y * TN_COLS + c * VEC;
+    const bool col_ok = m < M; /* VEC = 4 needs M % 4 == 0: a vector is wholly in or out */
+    float v[RPL][VEC];
 #pragma unroll
-    for (int n = 0; n < N; ++n) acc[n] = 0.0f;
-    constexpr int per_warp = SKINNY_KCHUNK / SKINNY_TN_WARPS;
-    const int kb = warp * per_warp, ke = min(kn, kb + per_warp);
-    if (m < M)
-#pragma unroll 4
-        for (int k = kb; k < ke; ++k) {
-            const float av = A[(size_t)(k0 + k) * lda + m];
+    for (int j = 0; j < RPL; ++j) {
+        const int k = lrow + j * LANES;
+        if (col_ok && k < kn) {
+            load_floats<VEC>(A + (size_t)(k0 + k) * lda + m, v[j]);
+        } else {
 #pragma unroll
-            for (int n = 0; n < N; ++n) acc[n] = fmaf(av, sB[k * N + n], acc[n]);
+            for (int q = 0; q < VEC; ++q) v[j][q] = 0.0f;
         }
-#pragma unroll
-    for (int n = 0; n < N; ++n) warp_acc[warp][lane][n] = acc[n];
+    }
+    /* rows past the chunk's end and columns n >= N are zeros, so the sums
+     * below need no bounds */
+    static_assert(STAGE % SKINNY_THREADS == 0, "the staging loop has no remainder");
+#pragma unroll /* every load in flight at once */
+    for (int i = tid; i < STAGE; i += SKINNY_THREADS) {
+        const int k = i / NP, n = i % NP;
+        sB[i] = k < kn && n < N ? B[(size_t)(k0 + k) * ldb + n] : 0.0f;
+    }
     __syncthreads();
-    /* element i < 32 N of the tile: column 32 * tile + i / N, output n = i % N */
-    const size_t tile_elems = (size_t)32 * N, chunk_stride = (size_t)gridDim.y * tile_elems;
-    float *mine = partial + (size_t)blockIdx.x * chunk_stride + (size_t)blockIdx.y * tile_elems;
-    for (int i = threadIdx.x; i < 32 * N; i += blockDim.x) {
-        float s = 0.0f;
-        for (int w = 0; w < SKINNY_TN_WARPS; ++w) s += warp_acc[w][i / N][i % N];
+    float acc[VEC][N];
+#pragma unroll
+    for (int q = 0; q < VEC; ++q)
+#pragma unroll
+        for (int n = 0; n < N; ++n) acc[q][n] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < RPL; ++j) {
+        const float4 *b = reinterpret_cast<const float4 *>(sB + (lrow + j * LANES) * NP);
+#pragma unroll
+        for (int n4 = 0; n4 < NP / 4; ++n4) {
+            const float4 t = b[n4];
+            const float bn[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = 4 * n4 + i;
+                if (n >= N) break;
+#pragma unroll
+                for (int q = 0; q < VEC; ++q) acc[q][n] = fmaf(v[j][q], bn[i], acc[q][n]);
+            }
+        }
+    }
+    /* the warp's row lanes (lanes c, c + TPR, ...) */
+#pragma unroll
+    for (int q = 0; q < VEC; ++q)
+#pragma unroll
+        for (int n = 0; n < N; ++n)
+#pragma unroll
+            for (int off = TPR; off < 32; off <<= 1) acc[q][n] += __shfl_xor_sync(0xffffffffu, acc[q][n], off);
+    __syncthreads(); /* sB is read by every warp before it holds the sums */
+    /* element i = (q N + n) TPR + c of a tile: column c VEC + q, output n
+     * (consecutive lanes write consecutive words) */
+    float *parts = sB;
+    if (lane < TPR)
+#pragma unroll
+        for (int q = 0; q < VEC; ++q)
+#pragma unroll
+            for (int n = 0; n < N; ++n) parts[warp * OUT + (q * N + n) * TPR + c] = acc[q][n];
+    __syncthreads();
+    const size_t chunk_stride = (size_t)gridDim.y * OUT;
+    float *mine = partial + (size_t)blockIdx.x * chunk_stride + (size_t)blockIdx.y * OUT;
+    for (int i = tid; i < OUT; i += SKINNY_THREADS) {
+        float s = parts[i];
+        for (int w = 1; w < SKINNY_WARPS; ++w) s += parts[w * OUT + i];
         mine[i] = s;
     }
     if (!last_block_arrived(&tickets[blockIdx.y], gridDim.x)) return;
-    for (int i = threadIdx.x; i < 32 * N; i += blockDim.x) {
-        const int mo = blockIdx.y * 32 + i / N, n = i % N;
+    for (int i = tid; i < OUT; i += SKINNY_THREADS) {
+        const int qn = i / TPR, mo = blockIdx.y * TN_COLS + (i % TPR) * VEC + qn / N, n = qn % N;
         if (mo >= M) continue;
-        const float *col = partial + (size_t)blockIdx.y * tile_elems + i;
+        const float *col = partial + (size_t)blockIdx.y * OUT + i;
         float s = 0.0f;
-#pragma unroll 8 /* independent loads in flight; the adds stay in chunk order */
-        for (unsigned c = 0; c < gridDim.x; ++c) s += __ldcg(col + c * chunk_stride);
+#pragma unroll 32 /* independent loads in flight; the adds stay in chunk order */
+        for (unsigned ch = 0; ch < gridDim.x; ++ch) s += __ldcg(col + ch * chunk_stride);
         C[(size_t)mo * ldc + n] = skinny_out(alpha, s, beta, C[(size_t)mo * ldc + n]);
     }
 }
@@ -128,30 +290,45 @@ struct skinny_args {
 
 constexpr size_t SKINNY_SHARED_MAX = 48 * 1024; /* the default, without opting in */
 
+static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+template <int N, int VEC> static void launch_rows(const skinny_args &a, int KP, size_t smem) {
+    constexpr int rows_per_block = SKINNY_WARPS * ROW_GROUPS * ROW_SETS;
+    const unsigned blocks = (unsigned)(((long long)a.M + rows_per_block - 1) / rows_per_block);
+    skinny_rows_kernel<N, VEC, ROW_SETS><<<blocks, SKINNY_THREADS, smem, cuda_stream(a.be)>>>(
+        a.M, a.K, KP, a.alpha, a.A, a.lda, a.B, a.ldb, a.beta, a.C, a.ldc);
+}
+
 template <int N> struct run_rows {
     static bool run(const skinny_args &a) {
-        const size_t smem = (size_t)a.K * N * sizeof(float);
+        const int KP = (a.K + 31) / 32 * 32 + 4;
+        const size_t smem = (size_t)KP * N * sizeof(float);
         if (smem > SKINNY_SHARED_MAX) return false;
-        const int threads = 256, warps = threads / 32;
-        /* a few blocks per SM, each loading B once, striding over the rows */
-        const long long want = ((long long)a.M + warps - 1) / warps;
-        const unsigned blocks = (unsigned)(want < 512 ? want : 512);
-        skinny_rows_kernel<N><<<blocks, threads, smem, cuda_stream(a.be)>>>(a.M, a.K, a.alpha, a.A, a.lda, a.B,
-                                                                            a.ldb, a.beta, a.C, a.ldc);
+        if (aligned16(a.A) && a.lda % 4 == 0 && a.K % 4 == 0)
+            launch_rows<N, 4>(a, KP, smem);
+        else
+            launch_rows<N, 1>(a, KP, smem);
         KERNEL_CHECK_RET(a.be, "skinny_rows_kernel", true);
         return true;
     }
 };
 
+template <int N, int VEC> static void launch_tn(const skinny_args &a, dim3 grid, float *partial) {
+    skinny_tn_kernel<N, VEC, TN_ROWS><<<grid, SKINNY_THREADS, 0, cuda_stream(a.be)>>>(
+        a.M, a.K, a.alpha, a.A, a.lda, a.B, a.ldb, a.beta, a.C, a.ldc, partial, cuda_state(a.be)->d_tickets);
+}
+
 template <int N> struct run_tn {
     static bool run(const skinny_args &a) {
-        const int nchunks = (a.K + SKINNY_KCHUNK - 1) / SKINNY_KCHUNK, tiles = (a.M + 31) / 32;
+        const int nchunks = (a.K + TN_ROWS - 1) / TN_ROWS, tiles = (a.M + TN_COLS - 1) / TN_COLS;
         if (tiles > CUDA_TICKETS) return false;
-        float *partial = (float *)cuda_scratch(a.be, (size_t)nchunks * tiles * 32 * N * sizeof(float));
+        float *partial = (float *)cuda_scratch(a.be, (size_t)nchunks * tiles * TN_COLS * N * sizeof(float));
         if (!partial) return true; /* cuda_scratch recorded the error */
         const dim3 grid((unsigned)nchunks, (unsigned)tiles);
-        skinny_tn_kernel<N><<<grid, 32 * SKINNY_TN_WARPS, 0, cuda_stream(a.be)>>>(
-            a.M, a.K, a.alpha, a.A, a.lda, a.B, a.ldb, a.beta, a.C, a.ldc, partial, cuda_state(a.be)->d_tickets);
+        if (aligned16(a.A) && a.lda % 4 == 0 && a.M % 4 == 0)
+            launch_tn<N, 4>(a, grid, partial);
+        else
+            launch_tn<N, 1>(a, grid, partial);
         KERNEL_CHECK_RET(a.be, "skinny_tn_kernel", true);
         return true;
     }
@@ -186,6 +363,6 @@ bool cuda_skinny_gemm(moe_backend *be, int ta, int tb, int M, int N, int K, floa
     if (M <= 0 || N <= 0 || K <= 0) return false;
     const skinny_args a{be, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc};
     if (!ta && !tb && N <= SKINNY_MAX) return by_width<run_rows>(N, a);
-    if (ta && !tb && N <= SKINNY_MAX && K >= SKINNY_KCHUNK) return by_width<run_tn>(N, a);
+    if (ta && !tb && N <= SKINNY_MAX && K >= SKINNY_TN_MIN_K) return by_width<run_tn>(N, a);
     return false;
 }
