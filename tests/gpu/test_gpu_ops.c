@@ -899,10 +899,11 @@ static void test_vector_ops(const cfg *c) {
 /* Embeddings, norms, activations                                      */
 /* ------------------------------------------------------------------ */
 
-/* The embeddings with vocabulary V (the CUDA backward sorts ids on the
- * bits V needs: one radix pass for small V, more for a BPE-sized one). */
-static void embed_case(const cfg *c, int V) {
-    const int B = c->B, S = c->S, d = c->d, T = T_of(c);
+/* The embeddings with vocabulary V. The CUDA backward has two paths: for a
+ * small V per-id sums in shared memory (warps per block by V), else a sort
+ * of the ids on the bits V needs. */
+static void embed_case(int B, int S, int d, int V) {
+    const int T = B * S;
     const size_t n = (size_t)T * d;
     int32_t *ids = halloc((size_t)T * sizeof *ids);
     /* a small vocabulary: ids repeat, as in a char corpus; id 0 very often */
@@ -944,8 +945,13 @@ static void embed_case(const cfg *c, int V) {
 }
 
 static void test_embed(const cfg *c) {
-    embed_case(c, c->V);
-    if (c == cfgs_first) embed_case(c, 50257); /* GPT-2's vocabulary: 16-bit keys */
+    embed_case(c->B, c->S, c->d, c->V);
+    if (c != cfgs_first) return;
+    embed_case(c->B, c->S, c->d, 50257); /* GPT-2's vocabulary: the sort, 16-bit keys */
+    embed_case(8, 64, 48, 2000);         /* past the small path's shared memory: the sort, 11 bits */
+    embed_case(40, 7, 72, 300);          /* small path, 2 warps per block; B > 32: two id groups per warp;
+                                            a part-filled column tile */
+    embed_case(64, 16, 32, 1);           /* one id for every token */
 }
 
 /* "op(d=N)" into buf */
