@@ -170,10 +170,11 @@ __global__ void embed_bwd_small_kernel(const int32_t *ids, const float *dout, fl
     for (int v = threadIdx.x; v < V; v += blockDim.x) seen_by[v] = 0;
     __syncthreads();
     if (s < S) {
-        /* the first group's gradients are on their way while the rows are
-         * cleared: one memory latency instead of two */
+        /* the first group's gradients and dwpe's row are on their way while
+         * the rows are cleared: one memory latency instead of three */
         float g[32];
         embed_load_group(g, dout, 0, min(32, B), s, S, d, col, col_ok);
+        float pos = dwpe && col_ok ? dwpe[(size_t)s * d + col] : 0.0f;
         /* Clear the rows of the ids this warp will add into (a row seen
          * twice is cleared twice, before any add). */
         for (int b0 = 0; b0 < B; b0 += 32) {
@@ -189,7 +190,6 @@ __global__ void embed_bwd_small_kernel(const int32_t *ids, const float *dout, fl
             }
         }
         __syncwarp();
-        float pos = dwpe && col_ok ? dwpe[(size_t)s * d + col] : 0.0f;
         for (int b0 = 0;;) {
             const int nb = min(32, B - b0);
             const int my = lane < nb ? ids[(size_t)(b0 + lane) * S + s] : -1;
@@ -220,16 +220,27 @@ __global__ void embed_bwd_small_kernel(const int32_t *ids, const float *dout, fl
 }
 
 /* dwte[v, i] += the chunks' partials for v, in chunk order. Every chunk has
- * a partial (0 for an id it lacks), so the loads do not wait on anything
- * and go out eight at a time. A row no token has gets + 0 (a -0 would turn
- * into +0; its value does not change). */
+ * a partial (0 for an id it lacks), so the loads wait on nothing: a group
+ * of 32 chunks is loaded at once, then added in order (the rest eight at a
+ * time). A row no token has gets + 0 (a -0 would turn into +0; its value
+ * does not change). */
+constexpr int EMBED_FINISH_THREADS = 128; /* V * d is small: spread it over more multiprocessors */
+
 __global__ void embed_bwd_small_finish_kernel(const float *__restrict__ partial, float *dwte, int nchunks, int V,
                                               int d) {
     const size_t vd = (size_t)V * d;
     GRID_STRIDE_LOOP(idx, vd) {
         float r = dwte[idx];
+        int c = 0;
+        for (; c + 32 <= nchunks; c += 32) {
+            float p[32];
+#pragma unroll
+            for (int k = 0; k < 32; ++k) p[k] = __ldg(&partial[(size_t)(c + k) * vd + idx]);
+#pragma unroll
+            for (int k = 0; k < 32; ++k) r += p[k];
+        }
 #pragma unroll 8
-        for (int c = 0; c < nchunks; ++c) r += __ldg(&partial[(size_t)c * vd + idx]);
+        for (; c < nchunks; ++c) r += __ldg(&partial[(size_t)c * vd + idx]);
         dwte[idx] = r;
     }
 }
@@ -238,9 +249,9 @@ __global__ void embed_bwd_small_finish_kernel(const float *__restrict__ partial,
  * chunk), 0 where it should not run: its shared memory must fit, and the
  * partials (V rows per chunk, written once and read once) must stay within
  * a few times the gradient dout (the sort path costs far more than its own
- * read of dout). The path's parallelism is over
- * positions (S / warps blocks per column tile): fine for the training
- * shapes, slow but correct for a very short S with a long batch. */
+ * read of dout). The path's parallelism is over positions (S / warps blocks
+ * per column tile): fine for the training shapes, slow but correct for a
+ * very short S with a long batch. */
 static int embed_small_warps(int B, int S, int V, size_t smem_max) {
     for (int w = EMBED_POS; w >= 1; w /= 2) {
         if (embed_small_smem(w, V) > smem_max) continue;
@@ -269,8 +280,8 @@ static void embed_bwd_small(moe_backend *be, const int32_t *ids, const float *do
     embed_bwd_small_kernel<<<dim3((unsigned)nchunks, ntiles), warps * 32, smem, st>>>(
         ids, dout, dwpe, partial, B, S, d, V, cuda_state(be)->d_flags);
     KERNEL_CHECK(be, "embed_bwd_small_kernel");
-    embed_bwd_small_finish_kernel<<<cuda_blocks((size_t)V * d), CUDA_THREADS, 0, st>>>(partial, dwte, nchunks, V,
-                                                                                        d);
+    embed_bwd_small_finish_kernel<<<cuda_blocks((size_t)V * d, EMBED_FINISH_THREADS), EMBED_FINISH_THREADS, 0, st>>>(
+        partial, dwte, nchunks, V, d);
     KERNEL_CHECK(be, "embed_bwd_small_finish_kernel");
 }
 
