@@ -2,8 +2,10 @@
  * The CUDA paths of the six router plugins against their CPU paths.
  *
  * For every plugin and every option setting that changes its code path,
- * on T in {1, 37, 4096}, E in {8, 64}, K in {1, 2} (and a few larger cases
- * for expert choice's sort), with fresh random inputs:
+ * on T in {1, 37, 4096}, E in {8, 64}, K in {1, 2}, d_model 24 (and a few
+ * larger cases for expert choice's sort, and for noisy_topk's learned noise
+ * wider d_model: the training shape, tiles cut short, and the shapes that
+ * fall back to the global-memory kernels), with fresh random inputs:
  *
  *   forward   the same logits, x, token ids and parameters go to the CPU
  *             table (host buffers) and the CUDA table (device buffers, outputs
@@ -16,8 +18,11 @@
  *             dlogits, dx and the parameter gradients must agree within 1e-4,
  *             relative in the 2-norm.
  *   determinism  the CUDA forward and backward run a second time with a
- *             different poison; every output must be bitwise the first run's
- *             (which also shows that every output element is written).
+ *             different poison, and told that the host checks the inputs
+ *             (moe_context.inputs_checked, as in the model's training steps:
+ *             the paths without a wait); every output must be bitwise the
+ *             first run's (which also shows that every output element is
+ *             written).
  *   workspace the device workspace is exactly the size query() reports,
  *             followed by a guard that must come back untouched.
  *   bad input a NaN logit, an id outside the vocabulary, an expert entry
@@ -97,6 +102,7 @@ typedef struct tcase {
     int training;
     int near_ties_ok; /* noisy_topk, learned noise, training: see the top */
     int T, E, K;
+    int d_model;
     int ties;
 } tcase;
 
@@ -178,12 +184,12 @@ typedef struct sizes {
 } sizes;
 
 /* The buffer sizes of T tokens through instance r. */
-static sizes sizes_for(const rh_router *r, int T) {
+static sizes sizes_for(const rh_router *r, int T, int d_model) {
     sizes z;
     memset(&z, 0, sizeof z);
     z.nTE = (size_t)T * r->dims.num_experts;
     z.nTK = (size_t)T * r->info.k_out;
-    z.nTD = (size_t)T * D_MODEL;
+    z.nTD = (size_t)T * d_model;
     z.n_params = r->info.n_params;
     for (int i = 0; i < z.n_params; ++i) z.np[i] = r->param_size[i];
     z.owns = (r->info.flags & MOE_ROUTER_OWNS_CAPACITY) != 0;
@@ -242,7 +248,7 @@ static moe_router_fwd_args fwd_args(const rh_router *r, const tcase *c, int capa
     a.E = c->E;
     a.k_out = r->info.k_out;
     a.capacity = capacity;
-    a.d_model = D_MODEL;
+    a.d_model = c->d_model;
     a.logits = in->logits;
     a.x = in->x;
     a.token_ids = in->ids;
@@ -265,7 +271,7 @@ static moe_router_bwd_args bwd_args(const rh_router *r, const tcase *c, int capa
     a.E = c->E;
     a.k_out = r->info.k_out;
     a.capacity = capacity;
-    a.d_model = D_MODEL;
+    a.d_model = c->d_model;
     a.logits = in->logits;
     a.x = in->x;
     a.token_ids = in->ids;
@@ -340,14 +346,16 @@ static void report(int ok, const tcase *c, const char *extra, double err) {
         ++g_passed;
     else
         ++g_failed;
-    printf("%s %s %s T=%d E=%d K=%d%s%s max_err=%.3g%s\n", ok ? "PASS" : "FAIL", c->plugin, c->setting, c->T, c->E,
-           c->K, c->training ? " train" : " eval", c->ties ? " ties" : "", err, extra);
+    char dm[32] = "";
+    if (c->d_model != D_MODEL) snprintf(dm, sizeof dm, " d_model=%d", c->d_model);
+    printf("%s %s %s T=%d E=%d K=%d%s%s%s max_err=%.3g%s\n", ok ? "PASS" : "FAIL", c->plugin, c->setting, c->T, c->E,
+           c->K, dm, c->training ? " train" : " eval", c->ties ? " ties" : "", err, extra);
     fflush(stdout);
 }
 
 static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t seed, cudaStream_t stream) {
     rh_router r;
-    moe_status st = rh_create(&r, p, rh_dims(c->E, c->K, D_MODEL, VOCAB, c->T, CAPACITY_FACTOR), c->opts, c->n_opts);
+    moe_status st = rh_create(&r, p, rh_dims(c->E, c->K, c->d_model, VOCAB, c->T, CAPACITY_FACTOR), c->opts, c->n_opts);
     if (st != MOE_OK) {
         fprintf(stderr, "  create: %s\n", r.msg);
         report(0, c, " (create failed)", INFINITY);
@@ -359,7 +367,7 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
         return;
     }
     const int T = c->T, E = c->E, k = r.info.k_out;
-    const sizes z = sizes_for(&r, T);
+    const sizes z = sizes_for(&r, T, c->d_model);
     const int capacity = (int)ceil(CAPACITY_FACTOR * T * c->K / E);
     const moe_rng_key key = {seed ^ 0x5EEDull, 7, 3, MOE_RNG_STREAM_ROUTER};
 
@@ -452,12 +460,17 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
     char extra[256] = "";
     for (int run = 0; run < 2 && ok; ++run) {
         prepare_device_outputs(&dout, &h, &z, run ? 0x5A : 0xFF, stream);
+        /* The second run is told that the host checks the inputs (as the
+         * model's training steps are), so it takes the paths without the
+         * flags and the wait; its outputs must still be the first run's. */
         moe_context dctx = make_ctx(MOE_DEVICE_CUDA, stream, dv.ws, dv.ws_bytes, key, c->training, dmsg, sizeof dmsg);
+        dctx.inputs_checked = run;
         moe_router_fwd_args dfa = fwd_args(&r, c, capacity, &dv.in, dv.in.params, &dout, &z);
         st = p->cuda->forward(r.state, &dctx, &dfa);
         if (st == MOE_OK) {
             CU(cudaStreamSynchronize(stream));
             dctx = make_ctx(MOE_DEVICE_CUDA, stream, dv.ws, dv.ws_bytes, key, c->training, dmsg, sizeof dmsg);
+            dctx.inputs_checked = run;
             moe_router_bwd_args dba = bwd_args(&r, c, capacity, &dv.in, dv.in.params, &dv.fwd_in, &dout, &z);
             st = p->cuda->backward(r.state, &dctx, &dba);
             if (st != MOE_OK) fprintf(stderr, "  CUDA backward (run %d) returned %d: %s\n", run, (int)st, dmsg);
@@ -643,14 +656,14 @@ static int all_bytes(const void *p, size_t n, unsigned char b) {
  * backward with an expert entry out of range at (3, 1). */
 static void run_bad_inputs(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t seed, cudaStream_t stream) {
     rh_router r;
-    if (rh_create(&r, p, rh_dims(c->E, c->K, D_MODEL, VOCAB, c->T, CAPACITY_FACTOR), c->opts, c->n_opts) != MOE_OK ||
+    if (rh_create(&r, p, rh_dims(c->E, c->K, c->d_model, VOCAB, c->T, CAPACITY_FACTOR), c->opts, c->n_opts) != MOE_OK ||
         !p->cuda) {
         report(0, c, " (bad inputs: create failed or no CUDA table)", INFINITY);
         if (r.state) rh_destroy(&r);
         return;
     }
     const int T = c->T, E = c->E, k = r.info.k_out;
-    const sizes z = sizes_for(&r, T);
+    const sizes z = sizes_for(&r, T, c->d_model);
     const int capacity = (int)ceil(CAPACITY_FACTOR * T * c->K / E);
     const moe_rng_key key = {seed, 1, 0, MOE_RNG_STREAM_ROUTER};
     const int is_hash = strcmp(c->plugin, "hash") == 0;
@@ -795,7 +808,18 @@ typedef struct setting {
     int training;
     int near_ties_ok;
     int big; /* expert choice: also T = 16384 and T = 30000 (two and three rounds of merging sorted chunks) */
+    int wide; /* noisy_topk, learned noise in training: also the wide_cases */
 } setting;
+
+/* noisy_topk's learned noise reads x [T, d_model]: its tile kernels at the
+ * training shape (d_model 256, E 8) with a last tile cut short, fewer
+ * tokens per tile (E 16, 32), and the shapes that take the global-memory
+ * kernels (d_model not a multiple of 4; a tile too large for shared memory). */
+static const struct {
+    int T, E, K, d_model;
+} wide_cases[] = {
+    {4133, 8, 2, 256}, {8192, 8, 2, 256}, {300, 16, 2, 256}, {77, 32, 1, 128}, {100, 8, 2, 1030}, {300, 8, 2, 2048},
+};
 
 int main(void) {
     int n_dev = 0;
@@ -831,25 +855,25 @@ int main(void) {
     CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
     const setting settings[] = {
-        {"top1", "gate=softmax", {rh_opt_str("gate", "softmax")}, 1, 1, 0, 0},
-        {"top1", "gate=none", {rh_opt_str("gate", "none")}, 1, 1, 0, 0},
-        {"topk_hard", "weight=uniform", {rh_opt_str("weight", "uniform")}, 1, 1, 0, 0},
-        {"topk_hard", "weight=st", {rh_opt_str("weight", "st")}, 1, 1, 0, 0},
-        {"topk_hard", "weight=one", {rh_opt_str("weight", "one")}, 1, 1, 0, 0},
-        {"softk", "normalize=softmax,temperature=1", {rh_opt_str("normalize", "softmax")}, 1, 1, 0, 0},
+        {"top1", "gate=softmax", {rh_opt_str("gate", "softmax")}, 1, 1, 0, 0, 0},
+        {"top1", "gate=none", {rh_opt_str("gate", "none")}, 1, 1, 0, 0, 0},
+        {"topk_hard", "weight=uniform", {rh_opt_str("weight", "uniform")}, 1, 1, 0, 0, 0},
+        {"topk_hard", "weight=st", {rh_opt_str("weight", "st")}, 1, 1, 0, 0, 0},
+        {"topk_hard", "weight=one", {rh_opt_str("weight", "one")}, 1, 1, 0, 0, 0},
+        {"softk", "normalize=softmax,temperature=1", {rh_opt_str("normalize", "softmax")}, 1, 1, 0, 0, 0},
         {"softk", "normalize=softmax,temperature=0.7",
-         {rh_opt_str("normalize", "softmax"), rh_opt_float("temperature", 0.7)}, 2, 1, 0, 0},
-        {"softk", "normalize=sum,temperature=1", {rh_opt_str("normalize", "sum")}, 1, 1, 0, 0},
+         {rh_opt_str("normalize", "softmax"), rh_opt_float("temperature", 0.7)}, 2, 1, 0, 0, 0},
+        {"softk", "normalize=sum,temperature=1", {rh_opt_str("normalize", "sum")}, 1, 1, 0, 0, 0},
         {"softk", "normalize=sum,temperature=0.7", {rh_opt_str("normalize", "sum"), rh_opt_float("temperature", 0.7)},
-         2, 1, 0, 0},
-        {"hash", "key=token", {rh_opt_str("key", "token")}, 1, 1, 0, 0},
-        {"hash", "key=position", {rh_opt_str("key", "position")}, 1, 1, 0, 0},
-        {"expert_choice", "max_per_token=0", {rh_opt_int("max_per_token", 0)}, 1, 1, 0, 1},
-        {"expert_choice", "max_per_token=2", {rh_opt_int("max_per_token", 2)}, 1, 1, 0, 1},
-        {"noisy_topk", "learned=true", {rh_opt_bool("learned", 1)}, 1, 1, 1, 0},
-        {"noisy_topk", "learned=true", {rh_opt_bool("learned", 1)}, 1, 0, 0, 0},
-        {"noisy_topk", "learned=false,noise_std=1", {rh_opt_bool("learned", 0)}, 1, 1, 0, 0},
-        {"noisy_topk", "learned=false,noise_std=1", {rh_opt_bool("learned", 0)}, 1, 0, 0, 0},
+         2, 1, 0, 0, 0},
+        {"hash", "key=token", {rh_opt_str("key", "token")}, 1, 1, 0, 0, 0},
+        {"hash", "key=position", {rh_opt_str("key", "position")}, 1, 1, 0, 0, 0},
+        {"expert_choice", "max_per_token=0", {rh_opt_int("max_per_token", 0)}, 1, 1, 0, 1, 0},
+        {"expert_choice", "max_per_token=2", {rh_opt_int("max_per_token", 2)}, 1, 1, 0, 1, 0},
+        {"noisy_topk", "learned=true", {rh_opt_bool("learned", 1)}, 1, 1, 1, 0, 1},
+        {"noisy_topk", "learned=true", {rh_opt_bool("learned", 1)}, 1, 0, 0, 0, 0},
+        {"noisy_topk", "learned=false,noise_std=1", {rh_opt_bool("learned", 0)}, 1, 1, 0, 0, 0},
+        {"noisy_topk", "learned=false,noise_std=1", {rh_opt_bool("learned", 0)}, 1, 0, 0, 0, 0},
     };
     const int n_settings = (int)(sizeof settings / sizeof settings[0]);
     const int Ts[] = {1, 37, 4096}, Es[] = {8, 64}, Ks[] = {1, 2};
@@ -870,6 +894,7 @@ int main(void) {
         c.n_opts = s->n_opts;
         c.training = s->training;
         c.near_ties_ok = s->near_ties_ok;
+        c.d_model = D_MODEL;
         if (!p) {
             c.T = 0;
             report(0, &c, " (cannot load the plugin)", INFINITY);
@@ -905,6 +930,17 @@ int main(void) {
             run_case(p, &c, ++case_seed, stream);
             c.ties = 1;
             run_case(p, &c, ++case_seed, stream);
+        }
+        if (s->wide && !quick) {
+            c.ties = 0;
+            for (size_t w = 0; w < sizeof wide_cases / sizeof wide_cases[0]; ++w) {
+                c.T = wide_cases[w].T;
+                c.E = wide_cases[w].E;
+                c.K = wide_cases[w].K;
+                c.d_model = wide_cases[w].d_model;
+                run_case(p, &c, ++case_seed, stream);
+            }
+            c.d_model = D_MODEL;
         }
         c.ties = 0;
         c.T = 37;
