@@ -11,7 +11,6 @@
  * records the first error in a device record without waiting, and gives
  * routers that own capacity a kept mask with only valid (expert, slot).
  */
-#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -47,18 +46,21 @@ __device__ __forceinline__ float add_product(float acc, float a, float b) {
  * last chunk, which then holds every total, writes the counts. Every sum is
  * of integers, so the result does not depend on timing.
  *
- * A block waits only for blocks of lower index, which publish without
- * waiting: like CUB's single-pass scans, this relies on blocks being started
- * in index order. The totals are published in the tickets (cuda_impl.
+ * A block waits only for chunks of lower index, which publish without
+ * waiting. A block takes its chunk from a counter when it starts (as CUB's
+ * single-pass scans take their tiles), so every lower chunk belongs to a
+ * block that started earlier and runs: the waits end however the blocks
+ * are scheduled. The totals are published in the tickets (cuda_impl.
  * d_tickets, 0 between kernels) as total + 1, so a nonzero word is both the
  * flag and the value: [0] counts the blocks that are done, [1 + c E + e]
- * holds chunk c's total of expert e; the last block done puts them back to
- * 0. So (chunks - 1) x E is at most CUDA_TICKETS - 1 (one chunk, which
- * publishes nothing, when E is larger). */
+ * holds chunk c's total of expert e, the last word hands out the chunks;
+ * the last block done puts them back to 0. So (chunks - 1) x E is at most
+ * CUDA_TICKETS - 2 (one chunk, which publishes nothing, when E is larger). */
 constexpr int CAP_THREADS = 256;
 constexpr int CAP_WARPS = CAP_THREADS / 32;
 constexpr int CAP_BATCH = 8; /* steps of a warp whose loads are issued together */
-constexpr int CAP_PUBLISHED = CUDA_TICKETS - 1;
+constexpr int CAP_PUBLISHED = CUDA_TICKETS - 2;
+constexpr int CAP_NEXT_CHUNK = CUDA_TICKETS - 1; /* the ticket that hands out chunks */
 constexpr size_t CAP_SHARED_MAX = 48 * 1024; /* the default, without opting in */
 
 /* keys[k*T + t] = weight[t, k] for the sort. -0.0 becomes +0.0: the CPU
@@ -104,7 +106,11 @@ capacity_rank_kernel(const int32_t *expert, const int32_t *order, int T, int K, 
                      int *tickets, int *flags) {
     extern __shared__ int cap_smem[];
     __shared__ bool last_done;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, chunk = blockIdx.x, nchunks = gridDim.x;
+    __shared__ int chunk_taken;
+    const int nchunks = gridDim.x;
+    if (threadIdx.x == 0) chunk_taken = nchunks > 1 ? atomicAdd(&tickets[CAP_NEXT_CHUNK], 1) : 0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, chunk = chunk_taken;
     int *cnt = counts ? counts + (size_t)chunk * CAP_ROWS * E : cap_smem;
     int *wcnt = cnt + (size_t)warp * E, *earlier = cnt + (size_t)CAP_WARPS * E, *own = earlier + E;
     int *published = tickets + 1;
@@ -209,7 +215,7 @@ capacity_rank_kernel(const int32_t *expert, const int32_t *order, int T, int K, 
     __syncthreads();
     if (!last_done) return;
     for (int i = threadIdx.x; i < (nchunks - 1) * E; i += CAP_THREADS) published[i] = 0;
-    if (threadIdx.x == 0) tickets[0] = 0;
+    if (threadIdx.x == 0) tickets[0] = 0, tickets[CAP_NEXT_CHUNK] = 0; /* every block took its chunk */
 }
 
 void cuda_capacity_assign(moe_backend *be, const int32_t *expert, const float *weight, int T, int K,
