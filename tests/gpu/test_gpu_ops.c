@@ -1005,12 +1005,18 @@ static void layernorm_case(int T, int d) {
 
 /* The model's width, and on the first size the widths that pick the other
  * CUDA paths: d % 128 == 0 (registers, 3 float4 per lane), d % 32 == 0 (one
- * fused pass), neither (separate passes; the sizes' own d covers it too). */
+ * fused pass), neither (separate passes; the sizes' own d covers it too).
+ * The fused passes add their 32-row chunks' dg, db partials in 32 lanes of
+ * chunks: 333 rows leave lanes without a chunk; 8209 rows (257 chunks, the
+ * training step's 8192 and one more) and 1100 rows (35 chunks, the other
+ * fused kernel) give lanes of unequal length. */
 static void test_layernorm(const cfg *c) {
     layernorm_case(T_of(c), c->d);
     if (c != cfgs_first) return;
     const int widths[] = {384, 160, 1000};
     for (size_t i = 0; i < sizeof widths / sizeof widths[0]; ++i) layernorm_case(333, widths[i]);
+    layernorm_case(8209, 256);
+    layernorm_case(1100, 160);
 }
 
 static void test_rmsnorm(const cfg *c) {
@@ -1872,6 +1878,33 @@ static void test_xent_sums(const cfg *c) {
     report_repeat("xent_sums.out", got[0], got[1], 2, sizeof(double));
 }
 
+/* sumsq over more elements than the CUDA grid's threads take in one round
+ * of their unrolled loop (some 2.2M floats; the vector ops' sizes take the
+ * plain loop only), with 16-byte aligned data and, one float on, without. */
+static void test_sumsq_large(const cfg *c) {
+    if (c != cfgs_first) return;
+    const size_t n = ((size_t)1 << 21) + 123457;
+    float *x = hrand(n + 1, -3, 3);
+    float *d_x = up(gpu, x, (n + 1) * sizeof(float));
+    for (int off = 0; off < 2; ++off) {
+        const double want = cpu->sumsq(cpu, x + off, n);
+        double got[2];
+        for (int r = 0; r < 2; ++r) {
+            got[r] = gpu->sumsq(gpu, d_x + off, n);
+            if (!gpu_ok(gpu, "sumsq")) return;
+        }
+        char op[64];
+        snprintf(op, sizeof op, "sumsq(n=%zu,%s)", n, off ? "unaligned" : "aligned");
+        const double rel = fabs(got[0] - want) / fabs(want);
+        if (rel <= TOL_SUMSQ) pass_line(op, "%.3e", rel);
+        else {
+            fail_line(op, "%.3e", rel);
+            printf("  expected %.17g got %.17g (tolerance %.0e)\n", want, got[0], TOL_SUMSQ);
+        }
+        report_repeat(op, &got[0], &got[1], 1, sizeof(double));
+    }
+}
+
 static void test_clip_grad_norm(const cfg *c) {
     const size_t n = (size_t)c->d * c->hidden + 7;
     float *g = hrand(n, -0.1f, 0.1f);
@@ -2034,7 +2067,7 @@ int main(void) {
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
         test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite, test_weight_copies, test_activation_copies,
-        test_expert_counts, test_xent_sums, test_clip_grad_norm, test_from_host_staging,
+        test_expert_counts, test_xent_sums, test_sumsq_large, test_clip_grad_norm, test_from_host_staging,
     };
     cfgs_first = &cfgs[0];
     static const cfg timing_cfg = {"timing", 0, 0, 0, 0, 0, 0, 0, 0};

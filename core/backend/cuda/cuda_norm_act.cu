@@ -156,22 +156,77 @@ struct layernorm_db_term {
     __device__ float operator()(int t, int j) const { return dy[(size_t)t * d + j]; }
 };
 
-/* The whole LayerNorm backward in one pass over x and dy, for d a multiple
- * of 32 up to 32 * LN_MAX_COLS_PER_LANE: a block takes LN_CHUNK rows, a
- * warp every NORM_ROWS_PER_BLOCK-th of them; for each row it adds dx as
+/* The whole LayerNorm backward in one launch, for d a multiple of 32 up to
+ * 32 * LN_MAX_COLS_PER_LANE: a block takes LN_CHUNK rows, a warp every
+ * NORM_ROWS_PER_BLOCK-th of them; for each row it adds dx as
  * layernorm_bwd_dx_kernel does and keeps its lanes' dg and db terms in
  * registers (lane l owns columns l, l + 32, ...). The warps' sums are then
- * added in warp order into one partial per (chunk, column) for dg and for
- * db, and ln_finish_kernel adds the chunks in order: a fixed order, so the
- * result repeats bit for bit. */
+ * added in warp order into the block's partial, a row of 2d floats (dg's d
+ * columns, then db's), and ln_finish_chunks adds the chunks' partials in a
+ * fixed order inside the same launch, so the result repeats bit for bit. */
 /* 4 rows per warp: 256 blocks for 8192 rows. On the H100, 16 rows (twice the
- * partials for ln_finish_kernel) and 64 (too few blocks) were slower. */
+ * partials to add) and 64 (too few blocks) were slower. */
 constexpr int LN_CHUNK = 32;
 constexpr int LN_MAX_COLS_PER_LANE = 16;
 
+/* The chunks' partials summed into dg and db by the kernel's last blocks
+ * (last_block_arrived), in two levels: lane y < LN_FINISH_LANES adds chunks
+ * y, y + LN_FINISH_LANES, ... in chunk order, done by the last of those
+ * chunks' blocks to arrive; the last lane to be done adds the lane sums in
+ * lane order into dg and db. A fixed order, and the one of a finishing pass
+ * with LN_FINISH_LANES lanes per column. Two levels so that a finishing
+ * block reads nchunks / LN_FINISH_LANES or LN_FINISH_LANES rows of 2d
+ * floats, not nchunks (a single last block reading all 256 chunks of 8192
+ * rows, 512 KiB at d = 256, took 12 us after the rows on the H100). The two
+ * levels take 3.5-4 us after the rows there, about what a separate
+ * finishing kernel took with its launch; the launch is saved. Tickets: [0]
+ * counts the lanes, [1 + y] lane y's chunks. */
+constexpr int LN_FINISH_LANES = 32;
+constexpr int LN_TICKETS = 1 + LN_FINISH_LANES;
+static_assert(LN_TICKETS <= CUDA_TICKETS, "the LayerNorm finish takes LN_TICKETS of the backend's tickets");
+
+/* Called by every thread of every block once its partial row is written.
+ * partial: [nchunks][2d]; lane_sums: [LN_FINISH_LANES][2d] scratch. */
+__device__ void ln_finish_chunks(const float *partial, float *lane_sums, int nchunks, int d, float *dg, float *db,
+                                 int *tickets) {
+    const int lane = (int)(blockIdx.x % LN_FINISH_LANES);
+    const unsigned lane_chunks = (unsigned)((nchunks - lane + LN_FINISH_LANES - 1) / LN_FINISH_LANES);
+    if (!last_block_arrived(&tickets[1 + lane], lane_chunks)) return;
+    /* a row of 2d floats read as d float2 (d is even, rows 8-byte aligned) */
+    const float2 *p2 = reinterpret_cast<const float2 *>(partial);
+    float2 *s2 = reinterpret_cast<float2 *>(lane_sums);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float2 s = make_float2(0.0f, 0.0f);
+#pragma unroll 8 /* independent loads in flight; the adds stay in chunk order */
+        for (int c = lane; c < nchunks; c += LN_FINISH_LANES) {
+            const float2 v = __ldcg(&p2[(size_t)c * d + j]);
+            s.x += v.x;
+            s.y += v.y;
+        }
+        s2[(size_t)lane * d + j] = s;
+    }
+    const int nlanes = min(nchunks, LN_FINISH_LANES);
+    if (!last_block_arrived(&tickets[0], (unsigned)nlanes)) return;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float2 t = __ldcg(&s2[j]);
+#pragma unroll
+        for (int y = 1; y < LN_FINISH_LANES; ++y) {
+            /* a lane with no chunk sums to 0, still added: the order above */
+            const float2 v = y < nlanes ? __ldcg(&s2[(size_t)y * d + j]) : make_float2(0.0f, 0.0f);
+            t.x += v.x;
+            t.y += v.y;
+        }
+        const int col = 2 * j; /* partial columns col, col + 1: dg's below d, db's from d on */
+        float *out = col < d ? dg + col : db + (col - d);
+        out[0] += t.x;
+        out[1] += t.y;
+    }
+}
+
 __global__ void __launch_bounds__(CUDA_THREADS)
 layernorm_bwd_fused_kernel(const float *x, const float *g, const float *mean, const float *rstd, const float *dy,
-                           float *dx, int T, int d, float *partial_dg, float *partial_db) {
+                           float *dx, int T, int d, float *partial, float *lane_sums, float *dg, float *db,
+                           int *tickets) {
     extern __shared__ float ln_smem[]; /* [NORM_ROWS_PER_BLOCK][2][d] */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int ncols = d / 32;
@@ -212,24 +267,58 @@ layernorm_bwd_fused_kernel(const float *x, const float *g, const float *mean, co
         mine[d + lane + 32 * k] = db_acc[k];
     }
     __syncthreads();
+    float *row_out = partial + (size_t)blockIdx.x * 2 * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         float sg = 0.0f, sb = 0.0f;
         for (int w = 0; w < NORM_ROWS_PER_BLOCK; ++w) {
             sg += ln_smem[(size_t)w * 2 * d + j];
             sb += ln_smem[(size_t)w * 2 * d + d + j];
         }
-        partial_dg[(size_t)blockIdx.x * d + j] = sg;
-        partial_db[(size_t)blockIdx.x * d + j] = sb;
+        row_out[j] = sg;
+        row_out[d + j] = sb;
     }
+    ln_finish_chunks(partial, lane_sums, (int)gridDim.x, d, dg, db, tickets);
+}
+
+/* One row's operands as a lane of the vectorised kernel holds them: its V
+ * float4 of x, dy and dx (columns 4 lane + 128 k ..) and the row's mean
+ * and rstd. */
+template <int V>
+struct ln_row_regs {
+    float4 x[V], dy[V], dx[V];
+    float mean, rstd;
+};
+
+template <int V>
+__device__ __forceinline__ void ln_row_load(ln_row_regs<V> &reg, const float *x, const float *dy, const float *dx,
+                                            const float *mean, const float *rstd, int row, int lane) {
+    constexpr int d = 128 * V;
+    const float4 *xr = reinterpret_cast<const float4 *>(x + (size_t)row * d);
+    const float4 *dyr = reinterpret_cast<const float4 *>(dy + (size_t)row * d);
+    const float4 *dxr = reinterpret_cast<const float4 *>(dx + (size_t)row * d);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        reg.x[k] = xr[lane + 32 * k];
+        reg.dy[k] = dyr[lane + 32 * k];
+        reg.dx[k] = dxr[lane + 32 * k];
+    }
+    reg.mean = mean[row];
+    reg.rstd = rstd[row];
 }
 
 /* layernorm_bwd_fused_kernel for d = 128 V (V <= 4) with 16-byte aligned
- * rows: a lane keeps its V float4 of x and dy (columns 4 lane + 128 k ..)
- * in registers, so each row is read once. */
+ * rows: a lane keeps its V float4 of x, dy and dx in registers, so each row
+ * is read once, and loads the warp's next row before working on the
+ * current one, so that the next row's reads are in flight during this
+ * row's shuffles and store (reading dx only after the row's sums were done
+ * took 15.0 against 14.5 us for 8192 x 256 rows not in L2, on the H100).
+ * Two blocks per SM for d = 256: 8192 rows make 256 blocks, one wave on 132
+ * SMs. */
 template <int V>
-__global__ void __launch_bounds__(CUDA_THREADS)
+__global__ void __launch_bounds__(CUDA_THREADS, V <= 2 ? 2 : 1)
 layernorm_bwd_fused_vec_kernel(const float *x, const float *g, const float *mean, const float *rstd, const float *dy,
-                               float *dx, int T, float *partial_dg, float *partial_db) {
+                               float *dx, int T, float *partial, float *lane_sums, float *dg, float *db,
+                               int *tickets) {
     constexpr int d = 128 * V;
     __shared__ float ln_sums[NORM_ROWS_PER_BLOCK][2][d];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -240,37 +329,41 @@ layernorm_bwd_fused_vec_kernel(const float *x, const float *g, const float *mean
         gv[k] = reinterpret_cast<const float4 *>(g)[lane + 32 * k];
     }
     const int r0 = blockIdx.x * LN_CHUNK, r1 = min(T, r0 + LN_CHUNK);
-    for (int row = r0 + warp; row < r1; row += NORM_ROWS_PER_BLOCK) {
-        const float4 *xr = reinterpret_cast<const float4 *>(x + (size_t)row * d);
-        const float4 *dyr = reinterpret_cast<const float4 *>(dy + (size_t)row * d);
-        float4 *dxr = reinterpret_cast<float4 *>(dx + (size_t)row * d);
-        const float m = mean[row], r = rstd[row];
-        float4 xc[V], dv[V]; /* x - mean, and dy */
+    int row = r0 + warp;
+    ln_row_regs<V> cur{};
+    if (row < r1) ln_row_load(cur, x, dy, dx, mean, rstd, row, lane);
+    for (; row < r1; row += NORM_ROWS_PER_BLOCK) {
+        ln_row_regs<V> next = cur;
+        if (row + NORM_ROWS_PER_BLOCK < r1) ln_row_load(next, x, dy, dx, mean, rstd, row + NORM_ROWS_PER_BLOCK, lane);
+        const float m = cur.mean, r = cur.rstd;
+        float4 xc[V]; /* x - mean */
         float s1 = 0.0f, s2 = 0.0f;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const float4 xv = xr[lane + 32 * k];
-            dv[k] = dyr[lane + 32 * k];
+            const float4 xv = cur.x[k], dv = cur.dy[k];
             xc[k] = make_float4(xv.x - m, xv.y - m, xv.z - m, xv.w - m);
-            const float4 dh = make_float4(dv[k].x * gv[k].x, dv[k].y * gv[k].y, dv[k].z * gv[k].z, dv[k].w * gv[k].w);
+            const float4 dh = make_float4(dv.x * gv[k].x, dv.y * gv[k].y, dv.z * gv[k].z, dv.w * gv[k].w);
             s1 += (dh.x + dh.y) + (dh.z + dh.w);
             s2 += (dh.x * xc[k].x * r + dh.y * xc[k].y * r) + (dh.z * xc[k].z * r + dh.w * xc[k].w * r);
             /* (dy * (x - mean)) * rstd, as the CPU */
-            dg_acc[k].x += dv[k].x * xc[k].x * r, dg_acc[k].y += dv[k].y * xc[k].y * r;
-            dg_acc[k].z += dv[k].z * xc[k].z * r, dg_acc[k].w += dv[k].w * xc[k].w * r;
-            db_acc[k].x += dv[k].x, db_acc[k].y += dv[k].y, db_acc[k].z += dv[k].z, db_acc[k].w += dv[k].w;
+            dg_acc[k].x += dv.x * xc[k].x * r, dg_acc[k].y += dv.y * xc[k].y * r;
+            dg_acc[k].z += dv.z * xc[k].z * r, dg_acc[k].w += dv.w * xc[k].w * r;
+            db_acc[k].x += dv.x, db_acc[k].y += dv.y, db_acc[k].z += dv.z, db_acc[k].w += dv.w;
         }
         const float mean_dxhat = warp_sum(s1) / (float)d;
         const float mean_dxhat_xhat = warp_sum(s2) / (float)d;
+        float4 *dxr = reinterpret_cast<float4 *>(dx + (size_t)row * d);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            float4 o = dxr[lane + 32 * k];
-            o.x += r * (dv[k].x * gv[k].x - mean_dxhat - xc[k].x * r * mean_dxhat_xhat);
-            o.y += r * (dv[k].y * gv[k].y - mean_dxhat - xc[k].y * r * mean_dxhat_xhat);
-            o.z += r * (dv[k].z * gv[k].z - mean_dxhat - xc[k].z * r * mean_dxhat_xhat);
-            o.w += r * (dv[k].w * gv[k].w - mean_dxhat - xc[k].w * r * mean_dxhat_xhat);
+            const float4 dv = cur.dy[k];
+            float4 o = cur.dx[k];
+            o.x += r * (dv.x * gv[k].x - mean_dxhat - xc[k].x * r * mean_dxhat_xhat);
+            o.y += r * (dv.y * gv[k].y - mean_dxhat - xc[k].y * r * mean_dxhat_xhat);
+            o.z += r * (dv.z * gv[k].z - mean_dxhat - xc[k].z * r * mean_dxhat_xhat);
+            o.w += r * (dv.w * gv[k].w - mean_dxhat - xc[k].w * r * mean_dxhat_xhat);
             dxr[lane + 32 * k] = o;
         }
+        cur = next;
     }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -278,45 +371,17 @@ layernorm_bwd_fused_vec_kernel(const float *x, const float *g, const float *mean
         reinterpret_cast<float4 *>(ln_sums[warp][1])[lane + 32 * k] = db_acc[k];
     }
     __syncthreads();
+    float *row_out = partial + (size_t)blockIdx.x * 2 * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         float sg = 0.0f, sb = 0.0f;
         for (int w = 0; w < NORM_ROWS_PER_BLOCK; ++w) {
             sg += ln_sums[w][0][j];
             sb += ln_sums[w][1][j];
         }
-        partial_dg[(size_t)blockIdx.x * d + j] = sg;
-        partial_db[(size_t)blockIdx.x * d + j] = sb;
+        row_out[j] = sg;
+        row_out[d + j] = sb;
     }
-}
-
-/* dg[j] += the sum of the chunks' partials, the same for db: a block takes
- * 32 columns, lane y of a column adds chunks y, y + LN_FINISH_LANES, ... in
- * order, then the lane sums are added in lane order (a fixed order, as in
- * colsum_partial_kernel). Grid: d / 32 blocks of (32, LN_FINISH_LANES). */
-constexpr int LN_FINISH_LANES = 32;
-
-__global__ void ln_finish_kernel(const float *partial_dg, const float *partial_db, int nchunks, int d, float *dg,
-                                 float *db) {
-    __shared__ float sums[2][LN_FINISH_LANES][33];
-    const int j = blockIdx.x * 32 + threadIdx.x;
-    float sg = 0.0f, sb = 0.0f;
-    if (j < d)
-        for (int c = threadIdx.y; c < nchunks; c += LN_FINISH_LANES) {
-            sg += partial_dg[(size_t)c * d + j];
-            sb += partial_db[(size_t)c * d + j];
-        }
-    sums[0][threadIdx.y][threadIdx.x] = sg;
-    sums[1][threadIdx.y][threadIdx.x] = sb;
-    __syncthreads();
-    if (threadIdx.y == 0 && j < d) {
-        float tg = sums[0][0][threadIdx.x], tb = sums[1][0][threadIdx.x];
-        for (int y = 1; y < LN_FINISH_LANES; ++y) {
-            tg += sums[0][y][threadIdx.x];
-            tb += sums[1][y][threadIdx.x];
-        }
-        dg[j] += tg;
-        db[j] += tb;
-    }
+    ln_finish_chunks(partial, lane_sums, (int)gridDim.x, d, dg, db, tickets);
 }
 
 void cuda_layernorm_bwd(moe_backend *be, const float *x, const float *g, const float *mean,
@@ -326,27 +391,27 @@ void cuda_layernorm_bwd(moe_backend *be, const float *x, const float *g, const f
     if (d % 32 == 0 && d <= 32 * LN_MAX_COLS_PER_LANE) {
         const int nchunks = (T + LN_CHUNK - 1) / LN_CHUNK;
         ScratchLayout lay;
-        const size_t g_off = lay.add((size_t)nchunks * d * sizeof(float));
-        const size_t b_off = lay.add((size_t)nchunks * d * sizeof(float));
+        const size_t part_off = lay.add((size_t)nchunks * 2 * d * sizeof(float));
+        const size_t lanes_off = lay.add((size_t)LN_FINISH_LANES * 2 * d * sizeof(float));
         char *base = cuda_scratch(be, lay.total);
         if (!base) return;
-        float *pg = (float *)(base + g_off), *pb = (float *)(base + b_off);
+        float *partial = (float *)(base + part_off), *lane_sums = (float *)(base + lanes_off);
+        int *tickets = cuda_state(be)->d_tickets;
         const bool vec = d % 128 == 0 && d <= 512 && rows_vec4(x) && rows_vec4(dy) && rows_vec4(dx) && rows_vec4(g);
         if (vec) {
             typedef void (*kernel_fn)(const float *, const float *, const float *, const float *, const float *,
-                                      float *, int, float *, float *);
+                                      float *, int, float *, float *, float *, float *, int *);
             static const kernel_fn by_v[4] = {layernorm_bwd_fused_vec_kernel<1>, layernorm_bwd_fused_vec_kernel<2>,
                                               layernorm_bwd_fused_vec_kernel<3>, layernorm_bwd_fused_vec_kernel<4>};
-            by_v[d / 128 - 1]<<<(unsigned)nchunks, CUDA_THREADS, 0, cuda_stream(be)>>>(x, g, mean, rstd, dy, dx, T,
-                                                                                      pg, pb);
-        } else {
-            const size_t smem = (size_t)NORM_ROWS_PER_BLOCK * 2 * d * sizeof(float); /* <= 32 KiB */
-            layernorm_bwd_fused_kernel<<<(unsigned)nchunks, CUDA_THREADS, smem, cuda_stream(be)>>>(
-                x, g, mean, rstd, dy, dx, T, d, pg, pb);
+            by_v[d / 128 - 1]<<<(unsigned)nchunks, CUDA_THREADS, 0, cuda_stream(be)>>>(
+                x, g, mean, rstd, dy, dx, T, partial, lane_sums, dg, db, tickets);
+            KERNEL_CHECK(be, "layernorm_bwd_fused_vec_kernel");
+            return;
         }
+        const size_t smem = (size_t)NORM_ROWS_PER_BLOCK * 2 * d * sizeof(float); /* <= 32 KiB */
+        layernorm_bwd_fused_kernel<<<(unsigned)nchunks, CUDA_THREADS, smem, cuda_stream(be)>>>(
+            x, g, mean, rstd, dy, dx, T, d, partial, lane_sums, dg, db, tickets);
         KERNEL_CHECK(be, "layernorm_bwd_fused_kernel");
-        ln_finish_kernel<<<(unsigned)(d / 32), dim3(32, LN_FINISH_LANES), 0, cuda_stream(be)>>>(pg, pb, nchunks, d, dg, db);
-        KERNEL_CHECK(be, "ln_finish_kernel");
         return;
     }
     layernorm_bwd_dx_kernel<<<norm_blocks(T), CUDA_THREADS, 0, cuda_stream(be)>>>(x, g, mean, rstd, dy,
