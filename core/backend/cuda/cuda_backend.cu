@@ -208,6 +208,7 @@ static void release(moe_backend *be) {
         if (st->scratch) cudaFree(st->scratch);
         if (st->d_flags) cudaFree(st->d_flags);
         if (st->d_aux_out) cudaFree(st->d_aux_out);
+        if (st->d_check_keys) cudaFree(st->d_check_keys);
         if (st->d_tickets) cudaFree(st->d_tickets);
         cuda_weight_copies_release(st);
         cuda_activation_copies_release(st);
@@ -304,6 +305,12 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     if ((e = cudaMalloc(&st->d_flags, sizeof(int))) != cudaSuccess) {
         st->d_flags = NULL;
         CREATE_FAIL("cudaMalloc (error flags): %s", cudaGetErrorString(e));
+    }
+    if ((e = cudaMalloc(&st->d_check_keys, sizeof(unsigned long long))) != cudaSuccess ||
+        (e = cudaMemsetAsync(st->d_check_keys, 0xFF, sizeof(unsigned long long), st->stream)) != cudaSuccess) {
+        if (st->d_check_keys) cudaFree(st->d_check_keys);
+        st->d_check_keys = NULL;
+        CREATE_FAIL("cudaMalloc (routing check key): %s", cudaGetErrorString(e));
     }
     if ((e = cudaMalloc(&st->d_aux_out, 2 * sizeof(double))) != cudaSuccess) {
         st->d_aux_out = NULL;

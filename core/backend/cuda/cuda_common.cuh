@@ -86,6 +86,7 @@ struct cuda_impl {
     int *d_flags;           /* device int: CUDA_FLAG_* bits */
     double *d_aux_out;      /* 2 device doubles: aux_losses' results on their way to the host */
     int *d_tickets;         /* CUDA_TICKETS device ints, 0 between kernels: last_block_arrived */
+    unsigned long long *d_check_keys; /* check_routing's smallest failure, all ones between kernels */
     /* round_weights' copies (cuda_weight_copies.cu): the views, host side,
      * and per view the offset of its bf16 copy in wcopy (its transpose
      * follows it); the kernel's table on the device. */

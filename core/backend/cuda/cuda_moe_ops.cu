@@ -900,17 +900,48 @@ __device__ void write_record(int32_t *record, int32_t code, int32_t t, int32_t k
     record[0] = code;
 }
 
+/* The record of failure key `key` (not CHECK_NONE). */
+__device__ void record_failure(const int32_t *expert, const float *weight, const int32_t *slot, int K, int E, int C,
+                               unsigned long long key, int32_t *record) {
+    const unsigned long long a = key / 3;
+    const int what = (int)(key % 3);
+    const int t = (int)(a / K), k = (int)(a % K);
+    if (what == 0) write_record(record, MOE_CHECK_EXPERT, t, k, expert[a], E);
+    else if (what == 1) write_record(record, MOE_CHECK_WEIGHT, t, k, __float_as_int(weight[a]), 0);
+    else write_record(record, MOE_CHECK_SLOT, t, k, slot[a], C);
+}
+
+/* Without slot, in one launch: each block's smallest key (shared atomicMin)
+ * goes to keys[0], and the last block to finish records the smallest and
+ * puts keys[0] back to CHECK_NONE, as it found it (cuda_impl.d_check_keys). */
+__global__ void check_routing_kernel(const int32_t *expert, const float *weight, size_t nA, int K, int E,
+                                     unsigned long long *keys, int *ticket, int32_t *record) {
+    __shared__ unsigned long long smallest;
+    if (threadIdx.x == 0) smallest = CHECK_NONE;
+    __syncthreads();
+    GRID_STRIDE_LOOP(a, nA) {
+        const int e = expert[a];
+        if (e < -1 || e >= E) {
+            atomicMin(&smallest, 3ull * a);
+        } else if (e >= 0) {
+            const float w = weight[a];
+            if (!(isfinite(w) && w >= 0.0f)) atomicMin(&smallest, 3ull * a + 1);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && smallest != CHECK_NONE) atomicMin(&keys[0], smallest);
+    if (!last_block_arrived(ticket, gridDim.x)) return;
+    if (threadIdx.x != 0) return;
+    const unsigned long long first = atomicExch(&keys[0], CHECK_NONE);
+    if (first != CHECK_NONE && record[0] == 0) record_failure(expert, weight, nullptr, K, E, 0, first, record);
+}
+
 __global__ void check_routing_finish_kernel(const int32_t *expert, const float *weight, const int32_t *slot,
                                             int K, int E, int C, const unsigned long long *keys,
                                             int32_t *record) {
     if (threadIdx.x != 0 || record[0] != 0) return; /* the first error stays */
     if (keys[0] != CHECK_NONE) {
-        const unsigned long long a = keys[0] / 3;
-        const int what = (int)(keys[0] % 3);
-        const int t = (int)(a / K), k = (int)(a % K);
-        if (what == 0) write_record(record, MOE_CHECK_EXPERT, t, k, expert[a], E);
-        else if (what == 1) write_record(record, MOE_CHECK_WEIGHT, t, k, __float_as_int(weight[a]), 0);
-        else write_record(record, MOE_CHECK_SLOT, t, k, slot[a], C);
+        record_failure(expert, weight, slot, K, E, C, keys[0], record);
     } else if (slot && keys[1] != CHECK_NONE) {
         const unsigned long long a = keys[1];
         write_record(record, MOE_CHECK_SLOT_TWICE, (int)(a / K), (int)(a % K), slot[a], expert[a]);
@@ -922,7 +953,14 @@ void cuda_check_routing(moe_backend *be, const int32_t *expert, const float *wei
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
     if (nA == 0) return;
     cudaStream_t st = cuda_stream(be);
-    const size_t table = slot && E > 0 && C > 0 ? (size_t)E * C : 0;
+    if (!slot) {
+        cuda_impl *state = cuda_state(be);
+        check_routing_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(expert, weight, nA, K, E,
+                                                                       state->d_check_keys, state->d_tickets, record);
+        KERNEL_CHECK(be, "check_routing_kernel");
+        return;
+    }
+    const size_t table = (E > 0 && C > 0 ? (size_t)E * C : 0);
     ScratchLayout lay;
     const size_t keys_off = lay.add(2 * sizeof(unsigned long long));
     const size_t first_off = lay.add(table * sizeof(unsigned long long));

@@ -4,7 +4,10 @@
  * The norms give one warp to each row of d: the row's sums are warp
  * reductions (no shared memory, no block barrier), and the row, re-read for
  * each pass, stays in L1. The weight gradients dg, db are sums over rows:
- * they go through colsum_accumulate (fixed order, no atomics).
+ * LayerNorm's fused backward adds them per block of rows and finishes them
+ * in its own last blocks (ln_finish_chunks); its fallback for wide rows and
+ * RMSNorm's backward use the column sums of cuda_common.cuh
+ * (colsum_accumulate). A fixed order either way, no float atomics.
  */
 #include <stdio.h>
 
