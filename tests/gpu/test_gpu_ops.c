@@ -1581,8 +1581,7 @@ static void test_dispatch_gaps(const cfg *c) {
     test_dispatch_gaps_case(c, T < 64 ? T : 64, 2052);
 }
 
-static void test_aux_losses(const cfg *c) {
-    const int T = T_of(c), E = c->E;
+static void test_aux_losses_case(int T, int E) {
     const size_t n = (size_t)T * E;
     const float alpha = 0.01f, beta = 0.001f;
     float *lb_logits = hrand(n, -3, 3), *logits = hrand(n, -3, 3), *dl0 = hrand(n, -1, 1);
@@ -1604,13 +1603,26 @@ static void test_aux_losses(const cfg *c) {
         got_dlb[r] = down(gpu, d_dlb, n * 4);
         got_dl[r] = down(gpu, d_dl, n * 4);
     }
-    check_f32("aux_losses.d_lb", got_dlb, want_dlb, n, TOL_EW);
-    check_f32("aux_losses.dlogits", got_dl, want_dl, n, TOL_EW);
+    char op[64];
+    const char *names[4] = {"d_lb", "dlogits", "lb", "z"};
+#define AUX_OP(i) (snprintf(op, sizeof op, "aux_losses(E=%d).%s", E, names[i]), op)
+    check_f32(AUX_OP(0), got_dlb, want_dlb, n, TOL_EW);
+    check_f32(AUX_OP(1), got_dl, want_dl, n, TOL_EW);
     float glb = (float)lb[0], wlb = (float)want_lb, gz = (float)z[0], wz = (float)want_z;
-    report_f32("aux_losses.lb", &glb, &wlb, 1, TOL_EW);
-    report_f32("aux_losses.z", &gz, &wz, 1, TOL_EW);
-    report_repeat("aux_losses.lb", &lb[0], &lb[1], 1, sizeof(double));
-    report_repeat("aux_losses.z", &z[0], &z[1], 1, sizeof(double));
+    report_f32(AUX_OP(2), &glb, &wlb, 1, TOL_EW);
+    report_f32(AUX_OP(3), &gz, &wz, 1, TOL_EW);
+    report_repeat(AUX_OP(2), &lb[0], &lb[1], 1, sizeof(double));
+    report_repeat(AUX_OP(3), &z[0], &z[1], 1, sizeof(double));
+#undef AUX_OP
+}
+
+/* The row kernel keeps rows of up to 8 and up to 32 experts in registers,
+ * wider ones in global memory: one case of each. */
+static void test_aux_losses(const cfg *c) {
+    test_aux_losses_case(T_of(c), c->E);
+    if (c != cfgs_first) return;
+    test_aux_losses_case(777, 20);
+    test_aux_losses_case(333, 40);
 }
 
 /* aux_losses_counts: f from device counts, lb and z to a device buffer. */

@@ -745,6 +745,52 @@ __global__ void aux_f_kernel(const int32_t *counts, int E, float *f) {
     if (threadIdx.x == 0) aux_f_from_counts(counts, E, f);
 }
 
+/* One row of aux_kernel for E <= EM with the row in registers: the same
+ * operations in the same order as moe_softmax_row, moe_logsumexp_row and
+ * the loops of the general path (so the same bits), without the round
+ * trips through global memory that path makes for every element (p is
+ * written, then read back twice). */
+template <int EM>
+__device__ __forceinline__ void aux_row_in_registers(const float *l, const float *lz, const float *f, int T, int E,
+                                                     float alpha, float beta, float *d_lb, float *dl, double &s_fp,
+                                                     double &s_z) {
+    float p[EM], z[EM];
+    float m = -INFINITY, mz = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < EM; ++e)
+        if (e < E) {
+            p[e] = l[e];
+            z[e] = lz[e];
+            m = p[e] > m ? p[e] : m;
+            mz = z[e] > mz ? z[e] : mz;
+        }
+    float s = 0.0f, sz = 0.0f;
+#pragma unroll
+    for (int e = 0; e < EM; ++e)
+        if (e < E) {
+            p[e] = expf((p[e] - m) / 1.0f);
+            s += p[e];
+            sz += expf(z[e] - mz);
+        }
+    double fp = 0.0;
+#pragma unroll
+    for (int e = 0; e < EM; ++e)
+        if (e < E) {
+            p[e] /= s;
+            fp += (double)f[e] * p[e];
+        }
+#pragma unroll
+    for (int e = 0; e < EM; ++e)
+        if (e < E) d_lb[e] = (float)(alpha * (double)E / T * p[e] * (f[e] - fp));
+    s_fp += fp;
+    const float lse = mz + logf(sz);
+    s_z += (double)lse * lse;
+#pragma unroll
+    for (int e = 0; e < EM; ++e)
+        if (e < E) dl[e] += beta * 2.0f / (float)T * lse * expf(z[e] - lse);
+}
+
+template <int EM> /* 0: any E, the rows through global memory */
 __global__ void __launch_bounds__(AUX_THREADS)
 aux_kernel(const float *lb_logits, const float *logits, const int32_t *counts, const float *f_given, int T, int E,
            float alpha, float beta, float *d_lb, float *dlogits, double *partial, int *ticket, double *out) {
@@ -757,6 +803,11 @@ aux_kernel(const float *lb_logits, const float *logits, const int32_t *counts, c
     }
     double s_fp = 0.0, s_z = 0.0;
     GRID_STRIDE_LOOP(t, T) {
+        if constexpr (EM > 0) {
+            aux_row_in_registers<EM>(lb_logits + t * E, logits + t * E, f, T, E, alpha, beta, d_lb + t * E,
+                                     dlogits + t * E, s_fp, s_z);
+            continue;
+        }
         const float *l = lb_logits + t * E;
         float *p = d_lb + t * E;
         moe_softmax_row(l, p, E, 1.0f);
@@ -809,8 +860,16 @@ static void aux_enqueue(moe_backend *be, const float *lb_logits, const float *lo
         KERNEL_CHECK(be, "aux_f_kernel");
         counts = nullptr;
     }
-    aux_kernel<<<blocks, AUX_THREADS, 0, st>>>(lb_logits, logits, counts, d_f, T, E, alpha, beta, d_lb, dlogits,
-                                               partial, cuda_state(be)->d_tickets, d_out);
+    int *tickets = cuda_state(be)->d_tickets;
+    if (E <= 8)
+        aux_kernel<8><<<blocks, AUX_THREADS, 0, st>>>(lb_logits, logits, counts, d_f, T, E, alpha, beta, d_lb,
+                                                      dlogits, partial, tickets, d_out);
+    else if (E <= 32)
+        aux_kernel<32><<<blocks, AUX_THREADS, 0, st>>>(lb_logits, logits, counts, d_f, T, E, alpha, beta, d_lb,
+                                                       dlogits, partial, tickets, d_out);
+    else
+        aux_kernel<0><<<blocks, AUX_THREADS, 0, st>>>(lb_logits, logits, counts, d_f, T, E, alpha, beta, d_lb,
+                                                      dlogits, partial, tickets, d_out);
     KERNEL_CHECK(be, "aux_kernel");
 }
 
