@@ -258,9 +258,11 @@ struct moe_backend {
     /* Xe[E*C,d]: row e*C+slot = x[t] for each kept (t,k); other rows 0. */
     void (*dispatch)(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
                      int K, int C, int E, int d, float *Xe);
-    /* accumulate: dx[t] += sum over kept k of dXe[kept*C+slot]. */
+    /* dx[t] += sum over kept k of dXe[kept*C+slot] when accumulate != 0;
+     * else dx[t] = that sum (0 for a token with none kept): the same bits as
+     * zeroing dx first, without the pass. */
     void (*dispatch_bwd)(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
-                         int T, int K, int C, int d, float *dx);
+                         int T, int K, int C, int d, int accumulate, float *dx);
     /* y[t] = sum over kept k of cw[t,k] * Ye[kept*C+slot] (overwrite), the
      * products added in k order from 0, and then, when residual [T,d] is
      * not NULL, + residual[t] (the residual connection around the MoE

@@ -245,8 +245,8 @@ static void t_dispatch(moe_backend *be, const float *x, const int32_t *kept, con
     TIMED_VOID(dispatch, (t->inner, x, kept, slot, T, K, C, E, d, Xe));
 }
 static void t_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot, int T,
-                           int K, int C, int d, float *dx) {
-    TIMED_VOID(dispatch_bwd, (t->inner, dXe, kept, slot, T, K, C, d, dx));
+                           int K, int C, int d, int accumulate, float *dx) {
+    TIMED_VOID(dispatch_bwd, (t->inner, dXe, kept, slot, T, K, C, d, accumulate, dx));
 }
 static void t_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot, const float *cw,
                       int T, int K, int C, int d, const float *residual, float *y) {

@@ -489,7 +489,6 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
             be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 2 + 2 * l));
             dbranch = m->tmp1;
         }
-        be->zero(be, m->tmp2, n * sizeof(float));
         if (moe_layer_backward(&b->moe, m->ids, dbranch, m->tmp2, router_key(m, step, l), err, errcap) != 0)
             return prefer_record(m, err, errcap);
         norm_bwd(m, b->x_mid, b->n2g, b->n2_mean, b->n2_rstd, m->tmp2, m->dres, b->dn2g, b->dn2b, T);

@@ -585,8 +585,8 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
     be->ffn_bwd(be, c->activation, L->Xe, L->w1, L->w2, L->H, L->A, L->dYe, L->dA, L->dH, L->dXe, L->dw1,
                 c->expert_bias ? L->db1 : NULL, L->dw2, c->expert_bias ? L->db2 : NULL, E, C, d, h);
 
-    /* 5'. dispatch: dx[t] += dXe[kept, slot] */
-    be->dispatch_bwd(be, L->dXe, L->kept, L->slot, T, Ko, C, d, dx);
+    /* 5'. dispatch: dx[t] = sum of dXe[kept, slot] (the first write of dx) */
+    be->dispatch_bwd(be, L->dXe, L->kept, L->slot, T, Ko, C, d, 0, dx);
 
     /* 4'. combine weights -> router weights (0 for dropped assignments) */
     be->combine_weights_bwd(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->dcw, L->dweight);

@@ -137,9 +137,10 @@ void moe_layer_destroy(moe_layer *L);
 int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
                       moe_rng_key key, const float *residual, float *y, double *aux_total, char *err,
                       size_t errcap);
-/* Given dy, accumulate dx and parameter gradients (the auxiliary losses'
- * gradients were prepared by the forward). The guard check after the
- * plugin's backward is recorded as in the forward. */
+/* Given dy, write dx (overwrite: the layer's input gradient, no pass to
+ * zero it first) and accumulate the parameter gradients (the auxiliary
+ * losses' gradients were prepared by the forward). The guard check after
+ * the plugin's backward is recorded as in the forward. */
 int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, float *dx,
                        moe_rng_key key, char *err, size_t errcap);
 

@@ -1461,29 +1461,33 @@ static void test_dispatch_combine(const cfg *c) {
     cpu->combine_weights(cpu, weight, kept, T, K, 1, cw);
     float *d_cw = up(gpu, cw, nA * 4);
     float *want_Xe = halloc(nXe * 4), *want_dx = hdup(dx0, nX * 4), *want_y = halloc(nX * 4);
-    float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
+    float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4), *want_dxo = halloc(nX * 4);
     cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
-    cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, want_dx);
+    cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, 1, want_dx);
+    cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, 0, want_dxo);
     cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, NULL, want_y);
     cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
-    float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2];
+    float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2], *got_dxo[2];
     for (int r = 0; r < 2; ++r) {
         float *d_Xe = dpoison(gpu, nXe * 4, POISON_F32), *d_dx = up(gpu, dx0, nX * 4);
         float *d_y = dpoison(gpu, nX * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
-        float *d_dcw = dpoison(gpu, nA * 4, POISON_F32);
+        float *d_dcw = dpoison(gpu, nA * 4, POISON_F32), *d_dxo = dpoison(gpu, nX * 4, POISON_F32);
         gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
-        gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, d_dx);
+        gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, 1, d_dx);
+        gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, 0, d_dxo); /* every row written */
         gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, NULL, d_y);
         gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);
         if (!gpu_ok(gpu, "dispatch/combine")) return;
         got_Xe[r] = down(gpu, d_Xe, nXe * 4);
         got_dx[r] = down(gpu, d_dx, nX * 4);
+        got_dxo[r] = down(gpu, d_dxo, nX * 4);
         got_y[r] = down(gpu, d_y, nX * 4);
         got_dYe[r] = down(gpu, d_dYe, nXe * 4);
         got_dcw[r] = down(gpu, d_dcw, nA * 4);
     }
     check_f32("dispatch.Xe", got_Xe, want_Xe, nXe, TOL_EW);
     check_f32("dispatch_bwd.dx", got_dx, want_dx, nX, TOL_EW);
+    check_f32("dispatch_bwd(overwrite).dx", got_dxo, want_dxo, nX, TOL_EW);
     check_f32("combine.y", got_y, want_y, nX, TOL_EW);
     check_f32("combine_bwd.dYe", got_dYe, want_dYe, nXe, TOL_EW);
     /* dcw is a dot product over d, summed in another order than the CPU's:
@@ -1535,7 +1539,7 @@ static void test_dispatch_gaps_case(const cfg *c, int T, int d) {
     float *want_Xe = halloc(nXe * 4), *want_dx = hdup(dx0, nX * 4), *want_y = halloc(nX * 4);
     float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
     cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
-    cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, want_dx);
+    cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, 1, want_dx);
     cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, NULL, want_y);
     cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
     /* the combine with a residual too (x), on the scalar path (d + 1) and
@@ -1548,7 +1552,7 @@ static void test_dispatch_gaps_case(const cfg *c, int T, int d) {
         float *d_y = dpoison(gpu, nX * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
         float *d_dcw = dpoison(gpu, nA * 4, POISON_F32), *d_yr = dpoison(gpu, nX * 4, POISON_F32);
         gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
-        gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, d_dx);
+        gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, 1, d_dx);
         gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, NULL, d_y);
         gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_x, d_yr);
         gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);

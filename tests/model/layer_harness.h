@@ -336,8 +336,9 @@ static void gradcheck(harness *h) {
     memcpy(an_p, h->P.grads, np * sizeof(float));
     memcpy(an_x, h->dx, nx * sizeof(float));
 
-    /* Gradients accumulate: a second forward + backward onto non-zero
-     * buffers adds the same amounts. */
+    /* Parameter gradients accumulate, dx is overwritten: a second forward
+     * + backward onto non-zero buffers adds the same amounts to the
+     * gradients and writes the same dx. */
     {
         float *pre_p = malloc(np * sizeof(float)), *pre_x = malloc(nx * sizeof(float));
         moe_test_rng r = {99};
@@ -353,8 +354,8 @@ static void gradcheck(harness *h) {
         for (size_t i = 0; i < np && !bad; ++i)
             if (fabsf(h->P.grads[i] - pre_p[i] - an_p[i]) > 1e-6f * (1.0f + fabsf(an_p[i]))) bad = 1;
         for (size_t i = 0; i < nx && !bad; ++i)
-            if (fabsf(h->dx[i] - pre_x[i] - an_x[i]) > 1e-6f * (1.0f + fabsf(an_x[i]))) bad = 1;
-        CHECK_MSG(!bad, "%s: backward does not accumulate into dx and the parameter grads", lc->name);
+            if (fabsf(h->dx[i] - an_x[i]) > 1e-6f * (1.0f + fabsf(an_x[i]))) bad = 1;
+        CHECK_MSG(!bad, "%s: backward does not accumulate into the parameter grads and overwrite dx", lc->name);
         free(pre_p);
         free(pre_x);
     }

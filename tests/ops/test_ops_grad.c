@@ -495,11 +495,18 @@ static void test_dispatch_adjoint(void) {
     float dx[T * d];
     float *prior = random_prior(dx, T * d);
     be->dispatch(be, x, kept, slot, T, K, C, E, d, Xe);
-    be->dispatch_bwd(be, G, kept, slot, T, K, C, d, dx);
+    be->dispatch_bwd(be, G, kept, slot, T, K, C, d, 1, dx);
     subtract_prior(dx, prior, T * d);
     double lhs = dot(Xe, G, E * C * d), rhs = dot(x, dx, T * d);
     CHECK_MSG(fabs(lhs - rhs) < 1e-5 * (1.0 + fabs(lhs)),
               "<dispatch(x),G> = %.9g, <x,dispatch_bwd(G)> = %.9g", lhs, rhs);
+    /* without accumulate: the same sums over whatever dx held (NaN here) */
+    float dxo[T * d];
+    for (int i = 0; i < T * d; ++i) dxo[i] = NAN;
+    be->dispatch_bwd(be, G, kept, slot, T, K, C, d, 0, dxo);
+    double ro = dot(x, dxo, T * d);
+    CHECK_MSG(fabs(lhs - ro) < 1e-5 * (1.0 + fabs(lhs)),
+              "<dispatch(x),G> = %.9g, <x,dispatch_bwd(G, overwrite)> = %.9g", lhs, ro);
     free(x), free(G), free(Xe), free(prior);
 }
 

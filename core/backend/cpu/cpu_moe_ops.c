@@ -110,17 +110,19 @@ void cpu_dispatch(moe_backend *be, const float *x, const int32_t *kept, const in
 }
 
 void cpu_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
-                      int T, int K, int C, int d, float *dx) {
+                      int T, int K, int C, int d, int accumulate, float *dx) {
     (void)be;
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < T; ++t)
+    for (int t = 0; t < T; ++t) {
+        float *dst = dx + (size_t)t * d;
+        if (!accumulate) memset(dst, 0, (size_t)d * sizeof *dst);
         for (int k = 0; k < K; ++k) {
             size_t a = (size_t)t * K + k;
             if (kept[a] < 0) continue;
             const float *src = dXe + ((size_t)kept[a] * C + slot[a]) * d;
-            float *dst = dx + (size_t)t * d;
             for (int i = 0; i < d; ++i) dst[i] += src[i];
         }
+    }
 }
 
 /* The weighted sum from 0 in k order, then the residual: bitwise combine

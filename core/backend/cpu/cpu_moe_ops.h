@@ -20,7 +20,7 @@ void cpu_combine_weights_bwd(moe_backend *be, const float *weight, const int32_t
 void cpu_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
                   int K, int C, int E, int d, float *Xe);
 void cpu_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
-                      int T, int K, int C, int d, float *dx);
+                      int T, int K, int C, int d, int accumulate, float *dx);
 void cpu_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                  const float *cw, int T, int K, int C, int d, const float *residual, float *y);
 void cpu_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,

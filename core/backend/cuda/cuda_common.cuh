@@ -557,7 +557,7 @@ void cuda_combine_weights_bwd(moe_backend *be, const float *weight, const int32_
 void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
                    int K, int C, int E, int d, float *Xe);
 void cuda_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
-                       int T, int K, int C, int d, float *dx);
+                       int T, int K, int C, int d, int accumulate, float *dx);
 void cuda_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                   const float *cw, int T, int K, int C, int d, const float *residual, float *y);
 void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,

@@ -551,11 +551,12 @@ void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const i
 /* One block per token: out[t] = init + sum over kept k (ascending) of
  * scale_k * rows[t,k], scale_k = cw[t,k] (combine: init 0, products rounded
  * as on the CPU, then + residual[t] when not NULL) or 1 (dispatch_bwd: init
- * dx[t], plain sums). E is not passed: only the slot can be range-checked. */
+ * dx[t] when accumulating, else 0; plain sums). E is not passed: only the
+ * slot can be range-checked. */
 template <int W, bool WEIGHTED>
 __global__ void gather_sum_kernel(const float *__restrict__ rows, const int32_t *__restrict__ kept,
                                   const int32_t *__restrict__ slot, const float *__restrict__ cw,
-                                  const float *__restrict__ residual, int T, int K, int C, int d,
+                                  const float *__restrict__ residual, int T, int K, int C, int d, int accumulate,
                                   float *__restrict__ out, int *flags) {
     const int nvec = d / W;
     for (size_t t = blockIdx.x; t < (size_t)T; t += gridDim.x) {
@@ -563,11 +564,11 @@ __global__ void gather_sum_kernel(const float *__restrict__ rows, const int32_t 
 #pragma unroll 2
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
             VecF<W> acc;
-            if constexpr (WEIGHTED) {
+            if (!WEIGHTED && accumulate) {
+                acc = vload<W>(dst + (size_t)i * W);
+            } else {
 #pragma unroll
                 for (int c = 0; c < W; ++c) acc.v[c] = 0.0f;
-            } else {
-                acc = vload<W>(dst + (size_t)i * W);
             }
             for (int k = 0; k < K; ++k) {
                 const size_t a = t * K + k;
@@ -598,18 +599,20 @@ __global__ void gather_sum_kernel(const float *__restrict__ rows, const int32_t 
     }
 }
 
-/* dx[t, i] += sum over kept k of dXe[row(t,k), i], k in order. */
+/* dx[t, i] (+)= sum over kept k of dXe[row(t,k), i], k in order. */
 void cuda_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
-                       int T, int K, int C, int d, float *dx) {
-    if (T <= 0 || K <= 0 || d <= 0) return;
+                       int T, int K, int C, int d, int accumulate, float *dx) {
+    if (T <= 0 || d <= 0) return;
+    if (K < 0) K = 0; /* overwriting still writes the zeros */
+    if (K == 0 && accumulate) return;
     cudaStream_t st = cuda_stream(be);
     int *flags = cuda_state(be)->d_flags;
     if (d % 4 == 0 && aligned16(dXe) && aligned16(dx)) {
         gather_sum_kernel<4, false><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
-            dXe, kept, slot, NULL, NULL, T, K, C, d, dx, flags);
+            dXe, kept, slot, NULL, NULL, T, K, C, d, accumulate, dx, flags);
     } else {
         gather_sum_kernel<1, false><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
-            dXe, kept, slot, NULL, NULL, T, K, C, d, dx, flags);
+            dXe, kept, slot, NULL, NULL, T, K, C, d, accumulate, dx, flags);
     }
     KERNEL_CHECK(be, "dispatch_bwd_kernel");
 }
@@ -624,10 +627,10 @@ void cuda_combine(moe_backend *be, const float *Ye, const int32_t *kept, const i
     const int Kc = K > 0 ? K : 0;
     if (d % 4 == 0 && aligned16(Ye) && aligned16(y) && (!residual || aligned16(residual))) {
         gather_sum_kernel<4, true><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
-            Ye, kept, slot, cw, residual, T, Kc, C, d, y, flags);
+            Ye, kept, slot, cw, residual, T, Kc, C, d, 0, y, flags);
     } else {
         gather_sum_kernel<1, true><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
-            Ye, kept, slot, cw, residual, T, Kc, C, d, y, flags);
+            Ye, kept, slot, cw, residual, T, Kc, C, d, 0, y, flags);
     }
     KERNEL_CHECK(be, "combine_kernel");
 }
