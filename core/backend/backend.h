@@ -282,8 +282,11 @@ struct moe_backend {
      * lb_logits are the logits routing used (l, or l' for noisy routers).
      * Writes d_lb[T,E] = alpha * d lb / d lb_logits (overwrite) and adds
      * beta * d z / d logits into dlogits (accumulate); returns lb and z in
-     * host doubles (CUDA waits for them). The model uses aux_losses_counts,
-     * which keeps everything in backend memory. */
+     * host doubles (CUDA waits for them). d_lb may be dlogits itself: each
+     * row then receives d_lb and has the z-loss term added, dlogits =
+     * d_lb + d z (overwrite), what the model asks for when the
+     * load-balancing gradient goes straight to the logits. The model uses
+     * aux_losses_counts, which keeps everything in backend memory. */
     void (*aux_losses)(moe_backend *be, const float *lb_logits, const float *logits, const float *f,
                        int T, int E, float alpha, float beta, float *d_lb, float *dlogits,
                        double *lb, double *z);

@@ -527,11 +527,16 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, residual, y);
 
     /* 8. auxiliary losses, f from the counts on the device; their gradients
-     *    are prepared now: the load-balancing one into L->probs (d_lb), the
-     *    z-loss one into L->dlogits. lb and z go to L->scalars. */
-    be->zero(be, L->dlogits, (size_t)T * E * sizeof(float));
+     *    are prepared now, the z-loss one into L->dlogits; the load-balancing
+     *    one into L->dlogits too when it goes straight to the logits (one
+     *    write, no pass to zero them first), else into L->probs, from where
+     *    the router chains it through its perturbation. lb and z go to
+     *    L->scalars. */
+    const int lb_to_logits = !perturbs || (L->rinfo.flags & MOE_ROUTER_NO_GRAD) != 0;
+    if (!lb_to_logits) be->zero(be, L->dlogits, (size_t)T * E * sizeof(float));
     be->aux_losses_counts(be, perturbs ? L->route_logits : L->logits, L->logits, counts_before, T, E,
-                          c->aux_loss_weight, c->z_loss_weight, L->probs, L->dlogits, L->scalars);
+                          c->aux_loss_weight, c->z_loss_weight, lb_to_logits ? L->dlogits : L->probs, L->dlogits,
+                          L->scalars);
 
     if (aux_total || L->collect_stats) {
         double sc[2];
@@ -629,9 +634,6 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
         if (check_now(L, err, errcap) != 0) return -1;
         be->axpy(be, 1.0f, L->router_dlogits, L->dlogits, (size_t)T * E);
     }
-    /* The load-balancing gradient reaches the logits directly unless the
-     * router chained it through its perturbation above. */
-    if (!perturbs || no_grad) be->axpy(be, 1.0f, L->probs, L->dlogits, (size_t)T * E);
 
     /* 1'. gate network */
     gate_backward(L, L->x, dx, T);

@@ -1618,6 +1618,27 @@ static void test_aux_losses_case(int T, int E) {
     report_repeat(AUX_OP(2), &lb[0], &lb[1], 1, sizeof(double));
     report_repeat(AUX_OP(3), &z[0], &z[1], 1, sizeof(double));
 #undef AUX_OP
+
+    /* d_lb == dlogits: each row gets d_lb, then the z-loss term added. The
+     * CPU's result against its two separate outputs (d_lb, and the z term
+     * added to zeros), then the GPU against the CPU. */
+    float *want_alias = halloc(n * 4), *sep = halloc(n * 4), *zterm = halloc(n * 4), *lb_tmp = halloc(n * 4);
+    double alb, az;
+    cpu->aux_losses(cpu, lb_logits, logits, f, T, E, alpha, beta, want_alias, want_alias, &alb, &az);
+    memset(zterm, 0, n * 4);
+    cpu->aux_losses(cpu, lb_logits, logits, f, T, E, alpha, beta, lb_tmp, zterm, &alb, &az);
+    for (size_t i = 0; i < n; ++i) sep[i] = want_dlb[i] + zterm[i];
+    snprintf(op, sizeof op, "aux_losses(E=%d, d_lb = dlogits) on the CPU = d_lb + dz", E);
+    report_f32(op, want_alias, sep, n, TOL_EW);
+    float *got_alias[2];
+    for (int r = 0; r < 2; ++r) {
+        float *d_a = dpoison(gpu, n * 4, POISON_F32);
+        gpu->aux_losses(gpu, d_lbl, d_l, f, T, E, alpha, beta, d_a, d_a, &alb, &az);
+        if (!gpu_ok(gpu, "aux_losses (aliased)")) return;
+        got_alias[r] = down(gpu, d_a, n * 4);
+    }
+    snprintf(op, sizeof op, "aux_losses(E=%d, d_lb = dlogits).dlogits", E);
+    check_f32(op, got_alias, want_alias, n, TOL_EW);
 }
 
 /* The row kernel keeps rows of up to 8 and up to 32 experts in registers,
