@@ -3,9 +3,10 @@
  *
  * For every plugin and every option setting that changes its code path,
  * on T in {1, 37, 4096}, E in {8, 64}, K in {1, 2}, d_model 24 (and a few
- * larger cases for expert choice's sort, and for noisy_topk's learned noise
- * wider d_model: the training shape, tiles cut short, and the shapes that
- * fall back to the global-memory kernels), with fresh random inputs:
+ * larger cases for expert choice's sort, E = 12 and 3 for its lane groups of
+ * 16 and 4 lanes a token, which have idle lanes, and for noisy_topk's learned
+ * noise wider d_model: the training shape, tiles cut short, and the shapes
+ * that fall back to the global-memory kernels), with fresh random inputs:
  *
  *   forward   the same logits, x, token ids and parameters go to the CPU
  *             table (host buffers) and the CUDA table (device buffers, outputs
@@ -807,7 +808,7 @@ typedef struct setting {
     int n_opts;
     int training;
     int near_ties_ok;
-    int big; /* expert choice: also T = 16384 and T = 30000 (two and three rounds of merging sorted chunks) */
+    int big; /* expert choice: also T = 16384 and T = 30000 (two and three rounds of merging sorted chunks), E = 12 and 3 */
     int wide; /* noisy_topk, learned noise in training: also the wide_cases */
 } setting;
 
@@ -941,6 +942,19 @@ int main(void) {
                 run_case(p, &c, ++case_seed, stream);
             }
             c.d_model = D_MODEL;
+        }
+        if (s->big) {
+            /* E not a power of two: expert choice's lane groups (a power of
+             * two of lanes a token) have lanes without an expert. */
+            c.ties = 0;
+            c.T = quick ? 37 : 3000;
+            c.E = 12;
+            c.K = 2;
+            run_case(p, &c, ++case_seed, stream);
+            c.ties = 1;
+            c.T = 37;
+            c.E = 3;
+            run_case(p, &c, ++case_seed, stream);
         }
         c.ties = 0;
         c.T = 37;
