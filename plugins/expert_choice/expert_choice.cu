@@ -1,27 +1,45 @@
 /*
  * expert_choice, CUDA path: the routing of expert_choice.c on the device.
  *
- *   1. scores:  one thread per token computes S[t,:] = softmax(l[t,:]).
- *   2. select:  expert e's T candidates are cut into chunks of EC_CHUNK
- *               tokens; one block per (expert, chunk) sorts its chunk's keys
- *               (score descending, token ascending: the CPU's qsort order)
- *               and keeps its first C. Then merge rounds, one thread per kept
- *               key: a key's place in the union of EC_GROUP neighbouring runs
- *               is its place in its own run plus, for every other run, the
- *               number of keys there that are larger, and again only the
- *               first C of a merged run are kept. The last round, whose one
- *               run is the expert's whole list, writes rank[t,e] = r for the
- *               first C; every other rank stays -1. (A single chunk writes
- *               the ranks right after its sort.)
- *   3. assign:  one thread per token writes its row exactly as the CPU loop
- *               does (the paper's mode, or the seed mode's top-K' by logit).
+ * Forward, three launches:
+ *   1. score and sort: expert e's T candidates are cut into chunks of
+ *               EC_CHUNK tokens; one block per (chunk, expert) computes the
+ *               chunk's scores S[t,e] = softmax(l[t,:])[e] (writing them to S),
+ *               sorts its keys (score descending, token ascending: the CPU's
+ *               qsort order) and keeps its first C as a run. Tokens past a
+ *               chunk's first C can only be past the expert's first C: their
+ *               rank[t,e] is -1 at once.
+ *   2. merge:   rounds of one thread per kept key: a key's place in the union
+ *               of EC_GROUP neighbouring runs is its place in its own run
+ *               plus, for every other run, the number of keys there that are
+ *               larger. The first C of a merged run go on; the others get
+ *               rank -1. The last round, whose one run is the expert's whole
+ *               list, writes rank[t,e] = place for the first C and -1 for the
+ *               rest. (A single chunk writes the ranks right after its sort.)
+ *               So every rank[t,e] is written exactly once, and no pass
+ *               clears the array first.
+ *   3. assign:  each token's row, exactly as the CPU loop writes it. The
+ *               paper's mode with E <= 32 gives a token a group of lanes, one
+ *               per expert: a ballot over the group says which experts took
+ *               it, and each lane writes one output entry (coalesced).
+ *               Otherwise one thread per token runs the CPU's loop (the seed
+ *               mode's top-K' by logit, or E > 32).
+ * Backward, one launch: the same lane groups (paper mode, E <= 32) or a
+ * thread per token.
  *
  * Why this shape: one block per expert sorting all T keys left all but E
  * blocks of the GPU idle; at T = 8192, E = 8 that sort took 106 us a call on
  * an H100. Chunks give E * T / EC_CHUNK sort blocks, and a merge round is one
  * warp per 32 kept keys; at that shape the select is one sort and one merge
  * launch. Larger T adds a merge round for every factor of EC_GROUP, each a
- * pass over at most E * min(T, runs * C) keys.
+ * pass over at most E * min(T, runs * C) keys. These kernels are short, so
+ * what they cost is mostly launches and chains of dependent global loads:
+ * the scores are computed where the sort reads them (no launch of their
+ * own), the merge finds its way through the other runs with samples held in
+ * shared memory (two rounds of global loads per key instead of a binary
+ * search through global memory), ec_expf has no branch (a thread's
+ * independent calls overlap), and the assignment and the backward read and
+ * write whole rows with whole warps. Measured numbers: at ec_cuda_select.
  *
  * Routing decisions must be bitwise the CPU's, and here they depend on
  * rounding: an expert ranks the scores of different tokens, and with
@@ -40,7 +58,8 @@
  * refused before anything is written, as on the CPU: a first kernel records
  * the first bad element in the workspace, one 16-byte copy brings the flags
  * to the host, and the call fails naming the token and expert. That copy is
- * the one synchronization of a call.
+ * the one synchronization of a call; it is skipped when the host checks the
+ * inputs itself (moe_context_inputs_checked: the training steps).
  *
  * Pointers in the arguments are device pointers; everything runs on
  * ctx->stream.
@@ -56,14 +75,21 @@ typedef struct ec_state {
 
 /* Tokens per sorted chunk (a power of two: the bitonic network's size), keys
  * each sorting thread holds in registers (EC_CHUNK / EC_SORT_KEYS threads a
- * block), runs per merge round (at most 16: the merge's first search gives
- * each run two lanes of a warp) and warps per merge block. At T = 8192 these
- * give E * 8 sort blocks and a single merge round. */
+ * block), runs per merge round, warps per merge block, and the most samples
+ * of a run a merge block holds in shared memory. At T = 8192 these give
+ * E * 8 sort blocks and a single merge round, whose runs of 1024 keys have 32
+ * samples each. Two keys a thread: the sort's threads each compute their
+ * keys' softmax rows, a chain of 8 expf a row, and fewer rows a thread
+ * measured faster (score and sort at T = 8192, E = 8 on an H100: 19.7 us
+ * with 4 keys, 12.2 with 2, 12.9 with 1). */
 #define EC_CHUNK 1024
-#define EC_SORT_KEYS 4
+#define EC_SORT_KEYS 2
 #define EC_GROUP 8
 #define EC_MERGE_WARPS 4
+#define EC_SAMPLES 32
+#define EC_ROW 8 /* the most logits a row has for the sort's rows in registers */
 #define EC_GRID_YZ 65535 /* the most blocks a grid has along y and z; kernels loop past it */
+#define EC_FULL_WARP 0xFFFFFFFFu
 
 static int32_t ec_k_out(const ec_state *s) { return s->max_per_token > 0 ? s->max_per_token : s->E; }
 
@@ -121,8 +147,11 @@ extern "C" size_t expert_choice_cuda_workspace_bytes(const ec_state *s) {
  * it picks on every CPU with FMA, Hopper hosts included) has them; the plain
  * multiplies are __dmul_rn so the compiler cannot fuse others. Compared on
  * every one of the 2^32 floats with glibc 2.39's expf, on an H100 host: the
- * same bits throughout (CUDA's expf differs on 3.7% of them). */
-__constant__ unsigned long long ec_exp2f_table[32] = {
+ * same bits throughout (CUDA's expf differs on 3.7% of them). The table is
+ * in global memory, read through the read-only cache: the lanes of a warp
+ * index it at random, which constant memory would serve one address at a
+ * time. */
+__device__ const unsigned long long ec_exp2f_table[32] = {
     /* asuint64(2^(i/32)) - (i << 47) */
     0x3ff0000000000000ull, 0x3fefd9b0d3158574ull, 0x3fefb5586cf9890full, 0x3fef9301d0125b51ull,
     0x3fef72b83c7d517bull, 0x3fef54873168b9aaull, 0x3fef387a6e756238ull, 0x3fef1e9df51fdee1ull,
@@ -139,28 +168,36 @@ __device__ float ec_expf(float x) {
     const double shift = 0x1.8p+52;                      /* adding it rounds to an integer */
     const double c0 = 0x1.c6af84b912394p-5 / 32768, c1 = 0x1.ebfce50fac4f3p-3 / 1024, c2 = 0x1.62e42ff0c52d6p-1 / 32;
 
-    const uint32_t ix = __float_as_uint(x);
-    const uint32_t abstop = (ix >> 20) & 0x7ff;
-    if (abstop >= 0x42b) {                        /* |x| >= 88 or NaN: glibc's special cases */
-        if (ix == 0xff800000u) return 0.0f;       /* -inf */
-        if (abstop >= 0x7f8) return x + x;        /* +inf or NaN */
-        if (x > 0x1.62e42ep6f) return INFINITY;   /* overflow */
-        if (x < -0x1.9fe368p6f) return 0.0f;      /* underflow */
-        if (x < -0x1.9d1d9ep6f) return 0x1p-149f; /* glibc's 0x1.4p-75f squared */
-    }
+    /* glibc's main path runs for every x, and its result is replaced where
+     * glibc takes a special case: with no branch, the compiler can overlap
+     * the independent calls of a softmax row, where branches made each call
+     * wait for the one before. For |x| >= 88, inf and NaN the main path's
+     * value is garbage but harmless (the table index stays in range). */
     const double xd = (double)x;
     double kd = fma(inv_ln2_n, xd, shift);
     const unsigned long long ki = (unsigned long long)__double_as_longlong(kd);
     kd = __dsub_rn(kd, shift);
     const double r = fma(inv_ln2_n, xd, -kd); /* x * 32/ln2 - k, |r| <= 1/2 */
-    const unsigned long long t = ec_exp2f_table[ki % 32] + (ki << 47);
+    const unsigned long long t = __ldg(&ec_exp2f_table[ki % 32]) + (ki << 47);
     const double s = __longlong_as_double((long long)t); /* 2^(k/32) */
     const double z = fma(c0, r, c1);
     const double r2 = __dmul_rn(r, r);
     double y = fma(c2, r, 1.0);
     y = fma(z, r2, y);
     y = __dmul_rn(y, s);
-    return __double2float_rn(y);
+    const float main_path = __double2float_rn(y);
+
+    /* glibc's special cases for |x| >= 88 or NaN, in its order: the select
+     * applied last is the test glibc makes first. */
+    const uint32_t ix = __float_as_uint(x);
+    const uint32_t abstop = (ix >> 20) & 0x7ff;
+    float special = main_path;                            /* 88 <= |x| without a case of its own */
+    special = x < -0x1.9d1d9ep6f ? 0x1p-149f : special;   /* glibc's 0x1.4p-75f squared */
+    special = x < -0x1.9fe368p6f ? 0.0f : special;        /* underflow */
+    special = x > 0x1.62e42ep6f ? INFINITY : special;     /* overflow */
+    special = abstop >= 0x7f8 ? x + x : special;          /* +inf or NaN */
+    special = ix == 0xff800000u ? 0.0f : special;         /* -inf */
+    return abstop >= 0x42b ? special : main_path;
 }
 
 /* moe_softmax_row(l, p, E, 1) with glibc's expf: the same max, the same sum in
@@ -183,7 +220,7 @@ __device__ void ec_softmax_row(const float *l, float *p, int32_t E) {
  * in the high word, mapped so that floats compare like unsigned integers, and
  * the complement of the token in the low word, so that among equal scores the
  * lower token has the larger key. Sorting keys in descending order is then
- * the CPU's qsort. */
+ * the CPU's qsort. Every key is nonzero (its high word is), so 0 pads. */
 __device__ unsigned long long ec_key(float score, int32_t t) {
     if (score == 0.0f) score = 0.0f; /* -0 and +0 are equal scores: give them one key */
     uint32_t b = __float_as_uint(score);
@@ -193,14 +230,7 @@ __device__ unsigned long long ec_key(float score, int32_t t) {
 
 __device__ int32_t ec_key_token(unsigned long long key) { return (int32_t)(0xFFFFFFFFu - (uint32_t)key); }
 
-/* ---- kernels ------------------------------------------------------------------- */
-
-/* S[t,:] = softmax(l[t,:]) */
-__global__ void ec_scores_kernel(const float *logits, int32_t T, int32_t E, float *S) {
-    const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    ec_softmax_row(logits + (size_t)t * E, S + (size_t)t * E, E);
-}
+/* ---- select ---------------------------------------------------------------------- */
 
 __device__ unsigned long long ec_max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
 __device__ unsigned long long ec_min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
@@ -218,36 +248,42 @@ __device__ unsigned long long ec_pick(const unsigned long long (&v)[R], int q) {
 
 __host__ __device__ constexpr int ec_log2(int n) { return n > 1 ? 1 + ec_log2(n / 2) : 0; }
 
-/* Block (c, e) and its grid-stride successors: expert e sorts chunk c of its
- * candidates, tokens [c * CH, c * CH + n), descending by key, and keeps the
- * first min(n, C) as run c in `keys`; with `rank` (one chunk is the whole
- * list) it writes their ranks instead. A key past the chunk's first C can
- * only be past the expert's first C.
+/* Block (c, e) and its grid-stride successors: expert e scores the tokens of
+ * chunk c, [c * CH, c * CH + n), writes S[t,e], sorts their keys descending
+ * and keeps the first min(n, C) as run c in `keys`; with `single` (one chunk
+ * is the whole list) it writes their ranks instead. Either way the tokens
+ * past the first C get rank -1: a key past the chunk's first C can only be
+ * past the expert's first C.
+ *
+ * Each thread computes whole softmax rows for its R tokens (the E logits of
+ * a row are read by one thread, as the CPU sums them in one order), so every
+ * (chunk, expert) block computes its chunk's rows again: E times the work of
+ * a pass of its own over S, but no launch and no round trip through S. At
+ * T = 8192, E = 8 that is 16 expf per thread. With ROW > 0 (E <= ROW) a
+ * thread holds its rows in registers; ROW = 0 reads them in loops over E
+ * (any E, a load's wait per entry).
  *
  * The sort is a bitonic network in the form whose comparators all put the
  * larger key at the lower index: for each run length k = 2, 4, .. CH first i
  * against its mirror i ^ (k - 1) within the run, then i against i + j for
  * j = k/4 .. 1, where i has bit j clear. A short chunk is padded with 0,
- * smaller than every real key (whose high word is nonzero, see ec_key). A
- * fixed network of compare-exchanges on distinct keys: the result depends on
- * the keys alone, never on timing.
+ * smaller than every real key. A fixed network of compare-exchanges on
+ * distinct keys: the result depends on the keys alone, never on timing.
  *
  * Keys live in registers: warp w holds positions [w * SEG, (w + 1) * SEG),
  * SEG = 32 R, lane l's key r at position w * SEG + 32 r + l. A comparator
  * whose partner differs in the lane bits only is a shuffle, one that differs
  * in the register bits only stays in the thread, and a mirror within SEG is
  * both (lane ^ 31, register r ^ (k/32 - 1)). Only the steps with j >= SEG
- * (and their mirror) go through shared memory: 6 of the 55 at CH = 1024,
- * R = 4. (On an H100 this measured about as fast as one shared-memory step
- * per comparator, 10 us at T = 8192, E = 8: the kernel's time is not in the
- * network's steps; see the notes at ec_cuda_select.) */
-template <int CH, int R>
-__global__ void __launch_bounds__(CH / R)
-    ec_sort_chunks_kernel(const float *S, int32_t T, int32_t E, int32_t C, int32_t n_chunks,
-                          unsigned long long *keys, int32_t *rank) {
+ * (and their mirror) go through shared memory: 10 of the 55 at CH = 1024,
+ * R = 2. */
+template <int CH, int R, int ROW>
+__global__ void __launch_bounds__(CH / R, 1)
+    ec_score_sort_kernel(const float *__restrict__ logits, int32_t T, int32_t E, int32_t C, int32_t n_chunks,
+                         int single, float *__restrict__ S, unsigned long long *__restrict__ keys,
+                         int32_t *__restrict__ rank) {
     constexpr int SEG = 32 * R, LOG_CH = ec_log2(CH);
     static_assert((1 << LOG_CH) == CH && SEG <= CH && (R & (R - 1)) == 0, "CH, R: powers of two, 32 R <= CH");
-    const unsigned full = 0xFFFFFFFFu;
     __shared__ unsigned long long sk[CH];
     const int lane = (int)(threadIdx.x & 31), seg = (int)(threadIdx.x >> 5) * SEG;
 
@@ -255,11 +291,63 @@ __global__ void __launch_bounds__(CH / R)
         for (int32_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
             const int32_t first = c * CH; /* < T */
             const int32_t n = T - first < CH ? T - first : CH;
+            /* The R rows side by side (ec_softmax_row's steps for entry e),
+             * so that their loads and expf chains overlap; a position past
+             * the chunk computes its chunk's first row and drops it. */
+            const float *row[R];
+            float m[R], sum[R], p_e[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int32_t p = seg + 32 * r + lane;
+                row[r] = logits + (size_t)(first + (p < n ? p : 0)) * E;
+                m[r] = -INFINITY;
+                sum[r] = 0.0f;
+                p_e[r] = 0.0f;
+            }
+            if constexpr (ROW > 0) {
+                /* Every load is issued before the first is used: one round
+                 * trip to memory, where a loop over E would wait on each. */
+                float l[R][ROW];
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int i = 0; i < ROW; ++i) l[r][i] = i < E ? row[r][i] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < ROW; ++i)
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        if (i < E) m[r] = l[r][i] > m[r] ? l[r][i] : m[r];
+#pragma unroll
+                for (int i = 0; i < ROW; ++i)
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        if (i < E) {
+                            const float x = ec_expf(l[r][i] - m[r]);
+                            sum[r] += x;
+                            if (i == e) p_e[r] = x;
+                        }
+            } else {
+                for (int32_t i = 0; i < E; ++i)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) m[r] = row[r][i] > m[r] ? row[r][i] : m[r];
+                for (int32_t i = 0; i < E; ++i)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        const float x = ec_expf(row[r][i] - m[r]);
+                        sum[r] += x;
+                        if (i == e) p_e[r] = x;
+                    }
+            }
             unsigned long long v[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 const int32_t p = seg + 32 * r + lane;
-                v[r] = p < n ? ec_key(S[(size_t)(first + p) * E + e], first + p) : 0ull;
+                v[r] = 0ull;
+                if (p < n) {
+                    const float score = p_e[r] / sum[r];
+                    S[(size_t)(first + p) * E + e] = score;
+                    v[r] = ec_key(score, first + p);
+                }
             }
 
 #pragma unroll
@@ -290,7 +378,7 @@ __global__ void __launch_bounds__(CH / R)
                 } else if (k <= 32) { /* the mirror, across lanes */
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
-                        const unsigned long long y = __shfl_xor_sync(full, v[r], k - 1);
+                        const unsigned long long y = __shfl_xor_sync(EC_FULL_WARP, v[r], k - 1);
                         v[r] = (lane & (k >> 1)) == 0 ? ec_max(v[r], y) : ec_min(v[r], y);
                     }
                     --lj;
@@ -298,7 +386,7 @@ __global__ void __launch_bounds__(CH / R)
                     const int mr = k / 32 - 1;
                     unsigned long long y[R];
 #pragma unroll
-                    for (int r = 0; r < R; ++r) y[r] = __shfl_xor_sync(full, ec_pick(v, r ^ mr), 31);
+                    for (int r = 0; r < R; ++r) y[r] = __shfl_xor_sync(EC_FULL_WARP, ec_pick(v, r ^ mr), 31);
 #pragma unroll
                     for (int r = 0; r < R; ++r) v[r] = (r & (k / 64)) == 0 ? ec_max(v[r], y[r]) : ec_min(v[r], y[r]);
                     --lj;
@@ -316,23 +404,27 @@ __global__ void __launch_bounds__(CH / R)
                     } else { /* across lanes */
 #pragma unroll
                         for (int r = 0; r < R; ++r) {
-                            const unsigned long long y = __shfl_xor_sync(full, v[r], j);
+                            const unsigned long long y = __shfl_xor_sync(EC_FULL_WARP, v[r], j);
                             v[r] = (lane & j) == 0 ? ec_max(v[r], y) : ec_min(v[r], y);
                         }
                     }
                 }
             }
 
+            /* Positions < n hold the chunk's real keys (the padding sorts last). */
             const int32_t kept = n < C ? n : C;
             unsigned long long *run = keys + (size_t)e * T + first;
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 const int32_t p = seg + 32 * r + lane;
-                if (p >= kept) continue;
-                if (rank)
-                    rank[(size_t)ec_key_token(v[r]) * E + e] = p;
-                else
+                if (p >= n) continue;
+                int32_t *rank_te = rank + (size_t)ec_key_token(v[r]) * E + e;
+                if (single)
+                    *rank_te = p < kept ? p : -1;
+                else if (p < kept)
                     run[p] = v[r];
+                else
+                    *rank_te = -1;
             }
         }
     }
@@ -345,13 +437,22 @@ __device__ int32_t ec_run_kept(int32_t T, int32_t C, long long stride, long long
     return (int32_t)(n < C ? n : C);
 }
 
+/* The merge's sample step for runs of at most `held` keys: the smallest power
+ * of two >= 32 that leaves at most EC_SAMPLES samples a run (32 while
+ * held <= 32 EC_SAMPLES, as in one round at T = 8192). */
+static int32_t ec_sample_step(int32_t held) {
+    int32_t step = 32;
+    while ((held - 1) / step + 1 > EC_SAMPLES) step *= 2;
+    return step;
+}
+
 /* How many of the warp's 32 keys w, descending by lane (0 past the end),
- * lead with keys larger than x: a binary search over the lanes. */
+ * are larger than x: a binary search over the lanes. */
 __device__ int32_t ec_warp_count_larger(unsigned long long w, unsigned long long x) {
     int32_t n = 0;
 #pragma unroll
     for (int s = 32; s > 0; s >>= 1) {
-        const unsigned long long v = __shfl_sync(0xFFFFFFFFu, w, (n + s < 32 ? n + s : 32) - 1);
+        const unsigned long long v = __shfl_sync(EC_FULL_WARP, w, (n + s < 32 ? n + s : 32) - 1);
         if (n + s <= 32 && v > x) n += s;
     }
     return n;
@@ -364,88 +465,191 @@ __device__ int32_t ec_warp_count_larger(unsigned long long w, unsigned long long
  * than x (a prefix of that run). Only the merged run's first C are kept, and
  * they are exact: a key larger than one of them sits before it in its own
  * run too, so it was kept there; and a key whose true place is C or later
- * finds C larger keys, kept or not. The last round (rank != NULL, one merged
- * run: the expert's whole list) writes rank[t,e] for places < C; the others
- * write the merged runs to dst.
+ * finds C larger keys, kept or not. The last round (dst == NULL: one merged
+ * run, the expert's whole list) writes rank[t,e] = place for places < C and
+ * -1 for the others; an earlier round writes the merged runs to dst and -1
+ * for the keys it drops.
  *
- * Block (tile, j, e): its warps take 32 consecutive keys of run j each. A
- * warp's keys x_0 > .. > x_31 meet run q only in a window: the keys larger
- * than x_0 come first (a binary search, lane q), those larger than x_31 end
- * it (lane 16 + q), and all G searches run at once. The window is then read
- * 32 keys at a time, and each lane counts its prefix by a binary search over
- * the lanes. Consecutive warps' windows do not overlap, so a round reads each
- * run about once beyond the searches, where a binary search per key and run
- * has each key wait on G - 1 searches of ~log2(C) loads (on an H100 that
- * took 12.9 us against this kernel's 12.0 at T = 8192, E = 8, and its select
- * 73 us against 54 at T = 32768). */
+ * Block (tile, j, e): its warps take 32 consecutive keys of run j each. Run
+ * q's count for a key x is 32 b + (keys of its 32-key block b larger than
+ * x), where b is the last block whose first key is larger than x. The block
+ * first loads every step-th key of the group's runs into shared memory
+ * (step = 32 at T = 8192: 32 samples of a 1024-key run), and each lane finds
+ * its b among them (for step > 32, a binary search in global memory over
+ * the step / 32 blocks between two samples follows). The warp's keys are
+ * consecutive, so their blocks in run q are a short range, in practice one
+ * or two: the warp loads them 32 keys at a time (the first two of every run
+ * at once) and each lane counts in its own block by a binary search over
+ * the lanes. So a key waits on two rounds of global loads (samples, blocks),
+ * where a binary search through a 1024-key run in global memory would be a
+ * chain of 11. */
 template <int G>
 __global__ void __launch_bounds__(32 * EC_MERGE_WARPS)
     ec_merge_kernel(const unsigned long long *__restrict__ src, int32_t T, int32_t E, int32_t C, int32_t stride,
-                    int32_t n_runs, unsigned long long *__restrict__ dst, int32_t *__restrict__ rank) {
-    static_assert(G >= 2 && G <= 16, "the first search gives each of G runs two lanes");
-    const unsigned full = 0xFFFFFFFFu;
+                    int32_t n_runs, int32_t step, unsigned long long *__restrict__ dst, int32_t *__restrict__ rank) {
+    constexpr int PER_THREAD = G * EC_SAMPLES / (32 * EC_MERGE_WARPS);
+    static_assert(G >= 2 && G <= 32 && PER_THREAD * 32 * EC_MERGE_WARPS == G * EC_SAMPLES,
+                  "G runs a round, their samples shared evenly by the block's threads");
+    __shared__ unsigned long long sample[G][EC_SAMPLES];
     const int lane = (int)(threadIdx.x & 31);
     const int32_t held = stride < C ? stride : C; /* the most keys a run keeps */
-    const int32_t top = 1 << (31 - __clz(held));  /* largest power of two <= held */
     const int32_t tiles = (held - 1) / (32 * EC_MERGE_WARPS) + 1;
+    const long long stride_out = (long long)stride * G;
 
     for (int32_t e = blockIdx.z; e < E; e += gridDim.z) {
-        const unsigned long long *ek = src + (size_t)e * T;
         for (int32_t j = blockIdx.y; j < n_runs; j += gridDim.y) {
             const int32_t kept_j = ec_run_kept(T, C, stride, j);
             const int32_t g = j / G, j0 = g * G;
-            const unsigned long long *group = ek + (size_t)j0 * stride;
+            const unsigned long long *group = src + (size_t)e * T + (size_t)j0 * stride;
             for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
                 const int32_t first = tile * 32 * EC_MERGE_WARPS + (int32_t)(threadIdx.x & ~31u);
-                if (first >= kept_j) continue; /* the whole warp */
                 const int32_t i = first + lane;
-                const unsigned long long x = i < kept_j ? ek[(size_t)j * stride + i] : 0ull;
+                unsigned long long x = i < kept_j ? group[(size_t)(j - j0) * stride + i] : 0ull;
+
+                /* All of a thread's sample loads are issued before it stores
+                 * one: a single round trip. */
+                unsigned long long got[PER_THREAD];
+#pragma unroll
+                for (int k = 0; k < PER_THREAD; ++k) {
+                    const int a = (int)threadIdx.x + k * 32 * EC_MERGE_WARPS;
+                    const int q = a / EC_SAMPLES, m = a % EC_SAMPLES;
+                    const int32_t len = j0 + q < n_runs ? ec_run_kept(T, C, stride, j0 + q) : 0;
+                    got[k] = (long long)m * step < len ? group[(size_t)q * stride + (size_t)m * step] : 0ull;
+                }
+                __syncthreads(); /* the previous tile is done with the samples */
+#pragma unroll
+                for (int k = 0; k < PER_THREAD; ++k) {
+                    const int a = (int)threadIdx.x + k * 32 * EC_MERGE_WARPS;
+                    sample[a / EC_SAMPLES][a % EC_SAMPLES] = got[k];
+                }
+                __syncthreads();
+                if (first >= kept_j) continue; /* the whole warp */
+
+                /* Lanes past the run's end take its last key, so that the
+                 * warp's blocks below stay the range of its real keys. */
                 const int last = kept_j - 1 - first < 31 ? kept_j - 1 - first : 31;
-                const unsigned long long x_first = __shfl_sync(full, x, 0), x_last = __shfl_sync(full, x, last);
+                const unsigned long long x_last = __shfl_sync(EC_FULL_WARP, x, last);
+                if (lane > last) x = x_last;
 
-                /* lane q < 16: keys of run j0 + q larger than x_first; lane 16 + q: than x_last */
-                const int q1 = lane & 15;
-                const unsigned long long y = lane < 16 ? x_first : x_last;
-                const int32_t len = q1 < G && j0 + q1 < n_runs && j0 + q1 != j ? ec_run_kept(T, C, stride, j0 + q1) : 0;
-                const unsigned long long *run1 = group + (size_t)q1 * stride; /* read only where len > 0 */
-                int32_t lo = 0;
-                for (int32_t step = top; step > 0; step >>= 1)
-                    if (lo + step <= len && run1[lo + step - 1] > y) lo += step;
-
-                /* Each window's first 32 keys, loaded together. */
-                int32_t from[G], to[G];
-                unsigned long long w0[G];
+                /* Run q's block b[q] for each lane's x, all runs side by
+                 * side: first the samples in shared memory, then (step > 32
+                 * only) a binary search over the step / 32 blocks that
+                 * follow the last larger sample. */
+                int32_t len[G], b[G];
 #pragma unroll
                 for (int q = 0; q < G; ++q) {
-                    from[q] = __shfl_sync(full, lo, q);
-                    to[q] = __shfl_sync(full, lo, 16 + q);
-                    w0[q] = from[q] + lane < to[q] ? group[(size_t)q * stride + from[q] + lane] : 0ull;
+                    len[q] = j0 + q < n_runs && j0 + q != j ? ec_run_kept(T, C, stride, j0 + q) : 0;
+                    const int32_t n_samples = len[q] > 0 ? (len[q] - 1) / step + 1 : 0;
+                    int32_t c0 = 0; /* samples larger than x */
+#pragma unroll
+                    for (int s = EC_SAMPLES; s > 0; s >>= 1)
+                        if (c0 + s <= n_samples && sample[q][c0 + s - 1] > x) c0 += s;
+                    b[q] = c0 > 0 ? (c0 - 1) * (step / 32) : -1; /* -1: no key of run q is larger */
                 }
+                if (step > 32) {
+#pragma unroll
+                    for (int q = 0; q < G; ++q) {
+                        const unsigned long long *run = group + (size_t)q * stride;
+                        if (b[q] >= 0)
+                            for (int32_t s = step / 64; s > 0; s >>= 1)
+                                if ((long long)(b[q] + s) * 32 < len[q] && run[(size_t)(b[q] + s) * 32] > x) b[q] += s;
+                    }
+                }
+
+                /* The warp's first two blocks of every run, loaded together;
+                 * past the warp's last block (or the run's end) they read 0,
+                 * which no key is below. */
+                int32_t b0[G], b_hi[G];
+                unsigned long long w0[G], w1[G];
+#pragma unroll
+                for (int q = 0; q < G; ++q) {
+                    const int32_t b_lo = __shfl_sync(EC_FULL_WARP, b[q], 0);
+                    b_hi[q] = __shfl_sync(EC_FULL_WARP, b[q], 31);
+                    b0[q] = b_lo > 0 ? b_lo : 0;
+                    const long long p0 = 32ll * b0[q] + lane, p1 = p0 + 32;
+                    const unsigned long long *run = group + (size_t)q * stride;
+                    w0[q] = b0[q] <= b_hi[q] && p0 < len[q] ? run[p0] : 0ull;
+                    w1[q] = b0[q] + 1 <= b_hi[q] && p1 < len[q] ? run[p1] : 0ull;
+                }
+
+                /* Counts in those blocks, every run and both blocks side by
+                 * side (a block of zeros counts nothing, and no lane's b[q]
+                 * names it); then any further blocks, one at a time. */
                 int32_t place = i;
 #pragma unroll
                 for (int q = 0; q < G; ++q) {
-                    place += from[q];
-                    unsigned long long w = w0[q];
-                    for (int32_t c = from[q]; c < to[q]; c += 32) {
-                        if (c > from[q]) w = c + lane < to[q] ? group[(size_t)q * stride + c + lane] : 0ull;
-                        place += ec_warp_count_larger(w, x);
+                    const int32_t n0 = ec_warp_count_larger(w0[q], x), n1 = ec_warp_count_larger(w1[q], x);
+                    if (b[q] == b0[q]) place += 32 * b0[q] + n0;
+                    if (b[q] == b0[q] + 1) place += 32 * (b0[q] + 1) + n1;
+                }
+#pragma unroll
+                for (int q = 0; q < G; ++q) {
+                    for (int32_t bb = b0[q] + 2; bb <= b_hi[q]; ++bb) {
+                        const long long p = 32ll * bb + lane;
+                        const unsigned long long w = p < len[q] ? group[(size_t)q * stride + (size_t)p] : 0ull;
+                        const int32_t n_larger = ec_warp_count_larger(w, x);
+                        if (bb == b[q]) place += 32 * bb + n_larger;
                     }
                 }
 
                 if (i >= kept_j) continue;
-                if (rank) {
-                    if (place < C) rank[(size_t)ec_key_token(x) * E + e] = place;
-                } else {
-                    const long long stride_out = (long long)stride * G;
-                    if (place < ec_run_kept(T, C, stride_out, g))
-                        dst[(size_t)e * T + (size_t)(g * stride_out) + place] = x;
-                }
+                int32_t *rank_te = rank + (size_t)ec_key_token(x) * E + e;
+                if (!dst)
+                    *rank_te = place < C ? place : -1;
+                else if (place < ec_run_kept(T, C, stride_out, g))
+                    dst[(size_t)e * T + (size_t)(g * stride_out) + place] = x;
+                else
+                    *rank_te = -1;
             }
         }
     }
 }
 
-/* Token t's row of the output, as the CPU loop writes it. */
+/* ---- assign and backward ------------------------------------------------------------
+ * The paper's mode with E <= 32 works on lane groups: `gs` lanes a token
+ * (gs, a power of two, the smallest >= E), lane e of the group for expert e,
+ * so that a warp reads and writes 32 / gs whole rows with consecutive
+ * addresses. A group's lanes see each other through shuffles of width gs.
+ * Every lane of a warp takes part in its shuffles and ballots; only lanes
+ * with t < T and e < E read or write. */
+
+/* The lanes of `lane`'s group, as a mask of the warp. */
+__device__ unsigned ec_group_mask(int lane, int gs) {
+    const unsigned ones = gs == 32 ? EC_FULL_WARP : (1u << gs) - 1u;
+    return ones << (lane & ~(gs - 1));
+}
+
+/* Paper mode, E <= 32: token t lists the experts that took it in ascending
+ * order, weight S[t,e], slot = rank, then -1 entries; here lane e writes the
+ * entry at its place in that row: among the takers, the count of takers
+ * below it; else after all takers, the count of non-takers below it. */
+__global__ void ec_assign_groups_kernel(const float *__restrict__ S, const int32_t *__restrict__ rank, int32_t T,
+                                        int32_t E, int gs, int32_t *__restrict__ expert_out,
+                                        float *__restrict__ weight_out, int32_t *__restrict__ slot_out) {
+    const size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = (int)(threadIdx.x & 31);
+    const size_t t = id / (unsigned)gs;
+    const int32_t e = (int32_t)(id % (unsigned)gs);
+    const int active = t < (size_t)T && e < E;
+    const size_t at = t * (size_t)E;
+    const int32_t r = active ? rank[at + e] : -1;
+    const unsigned taken = __ballot_sync(EC_FULL_WARP, r >= 0) & ec_group_mask(lane, gs);
+    if (!active) return;
+    const int32_t takers = __popc(taken), takers_below = __popc(taken & ((1u << lane) - 1u));
+    if (r >= 0) {
+        expert_out[at + takers_below] = e;
+        weight_out[at + takers_below] = S[at + e];
+        slot_out[at + takers_below] = r;
+    } else {
+        const int32_t j = takers + (e - takers_below);
+        expert_out[at + j] = -1;
+        weight_out[at + j] = 0.0f;
+        slot_out[at + j] = -1;
+    }
+}
+
+/* Token t's row of the output, as the CPU loop writes it: the seed mode, and
+ * the paper's mode with E > 32. */
 __global__ void ec_assign_kernel(const float *logits, const float *S, const int32_t *rank, int32_t T, int32_t E,
                                  int32_t k_out, int owns_capacity, float *rows, int32_t *expert_out,
                                  float *weight_out, int32_t *slot_out) {
@@ -493,7 +697,45 @@ __global__ void ec_assign_kernel(const float *logits, const float *S, const int3
     }
 }
 
-/* paper mode: dS[t,e] = dweight for chosen (t,e), dl_j = S_j (dS_j - sum_i S_i dS_i);
+/* Paper mode, E <= 32 (k_out = E): dS[t,e] = the sum of dweight[t,j] over
+ * the entries j with expert e, in j order from 0 (the CPU's accumulation),
+ * then dl_e = S_e (dS_e - sum_i S_i dS_i) with S the softmax row. Lane e
+ * holds logit e and entry j = e; the row's max, sums and dot product run over
+ * the group in the CPU's order, so the result is the CPU's bit for bit
+ * (the products are rounded before they are added, as the CPU does). Entries
+ * outside [0, E) match no lane: they add nothing, as the CPU skips -1. */
+__global__ void ec_backward_groups_kernel(const float *__restrict__ logits, const int32_t *__restrict__ expert_in,
+                                          const float *__restrict__ dweight_in, int32_t T, int32_t E, int gs,
+                                          float *__restrict__ dlogits) {
+    const size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t t = id / (unsigned)gs;
+    const int32_t e = (int32_t)(id % (unsigned)gs);
+    const int active = t < (size_t)T && e < E;
+    const size_t at = t * (size_t)E + (size_t)e;
+    const float l = active ? logits[at] : 0.0f;
+    const int32_t ex = active ? expert_in[at] : -1;
+    const float dw = active ? dweight_in[at] : 0.0f;
+
+    float ds = 0.0f, m = -INFINITY;
+    for (int32_t j = 0; j < E; ++j) {
+        const int32_t ex_j = __shfl_sync(EC_FULL_WARP, ex, j, gs);
+        const float dw_j = __shfl_sync(EC_FULL_WARP, dw, j, gs);
+        const float l_j = __shfl_sync(EC_FULL_WARP, l, j, gs);
+        if (ex_j == e) ds += dw_j;
+        m = l_j > m ? l_j : m;
+    }
+    const float p = ec_expf(l - m);
+    float s = 0.0f;
+    for (int32_t i = 0; i < E; ++i) s += __shfl_sync(EC_FULL_WARP, p, i, gs);
+    const float S_e = p / s;
+    float dot = 0.0f;
+    for (int32_t i = 0; i < E; ++i)
+        dot += __fmul_rn(__shfl_sync(EC_FULL_WARP, S_e, i, gs), __shfl_sync(EC_FULL_WARP, ds, i, gs));
+    if (active) dlogits[at] = S_e * (ds - dot);
+}
+
+/* The backward of the seed mode and of the paper's mode with E > 32:
+ * paper mode: dS[t,e] = dweight for chosen (t,e), dl_j = S_j (dS_j - sum_i S_i dS_i);
  * seed mode: the softk backward over the kept entries. */
 __global__ void ec_backward_kernel(const float *logits, const int32_t *expert_in, const float *weight_in,
                                    const float *dweight_in, int32_t T, int32_t E, int32_t k_out, int owns_capacity,
@@ -524,6 +766,20 @@ __global__ void ec_backward_kernel(const float *logits, const int32_t *expert_in
 
 /* ---- host side ------------------------------------------------------------------- */
 
+/* Lanes a token for the lane-group kernels: the smallest power of two >= E,
+ * or 0 where E > 32 (the kernels of a thread per token then). */
+static int ec_group_size(int32_t E) {
+    int gs = 1;
+    while (gs < E) gs *= 2;
+    return gs <= 32 ? gs : 0;
+}
+
+/* Blocks of MOE_ROUTER_CUDA_THREADS for T tokens of gs lanes each (T * gs < 2^36: well inside a grid's x). */
+static unsigned ec_group_blocks(int32_t T, int gs) {
+    const size_t n = (size_t)T * (size_t)gs;
+    return (unsigned)((n + MOE_ROUTER_CUDA_THREADS - 1) / MOE_ROUTER_CUDA_THREADS);
+}
+
 /* ec_check_common's checks, against this path's workspace (the values are
  * checked on the device, see ec_cuda_check_values). */
 static moe_status ec_cuda_check_common(const ec_state *s, const moe_context *ctx, int32_t T, int32_t E,
@@ -546,25 +802,29 @@ static moe_status ec_cuda_check_values(const moe_context *ctx, cudaStream_t stre
                                         (unsigned long long *)ctx->workspace);
 }
 
-/* Every expert takes its top C: the chunks' sort, then merge rounds until one
- * run is left (see the top of the file). keys2 is needed only past one round
+/* Every expert takes its top C (1 <= C <= T): the chunks' scores and sort,
+ * then merge rounds until one run is left (see the top of the file); S and
+ * every rank[t,e] are written. keys2 is needed only past one round
  * (ec_layout_for).
  *
- * Measured on an H100 (Nsight Compute, T = 8192, E = 8, C = 2560): sort
- * 10.1 us, merge 12.0 us, against 106 us for the one-block-per-expert sort.
- * Each kernel is near 10 us whatever its algorithm (a shared-memory or a
- * register sort, a search per key or per window), close to the 8 us of this
- * file's scores and assign kernels, which do far less; so fewer launches
- * (the sort fused into the scores kernel, say) look like the next step
- * rather than less work per launch. */
-static moe_status ec_cuda_select(const moe_context *ctx, cudaStream_t stream, const float *S, int32_t T, int32_t E,
-                                 int32_t C, unsigned long long *keys, unsigned long long *keys2, int32_t *rank) {
+ * Measured on an H100 (Nsight Compute, T = 8192, E = 8, C = 2560, per
+ * layer of a training step): score and sort 12.2 us, merge 11.3, assign 3.7,
+ * backward 4.4; 31.8 us against 45.6 for a scores kernel (6.6), the sort
+ * (10.2), a merge searching through global memory (12.0), assign and
+ * backward with a thread per token (7.4, 9.4). */
+static moe_status ec_cuda_select(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
+                                 int32_t E, int32_t C, float *S, unsigned long long *keys, unsigned long long *keys2,
+                                 int32_t *rank) {
     const int32_t n_chunks = ec_chunks(T);
     const unsigned grid_e = (unsigned)(E < EC_GRID_YZ ? E : EC_GRID_YZ);
-    ec_sort_chunks_kernel<EC_CHUNK, EC_SORT_KEYS>
-        <<<dim3((unsigned)n_chunks, grid_e), EC_CHUNK / EC_SORT_KEYS, 0, stream>>>(S, T, E, C, n_chunks, keys,
-                                                                                   n_chunks == 1 ? rank : NULL);
-    MOE_ROUTER_LAUNCHED(ec_sort_chunks_kernel);
+    const dim3 sort_grid((unsigned)n_chunks, grid_e);
+    if (E <= EC_ROW)
+        ec_score_sort_kernel<EC_CHUNK, EC_SORT_KEYS, EC_ROW><<<sort_grid, EC_CHUNK / EC_SORT_KEYS, 0, stream>>>(
+            logits, T, E, C, n_chunks, n_chunks == 1, S, keys, rank);
+    else
+        ec_score_sort_kernel<EC_CHUNK, EC_SORT_KEYS, 0><<<sort_grid, EC_CHUNK / EC_SORT_KEYS, 0, stream>>>(
+            logits, T, E, C, n_chunks, n_chunks == 1, S, keys, rank);
+    MOE_ROUTER_LAUNCHED(ec_score_sort_kernel);
 
     unsigned long long *src = keys, *dst = keys2;
     int32_t stride = EC_CHUNK, n_runs = n_chunks;
@@ -574,7 +834,7 @@ static moe_status ec_cuda_select(const moe_context *ctx, cudaStream_t stream, co
         const unsigned tiles = (unsigned)((held - 1) / (32 * EC_MERGE_WARPS) + 1);
         const dim3 grid(tiles, (unsigned)(n_runs < EC_GRID_YZ ? n_runs : EC_GRID_YZ), grid_e);
         ec_merge_kernel<EC_GROUP><<<grid, 32 * EC_MERGE_WARPS, 0, stream>>>(
-            src, T, E, C, stride, n_runs, n_out > 1 ? dst : NULL, n_out > 1 ? NULL : rank);
+            src, T, E, C, stride, n_runs, ec_sample_step(held), n_out > 1 ? dst : NULL, rank);
         MOE_ROUTER_LAUNCHED(ec_merge_kernel);
         unsigned long long *written = dst;
         dst = src;
@@ -606,22 +866,28 @@ static moe_status ec_cuda_forward(void *state, const moe_context *ctx, const moe
     char *ws = (char *)ctx->workspace;
     float *S = (float *)(ws + L.S);
     int32_t *rank = (int32_t *)(ws + L.rank);
-
     unsigned long long *keys = (unsigned long long *)(ws + L.keys);
     unsigned long long *keys2 = L.keys2 ? (unsigned long long *)(ws + L.keys2) : NULL;
 
-    ec_scores_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
-        a->logits, T, E, S);
-    MOE_ROUTER_LAUNCHED(ec_scores_kernel);
-    MOE_ROUTER_CUDA(cudaMemsetAsync(rank, 0xFF, (size_t)T * E * sizeof(int32_t), stream)); /* -1: not taken */
     if (C > 0) {
-        st = ec_cuda_select(ctx, stream, S, T, E, C, keys, keys2, rank);
+        st = ec_cuda_select(ctx, stream, a->logits, T, E, C, S, keys, keys2, rank);
         if (st != MOE_OK) return st;
+    } else {
+        /* No expert takes anything; S is not read (seed mode uses it for its rows). */
+        MOE_ROUTER_CUDA(cudaMemsetAsync(rank, 0xFF, (size_t)T * E * sizeof(int32_t), stream)); /* -1 */
     }
-    /* Seed mode builds its masked logit rows in S, which no one reads again. */
-    ec_assign_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
-        a->logits, S, rank, T, E, k_out, owns_capacity, owns_capacity ? NULL : S, a->expert, a->weight, a->slot);
-    MOE_ROUTER_LAUNCHED(ec_assign_kernel);
+    const int gs = ec_group_size(E);
+    if (owns_capacity && gs > 0) {
+        ec_assign_groups_kernel<<<ec_group_blocks(T, gs), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+            S, rank, T, E, gs, a->expert, a->weight, a->slot);
+        MOE_ROUTER_LAUNCHED(ec_assign_groups_kernel);
+    } else {
+        /* Seed mode builds its masked logit rows in S, which no one reads again. */
+        ec_assign_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
+            a->logits, S, rank, T, E, k_out, owns_capacity, owns_capacity ? NULL : S, a->expert, a->weight,
+            a->slot);
+        MOE_ROUTER_LAUNCHED(ec_assign_kernel);
+    }
     return MOE_OK;
 }
 
@@ -640,10 +906,18 @@ static moe_status ec_cuda_backward(void *state, const moe_context *ctx, const mo
     st = ec_cuda_check_values(ctx, stream, a->logits, T, E, a->expert, k_out);
     if (st != MOE_OK) return st;
 
-    float *S = (float *)((char *)ctx->workspace + ec_layout_for(s, T).S);
-    ec_backward_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
-        a->logits, a->expert, a->weight, a->dweight, T, E, k_out, s->max_per_token == 0, S, a->dlogits);
-    MOE_ROUTER_LAUNCHED(ec_backward_kernel);
+    const int owns_capacity = s->max_per_token == 0;
+    const int gs = ec_group_size(E);
+    if (owns_capacity && gs > 0) {
+        ec_backward_groups_kernel<<<ec_group_blocks(T, gs), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
+            a->logits, a->expert, a->dweight, T, E, gs, a->dlogits);
+        MOE_ROUTER_LAUNCHED(ec_backward_groups_kernel);
+    } else {
+        float *S = (float *)((char *)ctx->workspace + ec_layout_for(s, T).S);
+        ec_backward_kernel<<<moe_router_cuda_row_blocks((size_t)T), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
+            a->logits, a->expert, a->weight, a->dweight, T, E, k_out, owns_capacity, S, a->dlogits);
+        MOE_ROUTER_LAUNCHED(ec_backward_kernel);
+    }
     return MOE_OK;
 }
 
