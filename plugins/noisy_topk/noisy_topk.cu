@@ -9,40 +9,31 @@
  * memory, with row strides of 4 mod 32 floats so that a warp's 16-byte reads
  * of 8 different rows fall in different banks; each thread then runs its own
  * sequential sum over d from shared memory (noisy_pre_tile), so that the
- * memory traffic is one read of x per pass, not one per expert. The steps of
- * a tile are short and ordered by barriers, so the kernels issue every
- * global read a tile needs at their start and draw the noise while those
- * are in flight (noisy_stage's begin / end), and give the per-token work
- * (top-K, softk and its backward) as much of the block as it can use.
+ * memory traffic is one read of x per pass, not one per expert.
  *
  * Forward:
  *   tile     l'[t,e] = l[t,e] + sigma[t,e] n[t,e], the noise drawn with
  *            moe_rng_normal(ctx->rng, t*E + e) exactly as the CPU draws it.
  *            When the host checks the inputs itself (the model's training
- *            steps) the same block then routes its tokens from l' kept in
- *            shared memory: each (t,e) thread counts the experts that come
- *            before its own in moe_topk_row's order (its place in the
- *            top-K, the same choice), one thread per token computes the
- *            weights with moe_softk_weights, and the tile's rows of expert
- *            and weight are written coalesced. Otherwise it flags the first
+ *            steps) the same block then routes its tokens (softk on l', the
+ *            CPU's moe_topk_row and moe_softk_weights, one thread per token
+ *            on l' kept in shared memory); otherwise it flags the first
  *            non-finite l and l' and the route kernel follows once the flags
  *            are read.
  *   perturb  one thread per (t,e), x and W read from global memory: l' for
  *            fixed noise (sigma = noise_std), in evaluation (l' = l), and for
  *            learned noise when the tile does not fit (see below).
- *   route    one thread per token: softk on l' (moe_topk_row,
- *            moe_softk_weights).
+ *   route    one thread per token: softk on l'.
  * Backward, learned noise in training, one tile kernel:
- *            dl'[t,:] = d_route_logits + softk backward   one thread per token,
- *                        the tile's expert, weight and dweight staged too
+ *            dl'[t,:] = d_route_logits + softk backward   one thread per token
  *            dlogits  = dl'                                (dl'/dl = 1)
  *            dpre[t,e] = dl'[t,e] n[t,e] sigmoid(pre[t,e])  pre recomputed as
  *                        in the forward, dpre kept in shared memory
  *            dx[t,d]  += sum_e dpre[t,e] W[d,e]          e ascending, 16 bytes of
- *                        dx per thread and item, read at the kernel's start
+ *                        dx per thread and step
  *            partial[tile][d,e] = sum_t x[t,d] dpre[t,e]  a thread per d (and
  *                        group of 8 experts) with 8 sums, tokens ascending
- *   then dw_finish: dW[d,e] += the tiles' partials, each of 32 lanes adding a
+ *   then dw_finish: dW[d,e] += the tiles' partials, each of 16 lanes adding a
  *   contiguous range of tiles in ascending order and the lanes added in lane
  *   order (no atomics: the same floats every run).
  * Without learned noise the backward is only dl' (noisy_dlp_kernel).
@@ -102,19 +93,14 @@ typedef struct noisy_state {
  *   sP  [tokens][dpre_stride]   dpre (backward), 16-byte rows for the dW sums
  *   sL  [tokens][E + 1]         l' (forward) or dl' (backward), one row per
  *                               token's thread: an odd stride, no bank conflicts
- *   sI  [tokens][K]             int32: the chosen experts (forward: written,
- *                               backward: the expert argument)
- *   sG  [tokens][K]             the weights (forward: written, backward: read)
- *   sD  [tokens][K]             dweight (backward)
- * The [tokens][K] arrays are laid out as the tile's rows of expert, weight
- * and dweight, so they go to and from global memory in coalesced runs. */
+ *   sI  [tokens][K]             int32: the chosen experts (forward) */
 struct noisy_tile {
     int32_t E, K, d_model, tokens, stride, dpre_stride;
     __host__ __device__ size_t x_at() const { return (size_t)E * stride; }
     __host__ __device__ size_t dpre_at() const { return x_at() + (size_t)tokens * stride; }
     __host__ __device__ size_t row_at() const { return dpre_at() + (size_t)tokens * dpre_stride; }
     __host__ __device__ size_t idx_at() const { return row_at() + (size_t)tokens * (E + 1); }
-    __host__ __device__ size_t bytes() const { return (idx_at() + 3 * (size_t)tokens * K) * sizeof(float); }
+    __host__ __device__ size_t bytes() const { return (idx_at() + (size_t)tokens * K) * sizeof(float); }
 };
 
 static noisy_tile noisy_tile_plan(int32_t E, int32_t K, int32_t d_model) {
@@ -220,98 +206,69 @@ __device__ float noisy_pre_tile(const float *x_row, const float *w_col, int32_t 
 
 /* The block's shared memory, and which (token, expert) its thread is. */
 struct noisy_tile_view {
-    float *sW, *sX, *sP, *sL, *sG, *sD;
+    float *sW, *sX, *sP, *sL;
     int32_t *sI;
     int32_t t0, rows;      /* the tile's first token and its number of tokens */
     int32_t local, e;      /* this thread's token (within the tile) and expert */
     bool active;           /* local < rows (the last tile may be short) */
 };
 
-/* Tile blockIdx.x: where its arrays lie in shared memory, and this thread's place. */
-__device__ noisy_tile_view noisy_tile_at(const noisy_tile &p, int32_t T, float *smem) {
+/* Lays out the shared memory of tile blockIdx.x and copies W_noise
+ * (transposed) and the tile's rows of x into it. The caller syncs before
+ * reading them. */
+__device__ noisy_tile_view noisy_stage_tile(const noisy_tile &p, const float *x, const float *w_noise, int32_t T,
+                                            float *smem) {
     noisy_tile_view v;
     v.sW = smem;
     v.sX = smem + p.x_at();
     v.sP = smem + p.dpre_at();
     v.sL = smem + p.row_at();
     v.sI = (int32_t *)(smem + p.idx_at());
-    v.sG = smem + p.idx_at() + (size_t)p.tokens * p.K;
-    v.sD = v.sG + (size_t)p.tokens * p.K;
     v.t0 = (int32_t)blockIdx.x * p.tokens;
     v.rows = min(p.tokens, T - v.t0);
     v.e = (int32_t)threadIdx.x / p.tokens;
     v.local = (int32_t)threadIdx.x - v.e * p.tokens;
     v.active = v.local < v.rows;
-    return v;
-}
-
-/* Items j0 + b * blockDim.x (b < NOISY_STAGE_BATCH, j < n) of src into
- * registers: one thread's loads, all issued before any is used. */
-template <class V>
-__device__ void noisy_load_batch(V (&dst)[NOISY_STAGE_BATCH], const V *src, int32_t j0, int32_t n) {
-#pragma unroll
-    for (int32_t b = 0; b < NOISY_STAGE_BATCH; ++b) {
-        const int32_t j = j0 + b * (int32_t)blockDim.x;
-        if (j < n) dst[b] = src[j];
-    }
-}
-
-/* The staging of W_noise (transposed: sW[e][d] = W[d,e]) and of the tile's
- * rows of x (sX[r][d], 16-byte loads) in two halves: begin() issues the
- * first batch of loads of each, end() stores them and stages whatever the
- * first batch did not cover. Work that needs no shared memory goes between
- * the two, while the loads are in flight. The caller syncs after end(). */
-struct noisy_stage {
-    float w[NOISY_STAGE_BATCH];
-    float4 x[NOISY_STAGE_BATCH];
-
-    __device__ void begin(const noisy_tile &p, const noisy_tile_view &v, const float *xg, const float *wg) {
-        const int32_t tid = threadIdx.x;
-        noisy_load_batch(w, wg, tid, p.d_model * p.E);
-        noisy_load_batch(x, (const float4 *)(xg + (size_t)v.t0 * p.d_model), tid, v.rows * (p.d_model / 4));
-    }
-
-    /* W read coalesced, written transposed: a warp's 32 stores land in 32
-     * different banks (4 rows of d by 8 experts, rows 4 banks apart). */
-    __device__ static void store_w(const noisy_tile &p, const noisy_tile_view &v, const float (&wb)[NOISY_STAGE_BATCH],
-                                   int32_t j0) {
-        const int32_t nw = p.d_model * p.E;
+    const int32_t tid = threadIdx.x, nthreads = blockDim.x;
+    /* Each thread's loads of a batch are all issued before its stores, so
+     * several are in flight at once. W is read coalesced and written
+     * transposed: a warp's 32 stores land in 32 different banks (4 rows of d
+     * by 8 experts, rows 4 banks apart). */
+    const int32_t nw = p.d_model * p.E;
+    for (int32_t j0 = tid; j0 < nw; j0 += NOISY_STAGE_BATCH * nthreads) {
+        float w[NOISY_STAGE_BATCH];
 #pragma unroll
         for (int32_t b = 0; b < NOISY_STAGE_BATCH; ++b) {
-            const int32_t j = j0 + b * (int32_t)blockDim.x;
+            const int32_t j = j0 + b * nthreads;
+            w[b] = j < nw ? w_noise[j] : 0.0f;
+        }
+#pragma unroll
+        for (int32_t b = 0; b < NOISY_STAGE_BATCH; ++b) {
+            const int32_t j = j0 + b * nthreads;
             if (j >= nw) break;
             const int32_t d = j / p.E, e = j - d * p.E;
-            v.sW[(size_t)e * p.stride + d] = wb[b];
+            v.sW[(size_t)e * p.stride + d] = w[b];
         }
     }
-
-    __device__ static void store_x(const noisy_tile &p, const noisy_tile_view &v, const float4 (&xb)[NOISY_STAGE_BATCH],
-                                   int32_t j0) {
-        const int32_t d4 = p.d_model / 4, nx = v.rows * d4;
+    const int32_t d4 = p.d_model / 4, nx = v.rows * d4;
+    const float4 *x4 = (const float4 *)(x + (size_t)v.t0 * p.d_model); /* the tile's rows are contiguous */
+    for (int32_t j0 = tid; j0 < nx; j0 += NOISY_STAGE_BATCH * nthreads) {
+        float4 xv[NOISY_STAGE_BATCH];
 #pragma unroll
         for (int32_t b = 0; b < NOISY_STAGE_BATCH; ++b) {
-            const int32_t j = j0 + b * (int32_t)blockDim.x;
+            const int32_t j = j0 + b * nthreads;
+            if (j < nx) xv[b] = x4[j];
+        }
+#pragma unroll
+        for (int32_t b = 0; b < NOISY_STAGE_BATCH; ++b) {
+            const int32_t j = j0 + b * nthreads;
             if (j >= nx) break;
             const int32_t r = j / d4, c = j - r * d4;
-            *(float4 *)(v.sX + (size_t)r * p.stride + 4 * c) = xb[b];
+            *(float4 *)(v.sX + (size_t)r * p.stride + 4 * c) = xv[b];
         }
     }
-
-    __device__ void end(const noisy_tile &p, const noisy_tile_view &v, const float *xg, const float *wg) {
-        const int32_t tid = threadIdx.x, step = NOISY_STAGE_BATCH * (int32_t)blockDim.x;
-        store_w(p, v, w, tid);
-        store_x(p, v, x, tid);
-        for (int32_t j0 = tid + step; j0 < p.d_model * p.E; j0 += step) {
-            noisy_load_batch(w, wg, j0, p.d_model * p.E);
-            store_w(p, v, w, j0);
-        }
-        const float4 *x4 = (const float4 *)(xg + (size_t)v.t0 * p.d_model); /* the tile's rows are contiguous */
-        for (int32_t j0 = tid + step; j0 < v.rows * (p.d_model / 4); j0 += step) {
-            noisy_load_batch(x, x4, j0, v.rows * (p.d_model / 4));
-            store_x(p, v, x, j0);
-        }
-    }
-};
+    return v;
+}
 
 /* Routes one token: the top-K of its l' into idx (then expert) and their
  * softk weights. */
@@ -321,14 +278,6 @@ __device__ void noisy_route_row(const float *lp, int32_t E, int32_t K, float tem
     moe_softk_weights(lp, idx, K, temperature, weight);
     if (expert != idx)
         for (int32_t j = 0; j < K; ++j) expert[j] = idx[j];
-}
-
-/* Whether expert a comes before expert b in moe_topk_row's order: larger l'
- * first, ties to the lower index, NaN after every number and NaNs in index
- * order (moe_topk_row keeps the first NaN it meets). A strict total order,
- * so an expert's place in the top-K is the number of experts before it. */
-__device__ bool noisy_before(float la, int32_t a, float lb, int32_t b) {
-    return moe_ranks_before(la, a, lb, b) || (isnan(la) && isnan(lb) && a < b);
 }
 
 /* ---- kernels ------------------------------------------------------------------- */
@@ -358,54 +307,34 @@ __global__ void noisy_perturb_kernel(const float *logits, int32_t T, int32_t E, 
 
 /* The forward of learned noise in training on tiles: l' as noisy_perturb_kernel
  * computes it, and with `route` the routing of the tile's tokens (the host
- * checks l and l' itself, so expert and weight may be written at once): each
- * (t,e) thread finds its expert's place in its token's top-K, one thread per
- * token computes the softk weights (moe_softk_weights, so the route kernel's
- * floats), and the tile's expert and weight rows go out coalesced. */
+ * checks l and l' itself, so expert and weight may be written at once). */
 template <bool route>
-__global__ void __launch_bounds__(NOISY_TILE_THREADS, 2)
+__global__ void __launch_bounds__(NOISY_TILE_THREADS)
     noisy_forward_tile_kernel(noisy_tile p, const float *logits, int32_t T, moe_rng_key key, const float *x,
                               const float *w_noise, float temperature, float *route_logits, int32_t *expert_out,
                               float *weight_out, unsigned long long *flags) {
     extern __shared__ float4 noisy_smem4[];
-    const noisy_tile_view v = noisy_tile_at(p, T, (float *)noisy_smem4);
-    const int32_t E = p.E, K = p.K, t = v.t0 + v.local;
-    const size_t i = (size_t)t * E + v.e;
-    noisy_stage stage;
-    stage.begin(p, v, x, w_noise);
-    float l = 0.0f, noise = 0.0f; /* while the tile's loads are in flight */
-    if (v.active) {
-        l = logits[i];
-        noise = noisy_noise(key, t, E, v.e);
-    }
-    stage.end(p, v, x, w_noise);
+    const noisy_tile_view v = noisy_stage_tile(p, x, w_noise, T, (float *)noisy_smem4);
     __syncthreads();
-    float *lrow = v.sL + (size_t)v.local * (E + 1);
+    const int32_t E = p.E;
     if (v.active) {
+        const int32_t t = v.t0 + v.local;
+        const size_t i = (size_t)t * E + v.e;
+        const float l = logits[i];
         if (flags && !isfinite(l)) atomicMin(&flags[0], (unsigned long long)i);
         const float pre = noisy_pre_tile(v.sX + (size_t)v.local * p.stride, v.sW + (size_t)v.e * p.stride, p.d_model);
-        const float lp = noisy_perturbed(l, noisy_softplus(pre), noise);
+        const float lp = noisy_perturbed(l, noisy_softplus(pre), noisy_noise(key, t, E, v.e));
         route_logits[i] = lp;
         if (flags && !isfinite(lp)) atomicMin(&flags[1], (unsigned long long)i);
-        if (route) lrow[v.e] = lp;
+        if (route) v.sL[(size_t)v.local * (E + 1) + v.e] = lp;
     }
     if (!route) return;
     __syncthreads();
-    if (v.active) {
-        const float mine = lrow[v.e];
-        int32_t place = 0;
-        for (int32_t k = 0; k < E; ++k) place += k != v.e && noisy_before(lrow[k], k, mine, v.e);
-        if (place < K) v.sI[(size_t)v.local * K + place] = v.e;
-    }
-    __syncthreads();
-    const int32_t tid = threadIdx.x; /* rows * K <= tokens * E: one item per thread at most */
-    if (tid < v.rows)
-        moe_softk_weights(v.sL + (size_t)tid * (E + 1), v.sI + (size_t)tid * K, K, temperature,
-                          v.sG + (size_t)tid * K);
-    __syncthreads();
-    if (tid < v.rows * K) {
-        expert_out[(size_t)v.t0 * K + tid] = v.sI[tid];
-        weight_out[(size_t)v.t0 * K + tid] = v.sG[tid];
+    const int32_t r = threadIdx.x;
+    if (r < v.rows) {
+        const size_t t = (size_t)(v.t0 + r);
+        noisy_route_row(v.sL + (size_t)r * (E + 1), E, p.K, temperature, v.sI + (size_t)r * p.K,
+                        expert_out + t * p.K, weight_out + t * p.K);
     }
 }
 
@@ -432,93 +361,65 @@ __global__ void noisy_dlp_kernel(const int32_t *expert, const float *weight, con
                                temperature, dlp);
 }
 
-/* dx[t, 4c..4c+3] += sum_e dpre[t,e] W[4c..4c+3, e], e ascending, for the
- * items j0 + b * blockDim.x of the tile's dx (16 bytes each), whose old
- * values are in acc. */
-__device__ void noisy_dx_batch(const noisy_tile &p, const noisy_tile_view &v, float4 (&acc)[NOISY_STAGE_BATCH],
-                               int32_t j0, float *dx_tile) {
-    const int32_t d4 = p.d_model / 4, nx = v.rows * d4;
-#pragma unroll
-    for (int32_t b = 0; b < NOISY_STAGE_BATCH; ++b) {
-        const int32_t j = j0 + b * (int32_t)blockDim.x;
-        if (j >= nx) break;
-        const int32_t r = j / d4, c = j - r * d4;
-        const float *dp = v.sP + (size_t)r * p.dpre_stride;
-        for (int32_t e = 0; e < p.E; ++e) {
-            const float pe = dp[e];
-            const float4 w = *(const float4 *)(v.sW + (size_t)e * p.stride + 4 * c);
-            acc[b].x += pe * w.x;
-            acc[b].y += pe * w.y;
-            acc[b].z += pe * w.z;
-            acc[b].w += pe * w.w;
-        }
-        ((float4 *)dx_tile)[j] = acc[b];
-    }
-}
-
 /* The backward of learned noise in training on tiles: dl' (into dlogits),
  * dpre, dx += dpre W^T and the tile's partial of dW = x^T dpre, from one
- * staging of x and W (see the top). Every global read the tile needs (x, W,
- * d_route_logits, expert, weight, dweight, the first batch of dx) is issued
- * at the start, the noise drawn while they are in flight. */
-__global__ void __launch_bounds__(NOISY_TILE_THREADS, 2)
+ * staging of x and W (see the top). */
+__global__ void __launch_bounds__(NOISY_TILE_THREADS)
     noisy_backward_tile_kernel(noisy_tile p, int32_t T, moe_rng_key key, const float *x, const float *w_noise,
                                const int32_t *expert, const float *weight, const float *dweight,
                                const float *d_route_logits, float temperature, float *dlogits, float *dx,
                                float *partial) {
     extern __shared__ float4 noisy_smem4[];
-    const noisy_tile_view v = noisy_tile_at(p, T, (float *)noisy_smem4);
-    const int32_t E = p.E, K = p.K, tid = threadIdx.x, nthreads = blockDim.x;
+    const noisy_tile_view v = noisy_stage_tile(p, x, w_noise, T, (float *)noisy_smem4);
+    const int32_t E = p.E, tid = threadIdx.x, nthreads = blockDim.x;
     const int32_t t = v.t0 + v.local;
     const size_t i = (size_t)t * E + v.e;
-    float *dx_tile = dx + (size_t)v.t0 * p.d_model;
-    const int32_t nx = v.rows * (p.d_model / 4);
-    noisy_stage stage;
-    stage.begin(p, v, x, w_noise);
-    float4 dxb[NOISY_STAGE_BATCH];
-    noisy_load_batch(dxb, (const float4 *)dx_tile, tid, nx);
-    float dl0 = 0.0f, noise = 0.0f;
-    if (v.active) dl0 = d_route_logits ? d_route_logits[i] : 0.0f;
-    /* The tile's rows of expert, weight and dweight: rows * K <= tokens * E
-     * items, at most one per thread. */
-    const size_t k0 = (size_t)v.t0 * K;
-    const bool has_k = tid < v.rows * K;
-    int32_t ek = 0;
-    float wk = 0.0f, dwk = 0.0f;
-    if (has_k) {
-        ek = expert[k0 + tid];
-        wk = weight[k0 + tid];
-        dwk = dweight[k0 + tid];
-    }
-    if (v.active) noise = noisy_noise(key, t, E, v.e);
-    if (has_k) {
-        v.sI[tid] = ek;
-        v.sG[tid] = wk;
-        v.sD[tid] = dwk;
-    }
-    stage.end(p, v, x, w_noise);
     float *dl_row = v.sL + (size_t)v.local * (E + 1);
-    if (v.active) dl_row[v.e] = dl0;
+    if (v.active) dl_row[v.e] = d_route_logits ? d_route_logits[i] : 0.0f;
     /* sP's columns past E feed sums that are never stored; zeros keep them finite. */
     for (int32_t j = tid; j < p.tokens * p.dpre_stride; j += nthreads) v.sP[j] = 0.0f;
     __syncthreads();
-    if (tid < v.rows)
-        moe_softk_weights_backward(v.sI + (size_t)tid * K, v.sG + (size_t)tid * K, v.sD + (size_t)tid * K, K,
-                                   temperature, v.sL + (size_t)tid * (E + 1));
+    if (tid < v.rows) {
+        const size_t tr = (size_t)(v.t0 + tid);
+        moe_softk_weights_backward(expert + tr * p.K, weight + tr * p.K, dweight + tr * p.K, p.K, temperature,
+                                   v.sL + (size_t)tid * (E + 1));
+    }
     __syncthreads();
     if (v.active) {
         const float dl = dl_row[v.e];
         dlogits[i] = dl;
         const float pre = noisy_pre_tile(v.sX + (size_t)v.local * p.stride, v.sW + (size_t)v.e * p.stride, p.d_model);
-        v.sP[(size_t)v.local * p.dpre_stride + v.e] = noisy_dpre_value(dl, noise, pre);
+        v.sP[(size_t)v.local * p.dpre_stride + v.e] = noisy_dpre_value(dl, noisy_noise(key, t, E, v.e), pre);
     }
     __syncthreads();
 
-    /* dx: the first batch loaded at the start, the rest (wider rows) here. */
-    noisy_dx_batch(p, v, dxb, tid, dx_tile);
-    for (int32_t j0 = tid + NOISY_STAGE_BATCH * nthreads; j0 < nx; j0 += NOISY_STAGE_BATCH * nthreads) {
-        noisy_load_batch(dxb, (const float4 *)dx_tile, j0, nx);
-        noisy_dx_batch(p, v, dxb, j0, dx_tile);
+    /* dx[t, 4c..4c+3] += sum_e dpre[t,e] W[4c..4c+3, e], e ascending. The
+     * loads of a batch go out before its stores, so several are in flight. */
+    const int32_t d4 = p.d_model / 4, nx = v.rows * d4;
+    constexpr int32_t batch = 4;
+    for (int32_t j0 = tid; j0 < nx; j0 += batch * nthreads) {
+        float4 acc[batch];
+#pragma unroll
+        for (int32_t b = 0; b < batch; ++b) {
+            const int32_t j = j0 + b * nthreads;
+            if (j < nx) acc[b] = ((const float4 *)(dx + (size_t)v.t0 * p.d_model))[j];
+        }
+#pragma unroll
+        for (int32_t b = 0; b < batch; ++b) {
+            const int32_t j = j0 + b * nthreads;
+            if (j >= nx) break;
+            const int32_t r = j / d4, c = j - r * d4;
+            const float *dp = v.sP + (size_t)r * p.dpre_stride;
+            for (int32_t e = 0; e < E; ++e) {
+                const float pe = dp[e];
+                const float4 w = *(const float4 *)(v.sW + (size_t)e * p.stride + 4 * c);
+                acc[b].x += pe * w.x;
+                acc[b].y += pe * w.y;
+                acc[b].z += pe * w.z;
+                acc[b].w += pe * w.w;
+            }
+            ((float4 *)(dx + (size_t)v.t0 * p.d_model))[j] = acc[b];
+        }
     }
 
     /* partial[tile][d, e] = sum over the tile's tokens (ascending) of
@@ -580,7 +481,7 @@ __global__ void noisy_dw_partial_kernel(const float *x, const float *dpre, int32
 /* dW[i] += sum over the chunks of partial[c][i]: a block of 32 columns x
  * NOISY_FINISH_LANES lanes; lane y adds the y-th contiguous range of chunks
  * in ascending order, then the lanes are added in lane order. */
-#define NOISY_FINISH_LANES 32
+#define NOISY_FINISH_LANES 16
 
 __global__ void noisy_dw_finish_kernel(const float *partial, int32_t nchunks, int32_t n, float *dW) {
     __shared__ float lane_sums[NOISY_FINISH_LANES][33]; /* +1 column: no bank conflicts */
