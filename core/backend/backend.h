@@ -255,9 +255,14 @@ struct moe_backend {
     /* Backward of combine_weights: dweight (overwrite) from dcw. */
     void (*combine_weights_bwd)(moe_backend *be, const float *weight, const int32_t *kept, int T,
                                 int K, int renorm, const float *dcw, float *dweight);
-    /* Xe[E*C,d]: row e*C+slot = x[t] for each kept (t,k); other rows 0. */
+    /* Xe[E*C,d]: row e*C+slot = x[t] for each kept (t,k); other rows 0.
+     * fill_counts: NULL, or E counts in backend memory with the promise
+     * that expert e's kept slots are exactly 0 .. fill_counts[e]-1
+     * (capacity_assign's counts_after): the rows to zero are then known
+     * without marking the filled ones first (CUDA zeroes them in the same
+     * launch). The result is the same either way. */
     void (*dispatch)(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
-                     int K, int C, int E, int d, float *Xe);
+                     int K, int C, int E, int d, const int32_t *fill_counts, float *Xe);
     /* dx[t] += sum over kept k of dXe[kept*C+slot] when accumulate != 0;
      * else dx[t] = that sum (0 for a token with none kept): the same bits as
      * zeroing dx first, without the pass. */
@@ -271,10 +276,11 @@ struct moe_backend {
     void (*combine)(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                     const float *cw, int T, int K, int C, int d, const float *residual, float *y);
     /* dYe (overwrite, E*C rows): row of (t,k) = cw[t,k] * dy[t], others 0;
-     * dcw[t,k] = <dy[t], Ye[row]> for kept, 0 else. */
+     * dcw[t,k] = <dy[t], Ye[row]> for kept, 0 else. fill_counts as for
+     * dispatch. */
     void (*combine_bwd)(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                         const float *cw, const float *dy, int T, int K, int C, int E, int d,
-                        float *dYe, float *dcw);
+                        const int32_t *fill_counts, float *dYe, float *dcw);
     /* Auxiliary losses of a routing step (design.md, "One MoE layer"):
      *   lb = E * sum_e f[e] * P[e], P[e] = mean_t softmax(lb_logits[t])[e]
      *   z  = mean_t logsumexp(logits[t])^2

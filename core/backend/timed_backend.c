@@ -241,8 +241,8 @@ static void t_combine_weights_bwd(moe_backend *be, const float *weight, const in
     TIMED_VOID(combine_weights_bwd, (t->inner, weight, kept, T, K, renorm, dcw, dweight));
 }
 static void t_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T, int K,
-                       int C, int E, int d, float *Xe) {
-    TIMED_VOID(dispatch, (t->inner, x, kept, slot, T, K, C, E, d, Xe));
+                       int C, int E, int d, const int32_t *fill_counts, float *Xe) {
+    TIMED_VOID(dispatch, (t->inner, x, kept, slot, T, K, C, E, d, fill_counts, Xe));
 }
 static void t_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot, int T,
                            int K, int C, int d, int accumulate, float *dx) {
@@ -253,9 +253,9 @@ static void t_combine(moe_backend *be, const float *Ye, const int32_t *kept, con
     TIMED_VOID(combine, (t->inner, Ye, kept, slot, cw, T, K, C, d, residual, y));
 }
 static void t_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
-                          const float *cw, const float *dy, int T, int K, int C, int E, int d, float *dYe,
-                          float *dcw) {
-    TIMED_VOID(combine_bwd, (t->inner, Ye, kept, slot, cw, dy, T, K, C, E, d, dYe, dcw));
+                          const float *cw, const float *dy, int T, int K, int C, int E, int d,
+                          const int32_t *fill_counts, float *dYe, float *dcw) {
+    TIMED_VOID(combine_bwd, (t->inner, Ye, kept, slot, cw, dy, T, K, C, E, d, fill_counts, dYe, dcw));
 }
 static void t_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f, int T,
                          int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb, double *z) {

@@ -442,6 +442,14 @@ static void routing_stats(moe_layer *L, const float *logits, const int32_t *expe
     free(p);
 }
 
+/* The kept slots of each expert are 0 .. counts_after[e]-1 when the host's
+ * capacity step assigned them (in priority order, the next free slot): the
+ * hint dispatch and combine_bwd take (backend.h). A router that owns
+ * capacity chooses its slots: no hint. */
+static const int32_t *fill_counts(const moe_layer *L) {
+    return (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) ? NULL : L->counts + L->cfg.num_experts;
+}
+
 /* ================================ forward ================================ */
 
 int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
@@ -517,7 +525,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     be->combine_weights(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->cw);
 
     /* 5. dispatch: Xe[e, slot] = x[t] */
-    be->dispatch(be, x, L->kept, L->slot, T, Ko, C, E, d, L->Xe);
+    be->dispatch(be, x, L->kept, L->slot, T, Ko, C, E, d, fill_counts(L), L->Xe);
 
     /* 6. experts: H = Xe w1 + b1; A = act(H); Ye = A w2 + b2, per expert */
     be->ffn_fwd(be, c->activation, L->Xe, L->w1, c->expert_bias ? L->b1 : NULL, L->w2,
@@ -584,7 +592,7 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
     int perturbs = (L->rinfo.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
 
     /* 7'. combine: dYe = cw * dy scattered to rows; dcw = <dy, Ye> */
-    be->combine_bwd(be, L->Ye, L->kept, L->slot, L->cw, dy, T, Ko, C, E, d, L->dYe, L->dcw);
+    be->combine_bwd(be, L->Ye, L->kept, L->slot, L->cw, dy, T, Ko, C, E, d, fill_counts(L), L->dYe, L->dcw);
 
     /* 6'. experts: dXe, and the gradients of w1, b1, w2, b2 */
     be->ffn_bwd(be, c->activation, L->Xe, L->w1, L->w2, L->H, L->A, L->dYe, L->dA, L->dH, L->dXe, L->dw1,

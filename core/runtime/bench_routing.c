@@ -257,12 +257,12 @@ int moe_bench_routing(const moe_bench_routing_options *o, char *err, size_t errc
                     kept += b.counts_after[e];
                 }
                 for (int i = 0; i < o->warmup; ++i) {
-                    be->dispatch(be, b.x, b.kept, b.slot, T, K, C, E, d, b.Xe);
+                    be->dispatch(be, b.x, b.kept, b.slot, T, K, C, E, d, NULL, b.Xe);
                     be->combine(be, b.Xe, b.kept, b.slot, b.cw, T, K, C, d, NULL, b.y);
                 }
                 for (int i = 0; i < o->iters; ++i) {
                     be->event_record(be, e0);
-                    be->dispatch(be, b.x, b.kept, b.slot, T, K, C, E, d, b.Xe);
+                    be->dispatch(be, b.x, b.kept, b.slot, T, K, C, E, d, NULL, b.Xe);
                     be->combine(be, b.Xe, b.kept, b.slot, b.cw, T, K, C, d, NULL, b.y);
                     be->event_record(be, e1);
                     ms[i] = be->event_elapsed_ms(be, e0, e1);

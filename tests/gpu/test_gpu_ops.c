@@ -670,7 +670,7 @@ static void activation_ops(moe_backend *g, float *const in[ACT_NIN], float *cons
     g->gemm_bias(g, 0, 0, T, 3 * d, d, y, d, 0, Wqkv, 3 * d, 0, bqkv, 0, NULL, qkv, 3 * d, 0, 1);
     g->attention_fwd(g, qkv, att, probs, ACT_B, ACT_S, ACT_H, d / ACT_H);
     g->gemm_bias(g, 0, 0, T, d, d, att, d, 0, Wo, d, 0, bo, 0, NULL, po, d, 0, 1);
-    g->dispatch(g, y, kept, slot, T, ACT_K, C, E, d, Xe);
+    g->dispatch(g, y, kept, slot, T, ACT_K, C, E, d, NULL, Xe);
     g->ffn_fwd(g, MOE_ACT_GELU, Xe, w1, b1, w2, b2, H, A, Ye, E, C, d, n);
     g->gemm(g, 0, 1, T, V, d, 1.0f, y, d, Wlm, d, 0.0f, logits, V);
     g->gemm(g, 0, 0, T, 3 * d, d, 1.0f, x2, d, Wqkv, 3 * d, 0.0f, gx2, 3 * d);
@@ -1420,6 +1420,49 @@ static void test_capacity(const cfg *c) {
 
 /* combine weights, dispatch, combine and their backwards on one routing
  * (kept/slot from the CPU's capacity_assign, so these are tested alone) */
+/* dispatch and combine_bwd with fill_counts (capacity_assign's counts_after:
+ * each expert's kept slots are 0 .. count-1): the rows past the counts are
+ * zeroed in the same launch, and the results must be the CPU's without the
+ * hint. C below the load drops assignments, above it leaves rows empty. */
+static void test_dispatch_fill_counts(const cfg *c) {
+    const int T = T_of(c), K = c->K, E = c->E, d = c->d;
+    for (int ci = 0; ci < 2; ++ci) {
+        const int C = (int)ceil((ci ? 1.3 : 0.7) * T * K / E);
+        const size_t nA = (size_t)T * K, nX = (size_t)T * d, nXe = (size_t)E * C * d;
+        int32_t *expert = halloc(nA * 4), *kept = halloc(nA * 4), *slot = halloc(nA * 4);
+        int32_t *before = halloc((size_t)E * 4), *after = halloc((size_t)E * 4);
+        float *weight = halloc(nA * 4), *cw = halloc(nA * 4);
+        make_routing(T, K, E, expert, weight);
+        cpu->capacity_assign(cpu, expert, weight, T, K, E, C, 0, kept, slot, before, after);
+        cpu->combine_weights(cpu, weight, kept, T, K, 0, cw);
+        float *x = hrand(nX, -1, 1), *Ye = hrand(nXe, -1, 1), *dy = hrand(nX, -1, 1);
+        float *want_Xe = halloc(nXe * 4), *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
+        cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, NULL, want_Xe);
+        cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, NULL, want_dYe, want_dcw);
+        int32_t *d_kept = up(gpu, kept, nA * 4), *d_slot = up(gpu, slot, nA * 4), *d_after = up(gpu, after, E * 4);
+        float *d_x = up(gpu, x, nX * 4), *d_Ye = up(gpu, Ye, nXe * 4), *d_dy = up(gpu, dy, nX * 4);
+        float *d_cw = up(gpu, cw, nA * 4);
+        float *got_Xe[2], *got_dYe[2], *got_dcw[2];
+        for (int r = 0; r < 2; ++r) {
+            float *d_Xe = dpoison(gpu, nXe * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
+            float *d_dcw = dpoison(gpu, nA * 4, POISON_F32);
+            gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_after, d_Xe);
+            gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_after, d_dYe, d_dcw);
+            if (!gpu_ok(gpu, "dispatch/combine_bwd (fill_counts)")) return;
+            got_Xe[r] = down(gpu, d_Xe, nXe * 4);
+            got_dYe[r] = down(gpu, d_dYe, nXe * 4);
+            got_dcw[r] = down(gpu, d_dcw, nA * 4);
+        }
+        char op[96];
+        snprintf(op, sizeof op, "dispatch(fill_counts,C=%d).Xe", C);
+        check_f32(op, got_Xe, want_Xe, nXe, TOL_EW);
+        snprintf(op, sizeof op, "combine_bwd(fill_counts,C=%d).dYe", C);
+        check_f32(op, got_dYe, want_dYe, nXe, TOL_EW);
+        snprintf(op, sizeof op, "combine_bwd(fill_counts,C=%d).dcw", C);
+        check_f32(op, got_dcw, want_dcw, nA, TOL_MM); /* a dot product over d: see test_dispatch_combine */
+    }
+}
+
 static void test_dispatch_combine(const cfg *c) {
     const int T = T_of(c), K = c->K, E = c->E, d = c->d;
     const int C = (int)ceil(1.0 * T * K / E);
@@ -1462,21 +1505,21 @@ static void test_dispatch_combine(const cfg *c) {
     float *d_cw = up(gpu, cw, nA * 4);
     float *want_Xe = halloc(nXe * 4), *want_dx = hdup(dx0, nX * 4), *want_y = halloc(nX * 4);
     float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4), *want_dxo = halloc(nX * 4);
-    cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
+    cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, NULL, want_Xe);
     cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, 1, want_dx);
     cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, 0, want_dxo);
     cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, NULL, want_y);
-    cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
+    cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, NULL, want_dYe, want_dcw);
     float *got_Xe[2], *got_dx[2], *got_y[2], *got_dYe[2], *got_dcw[2], *got_dxo[2];
     for (int r = 0; r < 2; ++r) {
         float *d_Xe = dpoison(gpu, nXe * 4, POISON_F32), *d_dx = up(gpu, dx0, nX * 4);
         float *d_y = dpoison(gpu, nX * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
         float *d_dcw = dpoison(gpu, nA * 4, POISON_F32), *d_dxo = dpoison(gpu, nX * 4, POISON_F32);
-        gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
+        gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, NULL, d_Xe);
         gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, 1, d_dx);
         gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, 0, d_dxo); /* every row written */
         gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, NULL, d_y);
-        gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);
+        gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, NULL, d_dYe, d_dcw);
         if (!gpu_ok(gpu, "dispatch/combine")) return;
         got_Xe[r] = down(gpu, d_Xe, nXe * 4);
         got_dx[r] = down(gpu, d_dx, nX * 4);
@@ -1538,10 +1581,10 @@ static void test_dispatch_gaps_case(const cfg *c, int T, int d) {
     float *d_dy = up(gpu, dy, nX * 4), *d_dXe = up(gpu, dXe, nXe * 4);
     float *want_Xe = halloc(nXe * 4), *want_dx = hdup(dx0, nX * 4), *want_y = halloc(nX * 4);
     float *want_dYe = halloc(nXe * 4), *want_dcw = halloc(nA * 4);
-    cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, want_Xe);
+    cpu->dispatch(cpu, x, kept, slot, T, K, C, E, d, NULL, want_Xe);
     cpu->dispatch_bwd(cpu, dXe, kept, slot, T, K, C, d, 1, want_dx);
     cpu->combine(cpu, Ye, kept, slot, cw, T, K, C, d, NULL, want_y);
-    cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, want_dYe, want_dcw);
+    cpu->combine_bwd(cpu, Ye, kept, slot, cw, dy, T, K, C, E, d, NULL, want_dYe, want_dcw);
     /* the combine with a residual too (x), on the scalar path (d + 1) and
      * at a large d */
     float *want_yr = halloc(nX * 4);
@@ -1551,11 +1594,11 @@ static void test_dispatch_gaps_case(const cfg *c, int T, int d) {
         float *d_Xe = dpoison(gpu, nXe * 4, POISON_F32), *d_dx = up(gpu, dx0, nX * 4);
         float *d_y = dpoison(gpu, nX * 4, POISON_F32), *d_dYe = dpoison(gpu, nXe * 4, POISON_F32);
         float *d_dcw = dpoison(gpu, nA * 4, POISON_F32), *d_yr = dpoison(gpu, nX * 4, POISON_F32);
-        gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, d_Xe);
+        gpu->dispatch(gpu, d_x, d_kept, d_slot, T, K, C, E, d, NULL, d_Xe);
         gpu->dispatch_bwd(gpu, d_dXe, d_kept, d_slot, T, K, C, d, 1, d_dx);
         gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, NULL, d_y);
         gpu->combine(gpu, d_Ye, d_kept, d_slot, d_cw, T, K, C, d, d_x, d_yr);
-        gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, d_dYe, d_dcw);
+        gpu->combine_bwd(gpu, d_Ye, d_kept, d_slot, d_cw, d_dy, T, K, C, E, d, NULL, d_dYe, d_dcw);
         if (!gpu_ok(gpu, "dispatch/combine(gaps)")) return;
         got_yr[r] = down(gpu, d_yr, nX * 4);
         got_Xe[r] = down(gpu, d_Xe, nXe * 4);
@@ -2102,7 +2145,7 @@ int main(void) {
     static const op_test tests[] = {
         test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_linear_bwd, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
-        test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine,
+        test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine, test_dispatch_fill_counts,
         test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite, test_weight_copies, test_activation_copies,
         test_expert_counts, test_xent_sums, test_sumsq_large, test_clip_grad_norm, test_from_host_staging,
     };

@@ -479,7 +479,7 @@ static void test_combine_grad(void) {
     combine_ctx c = {T, K, C, E, d, kept, slot, randv(E * C * d, -1, 1), randv(T * K, 0, 1),
                      malloc(T * d * sizeof(float)), randv(T * d, -1, 1)};
     float *dYe = randv(E * C * d, 7, 8), *dcw = randv(T * K, 7, 8); /* overwritten */
-    be->combine_bwd(be, c.Ye, kept, slot, c.cw, c.dy, T, K, C, E, d, dYe, dcw);
+    be->combine_bwd(be, c.Ye, kept, slot, c.cw, c.dy, T, K, C, E, d, NULL, dYe, dcw);
     check_grad("combine_bwd dYe", combine_loss, &c, c.Ye, dYe, E * C * d);
     check_grad("combine_bwd dcw", combine_loss, &c, c.cw, dcw, T * K);
     free(c.Ye), free(c.cw), free(c.y), free(c.dy), free(dYe), free(dcw);
@@ -494,7 +494,7 @@ static void test_dispatch_adjoint(void) {
     float *Xe = malloc(E * C * d * sizeof(float));
     float dx[T * d];
     float *prior = random_prior(dx, T * d);
-    be->dispatch(be, x, kept, slot, T, K, C, E, d, Xe);
+    be->dispatch(be, x, kept, slot, T, K, C, E, d, NULL, Xe);
     be->dispatch_bwd(be, G, kept, slot, T, K, C, d, 1, dx);
     subtract_prior(dx, prior, T * d);
     double lhs = dot(Xe, G, E * C * d), rhs = dot(x, dx, T * d);

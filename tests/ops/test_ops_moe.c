@@ -136,7 +136,7 @@ static void test_dispatch_combine(moe_backend *be) {
     float x[T * d], Xe[E * C * d], Ye[E * C * d], cw[T * K], y[T * d];
     moe_test_fill(&rng, x, T * d, -1, 1);
     moe_test_fill(&rng, Xe, E * C * d, 5, 6); /* garbage: rows nobody uses must become 0 */
-    be->dispatch(be, x, kept, slot, T, K, C, E, d, Xe);
+    be->dispatch(be, x, kept, slot, T, K, C, E, d, NULL, Xe);
     int used[E * C] = {0}, ok = 1;
     for (int a = 0; a < T * K; ++a) {
         if (kept[a] < 0) continue;

@@ -96,9 +96,10 @@ void cpu_combine_weights_bwd(moe_backend *be, const float *weight, const int32_t
     }
 }
 
+/* fill_counts (a hint, backend.h) changes nothing here: every row is zeroed first. */
 void cpu_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
-                  int K, int C, int E, int d, float *Xe) {
-    (void)be;
+                  int K, int C, int E, int d, const int32_t *fill_counts, float *Xe) {
+    (void)be, (void)fill_counts;
     memset(Xe, 0, (size_t)E * C * d * sizeof *Xe);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; ++t)
@@ -149,9 +150,9 @@ void cpu_combine(moe_backend *be, const float *Ye, const int32_t *kept, const in
 }
 
 void cpu_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
-                     const float *cw, const float *dy, int T, int K, int C, int E, int d, float *dYe,
-                     float *dcw) {
-    (void)be;
+                     const float *cw, const float *dy, int T, int K, int C, int E, int d,
+                     const int32_t *fill_counts, float *dYe, float *dcw) {
+    (void)be, (void)fill_counts;
     memset(dYe, 0, (size_t)E * C * d * sizeof *dYe);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; ++t)

@@ -18,14 +18,14 @@ void cpu_combine_weights(moe_backend *be, const float *weight, const int32_t *ke
 void cpu_combine_weights_bwd(moe_backend *be, const float *weight, const int32_t *kept, int T, int K,
                              int renorm, const float *dcw, float *dweight);
 void cpu_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
-                  int K, int C, int E, int d, float *Xe);
+                  int K, int C, int E, int d, const int32_t *fill_counts, float *Xe);
 void cpu_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
                       int T, int K, int C, int d, int accumulate, float *dx);
 void cpu_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                  const float *cw, int T, int K, int C, int d, const float *residual, float *y);
 void cpu_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
-                     const float *cw, const float *dy, int T, int K, int C, int E, int d, float *dYe,
-                     float *dcw);
+                     const float *cw, const float *dy, int T, int K, int C, int E, int d,
+                     const int32_t *fill_counts, float *dYe, float *dcw);
 void cpu_mul(moe_backend *be, const float *a, const float *b, float *out, size_t n);
 void cpu_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f, int T,
                     int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb, double *z);

@@ -555,14 +555,14 @@ void cuda_combine_weights(moe_backend *be, const float *weight, const int32_t *k
 void cuda_combine_weights_bwd(moe_backend *be, const float *weight, const int32_t *kept, int T,
                               int K, int renorm, const float *dcw, float *dweight);
 void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
-                   int K, int C, int E, int d, float *Xe);
+                   int K, int C, int E, int d, const int32_t *fill_counts, float *Xe);
 void cuda_dispatch_bwd(moe_backend *be, const float *dXe, const int32_t *kept, const int32_t *slot,
                        int T, int K, int C, int d, int accumulate, float *dx);
 void cuda_combine(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                   const float *cw, int T, int K, int C, int d, const float *residual, float *y);
 void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                       const float *cw, const float *dy, int T, int K, int C, int E, int d,
-                      float *dYe, float *dcw);
+                      const int32_t *fill_counts, float *dYe, float *dcw);
 void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logits, const float *f,
                      int T, int E, float alpha, float beta, float *d_lb, float *dlogits, double *lb,
                      double *z);

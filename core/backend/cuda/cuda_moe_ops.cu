@@ -433,6 +433,33 @@ static inline unsigned row_blocks(size_t n) {
     return (unsigned)(n < 1 ? 1 : (n > cap ? cap : n));
 }
 
+/* Rows (e, s) with s >= fill_counts[e] of buf [E*C, d] (and of its bf16
+ * copy when not NULL) set to 0, a warp per row, the warps of `nblocks`
+ * blocks striding from block `block` on. */
+template <int W>
+__device__ void zero_rows_past_counts(float *__restrict__ buf, __nv_bfloat16 *__restrict__ buf_bf16,
+                                      const int32_t *__restrict__ fill_counts, int E, int C, int d, unsigned block,
+                                      unsigned nblocks) {
+    const int nvec = d / W, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    VecF<W> z;
+#pragma unroll
+    for (int c = 0; c < W; ++c) z.v[c] = 0.0f;
+    const size_t nrows = (size_t)E * C, stride = (size_t)nblocks * wpb;
+    for (size_t r = (size_t)block * wpb + (threadIdx.x >> 5); r < nrows; r += stride) {
+        const int e = (int)(r / C), s = (int)(r - (size_t)e * C);
+        if (s < fill_counts[e]) continue;
+        for (int i = lane; i < nvec; i += 32) vstore<W>(buf + r * d + (size_t)i * W, z);
+        if (buf_bf16)
+            for (int i = lane; i < nvec; i += 32) vstore_bf16<W>(buf_bf16 + r * d + (size_t)i * W, z);
+    }
+}
+
+/* Blocks for zero_rows_past_counts: a few per SM's worth, striding over the rows. */
+static unsigned zero_blocks(size_t nrows, int threads) {
+    const size_t warps = threads / 32, want = (nrows + warps - 1) / warps;
+    return (unsigned)(want < 2048 ? (want ? want : 1) : 2048);
+}
+
 /* The rows a token's K assignments fill: rows[k] = e*C+s, or -1 when the
  * assignment is not kept (or invalid: flagged by thread 0 when `flag`). */
 constexpr int DISPATCH_MAX_K = 8;
@@ -444,9 +471,15 @@ template <int W>
 __global__ void dispatch_kernel(const float *__restrict__ x, const int32_t *__restrict__ kept,
                                 const int32_t *__restrict__ slot, int T, int K, int C, int E, int d,
                                 float *__restrict__ Xe, int32_t *__restrict__ filled, int *flags,
-                                __nv_bfloat16 *__restrict__ Xe_bf16) {
+                                __nv_bfloat16 *__restrict__ Xe_bf16, const int32_t *__restrict__ fill_counts,
+                                unsigned token_blocks) {
     const int nvec = d / W;
-    for (size_t t = blockIdx.x; t < (size_t)T; t += gridDim.x) {
+    if (blockIdx.x >= token_blocks) { /* the blocks past the tokens' zero the rows left empty */
+        zero_rows_past_counts<W>(Xe, Xe_bf16, fill_counts, E, C, d, blockIdx.x - token_blocks,
+                                 gridDim.x - token_blocks);
+        return;
+    }
+    for (size_t t = blockIdx.x; t < (size_t)T; t += token_blocks) {
         for (int k0 = 0; k0 < K; k0 += DISPATCH_MAX_K) {
             const int nk = K - k0 < DISPATCH_MAX_K ? K - k0 : DISPATCH_MAX_K;
             size_t rows[DISPATCH_MAX_K];
@@ -465,7 +498,7 @@ __global__ void dispatch_kernel(const float *__restrict__ x, const int32_t *__re
                 }
                 rows[j] = (size_t)e * C + s;
                 any = 1;
-                if (threadIdx.x == 0) filled[rows[j]] = 1;
+                if (threadIdx.x == 0 && filled) filled[rows[j]] = 1;
             }
             if (!any) continue;
             const float *src = x + t * d;
@@ -524,28 +557,38 @@ static void zero_unfilled(moe_backend *be, float *buf, const int32_t *filled, si
     KERNEL_CHECK(be, "zero_unfilled_kernel");
 }
 
+/* With fill_counts one launch: T blocks copy the tokens' rows, the blocks
+ * after them zero the rows past each expert's count. Without, the filled
+ * rows are marked and the others zeroed by a second launch. */
 void cuda_dispatch(moe_backend *be, const float *x, const int32_t *kept, const int32_t *slot, int T,
-                   int K, int C, int E, int d, float *Xe) {
+                   int K, int C, int E, int d, const int32_t *fill_counts, float *Xe) {
     if (E <= 0 || C <= 0 || d <= 0) return;
     cudaStream_t st = cuda_stream(be);
     const size_t nrows = (size_t)E * C;
-    int32_t *filled = filled_mask(be, nrows);
-    if (!filled) return;
+    if (T <= 0 || K <= 0) fill_counts = nullptr; /* nothing kept: the plain path zeroes every row */
+    int32_t *filled = nullptr;
+    if (!fill_counts) {
+        filled = filled_mask(be, nrows);
+        if (!filled) return;
+    }
     const bool vec = d % 4 == 0 && aligned16(x) && aligned16(Xe);
     __nv_bfloat16 *Xe_bf16 = cuda_activation_copy_target(be, Xe, (long long)nrows, d); /* or NULL */
     if (T > 0 && K > 0) {
         int *flags = cuda_state(be)->d_flags;
+        const int threads = vec ? row_threads(d / 4) : row_threads(d);
+        const unsigned token_blocks = row_blocks((size_t)T);
+        const unsigned blocks = token_blocks + (fill_counts ? zero_blocks(nrows, threads) : 0);
         if (vec) {
-            dispatch_kernel<4><<<row_blocks((size_t)T), row_threads(d / 4), 0, st>>>(
-                x, kept, slot, T, K, C, E, d, Xe, filled, flags, Xe_bf16);
+            dispatch_kernel<4><<<blocks, threads, 0, st>>>(x, kept, slot, T, K, C, E, d, Xe, filled, flags, Xe_bf16,
+                                                           fill_counts, token_blocks);
         } else {
-            dispatch_kernel<1><<<row_blocks((size_t)T), row_threads(d), 0, st>>>(
-                x, kept, slot, T, K, C, E, d, Xe, filled, flags, Xe_bf16);
+            dispatch_kernel<1><<<blocks, threads, 0, st>>>(x, kept, slot, T, K, C, E, d, Xe, filled, flags, Xe_bf16,
+                                                           fill_counts, token_blocks);
         }
         KERNEL_CHECK(be, "dispatch_kernel");
     }
     /* the slots no kept assignment filled: the expert GEMMs read them */
-    zero_unfilled(be, Xe, filled, nrows, d, vec, Xe_bf16);
+    if (!fill_counts) zero_unfilled(be, Xe, filled, nrows, d, vec, Xe_bf16);
 }
 
 /* One block per token: out[t] = init + sum over kept k (ascending) of
@@ -643,7 +686,13 @@ __global__ void combine_bwd_kernel(const float *__restrict__ Ye, const int32_t *
                                    const int32_t *__restrict__ slot, const float *__restrict__ cw,
                                    const float *__restrict__ dy, size_t nA, int K, int C, int E, int d,
                                    float *__restrict__ dYe, float *__restrict__ dcw,
-                                   int32_t *__restrict__ filled, int *flags) {
+                                   int32_t *__restrict__ filled, int *flags, const int32_t *__restrict__ fill_counts,
+                                   unsigned assign_blocks) {
+    if (blockIdx.x >= assign_blocks) { /* the blocks past the assignments' zero the rows left empty */
+        zero_rows_past_counts<W>(dYe, nullptr, fill_counts, E, C, d, blockIdx.x - assign_blocks,
+                                 gridDim.x - assign_blocks);
+        return;
+    }
     const size_t a = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x & 31;
     if (a >= nA) return; /* the whole warp leaves together */
@@ -657,7 +706,7 @@ __global__ void combine_bwd_kernel(const float *__restrict__ Ye, const int32_t *
         return;
     }
     const size_t r = (size_t)e * C + s;
-    if (lane == 0) filled[r] = 1;
+    if (lane == 0 && filled) filled[r] = 1;
     const float *g = dy + (a / K) * d;
     const float *yr = Ye + r * d;
     float *dr = dYe + r * d;
@@ -682,33 +731,38 @@ __global__ void combine_bwd_kernel(const float *__restrict__ Ye, const int32_t *
 
 void cuda_combine_bwd(moe_backend *be, const float *Ye, const int32_t *kept, const int32_t *slot,
                       const float *cw, const float *dy, int T, int K, int C, int E, int d,
-                      float *dYe, float *dcw) {
+                      const int32_t *fill_counts, float *dYe, float *dcw) {
     cudaStream_t st = cuda_stream(be);
     const size_t nrows = E > 0 && C > 0 ? (size_t)E * C : 0;
     const int dd = d > 0 ? d : 0;
     const bool vec = dd % 4 == 0 && aligned16(Ye) && aligned16(dy) && aligned16(dYe);
+    /* with fill_counts the empty rows are zeroed in the same launch (see cuda_dispatch) */
+    if (T <= 0 || K <= 0 || nrows == 0 || dd == 0) fill_counts = nullptr;
     int32_t *filled = NULL;
-    if (nrows > 0) {
+    if (nrows > 0 && !fill_counts) {
         filled = filled_mask(be, nrows);
         if (!filled) return;
     }
     if (T > 0 && K > 0) {
         const size_t nA = (size_t)T * K;
         const size_t warps_per_block = CUDA_THREADS / 32;
-        const unsigned blocks = (unsigned)((nA + warps_per_block - 1) / warps_per_block);
+        const unsigned assign_blocks = (unsigned)((nA + warps_per_block - 1) / warps_per_block);
+        const unsigned blocks = assign_blocks + (fill_counts ? zero_blocks(nrows, CUDA_THREADS) : 0);
         /* with no rows (E*C == 0) every assignment is skipped: a scratch int
          * stands in for the mask */
         int32_t *mark = filled;
-        if (!mark) {
+        if (!mark && !fill_counts) {
             mark = (int32_t *)cuda_scratch(be, sizeof(int32_t));
             if (!mark) return;
         }
         if (vec) {
-            combine_bwd_kernel<4><<<blocks, CUDA_THREADS, 0, st>>>(Ye, kept, slot, cw, dy, nA, K, C, E, dd,
-                                                                   dYe, dcw, mark, cuda_state(be)->d_flags);
+            combine_bwd_kernel<4><<<blocks, CUDA_THREADS, 0, st>>>(Ye, kept, slot, cw, dy, nA, K, C, E, dd, dYe, dcw,
+                                                                   mark, cuda_state(be)->d_flags, fill_counts,
+                                                                   assign_blocks);
         } else {
-            combine_bwd_kernel<1><<<blocks, CUDA_THREADS, 0, st>>>(Ye, kept, slot, cw, dy, nA, K, C, E, dd,
-                                                                   dYe, dcw, mark, cuda_state(be)->d_flags);
+            combine_bwd_kernel<1><<<blocks, CUDA_THREADS, 0, st>>>(Ye, kept, slot, cw, dy, nA, K, C, E, dd, dYe, dcw,
+                                                                   mark, cuda_state(be)->d_flags, fill_counts,
+                                                                   assign_blocks);
         }
         KERNEL_CHECK(be, "combine_bwd_kernel");
     }
