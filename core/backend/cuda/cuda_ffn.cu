@@ -21,7 +21,9 @@
  * applies the bias and the GELU (the tanh form, as the CPU) and writes A and
  * the pre-activation H, both bf16, and the bf16 copy of X the backward
  * needs is kept beside H in H's buffer, so the forward makes no activation
- * pass and the backward rounds no X.
+ * pass and the backward rounds no X. When X is a saved activation with an
+ * operand copy of its own (keep_activations: dispatch writes it), both
+ * passes read that copy instead and nothing is kept beside H.
  *
  * The composition in bf16 mode rounds every GEMM operand (X, the weights,
  * A, dY, dH) to bf16; this path rounds there too, and also where it does
