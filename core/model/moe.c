@@ -450,6 +450,17 @@ static const int32_t *fill_counts(const moe_layer *L) {
     return (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) ? NULL : L->counts + L->cfg.num_experts;
 }
 
+/* The combine weights: renormalised over the kept assignments when
+ * [moe].renorm_after_drop asks for it (L->cw), else the router's weights
+ * themselves. Every reader of the combine weights (combine, combine_bwd,
+ * the statistics) reads only kept assignments', where the two agree, so
+ * without renormalisation there is no pass to make them, and in backward
+ * combine_bwd's dcw (0 for every assignment not kept) is already the
+ * router's dweight. */
+static const float *combine_weights_of(const moe_layer *L) {
+    return L->cfg.renorm_after_drop ? L->cw : L->weight;
+}
+
 /* ================================ forward ================================ */
 
 int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, int T, int training,
@@ -522,7 +533,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     }
 
     /* 4. combine weights, renormalised over kept assignments if asked */
-    be->combine_weights(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->cw);
+    if (c->renorm_after_drop) be->combine_weights(be, L->weight, L->kept, T, Ko, 1, L->cw);
 
     /* 5. dispatch: Xe[e, slot] = x[t] */
     be->dispatch(be, x, L->kept, L->slot, T, Ko, C, E, d, fill_counts(L), L->Xe);
@@ -532,7 +543,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
                 c->expert_bias ? L->b2 : NULL, L->H, L->A, L->Ye, E, C, d, h);
 
     /* 7. combine: y[t] = sum_k cw[t,k] Ye[kept, slot] (+ residual[t]) */
-    be->combine(be, L->Ye, L->kept, L->slot, L->cw, T, Ko, C, d, residual, y);
+    be->combine(be, L->Ye, L->kept, L->slot, combine_weights_of(L), T, Ko, C, d, residual, y);
 
     /* 8. auxiliary losses, f from the counts on the device; their gradients
      *    are prepared now, the z-loss one into L->dlogits; the load-balancing
@@ -569,7 +580,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
         }
         be->to_host(be, h_expert, L->expert, nA * sizeof(int32_t));
         be->to_host(be, h_kept, L->kept, nA * sizeof(int32_t));
-        be->to_host(be, h_cw, L->cw, nA * sizeof(float));
+        be->to_host(be, h_cw, combine_weights_of(L), nA * sizeof(float));
         be->to_host(be, h_logits, L->logits, (size_t)T * E * sizeof(float));
         be->to_host(be, L->stats.counts_before, counts_before, (size_t)E * sizeof(int32_t));
         be->to_host(be, L->stats.counts_after, counts_after, (size_t)E * sizeof(int32_t));
@@ -592,7 +603,8 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
     int perturbs = (L->rinfo.flags & MOE_ROUTER_PERTURBS_LOGITS) != 0;
 
     /* 7'. combine: dYe = cw * dy scattered to rows; dcw = <dy, Ye> */
-    be->combine_bwd(be, L->Ye, L->kept, L->slot, L->cw, dy, T, Ko, C, E, d, fill_counts(L), L->dYe, L->dcw);
+    be->combine_bwd(be, L->Ye, L->kept, L->slot, combine_weights_of(L), dy, T, Ko, C, E, d, fill_counts(L), L->dYe,
+                    L->dcw);
 
     /* 6'. experts: dXe, and the gradients of w1, b1, w2, b2 */
     be->ffn_bwd(be, c->activation, L->Xe, L->w1, L->w2, L->H, L->A, L->dYe, L->dA, L->dH, L->dXe, L->dw1,
@@ -602,7 +614,11 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
     be->dispatch_bwd(be, L->dXe, L->kept, L->slot, T, Ko, C, d, 0, dx);
 
     /* 4'. combine weights -> router weights (0 for dropped assignments) */
-    be->combine_weights_bwd(be, L->weight, L->kept, T, Ko, c->renorm_after_drop, L->dcw, L->dweight);
+    const float *dweight = L->dcw; /* without renormalisation (combine_weights_of) */
+    if (c->renorm_after_drop) {
+        be->combine_weights_bwd(be, L->weight, L->kept, T, Ko, 1, L->dcw, L->dweight);
+        dweight = L->dweight;
+    }
 
     /* 2'. router plugin: dweight (+ the load-balancing gradient on l' for
      * routers that perturb their logits) -> dlogits of its own, added to the
@@ -629,7 +645,7 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
         ba.weight = L->weight;
         ba.slot = (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) ? L->slot : NULL;
         ba.route_logits = perturbs ? L->route_logits : NULL;
-        ba.dweight = L->dweight;
+        ba.dweight = dweight;
         ba.d_route_logits = perturbs ? L->probs : NULL;
         ba.dlogits = L->router_dlogits;
         ba.dx = dx;
