@@ -403,6 +403,13 @@ static void test_gemm(const cfg *c) {
     test_gemm_case(gpu, "gemm_gate", 1, 0, 36, 1, 777, 1.0f, 0.0f, 0, TOL_MM);
     test_gemm_case(gpu, "gemm_gate", 0, 0, 8192, 8, 256, 1.0f, 0.0f, 0, TOL_MM);
     test_gemm_case(gpu, "gemm_gate", 1, 0, 256, 8, 8192, 1.0f, 1.0f, 0, TOL_MM);
+    free_all(); /* many cases in one test: keep within the buffer slots */
+    /* dx: the expC shape, a partial last column tile (16-byte and single
+     * columns), a partial last row block, K = 1 */
+    test_gemm_case(gpu, "gemm_gate", 0, 1, 8192, 256, 8, 1.0f, 1.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 0, 1, 77, 300, 5, 1.0f, 1.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 0, 1, 100, 1001, 3, -0.5f, 0.0f, 0, TOL_MM);
+    test_gemm_case(gpu, "gemm_gate", 0, 1, 33, 64, 1, 1.0f, 1.0f, 1, TOL_MM);
 }
 
 static void test_gemm_batched(const cfg *c) {
@@ -952,6 +959,7 @@ static void test_embed(const cfg *c) {
     embed_case(40, 7, 72, 300);          /* small path, 2 warps per block; B > 32: two id groups per warp;
                                             a part-filled column tile */
     embed_case(64, 16, 32, 1);           /* one id for every token */
+    embed_case(3, 5, 7, 10);             /* an odd width: the forward one float at a time */
 }
 
 /* "op(d=N)" into buf */

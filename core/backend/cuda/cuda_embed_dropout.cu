@@ -32,23 +32,46 @@
 /* Embeddings                                                          */
 /* ------------------------------------------------------------------ */
 
-/* out[bs, i] = wte[ids[bs], i] (+ wpe[bs % S, i]). The vocabulary size is not
- * passed, so only negative ids can be caught (the row is zeroed and the
- * error flagged). */
-__global__ void embed_fwd_kernel(const int32_t *ids, const float *wte, const float *wpe, float *out,
-                                 size_t n, int S, int d, int *flags) {
-    GRID_STRIDE_LOOP(idx, n) {
-        const size_t bs = idx / d;
-        const int i = (int)(idx % d);
+/* out[bs, i] = wte[ids[bs], i] (+ wpe[bs % S, i]), VEC consecutive i per
+ * thread (VEC = 4: 16-byte loads and stores, d % 4 == 0 and the three
+ * arrays 16-byte aligned: 12.9 -> 6.5 us at the expC shape on the H100). The
+ * vocabulary size is not passed, so only negative ids can be caught (the
+ * row is zeroed and the error flagged). */
+template <int VEC>
+__global__ void embed_fwd_kernel(const int32_t *__restrict__ ids, const float *__restrict__ wte,
+                                 const float *__restrict__ wpe, float *__restrict__ out, size_t nvec, int S, int d,
+                                 int *flags) {
+    const int dv = d / VEC;
+    GRID_STRIDE_LOOP(idx, nvec) {
+        const size_t bs = idx / dv;
+        const int i = (int)(idx - bs * dv) * VEC;
         const int32_t id = ids[bs];
+        float v[VEC];
         if (id < 0) {
-            out[idx] = 0.0f;
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) v[q] = 0.0f;
             cuda_flag(flags, CUDA_FLAG_TOKEN_ID);
-            continue;
+        } else {
+            const float *w = wte + (size_t)id * d + i;
+            if constexpr (VEC == 4) {
+                const float4 t = __ldg(reinterpret_cast<const float4 *>(w));
+                v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+            } else {
+                v[0] = __ldg(w);
+            }
+            if (wpe) {
+                const float *pp = wpe + (bs % S) * d + i;
+                if constexpr (VEC == 4) {
+                    const float4 t = __ldg(reinterpret_cast<const float4 *>(pp));
+                    v[0] = v[0] + t.x, v[1] = v[1] + t.y, v[2] = v[2] + t.z, v[3] = v[3] + t.w;
+                } else {
+                    v[0] = v[0] + __ldg(pp);
+                }
+            }
         }
-        float v = wte[(size_t)id * d + i];
-        if (wpe) v = v + wpe[(bs % S) * d + i];
-        out[idx] = v;
+        float *o = out + bs * d + i;
+        if constexpr (VEC == 4) *reinterpret_cast<float4 *>(o) = make_float4(v[0], v[1], v[2], v[3]);
+        else o[0] = v[0];
     }
 }
 
@@ -56,8 +79,13 @@ void cuda_embed_fwd(moe_backend *be, const int32_t *ids, const float *wte, const
                     float *out, int B, int S, int d) {
     if (B <= 0 || S <= 0 || d <= 0) return;
     const size_t n = (size_t)B * S * d;
-    embed_fwd_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_stream(be)>>>(
-        ids, wte, wpe, out, n, S, d, cuda_state(be)->d_flags);
+    cudaStream_t st = cuda_stream(be);
+    int *flags = cuda_state(be)->d_flags;
+    const bool vec = d % 4 == 0 && (((uintptr_t)wte | (uintptr_t)out | (uintptr_t)(wpe ? wpe : wte)) & 15) == 0;
+    if (vec)
+        embed_fwd_kernel<4><<<cuda_blocks(n / 4), CUDA_THREADS, 0, st>>>(ids, wte, wpe, out, n / 4, S, d, flags);
+    else
+        embed_fwd_kernel<1><<<cuda_blocks(n), CUDA_THREADS, 0, st>>>(ids, wte, wpe, out, n, S, d, flags);
     KERNEL_CHECK(be, "embed_fwd_kernel");
 }
 
