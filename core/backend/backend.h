@@ -35,6 +35,15 @@ typedef struct moe_weight_view {
     int32_t batch, rows, cols, pad_;
 } moe_weight_view;
 
+/* A guard zone for check_routing: n bytes at p (backend memory, n < 2^31)
+ * that must all still equal value, recorded with code when one does not. */
+typedef struct moe_guard_zone {
+    const void *p;
+    size_t n;
+    uint8_t value;
+    int32_t code;
+} moe_guard_zone;
+
 /* A saved activation for keep_activations: rows x cols floats, packed. */
 typedef struct moe_activation_view {
     const float *data;
@@ -311,19 +320,35 @@ struct moe_backend {
      * training step). */
 
     /* Validates a router plugin's output (design.md, "Plugin ABI").
-     * Assignments a = t*K + k are visited in order, and for each: expert in
+     * First, when guard is not NULL (a host struct), the guard zone after
+     * the plugin's workspace, exactly as check_bytes(guard->p, guard->n,
+     * guard->value, guard->code) would (so that a plugin that overran its
+     * workspace is named for that, before what it wrote). Then
+     * assignments a = t*K + k are visited in order, and for each: expert in
      * [-1, E) (MOE_CHECK_EXPERT); for expert >= 0, weight finite and >= 0
      * (MOE_CHECK_WEIGHT); when slot != NULL and expert >= 0, slot in [0, C)
      * (MOE_CHECK_SLOT). The first failure in that order is recorded. When
      * none fails and slot != NULL, the first assignment whose (expert, slot)
      * an earlier assignment already holds is recorded (MOE_CHECK_SLOT_TWICE).
-     * A record is written only while record[0] == 0, so the first error of a
-     * layer stays. When slot != NULL (the router owns capacity), kept[T*K]
-     * receives expert where expert is in [0, E) and slot in [0, C), else -1:
-     * the kept mask, safe to dispatch whatever the plugin wrote. */
-    void (*check_routing)(moe_backend *be, const int32_t *expert, const float *weight,
-                          const int32_t *slot, int T, int K, int E, int C, int32_t *kept,
-                          int32_t *record);
+     * When that passes too and dense_slots != 0 (the router declares
+     * MOE_ROUTER_DENSE_SLOTS), the lowest expert e whose n_e assignments
+     * leave a slot below n_e empty is recorded with the lowest such slot
+     * (MOE_CHECK_SLOT_GAP). A record is written only while record[0] == 0,
+     * so the first error of a layer stays.
+     * When slot != NULL (the router owns capacity), kept[T*K] receives
+     * expert where expert is in [0, E) and slot in [0, C), else -1: the
+     * kept mask, safe to dispatch whatever the plugin wrote; and
+     * counts_before[E] and counts_after[E] (backend memory; either may be
+     * NULL) both receive the number of kept assignments of each expert
+     * (expert_counts of kept; the router's capacity is final, so
+     * capacity_assign's two counts coincide), whatever was recorded: with
+     * a recorded error they are what the layer counts, not a promise about
+     * the slots. Without slot, kept and the counts are not touched and
+     * dense_slots is ignored. */
+    void (*check_routing)(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert,
+                          const float *weight, const int32_t *slot, int T, int K, int E, int C,
+                          int dense_slots, int32_t *kept, int32_t *counts_before,
+                          int32_t *counts_after, int32_t *record);
     /* Records {code, i} for the first i < n (n < 2^31) with p[i] != value,
      * while record[0] == 0 (guard zones). */
     void (*check_bytes)(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code,
@@ -380,13 +405,16 @@ struct moe_backend {
  * [1] t (token; for check_bytes the byte index), [2] k, [3] the offending
  * value (expert, slot, the weight's float bits, or the byte), [4] E for
  * MOE_CHECK_EXPERT, C for MOE_CHECK_SLOT, the expert for
- * MOE_CHECK_SLOT_TWICE. */
+ * MOE_CHECK_SLOT_TWICE. MOE_CHECK_SLOT_GAP names no assignment: [1] and
+ * [2] are 0, [3] the empty slot, [4] the expert, [5] its number of
+ * assignments. */
 #define MOE_CHECK_RECORD_WORDS 8
 enum {
     MOE_CHECK_EXPERT = 1,
     MOE_CHECK_WEIGHT = 2,
     MOE_CHECK_SLOT = 3,
     MOE_CHECK_SLOT_TWICE = 4,
+    MOE_CHECK_SLOT_GAP = 5,
 };
 
 /* The composite ops written with the other ops of `be` (the CPU backend's

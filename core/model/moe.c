@@ -253,7 +253,7 @@ static moe_context router_context(moe_layer *L, int training, moe_rng_key key) {
 }
 
 /* Records (without waiting) whether the guard zone after the workspace was
- * changed. */
+ * changed (after backward; the forward's check is part of check_routing's). */
 static void check_workspace_guard(moe_layer *L, int32_t code) {
     L->be->check_bytes(L->be, (const char *)L->router_workspace + L->rinfo.workspace_bytes, WORKSPACE_GUARD_BYTES,
                        WORKSPACE_GUARD_BYTE, code, L->record);
@@ -338,6 +338,13 @@ int moe_layer_record_message(const moe_layer *L, const int32_t *r, char *err, si
         break;
     case MOE_CHECK_SLOT_TWICE:
         snprintf(err, errcap, "router '%s' gave two tokens slot %d of expert %d", name, r[3], r[4]);
+        break;
+    case MOE_CHECK_SLOT_GAP:
+        snprintf(err, errcap,
+                 "router '%s' (layer %d) declares MOE_ROUTER_DENSE_SLOTS, but expert %d's %d assignments leave its "
+                 "slot %d empty (they must fill slots 0 .. %d): a plugin whose slots can have gaps must not set "
+                 "MOE_ROUTER_DENSE_SLOTS",
+                 name, L->cfg.layer, r[4], r[5], r[3], r[5] - 1);
         break;
     case MOE_CHECK_LOGIT:
     case MOE_CHECK_ROUTE_LOGIT: {
@@ -442,12 +449,23 @@ static void routing_stats(moe_layer *L, const float *logits, const int32_t *expe
     free(p);
 }
 
+/* Whether the router that owns capacity promises dense slots (router.h);
+ * check_routing verifies it in every forward. */
+static int dense_slots(const moe_layer *L) {
+    const uint32_t both = MOE_ROUTER_OWNS_CAPACITY | MOE_ROUTER_DENSE_SLOTS;
+    return (L->rinfo.flags & both) == both;
+}
+
 /* The kept slots of each expert are 0 .. counts_after[e]-1 when the host's
- * capacity step assigned them (in priority order, the next free slot): the
- * hint dispatch and combine_bwd take (backend.h). A router that owns
- * capacity chooses its slots: no hint. */
+ * capacity step assigned them (in priority order, the next free slot), or
+ * when a router that owns capacity declares MOE_ROUTER_DENSE_SLOTS: the
+ * hint dispatch and combine_bwd take (backend.h). Another router that owns
+ * capacity chooses its slots freely: no hint. (A router that breaks its
+ * promise leaves an empty row that is not zeroed: the step's results are
+ * then wrong, but check_routing has recorded the error, which stops the
+ * run at the end of the step.) */
 static const int32_t *fill_counts(const moe_layer *L) {
-    return (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) ? NULL : L->counts + L->cfg.num_experts;
+    return (L->rinfo.flags & MOE_ROUTER_OWNS_CAPACITY) && !dense_slots(L) ? NULL : L->counts + L->cfg.num_experts;
 }
 
 /* The combine weights: renormalised over the kept assignments when
@@ -511,23 +529,25 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     }
     if (ctx.inputs_checked && perturbs)
         be->check_finite(be, L->route_logits, (size_t)T * E, MOE_CHECK_ROUTE_LOGIT, L->record);
-    /* Checks of the plugin's output, recorded in L->record (the guard first:
-     * a plugin that overran its workspace is named for that). For a router
-     * that owns capacity this also writes kept = expert where expert and
-     * slot are valid (-1 elsewhere). */
+    /* Checks of the plugin's output, recorded in L->record, in one op: the
+     * guard zone after the workspace first (a plugin that overran its
+     * workspace is named for that), then the assignments. For a router that
+     * owns capacity this also writes kept = expert where expert and slot are
+     * valid (-1 elsewhere), and counts them per expert (for f and the stats;
+     * nothing is dropped after the router, so before = after), and verifies
+     * dense slots where the router promises them. */
     size_t nA = (size_t)T * Ko;
-    check_workspace_guard(L, MOE_CHECK_GUARD_FORWARD);
-    be->check_routing(be, L->expert, L->weight, owns_capacity ? L->slot : NULL, T, Ko, E, C,
-                      owns_capacity ? L->kept : NULL, L->record);
+    int32_t *counts_before = L->counts, *counts_after = L->counts + E;
+    const moe_guard_zone guard = {(const char *)L->router_workspace + L->rinfo.workspace_bytes, WORKSPACE_GUARD_BYTES,
+                                  WORKSPACE_GUARD_BYTE, MOE_CHECK_GUARD_FORWARD};
+    be->check_routing(be, &guard, L->expert, L->weight, owns_capacity ? L->slot : NULL, T, Ko, E, C, dense_slots(L),
+                      owns_capacity ? L->kept : NULL, owns_capacity ? counts_before : NULL,
+                      owns_capacity ? counts_after : NULL, L->record);
     if (check_now(L, err, errcap) != 0) return -1;
 
-    /* 3. capacity: at most C assignments per expert, by priority */
-    int32_t *counts_before = L->counts, *counts_after = L->counts + E;
-    if (owns_capacity) {
-        /* The router chose slots; kept (above) = expert; count for f and the stats. */
-        be->expert_counts(be, L->kept, T, Ko, E, counts_before);
-        be->copy(be, counts_after, counts_before, (size_t)E * sizeof(int32_t));
-    } else {
+    /* 3. capacity: at most C assignments per expert, by priority (a router
+     *    that owns capacity chose its slots: kept and the counts are above) */
+    if (!owns_capacity) {
         be->capacity_assign(be, L->expert, L->weight, T, Ko, E, C, c->drop_policy, L->kept, L->slot, counts_before,
                             counts_after);
     }

@@ -9,6 +9,8 @@
  *   - MOE_ROUTER_WEIGHT_SUM_EXACT: each token's weights sum to weight_sum;
  *   - MOE_ROUTER_OWNS_CAPACITY: at most C per expert, slots in [0, C) and
  *     unique per expert, with C = max(1, ceil(CF * T * min(top_k, k_out) / E));
+ *     with MOE_ROUTER_DENSE_SLOTS also exactly 0 .. n-1 for an expert's n
+ *     assignments (the flag alone, without owning capacity, is an error);
  *   - the same inputs and RNG key give bitwise the same outputs;
  *   - backward matches central finite differences of forward (unless
  *     MOE_ROUTER_NO_GRAD);
@@ -297,6 +299,16 @@ static void validate_forward(const cf_instance *in, const cf_call *c, const char
                       where, t, sum, ws);
         }
     }
+    if (owns && (flags & MOE_ROUTER_DENSE_SLOTS))
+        for (int e = 0; e < E; ++e)
+            for (int s = 0; s < count[e] && s < C; ++s)
+                if (!used[(size_t)e * C + s]) {
+                    tfail(&v->cap,
+                          "%s: expert %d has %d tokens but its slot %d is empty; the router declares "
+                          "MOE_ROUTER_DENSE_SLOTS (slots exactly 0 .. n-1): it must not set the flag",
+                          where, e, count[e], s);
+                    break;
+                }
     if (c->route_logits)
         for (size_t i = 0; i < (size_t)T * E; ++i)
             if (!isfinite(c->route_logits[i])) {
@@ -412,7 +424,8 @@ static void flags_text(uint32_t f, float ws, char *buf, size_t cap) {
                  {MOE_ROUTER_PERTURBS_LOGITS, "PERTURBS_LOGITS"},
                  {MOE_ROUTER_NO_GRAD, "NO_GRAD"},
                  {MOE_ROUTER_WEIGHT_SUM_EXACT, "WEIGHT_SUM_EXACT"},
-                 {MOE_ROUTER_IGNORES_LOGITS, "IGNORES_LOGITS"}};
+                 {MOE_ROUTER_IGNORES_LOGITS, "IGNORES_LOGITS"},
+                 {MOE_ROUTER_DENSE_SLOTS, "DENSE_SLOTS"}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; ++i)
         if (f & names[i].bit) {
             size_t u = strlen(buf);
@@ -457,8 +470,11 @@ static void group_create(const cf_config *cfg) {
         const moe_router_info *I = &in.info;
         if (rc == CF_INST_INFO) tfail(&t_info, "%s", in.why);
         const uint32_t known = MOE_ROUTER_OWNS_CAPACITY | MOE_ROUTER_PERTURBS_LOGITS | MOE_ROUTER_NO_GRAD |
-                               MOE_ROUTER_WEIGHT_SUM_EXACT | MOE_ROUTER_IGNORES_LOGITS;
+                               MOE_ROUTER_WEIGHT_SUM_EXACT | MOE_ROUTER_IGNORES_LOGITS | MOE_ROUTER_DENSE_SLOTS;
         if (I->flags & ~known) tfail(&t_info, "flags 0x%x has bits this ABI does not define", (unsigned)(I->flags & ~known));
+        if ((I->flags & MOE_ROUTER_DENSE_SLOTS) && !(I->flags & MOE_ROUTER_OWNS_CAPACITY))
+            tfail(&t_info, "MOE_ROUTER_DENSE_SLOTS without MOE_ROUTER_OWNS_CAPACITY: the host assigns the slots of a "
+                           "router that does not own capacity, so the flag promises nothing");
         if ((I->flags & MOE_ROUTER_WEIGHT_SUM_EXACT) && !(isfinite(I->weight_sum) && I->weight_sum > 0.0f))
             tfail(&t_info, "MOE_ROUTER_WEIGHT_SUM_EXACT with weight_sum = %g; must be finite and > 0",
                   (double)I->weight_sum);
@@ -899,7 +915,8 @@ static void group_forward(const cf_config *cfg) {
     else
         cf_row("forward.weight_sum", CF_SKIP, "the router does not declare MOE_ROUTER_WEIGHT_SUM_EXACT");
     if (flags_seen & MOE_ROUTER_OWNS_CAPACITY)
-        trow("forward.capacity", &v.cap, "<= C per expert, slots in [0, C) and unique per expert");
+        trow("forward.capacity", &v.cap, "<= C per expert, slots in [0, C) and unique per expert%s",
+             (flags_seen & MOE_ROUTER_DENSE_SLOTS) ? ", dense (0 .. n-1)" : "");
     else
         cf_row("forward.capacity", CF_SKIP, "the router does not own capacity (the host applies it)");
     if (flags_seen & MOE_ROUTER_PERTURBS_LOGITS)

@@ -13,7 +13,7 @@
  * needed. A token may be taken by 0 .. E experts, so hard tokens can get more
  * compute and easy ones none. The router owns capacity: it writes the slot of
  * each assignment (the token's rank in its expert's list) and the host skips
- * its own capacity step.
+ * its own capacity step; those slots are dense (MOE_ROUTER_DENSE_SLOTS).
  *
  * Experts rank tokens by S, not by the raw logits: S puts every token on the
  * same scale (a probability over experts), while l[t,e] carries an arbitrary
@@ -104,7 +104,11 @@ static moe_status ec_query(const void *state, moe_router_info *info) {
         info->flags = MOE_ROUTER_WEIGHT_SUM_EXACT;
         info->weight_sum = 1.0f;
     } else {
-        info->flags = MOE_ROUTER_OWNS_CAPACITY;
+        /* Slot = the token's rank in its expert's list, and every expert
+         * takes exactly min(C, T) tokens: its slots are 0 .. n_e - 1. (The
+         * seed mode drops some chosen tokens, but there the host assigns
+         * the slots.) */
+        info->flags = MOE_ROUTER_OWNS_CAPACITY | MOE_ROUTER_DENSE_SLOTS;
     }
     /* One workspace serves whichever table the host calls: the larger need
      * (the CUDA path's, where it is built: expert_choice.cu). */

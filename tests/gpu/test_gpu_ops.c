@@ -19,8 +19,10 @@
  * matches no block size, and T = 1.
  *
  * The ops whose results stay on the device (capacity counts in device
- * arrays, aux_losses_counts, check_routing's record and kept mask for every
- * fault bad_router.c can make, check_bytes, expert_counts, xent_sums,
+ * arrays, aux_losses_counts, check_routing's record, kept mask and counts
+ * for every fault bad_router.c can make, duplicates of three claimants and
+ * gaps in slots declared dense (also for E > 2048 and T = 0), check_bytes,
+ * expert_counts, xent_sums,
  * clip_grad_norm) are compared with the CPU the same way: records, masks and
  * counts exactly. from_host's pinned staging is checked by many small copies
  * whose source is overwritten at once.
@@ -1763,36 +1765,64 @@ static void make_valid_routing(int T, int K, int E, int with_slot, int32_t *expe
     free(next);
 }
 
-/* Runs check_routing on both backends and compares record and kept. */
-static void check_routing_case(const char *what, const int32_t *expert, const float *weight, const int32_t *slot,
-                               int T, int K, int E, int C, const int32_t *record0) {
-    const size_t nA = (size_t)T * K, nR = MOE_CHECK_RECORD_WORDS;
+/* Runs check_routing on both backends and compares the record, and with
+ * slots the kept mask and both counts (poisoned on the GPU: every entry
+ * must be written). guard: NULL, or guard_n host bytes for a guard zone
+ * that should hold 0xA5. */
+static void check_routing_guarded(const char *what, const int32_t *expert, const float *weight, const int32_t *slot,
+                                  int T, int K, int E, int C, int dense, const int32_t *record0, const uint8_t *guard,
+                                  size_t guard_n) {
+    const size_t nA = (size_t)T * K, nR = MOE_CHECK_RECORD_WORDS, nE = (size_t)(E > 0 ? E : 0);
     int32_t *want_rec = hdup(record0, nR * 4), *want_kept = halloc(nA * 4 + 4);
+    int32_t *want_counts = halloc(2 * nE * 4 + 4);
     memset(want_kept, POISON_I32, nA * 4 + 4);
-    cpu->check_routing(cpu, expert, weight, slot, T, K, E, C, slot ? want_kept : NULL, want_rec);
+    memset(want_counts, POISON_I32, 2 * nE * 4 + 4);
+    moe_guard_zone hz = {guard, guard_n, 0xA5, 16}, dz = hz;
+    cpu->check_routing(cpu, guard ? &hz : NULL, expert, weight, slot, T, K, E, C, dense, slot ? want_kept : NULL,
+                       slot ? want_counts : NULL, slot ? want_counts + nE : NULL, want_rec);
     int32_t *d_expert = up(gpu, expert, nA * 4 + 4), *d_slot = slot ? up(gpu, slot, nA * 4 + 4) : NULL;
     float *d_weight = up(gpu, weight, nA * 4 + 4);
-    int32_t *rec[2], *kept[2];
+    if (guard) dz.p = up(gpu, guard, guard_n + 1);
+    int32_t *rec[2], *kept[2], *counts[2];
     for (int r = 0; r < 2; ++r) {
         int32_t *d_rec = up(gpu, record0, nR * 4);
         int32_t *d_kept = dpoison(gpu, nA * 4 + 4, POISON_I32);
-        gpu->check_routing(gpu, d_expert, d_weight, d_slot, T, K, E, C, slot ? d_kept : NULL, d_rec);
+        int32_t *d_counts = dpoison(gpu, 2 * nE * 4 + 4, POISON_I32);
+        gpu->check_routing(gpu, guard ? &dz : NULL, d_expert, d_weight, d_slot, T, K, E, C, dense,
+                           slot ? d_kept : NULL, slot ? d_counts : NULL, slot ? d_counts + nE : NULL, d_rec);
         if (!gpu_ok(gpu, "check_routing")) return;
         rec[r] = down(gpu, d_rec, nR * 4);
         kept[r] = down(gpu, d_kept, nA * 4 + 4);
+        counts[r] = down(gpu, d_counts, 2 * nE * 4 + 4);
     }
-    char op[160];
+    char op[200];
     snprintf(op, sizeof op, "check_routing(%s).record", what);
     check_i32(op, rec, want_rec, nR);
     if (slot) {
         snprintf(op, sizeof op, "check_routing(%s).kept", what);
         check_i32(op, kept, want_kept, nA);
+        snprintf(op, sizeof op, "check_routing(%s).counts", what);
+        check_i32(op, counts, want_counts, 2 * nE);
     }
+}
+
+static void check_routing_case(const char *what, const int32_t *expert, const float *weight, const int32_t *slot,
+                               int T, int K, int E, int C, int dense, const int32_t *record0) {
+    check_routing_guarded(what, expert, weight, slot, T, K, E, C, dense, record0, NULL, 0);
+}
+
+/* The index of the assignment holding (e, s), or -1. */
+static long find_holder(const int32_t *expert, const int32_t *slot, size_t nA, int e, int s) {
+    for (size_t a = 0; a < nA; ++a)
+        if (expert[a] == e && slot[a] == s) return (long)a;
+    return -1;
 }
 
 /* Every fault the host must name, alone and two at once (the earlier one
  * in (t, k) order, or the one checked first within an assignment, must be
- * the one recorded), with and without router-owned slots. */
+ * the one recorded), with and without router-owned slots; with slots, the
+ * counts, duplicates of three claimants, and gaps with and without the
+ * dense-slots check. */
 static void test_check_routing(const cfg *c) {
     const int T = T_of(c), K = c->K, E = c->E, C = T;
     const size_t nA = (size_t)T * K;
@@ -1805,10 +1835,12 @@ static void test_check_routing(const cfg *c) {
     for (int with_slot = 0; with_slot < 2; ++with_slot) {
         int32_t *sl = with_slot ? slot : NULL;
         const char *tag = with_slot ? "owns capacity" : "no slots";
-        char what[96];
+        char what[160];
         make_valid_routing(T, K, E, with_slot, expert, weight, slot);
-        snprintf(what, sizeof what, "%s, valid", tag);
-        check_routing_case(what, expert, weight, sl, T, K, E, C, clear);
+        for (int dense = 0; dense < 2; ++dense) {
+            snprintf(what, sizeof what, "%s, valid, dense check %d", tag, dense);
+            check_routing_case(what, expert, weight, sl, T, K, E, C, dense, clear);
+        }
         const size_t late = nA - 1, early = nA / 3;
         /* faults: 0 expert = E, 1 expert = -2, 2 weight NaN, 3 weight -0.5,
          * 4 weight +Inf, 5 slot = C, 6 slot = -1, 7 duplicate (expert, slot) */
@@ -1845,15 +1877,166 @@ static void test_check_routing(const cfg *c) {
                         if (late > 0) weight[late - 1] = NAN;
                     }
                 }
+                /* the dense check must not hide nor replace these (they come first) */
                 snprintf(what, sizeof what, "%s, fault %d at [%zu]%s", tag, fault, at, pair ? " + a later one" : "");
-                check_routing_case(what, expert, weight, sl, T, K, E, C, clear);
+                check_routing_case(what, expert, weight, sl, T, K, E, C, with_slot && (fault & 1), clear);
             }
         }
-        /* an error already recorded stays */
+        /* an error already recorded stays (and the counts are still written) */
         make_valid_routing(T, K, E, with_slot, expert, weight, slot);
         expert[0] = -5;
         snprintf(what, sizeof what, "%s, record already set", tag);
-        check_routing_case(what, expert, weight, sl, T, K, E, C, taken);
+        check_routing_case(what, expert, weight, sl, T, K, E, C, with_slot, taken);
+    }
+    if (nA < 4) return;
+
+    /* Three claimants of one (expert, slot) after a pair on another one:
+     * the first one the in-order scan meets taken is recorded. */
+    make_valid_routing(T, K, E, 1, expert, weight, slot);
+    {
+        const size_t spots[5] = {nA - 1, nA / 2, nA / 4, nA / 5, nA / 6}; /* a, b, c share; d, e share */
+        int32_t e0 = -1, s0 = -1;
+        for (size_t a = 0; a < nA && e0 < 0; ++a)
+            if (expert[a] >= 0) e0 = expert[a], s0 = slot[a];
+        if (e0 >= 0) {
+            const long h0 = find_holder(expert, slot, nA, e0, s0);
+            for (int i = 0; i < 3; ++i)
+                if ((long)spots[i] != h0) {
+                    expert[spots[i]] = e0;
+                    slot[spots[i]] = s0;
+                    weight[spots[i]] = 0.25f;
+                }
+            check_routing_case("owns capacity, three claimants", expert, weight, slot, T, K, E, C, 1, clear);
+            if (spots[3] != spots[4]) {
+                expert[spots[4]] = expert[spots[3]] >= 0 ? expert[spots[3]] : e0;
+                slot[spots[4]] = expert[spots[3]] >= 0 ? slot[spots[3]] : s0;
+                weight[spots[4]] = 0.25f;
+                check_routing_case("owns capacity, three claimants + a pair", expert, weight, slot, T, K, E, C, 1,
+                                   clear);
+            }
+        }
+    }
+
+    /* Gaps: one assignment moved to a free slot past its expert's count (a
+     * hole where it was); then a second gap in a lower expert and at a
+     * higher slot, and in the same expert. The lowest expert wins, and in
+     * it the lowest empty slot. Without the dense check, nothing. */
+    for (int variant = 0; variant < 4; ++variant) {
+        make_valid_routing(T, K, E, 1, expert, weight, slot);
+        int32_t *count = calloc((size_t)E, sizeof *count);
+        for (size_t a = 0; a < nA; ++a)
+            if (expert[a] >= 0) count[expert[a]]++;
+        /* the experts with two or more assignments and room for one more slot, highest first */
+        int hi = -1, lo = -1;
+        for (int e = E - 1; e >= 0; --e)
+            if (count[e] >= 2 && count[e] < C) {
+                if (hi < 0) hi = e;
+                else if (lo < 0) lo = e;
+            }
+        if (hi < 0) {
+            free(count);
+            break;
+        }
+        /* variant 0: hole at slot 0 of hi; 1: hole at its last slot; 2: also a hole
+         * at the last slot of lo (lower expert, higher slot); 3: two holes in hi */
+        long a0 = find_holder(expert, slot, nA, hi, variant == 1 ? count[hi] - 1 : 0);
+        if (a0 >= 0) slot[a0] = count[hi] + (variant == 3 ? 1 : 0);
+        if (variant == 2 && lo >= 0) {
+            long a1 = find_holder(expert, slot, nA, lo, count[lo] - 1);
+            if (a1 >= 0) slot[a1] = count[lo];
+        }
+        if (variant == 3 && count[hi] >= 3 && count[hi] + 2 < C) {
+            long a2 = find_holder(expert, slot, nA, hi, 1);
+            if (a2 >= 0) slot[a2] = count[hi] + 2;
+        }
+        free(count);
+        for (int dense = 0; dense < 2; ++dense) {
+            char what[96];
+            snprintf(what, sizeof what, "owns capacity, gap variant %d, dense check %d", variant, dense);
+            check_routing_case(what, expert, weight, slot, T, K, E, C, dense, clear);
+        }
+        /* a duplicate, and a range error, go before the gap */
+        if (variant == 0) {
+            long d = find_holder(expert, slot, nA, hi, 1);
+            size_t other = d == (long)(nA - 1) ? nA - 2 : nA - 1;
+            if (d >= 0) {
+                expert[other] = hi;
+                slot[other] = 1;
+                weight[other] = 0.5f;
+                check_routing_case("owns capacity, gap + duplicate", expert, weight, slot, T, K, E, C, 1, clear);
+                slot[nA / 2] = C + 2;
+                if (expert[nA / 2] < 0) expert[nA / 2] = 0, weight[nA / 2] = 0.5f;
+                check_routing_case("owns capacity, gap + duplicate + slot range", expert, weight, slot, T, K, E, C,
+                                   1, clear);
+            }
+        }
+    }
+}
+
+/* check_routing with slots past the shared-memory sums (E > 2048), with no
+ * assignments (counts must still be written, as zeros), and with a guard
+ * zone. */
+static void test_check_routing_shapes(const cfg *c) {
+    int32_t *clear = halloc(MOE_CHECK_RECORD_WORDS * 4);
+    memset(clear, 0, MOE_CHECK_RECORD_WORDS * 4);
+    {
+        const int T = 300, K = 3, E = 2500, C = 7;
+        const size_t nA = (size_t)T * K;
+        int32_t *expert = halloc(nA * 4 + 4), *slot = halloc(nA * 4 + 4);
+        float *weight = halloc(nA * 4 + 4);
+        int32_t *next = calloc((size_t)E, sizeof *next);
+        for (size_t a = 0; a < nA; ++a) {
+            /* few experts, so that they fill several slots; some full ones drop */
+            int e = (int)(moe_test_next(&rng) % 40) * 61;
+            if (next[e] >= C) e = -1;
+            expert[a] = e;
+            weight[a] = e < 0 ? 0.0f : 0.5f;
+            slot[a] = e < 0 ? -1 : next[e]++;
+        }
+        free(next);
+        check_routing_case("E=2500, valid", expert, weight, slot, T, K, E, C, 1, clear);
+        long a0 = find_holder(expert, slot, nA, 61 * 7, 0);
+        if (a0 >= 0) {
+            long last = -1;
+            for (int s = C - 1; s > 0 && last < 0; --s) last = find_holder(expert, slot, nA, 61 * 7, s);
+            if (last >= 0) slot[last] = 0; /* a duplicate of slot 0 */
+            check_routing_case("E=2500, duplicate", expert, weight, slot, T, K, E, C, 1, clear);
+            if (last >= 0) expert[last] = -1, weight[last] = 0.0f, slot[last] = -1; /* now a hole if not the last slot */
+            slot[a0] = -1, expert[a0] = -1, weight[a0] = 0.0f;                     /* and a hole at slot 0 */
+            check_routing_case("E=2500, gap", expert, weight, slot, T, K, E, C, 1, clear);
+            check_routing_case("E=2500, gap unchecked", expert, weight, slot, T, K, E, C, 0, clear);
+        }
+    }
+    {
+        int32_t none[1] = {0};
+        float w[1] = {0.0f};
+        check_routing_case("T=0", none, w, none, 0, 2, 8, 5, 1, clear);
+    }
+    /* The guard zone goes first: intact, changed (the lowest changed byte is
+     * recorded, before any routing failure), with and without slots, and
+     * with nothing to route. */
+    {
+        const int T = T_of(c), K = c->K, E = c->E, C = T;
+        const size_t nA = (size_t)T * K, gn = 256;
+        int32_t *expert = halloc(nA * 4 + 4), *slot = halloc(nA * 4 + 4);
+        float *weight = halloc(nA * 4 + 4);
+        uint8_t *guard = halloc(gn + 1);
+        for (int with_slot = 0; with_slot < 2; ++with_slot)
+            for (int gcase = 0; gcase < 4; ++gcase) {
+                make_valid_routing(T, K, E, with_slot, expert, weight, slot);
+                memset(guard, 0xA5, gn + 1);
+                if (gcase >= 1) expert[nA - 1] = E; /* a routing failure */
+                if (gcase >= 2) guard[gn - 1] = 0x00;
+                if (gcase == 3) guard[37] = 0x5A, guard[200] = 0x01;
+                char what[96];
+                snprintf(what, sizeof what, "%s, guard case %d", with_slot ? "owns capacity" : "no slots", gcase);
+                check_routing_guarded(what, expert, weight, with_slot ? slot : NULL, T, K, E, C, with_slot, clear,
+                                      guard, gn);
+            }
+        int32_t none[1] = {0};
+        float w[1] = {0.0f};
+        guard[5] = 0x00;
+        check_routing_guarded("T=0, guard changed", none, w, none, 0, 2, 8, 5, 1, clear, guard, gn);
     }
 }
 
@@ -2154,7 +2337,7 @@ int main(void) {
         test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_linear_bwd, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine, test_dispatch_fill_counts,
-        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_bytes, test_check_finite, test_weight_copies, test_activation_copies,
+        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_routing_shapes, test_check_bytes, test_check_finite, test_weight_copies, test_activation_copies,
         test_expert_counts, test_xent_sums, test_sumsq_large, test_clip_grad_norm, test_from_host_staging,
     };
     cfgs_first = &cfgs[0];

@@ -14,6 +14,10 @@
  *   6  forward returns MOE_ERR_INTERNAL with a message
  *   7  no fault: token t goes to expert t % E with weight 1 (control)
  *   8  declares 16 bytes of workspace and writes the byte after them
+ *   9  owns capacity with MOE_ROUTER_DENSE_SLOTS, but expert 0's tokens
+ *      take slots 1, 2, ... (slot 0 left empty)
+ *  10  no fault: owns capacity with dense slots, token t in slot t / E of
+ *      expert t % E (control of 9)
  */
 #include <moe/router.h>
 
@@ -23,11 +27,12 @@ typedef struct bad_state {
 } bad_state;
 
 static const moe_option_spec bad_options[] = {
-    {"mode", MOE_OPT_INT, "0", NULL, 0.0, 8.0, "which fault to produce (see bad_router.c)"},
+    {"mode", MOE_OPT_INT, "0", NULL, 0.0, 10.0, "which fault to produce (see bad_router.c)"},
 };
 #define BAD_N_OPTIONS ((int)(sizeof bad_options / sizeof bad_options[0]))
 
-static int bad_owns_capacity(const bad_state *s) { return s->mode == 4 || s->mode == 5; }
+static int bad_owns_capacity(const bad_state *s) { return s->mode == 4 || s->mode == 5 || s->mode >= 9; }
+static int bad_dense_slots(const bad_state *s) { return s->mode >= 9; }
 
 static moe_status bad_create(const moe_router_dims *dims, const moe_option *opts, int32_t n_opts, void **state,
                              char *msg, size_t msg_cap) {
@@ -50,6 +55,7 @@ static moe_status bad_query(const void *state, moe_router_info *info) {
     info->struct_size = sizeof *info;
     info->k_out = 1;
     info->flags = bad_owns_capacity(s) ? MOE_ROUTER_OWNS_CAPACITY : MOE_ROUTER_NO_GRAD;
+    if (bad_dense_slots(s)) info->flags |= MOE_ROUTER_DENSE_SLOTS;
     info->workspace_bytes = s->mode == 8 ? 16 : 0;
     return MOE_OK;
 }
@@ -59,7 +65,8 @@ static moe_status bad_forward(void *state, const moe_context *ctx, const moe_rou
     for (int32_t t = 0; t < a->T; ++t) {
         a->expert[t] = t % s->E;
         a->weight[t] = 1.0f;
-        if (a->slot) a->slot[t] = t / s->E < a->capacity ? t / s->E : -1;
+        const int32_t want = t / s->E + (s->mode == 9 && t % s->E == 0); /* mode 9: expert 0 skips slot 0 */
+        if (a->slot) a->slot[t] = want < a->capacity ? want : -1;
         if (a->slot && a->slot[t] < 0) {
             a->expert[t] = -1;
             a->weight[t] = 0.0f;

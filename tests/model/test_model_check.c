@@ -149,6 +149,13 @@ static void test_records(const moe_router_lib *lib) {
         expect_message(&m, "returned slot[4,1] = 7, outside its capacity [0, 6)", NULL);
         put_record(&m, 1, MOE_CHECK_SLOT_TWICE, 4, 0, 2, 1);
         expect_message(&m, "gave two tokens slot 2 of expert 1", NULL);
+        {
+            int32_t r[MOE_CHECK_RECORD_WORDS] = {MOE_CHECK_SLOT_GAP, 0, 0, 3, 2, 7, 0, 0};
+            be->from_host(be, m.blocks[0].moe.record, r, sizeof r);
+            expect_message(&m, "(layer 0) declares MOE_ROUTER_DENSE_SLOTS, but expert 2's 7 assignments leave its "
+                               "slot 3 empty (they must fill slots 0 .. 6)",
+                           "must not set MOE_ROUTER_DENSE_SLOTS");
+        }
         put_record(&m, 0, MOE_CHECK_GUARD_FORWARD, 3, 0, 0, 0);
         expect_message(&m, "wrote past its workspace in forward", "byte 3 after the end");
         put_record(&m, 1, MOE_CHECK_GUARD_BACKWARD, 0, 0, 0, 0);
@@ -183,15 +190,15 @@ static void test_records(const moe_router_lib *lib) {
 }
 
 static void test_bad_router(void) {
-    static const char *const want[] = {"expert", "expert", "weight", "weight", "slot",
-                                       "slot",   "deliberate failure", "", "workspace"};
+    static const char *const want[] = {"expert", "expert", "weight", "weight", "slot", "slot", "deliberate failure",
+                                       "", "workspace", "declares MOE_ROUTER_DENSE_SLOTS, but expert 0's", ""};
     char err[1024];
     moe_router_lib lib;
     if (moe_router_lib_open_file(&lib, MOE_TEST_BAD_ROUTER, err, sizeof err) != 0) {
         CHECK_MSG(0, "%s", err);
         return;
     }
-    for (int mode = 0; mode <= 8; ++mode) {
+    for (int mode = 0; mode <= 10; ++mode) {
         moe_option opt = {"mode", MOE_OPT_INT, mode, (double)mode, NULL};
         moe_backend *be = moe_backend_cpu_create(1);
         moe_model m;
@@ -204,7 +211,7 @@ static void test_bad_router(void) {
                 moe_forward_result fr;
                 err[0] = '\0';
                 rc = moe_model_forward(&m, ids, tg, B_SEQ, 1, 1, with_out ? &fr : NULL, err, sizeof err);
-                if (mode == 7) {
+                if (mode == 7 || mode == 10) {
                     CHECK_MSG(rc == 0, "bad_router control: %s", err);
                     if (rc == 0) CHECK(moe_model_backward(&m, 1, err, sizeof err) == 0);
                     if (!with_out) CHECK(moe_model_collect(&m, NULL, err, sizeof err) == 0 && m.n_results == 1);

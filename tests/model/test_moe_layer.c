@@ -24,7 +24,9 @@
  *   3. A hand-worked top1 case with one token dropped (position and probs).
  *   4. A broken plugin (bad_router.c: expert out of range, negative or NaN
  *      weight, slot out of range or shared, a failing forward, a write past
- *      its declared workspace) gives -1 and a message naming it.
+ *      its declared workspace, a gap in slots declared dense) gives -1 and a
+ *      message naming it; its controls (plain, and owning capacity with
+ *      dense slots) run forward and backward.
  *   5. T = 0 is a valid empty call.
  */
 #include <jansson.h>
@@ -398,9 +400,9 @@ static void test_hand_top1(int policy) {
 /* ------------------------------------------------------------------------ */
 
 static void test_bad_router(void) {
-    static const char *const want[] = {"expert", "expert", "weight", "weight", "slot",
-                                       "slot",   "deliberate failure", "", "workspace"};
-    for (int mode = 0; mode <= 8; ++mode) {
+    static const char *const want[] = {"expert", "expert", "weight", "weight", "slot", "slot", "deliberate failure",
+                                       "", "workspace", "declares MOE_ROUTER_DENSE_SLOTS, but expert 0's", ""};
+    for (int mode = 0; mode <= 10; ++mode) {
         lcase lc = {"bad_router", MOE_TEST_BAD_ROUTER, OPT_I("mode", 0), LIN, 0, GELU, 1, 0, 0, 1.0, 1, 8, 1,
                     0.1f, 0.05f, PROBE_FULL, -1};
         lc.opts[0].i = mode;
@@ -412,7 +414,7 @@ static void test_bad_router(void) {
         char err[1024] = "";
         double aux = 0.0;
         int rc = moe_layer_forward(&h.L, h.x, h.ids, 8, 1, h.key, NULL, h.y, &aux, err, sizeof err);
-        if (mode != 7) {
+        if (mode != 7 && mode != 10) {
             CHECK_MSG(rc == -1, "bad_router mode %d: forward returned %d, expected -1", mode, rc);
             CHECK_MSG(strstr(err, "bad_router") != NULL && strstr(err, want[mode]) != NULL,
                       "bad_router mode %d: message '%s' should name the router and '%s'", mode, err, want[mode]);

@@ -43,7 +43,7 @@ static void test_table(const struct moe_router_plugin_v1 *p) {
     rh_check_table(p, "expert_choice", 1);
     rh_router r = make(p, 8, 2, 32, 0);
     CHECK(r.info.k_out == 8);
-    CHECK(r.info.flags == MOE_ROUTER_OWNS_CAPACITY);
+    CHECK(r.info.flags == (MOE_ROUTER_OWNS_CAPACITY | MOE_ROUTER_DENSE_SLOTS));
     CHECK(r.info.workspace_bytes > 0);
     rh_destroy(&r);
     r = make(p, 8, 2, 32, 3);

@@ -228,15 +228,21 @@ static void set_record(int32_t *record, int32_t code, int32_t t, int32_t k, int3
     record[0] = code;
 }
 
-void cpu_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot, int T,
-                       int K, int E, int C, int32_t *kept, int32_t *record) {
-    (void)be;
+void cpu_check_routing(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert, const float *weight,
+                       const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
+                       int32_t *counts_before, int32_t *counts_after, int32_t *record) {
+    if (guard) cpu_check_bytes(be, guard->p, guard->n, guard->value, guard->code, record);
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
+    int32_t *count = slot && E > 0 ? calloc((size_t)E, sizeof *count) : NULL;
     int bad = 0;
     for (size_t a = 0; a < nA; ++a) {
         const int e = expert[a];
         const int t = (int)(a / (size_t)K), k = (int)(a % (size_t)K);
-        if (slot) kept[a] = e >= 0 && e < E && slot[a] >= 0 && slot[a] < C ? e : -1;
+        if (slot) {
+            const int valid = e >= 0 && e < E && slot[a] >= 0 && slot[a] < C;
+            kept[a] = valid ? e : -1;
+            if (valid && count) count[e]++;
+        }
         if (bad) continue;
         if (e < -1 || e >= E) {
             set_record(record, MOE_CHECK_EXPERT, t, k, e, E);
@@ -251,21 +257,46 @@ void cpu_check_routing(moe_backend *be, const int32_t *expert, const float *weig
             bad = 1;
         }
     }
-    if (bad || !slot || nA == 0) return;
+    if (slot && E > 0) {
+        for (int e = 0; e < E; ++e) {
+            if (counts_before) counts_before[e] = count ? count[e] : 0;
+            if (counts_after) counts_after[e] = count ? count[e] : 0;
+        }
+    }
     /* Slots must be distinct within an expert, or two tokens would share one
      * expert row. Every index is in range here. */
-    unsigned char *seen = calloc((size_t)E * (size_t)C, 1);
-    if (!seen) return;
-    for (size_t a = 0; a < nA; ++a) {
-        if (expert[a] < 0) continue;
-        unsigned char *s = &seen[(size_t)expert[a] * C + slot[a]];
-        if (*s) {
-            set_record(record, MOE_CHECK_SLOT_TWICE, (int)(a / (size_t)K), (int)(a % (size_t)K), slot[a], expert[a]);
-            break;
+    unsigned char *seen = !bad && slot && nA > 0 && count ? calloc((size_t)E * (size_t)C, 1) : NULL;
+    if (seen) {
+        for (size_t a = 0; a < nA; ++a) {
+            if (expert[a] < 0) continue;
+            unsigned char *s = &seen[(size_t)expert[a] * C + slot[a]];
+            if (*s) {
+                set_record(record, MOE_CHECK_SLOT_TWICE, (int)(a / (size_t)K), (int)(a % (size_t)K), slot[a],
+                           expert[a]);
+                bad = 1;
+                break;
+            }
+            *s = 1;
         }
-        *s = 1;
+        /* Dense slots: with distinct slots in [0, C), expert e's count[e]
+         * slots are 0 .. count[e]-1 unless one below count[e] is empty. */
+        for (int e = 0; e < E && !bad && dense_slots; ++e)
+            for (int s = 0; s < count[e]; ++s)
+                if (!seen[(size_t)e * C + s]) {
+                    if (record[0] == 0) {
+                        record[1] = 0;
+                        record[2] = 0;
+                        record[3] = s;
+                        record[4] = e;
+                        record[5] = count[e];
+                        record[0] = MOE_CHECK_SLOT_GAP;
+                    }
+                    bad = 1;
+                    break;
+                }
     }
     free(seen);
+    free(count);
 }
 
 void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record) {

@@ -209,6 +209,8 @@ static void release(moe_backend *be) {
         if (st->d_flags) cudaFree(st->d_flags);
         if (st->d_aux_out) cudaFree(st->d_aux_out);
         if (st->d_check_keys) cudaFree(st->d_check_keys);
+        if (st->d_slot_holders) cudaFree(st->d_slot_holders);
+        if (st->d_slot_sums) cudaFree(st->d_slot_sums);
         if (st->d_tickets) cudaFree(st->d_tickets);
         cuda_weight_copies_release(st);
         cuda_activation_copies_release(st);

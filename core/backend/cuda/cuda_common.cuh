@@ -16,7 +16,8 @@
  * among themselves without synchronisation; only the ops that hand results
  * to the host wait for it: to_host, sumsq, aux_losses (host lb, z),
  * capacity_assign when given host count arrays, from_host beyond its pinned
- * staging (1 MiB), and scratch growth. The model's path (capacity with
+ * staging (1 MiB), and scratch growth (and the growth of check_routing's
+ * own tables). The model's path (capacity with
  * device counts, aux_losses_counts, check_routing, check_bytes,
  * expert_counts, xent_sums, clip_grad_norm) never waits.
  *
@@ -87,6 +88,16 @@ struct cuda_impl {
     double *d_aux_out;      /* 2 device doubles: aux_losses' results on their way to the host */
     int *d_tickets;         /* CUDA_TICKETS device ints, 0 between kernels: last_block_arrived */
     unsigned long long *d_check_keys; /* check_routing's smallest failure, all ones between kernels */
+    /* check_routing with slots (cuda_moe_ops.cu): per (expert, slot) the
+     * earliest assignment holding it, stamped with the call's epoch, so
+     * that nothing is cleared between calls (the table is zeroed when it is
+     * made, and again when the epoch wraps); and per expert the kept count
+     * and largest slot + 1 after a duplicate flag, 0 between kernels. */
+    unsigned long long *d_slot_holders;
+    size_t slot_holders_n;
+    unsigned slot_epoch;
+    int *d_slot_sums;       /* [0] a duplicate was seen, [1, 1+E) counts, [1+E, 1+2E) largest slot + 1 */
+    int slot_sums_E;
     /* round_weights' copies (cuda_weight_copies.cu): the views, host side,
      * and per view the offset of its bf16 copy in wcopy (its transpose
      * follows it); the kernel's table on the device. */
@@ -569,8 +580,9 @@ void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logit
 void cuda_aux_losses_counts(moe_backend *be, const float *lb_logits, const float *logits,
                             const int32_t *counts, int T, int E, float alpha, float beta, float *d_lb,
                             float *dlogits, double *out);
-void cuda_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot,
-                        int T, int K, int E, int C, int32_t *kept, int32_t *record);
+void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert, const float *weight,
+                        const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
+                        int32_t *counts_before, int32_t *counts_after, int32_t *record);
 void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
 void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 /* cuda_weight_copies.cu */

@@ -9,7 +9,8 @@
  * Xe/dYe; such an assignment is skipped and flagged (CUDA_FLAG_ROUTING).
  * Reporting a plugin's bad output to the user is check_routing's job: it
  * records the first error in a device record without waiting, and gives
- * routers that own capacity a kept mask with only valid (expert, slot).
+ * routers that own capacity a kept mask with only valid (expert, slot) and
+ * its counts per expert.
  */
 #include <cub/device/device_radix_sort.cuh>
 
@@ -965,46 +966,28 @@ void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logit
 /* Checks of a router's output, and expert counts                      */
 /* ------------------------------------------------------------------ */
 
-/* The CPU visits assignments in order and stops at the first failure; here
- * every assignment computes its own failure key a*3 + (0 expert, 1 weight,
- * 2 slot) and the smallest key wins (atomicMin on integers: the same result
- * whatever the order). For routers that own capacity, first[e*C + s] takes
- * the smallest assignment holding (e, s); any other holder is a duplicate,
- * and the smallest duplicate is the one the CPU's in-order scan meets first.
- * keys[0] = smallest failure key, keys[1] = smallest duplicate. */
+/* The CPU checks the guard zone first, then visits assignments in order
+ * and stops at the first failure; here every failure gets a key and the
+ * smallest key wins (atomicMin on integers: the same result whatever the
+ * order). A guard byte i that differs has key i (block 0 scans the zone);
+ * assignment a has key guard.n + a*3 + (0 expert, 1 weight, 2 slot). */
 constexpr unsigned long long CHECK_NONE = ~0ull;
 
-__global__ void check_routing_scan_kernel(const int32_t *expert, const float *weight, const int32_t *slot,
-                                          size_t nA, int E, int C, int32_t *kept,
-                                          unsigned long long *first, unsigned long long *keys) {
-    GRID_STRIDE_LOOP(a, nA) {
-        const int e = expert[a];
-        const int s = slot ? slot[a] : 0;
-        unsigned long long key = CHECK_NONE;
-        if (e < -1 || e >= E) {
-            key = 3ull * a;
-        } else if (e >= 0) {
-            const float w = weight[a];
-            if (!(isfinite(w) && w >= 0.0f)) key = 3ull * a + 1;
-            else if (slot && (s < 0 || s >= C)) key = 3ull * a + 2;
-        }
-        if (key != CHECK_NONE) atomicMin(&keys[0], key);
-        if (slot) {
-            const bool valid = e >= 0 && e < E && s >= 0 && s < C;
-            kept[a] = valid ? e : -1;
-            if (valid) atomicMin(&first[(size_t)e * C + s], (unsigned long long)a);
-        }
-    }
-}
+/* The guard zone of a check_routing launch (n = 0: none). */
+struct check_guard {
+    const uint8_t *p;
+    unsigned n;
+    uint8_t value;
+    int32_t code;
+};
 
-__global__ void check_routing_dup_kernel(const int32_t *expert, const int32_t *slot, size_t nA, int E,
-                                         int C, const unsigned long long *first,
-                                         unsigned long long *keys) {
-    GRID_STRIDE_LOOP(a, nA) {
-        const int e = expert[a], s = slot[a];
-        if (e >= 0 && e < E && s >= 0 && s < C && first[(size_t)e * C + s] != a)
-            atomicMin(&keys[1], (unsigned long long)a);
-    }
+__device__ __forceinline__ void scan_guard(const check_guard &g, unsigned long long *smallest) {
+    if (blockIdx.x != 0) return;
+    for (unsigned i = threadIdx.x; i < g.n; i += blockDim.x)
+        if (g.p[i] != g.value) {
+            atomicMin(smallest, (unsigned long long)i);
+            break; /* this thread's later bytes come after i */
+        }
 }
 
 __device__ void write_record(int32_t *record, int32_t code, int32_t t, int32_t k, int32_t value,
@@ -1017,8 +1000,13 @@ __device__ void write_record(int32_t *record, int32_t code, int32_t t, int32_t k
 }
 
 /* The record of failure key `key` (not CHECK_NONE). */
-__device__ void record_failure(const int32_t *expert, const float *weight, const int32_t *slot, int K, int E, int C,
-                               unsigned long long key, int32_t *record) {
+__device__ void record_failure(const check_guard &g, const int32_t *expert, const float *weight, const int32_t *slot,
+                               int K, int E, int C, unsigned long long key, int32_t *record) {
+    if (key < g.n) {
+        write_record(record, g.code, (int32_t)key, 0, g.p[key], 0);
+        return;
+    }
+    key -= g.n;
     const unsigned long long a = key / 3;
     const int what = (int)(key % 3);
     const int t = (int)(a / K), k = (int)(a % K);
@@ -1030,18 +1018,20 @@ __device__ void record_failure(const int32_t *expert, const float *weight, const
 /* Without slot, in one launch: each block's smallest key (shared atomicMin)
  * goes to keys[0], and the last block to finish records the smallest and
  * puts keys[0] back to CHECK_NONE, as it found it (cuda_impl.d_check_keys). */
-__global__ void check_routing_kernel(const int32_t *expert, const float *weight, size_t nA, int K, int E,
-                                     unsigned long long *keys, int *ticket, int32_t *record) {
+__global__ void check_routing_kernel(check_guard guard, const int32_t *expert, const float *weight, size_t nA, int K,
+                                     int E, unsigned long long *keys, int *ticket, int32_t *record) {
     __shared__ unsigned long long smallest;
     if (threadIdx.x == 0) smallest = CHECK_NONE;
     __syncthreads();
+    scan_guard(guard, &smallest);
+    const unsigned long long base = guard.n;
     GRID_STRIDE_LOOP(a, nA) {
         const int e = expert[a];
         if (e < -1 || e >= E) {
-            atomicMin(&smallest, 3ull * a);
+            atomicMin(&smallest, base + 3ull * a);
         } else if (e >= 0) {
             const float w = weight[a];
-            if (!(isfinite(w) && w >= 0.0f)) atomicMin(&smallest, 3ull * a + 1);
+            if (!(isfinite(w) && w >= 0.0f)) atomicMin(&smallest, base + 3ull * a + 1);
         }
     }
     __syncthreads();
@@ -1049,52 +1039,215 @@ __global__ void check_routing_kernel(const int32_t *expert, const float *weight,
     if (!last_block_arrived(ticket, gridDim.x)) return;
     if (threadIdx.x != 0) return;
     const unsigned long long first = atomicExch(&keys[0], CHECK_NONE);
-    if (first != CHECK_NONE && record[0] == 0) record_failure(expert, weight, nullptr, K, E, 0, first, record);
+    if (first != CHECK_NONE && record[0] == 0) record_failure(guard, expert, weight, nullptr, K, E, 0, first, record);
 }
 
-__global__ void check_routing_finish_kernel(const int32_t *expert, const float *weight, const int32_t *slot,
-                                            int K, int E, int C, const unsigned long long *keys,
-                                            int32_t *record) {
-    if (threadIdx.x != 0 || record[0] != 0) return; /* the first error stays */
-    if (keys[0] != CHECK_NONE) {
-        record_failure(expert, weight, slot, K, E, C, keys[0], record);
-    } else if (slot && keys[1] != CHECK_NONE) {
-        const unsigned long long a = keys[1];
-        write_record(record, MOE_CHECK_SLOT_TWICE, (int)(a / K), (int)(a % K), slot[a], expert[a]);
+/* With slots, in one launch as well, with the kept mask and the counts.
+ * Duplicates: every valid assignment a puts holder_key(epoch, a) into its
+ * (expert, slot)'s word of the holder table with atomicMax. The epoch (high
+ * half) grows from call to call, so the table's words from earlier calls
+ * are smaller than any of this call, and among this call's the largest key
+ * is the smallest index: after the launch each word holds its slot's
+ * earliest holder, and nothing had to be cleared before. An atomicMax that
+ * finds this call's epoch already there is a duplicate (either holder may be
+ * the later one). Counts and largest slot + 1 per expert are integer sums
+ * and maxima (per block in shared memory, then into d_slot_sums), so they do
+ * not depend on timing either. The last block to arrive writes the counts,
+ * puts the sums, flag and key back to 0 / CHECK_NONE, and records in the
+ * CPU's order: the smallest failure key; else, if a duplicate was seen, the
+ * smallest assignment that is not its slot's earliest holder (the first
+ * one the CPU's in-order scan meets whose slot is taken); else, with
+ * dense_slots, the lowest expert whose largest slot + 1 differs from its
+ * count, with the lowest slot below the count that holds no assignment of
+ * this call. Only these failure paths re-read the table. */
+constexpr int CHECK_SHARED_E = 2048; /* per-block sums in shared memory up to this many experts */
+
+__device__ __forceinline__ unsigned long long holder_key(unsigned epoch, size_t a) {
+    return ((unsigned long long)epoch << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned)a);
+}
+
+__global__ void __launch_bounds__(CUDA_THREADS)
+check_routing_slots_kernel(check_guard guard, const int32_t *__restrict__ expert, const float *__restrict__ weight,
+                           const int32_t *__restrict__ slot, size_t nA, int K, int E, int C, int dense_slots,
+                           unsigned epoch, int32_t *__restrict__ kept, unsigned long long *holders, int *sums,
+                           unsigned long long *keys, int *ticket, int32_t *counts_before, int32_t *counts_after,
+                           int32_t *record) {
+    extern __shared__ int block_sums[]; /* counts [E], largest slot + 1 [E], when E <= CHECK_SHARED_E */
+    __shared__ unsigned long long smallest, gap;
+    __shared__ int dup, stop;
+    const bool in_shared = E <= CHECK_SHARED_E;
+    int *g_count = sums + 1, *g_max = sums + 1 + E;
+    int *b_count = in_shared ? block_sums : g_count, *b_max = in_shared ? block_sums + E : g_max;
+    if (threadIdx.x == 0) {
+        smallest = CHECK_NONE;
+        dup = 0;
+    }
+    if (in_shared)
+        for (int i = threadIdx.x; i < 2 * E; i += blockDim.x) block_sums[i] = 0;
+    __syncthreads();
+    scan_guard(guard, &smallest);
+    const unsigned long long base = guard.n;
+    GRID_STRIDE_LOOP(a, nA) {
+        const int e = expert[a], s = slot[a];
+        unsigned long long key = CHECK_NONE;
+        if (e < -1 || e >= E) {
+            key = base + 3ull * a;
+        } else if (e >= 0) {
+            const float w = weight[a];
+            if (!(isfinite(w) && w >= 0.0f)) key = base + 3ull * a + 1;
+            else if (s < 0 || s >= C) key = base + 3ull * a + 2;
+        }
+        if (key != CHECK_NONE) atomicMin(&smallest, key);
+        const bool valid = e >= 0 && e < E && s >= 0 && s < C;
+        kept[a] = valid ? e : -1;
+        if (!valid) continue;
+        const unsigned long long before = atomicMax(&holders[(size_t)e * C + s], holder_key(epoch, a));
+        if ((unsigned)(before >> 32) == epoch) atomicOr(&dup, 1);
+        atomicAdd(&b_count[e], 1);
+        atomicMax(&b_max[e], s + 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (smallest != CHECK_NONE) atomicMin(&keys[0], smallest);
+        if (dup) atomicOr(&sums[0], 1);
+    }
+    if (in_shared)
+        for (int e = threadIdx.x; e < E; e += blockDim.x)
+            if (block_sums[e]) {
+                atomicAdd(&g_count[e], block_sums[e]);
+                atomicMax(&g_max[e], block_sums[E + e]);
+            }
+    if (!last_block_arrived(ticket, gridDim.x)) return;
+
+    /* The last block: counts out, state back to its between-kernels values. */
+    if (threadIdx.x == 0) {
+        smallest = atomicExch(&keys[0], CHECK_NONE);
+        dup = atomicExch(&sums[0], 0);
+        gap = CHECK_NONE;
+        stop = record[0] != 0; /* the first error of the layer stays */
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const int n = atomicExch(&g_count[e], 0), top = atomicExch(&g_max[e], 0);
+        if (counts_before) counts_before[e] = n;
+        if (counts_after) counts_after[e] = n;
+        if (dense_slots && top != n) atomicMin(&gap, ((unsigned long long)e << 32) | (unsigned)n);
+    }
+    __syncthreads();
+    if (stop) return;
+    if (smallest != CHECK_NONE) {
+        if (threadIdx.x == 0) record_failure(guard, expert, weight, slot, K, E, C, smallest, record);
+        return;
+    }
+    if (dup) {
+        __shared__ unsigned long long first_dup;
+        if (threadIdx.x == 0) first_dup = CHECK_NONE;
+        __syncthreads();
+        for (size_t a = threadIdx.x; a < nA; a += blockDim.x) {
+            const int e = expert[a], s = slot[a];
+            if (e < 0 || e >= E || s < 0 || s >= C) continue;
+            if (__ldcg(&holders[(size_t)e * C + s]) != holder_key(epoch, a)) {
+                atomicMin(&first_dup, (unsigned long long)a);
+                break; /* this thread's later assignments come after a */
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const unsigned long long a = first_dup;
+            write_record(record, MOE_CHECK_SLOT_TWICE, (int)(a / K), (int)(a % K), slot[a], expert[a]);
+        }
+        return;
+    }
+    if (gap != CHECK_NONE) {
+        __shared__ int first_empty;
+        const int e = (int)(gap >> 32), n = (int)(unsigned)gap;
+        if (threadIdx.x == 0) first_empty = n;
+        __syncthreads();
+        for (int s = threadIdx.x; s < n; s += blockDim.x)
+            if ((unsigned)(__ldcg(&holders[(size_t)e * C + s]) >> 32) != epoch) {
+                atomicMin(&first_empty, s);
+                break;
+            }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            record[1] = 0;
+            record[2] = 0;
+            record[3] = first_empty;
+            record[4] = e;
+            record[5] = n;
+            record[0] = MOE_CHECK_SLOT_GAP;
+        }
     }
 }
 
-void cuda_check_routing(moe_backend *be, const int32_t *expert, const float *weight, const int32_t *slot,
-                        int T, int K, int E, int C, int32_t *kept, int32_t *record) {
+/* The holder table for `holders` (expert, slot) words and the sums for E
+ * experts, made or grown (zeroed, after the work that may still use the old
+ * ones), and the epoch of this call; false (error recorded) on failure. */
+static bool slot_check_state(moe_backend *be, size_t holders, int E, unsigned *epoch) {
+    cuda_impl *st = cuda_state(be);
+    const bool grow_holders = holders > st->slot_holders_n, grow_sums = E > st->slot_sums_E || !st->d_slot_sums;
+    if ((grow_holders && st->d_slot_holders) || (grow_sums && st->d_slot_sums))
+        CUDA_CHECK_RET(be, cudaStreamSynchronize(st->stream), false); /* earlier checks may still read them */
+    if (grow_holders) {
+        if (st->d_slot_holders) cudaFree(st->d_slot_holders);
+        st->d_slot_holders = NULL;
+        st->slot_holders_n = 0;
+        CUDA_CHECK_RET(be, cudaMalloc(&st->d_slot_holders, holders * sizeof(unsigned long long)), false);
+        CUDA_CHECK_RET(be, cudaMemsetAsync(st->d_slot_holders, 0, holders * sizeof(unsigned long long), st->stream),
+                       false);
+        st->slot_holders_n = holders;
+    }
+    if (grow_sums) {
+        if (st->d_slot_sums) cudaFree(st->d_slot_sums);
+        st->d_slot_sums = NULL;
+        st->slot_sums_E = 0;
+        const size_t bytes = (1 + 2 * (size_t)E) * sizeof(int);
+        CUDA_CHECK_RET(be, cudaMalloc(&st->d_slot_sums, bytes), false);
+        CUDA_CHECK_RET(be, cudaMemsetAsync(st->d_slot_sums, 0, bytes, st->stream), false);
+        st->slot_sums_E = E;
+    }
+    if (++st->slot_epoch == 0) { /* wrapped: the old stamps would look newer than the next ones */
+        CUDA_CHECK_RET(be,
+                       cudaMemsetAsync(st->d_slot_holders, 0, st->slot_holders_n * sizeof(unsigned long long),
+                                       st->stream),
+                       false);
+        st->slot_epoch = 1;
+    }
+    *epoch = st->slot_epoch;
+    return true;
+}
+
+void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert, const float *weight,
+                        const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
+                        int32_t *counts_before, int32_t *counts_after, int32_t *record) {
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
-    if (nA == 0) return;
     cudaStream_t st = cuda_stream(be);
+    cuda_impl *state = cuda_state(be);
+    check_guard g = {nullptr, 0, 0, 0};
+    if (guard && guard->n > 0) g = {(const uint8_t *)guard->p, (unsigned)guard->n, guard->value, guard->code};
+    if (nA == 0) { /* nothing to route: the guard alone, and counts of 0 */
+        if (g.n > 0) cuda_check_bytes(be, guard->p, guard->n, guard->value, guard->code, record);
+        if (slot && E > 0 && counts_before)
+            CUDA_CHECK(be, cudaMemsetAsync(counts_before, 0, (size_t)E * sizeof(int32_t), st));
+        if (slot && E > 0 && counts_after)
+            CUDA_CHECK(be, cudaMemsetAsync(counts_after, 0, (size_t)E * sizeof(int32_t), st));
+        return;
+    }
     if (!slot) {
-        cuda_impl *state = cuda_state(be);
-        check_routing_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(expert, weight, nA, K, E,
+        check_routing_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(g, expert, weight, nA, K, E,
                                                                        state->d_check_keys, state->d_tickets, record);
         KERNEL_CHECK(be, "check_routing_kernel");
         return;
     }
-    const size_t table = (E > 0 && C > 0 ? (size_t)E * C : 0);
-    ScratchLayout lay;
-    const size_t keys_off = lay.add(2 * sizeof(unsigned long long));
-    const size_t first_off = lay.add(table * sizeof(unsigned long long));
-    char *base = cuda_scratch(be, lay.total);
-    if (!base) return;
-    unsigned long long *keys = (unsigned long long *)(base + keys_off);
-    unsigned long long *first = (unsigned long long *)(base + first_off);
-    /* 0xFF bytes: CHECK_NONE, larger than any key or index */
-    CUDA_CHECK(be, cudaMemsetAsync(base, 0xFF, lay.total, st));
-    check_routing_scan_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(expert, weight, slot, nA, E, C, kept,
-                                                                        first, keys);
-    KERNEL_CHECK(be, "check_routing_scan_kernel");
-    if (slot) {
-        check_routing_dup_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(expert, slot, nA, E, C, first, keys);
-        KERNEL_CHECK(be, "check_routing_dup_kernel");
-    }
-    check_routing_finish_kernel<<<1, 32, 0, st>>>(expert, weight, slot, K, E, C, keys, record);
-    KERNEL_CHECK(be, "check_routing_finish_kernel");
+    const int En = E > 0 ? E : 0;
+    const size_t table = (En > 0 && C > 0 ? (size_t)En * C : 1);
+    unsigned epoch = 0;
+    if (!slot_check_state(be, table, En, &epoch)) return;
+    const size_t shmem = En <= CHECK_SHARED_E ? 2 * (size_t)En * sizeof(int) : 0;
+    check_routing_slots_kernel<<<cuda_blocks(nA), CUDA_THREADS, shmem, st>>>(
+        g, expert, weight, slot, nA, K, En, C, dense_slots, epoch, kept, state->d_slot_holders, state->d_slot_sums,
+        state->d_check_keys, state->d_tickets, counts_before, counts_after, record);
+    KERNEL_CHECK(be, "check_routing_slots_kernel");
 }
 
 /* One block: the smallest index whose byte differs (atomicMin in shared). */

@@ -78,7 +78,16 @@ enum {
      * (before capacity). Checked by moe-conform. */
     MOE_ROUTER_WEIGHT_SUM_EXACT = 1u << 3,
     /* The router ignores the logits (hash routing). */
-    MOE_ROUTER_IGNORES_LOGITS = 1u << 4
+    MOE_ROUTER_IGNORES_LOGITS = 1u << 4,
+    /* With MOE_ROUTER_OWNS_CAPACITY (ignored without): each expert's
+     * assignments (expert >= 0) use exactly the slots 0 .. n_e - 1, n_e
+     * being the number of assignments to that expert (expert choice, whose
+     * slot is the token's rank in the expert's list). The host then knows
+     * which expert rows are empty without marking the filled ones. It
+     * verifies the promise in every forward and stops with an error naming
+     * the router when a slot below n_e is left empty; moe-conform checks it
+     * too. A router that may leave gaps must not set it. */
+    MOE_ROUTER_DENSE_SLOTS = 1u << 5
 };
 
 /* What an instance tells the host after create(). */
