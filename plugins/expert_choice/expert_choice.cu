@@ -66,6 +66,9 @@
  */
 #include <moe/router_cuda.cuh>
 
+#include <atomic>
+#include <chrono>
+
 /* The instance state exactly as expert_choice.c defines it: both files read one struct. */
 typedef struct ec_state {
     int32_t E, K;
@@ -88,6 +91,7 @@ typedef struct ec_state {
 #define EC_MERGE_WARPS 4
 #define EC_SAMPLES 32
 #define EC_ROW 8 /* the most logits a row has for the sort's rows in registers */
+#define EC_FUSED_CHUNKS 8 /* the most chunks an expert for the fused select (its list in shared memory) */
 #define EC_GRID_YZ 65535 /* the most blocks a grid has along y and z; kernels loop past it */
 #define EC_FULL_WARP 0xFFFFFFFFu
 
@@ -110,13 +114,15 @@ static int32_t ec_chunks(int32_t T) { return T > 0 ? (T - 1) / EC_CHUNK + 1 : 0;
  *   keys2  [E,T] uint64    where a merge round writes when it is not the last
  *                          one: only when T > EC_CHUNK * EC_GROUP (two or more
  *                          rounds; the rounds alternate between the two)
+ *   flags  [2, EC_FUSED_CHUNKS, E] uint64   the fused select's flags (its
+ *                          two phases; see ec_select_fused_kernel)
  * That is more than the CPU path needs (S, rank, a [T] candidate list): 16 TE
  * bytes (24 TE where keys2 is needed) against 8 TE + 8 T, 1 MiB against
  * 0.6 MiB at T = 8192, E = 8. query() reports the larger of the two needs
  * (expert_choice.c), and both paths refuse T > max_tokens outright, since
  * the CPU's own workspace check would let a few more tokens through. */
 typedef struct ec_layout {
-    size_t S, rank, keys, keys2, total; /* byte offsets; keys2 = 0: none */
+    size_t S, rank, keys, keys2, flags, total; /* byte offsets; keys2 = 0: none */
 } ec_layout;
 
 static ec_layout ec_layout_for(const ec_state *s, int32_t T) {
@@ -131,6 +137,8 @@ static ec_layout ec_layout_for(const ec_state *s, int32_t T) {
         L.keys2 = L.total;
         L.total += TE * sizeof(unsigned long long);
     }
+    L.flags = L.total;
+    L.total += 2 * (size_t)EC_FUSED_CHUNKS * (size_t)s->E * sizeof(unsigned long long);
     return L;
 }
 
@@ -278,17 +286,15 @@ __host__ __device__ constexpr int ec_log2(int n) { return n > 1 ? 1 + ec_log2(n 
  * (and their mirror) go through shared memory: 10 of the 55 at CH = 1024,
  * R = 2. */
 template <int CH, int R, int ROW>
-__global__ void __launch_bounds__(CH / R, 1)
-    ec_score_sort_kernel(const float *__restrict__ logits, int32_t T, int32_t E, int32_t C, int32_t n_chunks,
-                         int single, float *__restrict__ S, unsigned long long *__restrict__ keys,
-                         int32_t *__restrict__ rank) {
+__device__ void ec_score_sort_chunk(const float *__restrict__ logits, int32_t T, int32_t E, int32_t C, int32_t c,
+                                    int32_t e, int single, float *__restrict__ S,
+                                    unsigned long long *__restrict__ keys, int32_t *__restrict__ rank,
+                                    unsigned long long *sk, unsigned long long (&v)[R]) {
     constexpr int SEG = 32 * R, LOG_CH = ec_log2(CH);
     static_assert((1 << LOG_CH) == CH && SEG <= CH && (R & (R - 1)) == 0, "CH, R: powers of two, 32 R <= CH");
-    __shared__ unsigned long long sk[CH];
     const int lane = (int)(threadIdx.x & 31), seg = (int)(threadIdx.x >> 5) * SEG;
-
-    for (int32_t e = blockIdx.y; e < E; e += gridDim.y) {
-        for (int32_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    {
+        {
             const int32_t first = c * CH; /* < T */
             const int32_t n = T - first < CH ? T - first : CH;
             /* The R rows side by side (ec_softmax_row's steps for entry e),
@@ -338,7 +344,6 @@ __global__ void __launch_bounds__(CH / R, 1)
                         if (i == e) p_e[r] = x;
                     }
             }
-            unsigned long long v[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 const int32_t p = seg + 32 * r + lane;
@@ -428,6 +433,21 @@ __global__ void __launch_bounds__(CH / R, 1)
             }
         }
     }
+}
+
+/* The chunks' sorts as a launch of their own (the path with merge rounds):
+ * block (c, e) and its grid-stride successors. */
+template <int CH, int R, int ROW>
+__global__ void __launch_bounds__(CH / R, 1)
+    ec_score_sort_kernel(const float *__restrict__ logits, int32_t T, int32_t E, int32_t C, int32_t n_chunks,
+                         int single, float *__restrict__ S, unsigned long long *__restrict__ keys,
+                         int32_t *__restrict__ rank) {
+    __shared__ unsigned long long sk[CH];
+    for (int32_t e = blockIdx.y; e < E; e += gridDim.y)
+        for (int32_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+            unsigned long long v[R];
+            ec_score_sort_chunk<CH, R, ROW>(logits, T, E, C, c, e, single, S, keys, rank, sk, v);
+        }
 }
 
 /* Keys kept of run j when runs of `stride` tokens each keep their first C. */
@@ -623,28 +643,175 @@ __device__ unsigned ec_group_mask(int lane, int gs) {
  * order, weight S[t,e], slot = rank, then -1 entries; here lane e writes the
  * entry at its place in that row: among the takers, the count of takers
  * below it; else after all takers, the count of non-takers below it. */
-__global__ void ec_assign_groups_kernel(const float *__restrict__ S, const int32_t *__restrict__ rank, int32_t T,
-                                        int32_t E, int gs, int32_t *__restrict__ expert_out,
-                                        float *__restrict__ weight_out, int32_t *__restrict__ slot_out) {
-    const size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+/* Lane item `id` = t * gs + e of that row (a lane with in_range = 0, or t, e
+ * outside [0, T) x [0, E), only takes part in the ballot). The whole warp
+ * calls it together. S and rank are read through L2 (__ldcg): in the fused
+ * select they were written by other blocks of the same launch. */
+__device__ void ec_assign_group_item(size_t id, int in_range, const float *S, const int32_t *rank, int32_t T,
+                                     int32_t E, int gs, int32_t *__restrict__ expert_out,
+                                     float *__restrict__ weight_out, int32_t *__restrict__ slot_out) {
     const int lane = (int)(threadIdx.x & 31);
     const size_t t = id / (unsigned)gs;
     const int32_t e = (int32_t)(id % (unsigned)gs);
-    const int active = t < (size_t)T && e < E;
+    const int active = in_range && t < (size_t)T && e < E;
     const size_t at = t * (size_t)E;
-    const int32_t r = active ? rank[at + e] : -1;
+    const int32_t r = active ? __ldcg(rank + at + e) : -1;
+    const float w = active ? __ldcg(S + at + e) : 0.0f; /* loaded beside r, used if taken */
     const unsigned taken = __ballot_sync(EC_FULL_WARP, r >= 0) & ec_group_mask(lane, gs);
     if (!active) return;
     const int32_t takers = __popc(taken), takers_below = __popc(taken & ((1u << lane) - 1u));
     if (r >= 0) {
         expert_out[at + takers_below] = e;
-        weight_out[at + takers_below] = S[at + e];
+        weight_out[at + takers_below] = w;
         slot_out[at + takers_below] = r;
     } else {
         const int32_t j = takers + (e - takers_below);
         expert_out[at + j] = -1;
         weight_out[at + j] = 0.0f;
         slot_out[at + j] = -1;
+    }
+}
+
+__global__ void ec_assign_groups_kernel(const float *__restrict__ S, const int32_t *__restrict__ rank, int32_t T,
+                                        int32_t E, int gs, int32_t *__restrict__ expert_out,
+                                        float *__restrict__ weight_out, int32_t *__restrict__ slot_out) {
+    ec_assign_group_item((size_t)blockIdx.x * blockDim.x + threadIdx.x, 1, S, rank, T, E, gs, expert_out, weight_out,
+                         slot_out);
+}
+
+/* ---- the fused select -------------------------------------------------------------
+ * Up to EC_FUSED_CHUNKS chunks an expert, one cooperative launch does the
+ * whole forward that ec_score_sort_kernel, ec_merge_kernel and
+ * ec_assign_groups_kernel do in three: block (c, e) sorts chunk c of expert e
+ * as above, waits for the other chunks of its expert, ranks its own run's keys
+ * against theirs (rank[t,e] for each), then waits for every block and writes
+ * its share of the output rows (paper mode, E <= 32; otherwise the assignment
+ * stays a launch of its own).
+ *
+ * The waits are flags in the workspace, one a block and phase: a block sets
+ * its flag to the call's tag once its writes are visible device-wide, and
+ * waits until the flags it needs hold that tag. The tags come from a host
+ * counter, new for every call, so flags left by an earlier call (or any
+ * other bytes the workspace holds) never read as arrived, and nothing has to
+ * clear them. A cooperative launch is what makes waiting on other blocks safe:
+ * it starts only with every block resident at once. */
+
+/* Sets this block's flag once every thread's writes are visible to the
+ * device: the barrier orders them before thread 0's fence, which is
+ * cumulative (the order cooperative groups' grid sync relies on). */
+__device__ void ec_arrive(unsigned long long *flag, unsigned long long tag) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(flag), "l"(tag) : "memory");
+    }
+}
+
+/* Returns to the whole block once flags[0 .. n) all hold `tag` (warp 0 polls). */
+__device__ void ec_wait(const unsigned long long *flags, int32_t n, unsigned long long tag) {
+    if (threadIdx.x < 32) {
+        for (;;) {
+            int arrived = 1;
+            for (int32_t i = (int32_t)threadIdx.x; i < n; i += 32) {
+                unsigned long long f;
+                asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(f) : "l"(flags + i) : "memory");
+                arrived &= f == tag;
+            }
+            if (__all_sync(EC_FULL_WARP, arrived)) break;
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+extern __shared__ unsigned long long ec_dyn_smem[];
+
+/* Grid (n_chunks, E), n_chunks <= EC_FUSED_CHUNKS, all blocks resident.
+ * flags: 2 n_chunks E words, the first phase's flags (block e * n_chunks + c)
+ * then the second's. Dynamic shared memory: max(CH, n_chunks min(CH, C)) keys.
+ *
+ * The ranking is the merge round's (a key's place is its place in its run plus
+ * the count of larger keys in every other run; exact for places < C, see
+ * ec_merge_kernel) with the expert's whole list in shared memory (64 KiB at
+ * T = 8192, C >= 1024): each thread runs a binary search per run and key, all
+ * of them side by side, so a key waits on log2(C) shared loads, not on global
+ * ones. gs > 0: then the output rows of tokens [b T / blocks ..) in lane
+ * groups, as ec_assign_groups_kernel writes them. */
+template <int CH, int R, int ROW>
+__global__ void __launch_bounds__(CH / R, 1)
+    ec_select_fused_kernel(const float *__restrict__ logits, int32_t T, int32_t E, int32_t C, int32_t n_chunks,
+                           float *S, unsigned long long *keys, int32_t *rank, unsigned long long *flags,
+                           unsigned long long tag, int gs, int32_t *__restrict__ expert_out,
+                           float *__restrict__ weight_out, int32_t *__restrict__ slot_out) {
+    constexpr int SEG = 32 * R;
+    const int32_t c = (int32_t)blockIdx.x, e = (int32_t)blockIdx.y;
+    const int32_t blocks = n_chunks * E, b = e * n_chunks + c;
+    const int lane = (int)(threadIdx.x & 31), seg = (int)(threadIdx.x >> 5) * SEG;
+    unsigned long long v[R];
+    ec_score_sort_chunk<CH, R, ROW>(logits, T, E, C, c, e, n_chunks == 1, S, keys, rank, ec_dyn_smem, v);
+
+    if (n_chunks > 1) {
+        ec_arrive(flags + b, tag);
+        ec_wait(flags + (size_t)e * n_chunks, n_chunks, tag);
+        /* The other runs into shared memory, run q at q * held (a run holds
+         * at most CH = R blockDim keys: R a thread). Every load is issued
+         * before the first store: one round trip to L2, where a loop storing
+         * each key as it came waited on every load in turn. */
+        const int32_t held = C < CH ? C : CH;
+        int32_t len[EC_FUSED_CHUNKS], n[EC_FUSED_CHUNKS][R];
+        unsigned long long got[EC_FUSED_CHUNKS][R];
+#pragma unroll
+        for (int q = 0; q < EC_FUSED_CHUNKS; ++q) {
+            len[q] = q < n_chunks && q != c ? ec_run_kept(T, C, CH, q) : 0; /* 0: run q adds nothing */
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int32_t m = (int32_t)threadIdx.x + r * (int32_t)blockDim.x;
+                got[q][r] = m < len[q] ? __ldcg(keys + (size_t)e * T + (size_t)q * CH + (size_t)m) : 0ull;
+                n[q][r] = 0;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < EC_FUSED_CHUNKS; ++q)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int32_t m = (int32_t)threadIdx.x + r * (int32_t)blockDim.x;
+                if (m < len[q]) ec_dyn_smem[q * held + m] = got[q][r];
+            }
+        __syncthreads();
+        int32_t top = 1; /* the largest power of two <= held */
+        while (2 * top <= held) top *= 2;
+        /* n[q][r] = the count of run q's keys larger than v[r]: a prefix. */
+        for (int32_t step = top; step > 0; step >>= 1) {
+#pragma unroll
+            for (int q = 0; q < EC_FUSED_CHUNKS; ++q)
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const int32_t k = n[q][r] + step;
+                    if (k <= len[q] && ec_dyn_smem[q * held + k - 1] > v[r]) n[q][r] = k;
+                }
+        }
+        const int32_t kept = ec_run_kept(T, C, CH, c);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int32_t p = seg + 32 * r + lane;
+            if (p >= kept) continue; /* rank -1 already, or padding */
+            int32_t place = p;
+#pragma unroll
+            for (int q = 0; q < EC_FUSED_CHUNKS; ++q) place += n[q][r];
+            rank[(size_t)ec_key_token(v[r]) * E + e] = place < C ? place : -1;
+        }
+    }
+
+    if (gs > 0) {
+        ec_arrive(flags + blocks + b, tag);
+        ec_wait(flags + blocks, blocks, tag);
+        /* Whole warps of items a block (a group never straddles two blocks). */
+        const size_t items = (size_t)T * (size_t)gs;
+        const size_t per = ((items + (size_t)blocks - 1) / (size_t)blocks + 31) / 32 * 32;
+        const size_t first = (size_t)b * per, end = first + per < items ? first + per : items;
+        for (size_t base = first; base < end; base += blockDim.x)
+            ec_assign_group_item(base + threadIdx.x, base + threadIdx.x < end, S, rank, T, E, gs, expert_out,
+                                 weight_out, slot_out);
     }
 }
 
@@ -802,6 +969,57 @@ static moe_status ec_cuda_check_values(const moe_context *ctx, cudaStream_t stre
                                         (unsigned long long *)ctx->workspace);
 }
 
+/* A new tag for every call of the fused select (see there). The counter
+ * starts at the clock's count, so that another process's flags left in
+ * reused device memory do not carry this process's tags either. */
+static unsigned long long ec_next_tag(void) {
+    static std::atomic<unsigned long long> next{
+        (unsigned long long)std::chrono::steady_clock::now().time_since_epoch().count()};
+    return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+/* The fused select with rows of ROW logits in registers (0: any E), if the
+ * device can hold all n_chunks * E blocks at once and their shared memory:
+ * *launched says whether it ran (if not, nothing was launched). */
+template <int ROW>
+static moe_status ec_launch_fused(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
+                                  int32_t E, int32_t C, int32_t n_chunks, float *S, unsigned long long *keys,
+                                  int32_t *rank, unsigned long long *flags, int gs, int32_t *expert_out,
+                                  float *weight_out, int32_t *slot_out, int *launched) {
+    void (*kernel)(const float *, int32_t, int32_t, int32_t, int32_t, float *, unsigned long long *, int32_t *,
+                   unsigned long long *, unsigned long long, int, int32_t *, float *, int32_t *) =
+        ec_select_fused_kernel<EC_CHUNK, EC_SORT_KEYS, ROW>;
+    const int threads = EC_CHUNK / EC_SORT_KEYS;
+    const size_t held = (size_t)(C < EC_CHUNK ? C : EC_CHUNK);
+    const size_t n_keys = (size_t)n_chunks * held > EC_CHUNK ? (size_t)n_chunks * held : (size_t)EC_CHUNK;
+    const size_t smem = n_keys * sizeof(unsigned long long);
+    int dev = 0, coop = 0, sms = 0, smem_max = 0, per_sm = 0;
+    *launched = 0;
+    MOE_ROUTER_CUDA(cudaGetDevice(&dev));
+    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
+    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (!coop || smem > (size_t)smem_max) return MOE_OK;
+    MOE_ROUTER_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    MOE_ROUTER_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    if ((long long)per_sm * sms < (long long)n_chunks * E) return MOE_OK;
+
+    cudaLaunchAttribute attr[1] = {};
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)n_chunks, (unsigned)E);
+    cfg.blockDim = dim3((unsigned)threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    MOE_ROUTER_CUDA(cudaLaunchKernelEx(&cfg, kernel, logits, T, E, C, n_chunks, S, keys, rank, flags, ec_next_tag(),
+                                       gs, expert_out, weight_out, slot_out));
+    *launched = 1;
+    return MOE_OK;
+}
+
 /* Every expert takes its top C (1 <= C <= T): the chunks' scores and sort,
  * then merge rounds until one run is left (see the top of the file); S and
  * every rank[t,e] are written. keys2 is needed only past one round
@@ -814,8 +1032,22 @@ static moe_status ec_cuda_check_values(const moe_context *ctx, cudaStream_t stre
  * backward with a thread per token (7.4, 9.4). */
 static moe_status ec_cuda_select(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
                                  int32_t E, int32_t C, float *S, unsigned long long *keys, unsigned long long *keys2,
-                                 int32_t *rank) {
+                                 int32_t *rank, unsigned long long *flags, int gs, int32_t *expert_out,
+                                 float *weight_out, int32_t *slot_out, int *assigned) {
     const int32_t n_chunks = ec_chunks(T);
+    *assigned = 0;
+    if (n_chunks <= EC_FUSED_CHUNKS) {
+        int launched = 0;
+        const moe_status st =
+            E <= EC_ROW ? ec_launch_fused<EC_ROW>(ctx, stream, logits, T, E, C, n_chunks, S, keys, rank, flags, gs,
+                                                  expert_out, weight_out, slot_out, &launched)
+                        : ec_launch_fused<0>(ctx, stream, logits, T, E, C, n_chunks, S, keys, rank, flags, gs,
+                                             expert_out, weight_out, slot_out, &launched);
+        if (st != MOE_OK || launched) {
+            *assigned = gs > 0;
+            return st;
+        }
+    }
     const unsigned grid_e = (unsigned)(E < EC_GRID_YZ ? E : EC_GRID_YZ);
     const dim3 sort_grid((unsigned)n_chunks, grid_e);
     if (E <= EC_ROW)
@@ -869,14 +1101,18 @@ static moe_status ec_cuda_forward(void *state, const moe_context *ctx, const moe
     unsigned long long *keys = (unsigned long long *)(ws + L.keys);
     unsigned long long *keys2 = L.keys2 ? (unsigned long long *)(ws + L.keys2) : NULL;
 
+    const int gs = ec_group_size(E);
+    int assigned = 0;
     if (C > 0) {
-        st = ec_cuda_select(ctx, stream, a->logits, T, E, C, S, keys, keys2, rank);
+        st = ec_cuda_select(ctx, stream, a->logits, T, E, C, S, keys, keys2, rank,
+                            (unsigned long long *)(ws + L.flags), owns_capacity ? gs : 0, a->expert, a->weight,
+                            a->slot, &assigned);
         if (st != MOE_OK) return st;
     } else {
         /* No expert takes anything; S is not read (seed mode uses it for its rows). */
         MOE_ROUTER_CUDA(cudaMemsetAsync(rank, 0xFF, (size_t)T * E * sizeof(int32_t), stream)); /* -1 */
     }
-    const int gs = ec_group_size(E);
+    if (assigned) return MOE_OK;
     if (owns_capacity && gs > 0) {
         ec_assign_groups_kernel<<<ec_group_blocks(T, gs), MOE_ROUTER_CUDA_THREADS, 0, stream>>>(
             S, rank, T, E, gs, a->expert, a->weight, a->slot);

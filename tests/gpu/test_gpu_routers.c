@@ -3,9 +3,10 @@
  *
  * For every plugin and every option setting that changes its code path,
  * on T in {1, 37, 4096}, E in {8, 64}, K in {1, 2}, d_model 24 (and a few
- * larger cases for expert choice's sort, E = 12 and 3 for its lane groups of
- * 16 and 4 lanes a token, which have idle lanes, and for noisy_topk's learned
- * noise wider d_model: the training shape, tiles cut short, and the shapes
+ * larger cases for expert choice's sort and its fused select, E = 12 and 3
+ * for its lane groups of 16 and 4 lanes a token, which have idle lanes, and
+ * for noisy_topk's learned noise wider d_model: the training shape, tiles
+ * cut short, and the shapes
  * that fall back to the global-memory kernels), with fresh random inputs:
  *
  *   forward   the same logits, x, token ids and parameters go to the CPU
@@ -931,6 +932,24 @@ int main(void) {
             run_case(p, &c, ++case_seed, stream);
             c.ties = 1;
             run_case(p, &c, ++case_seed, stream);
+        }
+        if (s->big && !quick) {
+            /* Expert choice's fused select (at most 8 chunks of 1024 tokens an
+             * expert, one launch): the training shape (C = 2560 and 1280), a
+             * last chunk cut short, C >= T, E = 40 (its rows then assigned by a
+             * launch of their own), E = 3 over three chunks. */
+            static const struct {
+                int T, E, K, ties;
+            } fused_cases[] = {{8192, 8, 2, 0}, {8192, 8, 1, 0}, {8192, 8, 2, 1}, {4133, 8, 2, 0},
+                               {5000, 4, 4, 0}, {2000, 40, 2, 0}, {3000, 3, 1, 0}};
+            for (size_t f = 0; f < sizeof fused_cases / sizeof fused_cases[0]; ++f) {
+                c.T = fused_cases[f].T;
+                c.E = fused_cases[f].E;
+                c.K = fused_cases[f].K;
+                c.ties = fused_cases[f].ties;
+                run_case(p, &c, ++case_seed, stream);
+            }
+            c.K = 2;
         }
         if (s->wide && !quick) {
             c.ties = 0;
