@@ -1,7 +1,19 @@
 /*
  * expert_choice, CUDA path: the routing of expert_choice.c on the device.
  *
- * Forward, three launches:
+ * Forward, where an expert's list is at most EC_FUSED_CHUNKS chunks (T <=
+ * 8192) and the device holds the whole grid at once: one cooperative launch,
+ * ec_select_fused_kernel, that does steps 1 to 3 below in phases. Each
+ * (chunk, expert) block sorts its chunk as in step 1; it waits (flags in the
+ * workspace) for the other chunks of its expert, loads their runs into shared
+ * memory and ranks its own keys by binary searches there (the merge's rule
+ * in one round, with no global loads on the way); then it waits for every
+ * block and writes its share of the output rows as in step 3 (paper mode,
+ * E <= 32; otherwise step 3 is a launch of its own). Where they fit,
+ * EC_FUSED_SPLIT blocks sort each chunk alike and share its ranking, so that
+ * SMs the sorts leave idle take half of it.
+ *
+ * Otherwise (larger T, or a grid too large to be resident), three launches:
  *   1. score and sort: expert e's T candidates are cut into chunks of
  *               EC_CHUNK tokens; one block per (chunk, expert) computes the
  *               chunk's scores S[t,e] = softmax(l[t,:])[e] (writing them to S),
@@ -39,7 +51,9 @@
  * shared memory (two rounds of global loads per key instead of a binary
  * search through global memory), ec_expf has no branch (a thread's
  * independent calls overlap), and the assignment and the backward read and
- * write whole rows with whole warps. Measured numbers: at ec_cuda_select.
+ * write whole rows with whole warps. The fused select removes two launches
+ * and the merge's global loads where T allows. Measured numbers: at
+ * ec_cuda_select.
  *
  * Routing decisions must be bitwise the CPU's, and here they depend on
  * rounding: an expert ranks the scores of different tokens, and with
@@ -92,6 +106,7 @@ typedef struct ec_state {
 #define EC_SAMPLES 32
 #define EC_ROW 8 /* the most logits a row has for the sort's rows in registers */
 #define EC_FUSED_CHUNKS 8 /* the most chunks an expert for the fused select (its list in shared memory) */
+#define EC_FUSED_SPLIT 2  /* blocks a chunk in the fused select where they fit (they share its ranking) */
 #define EC_GRID_YZ 65535 /* the most blocks a grid has along y and z; kernels loop past it */
 #define EC_FULL_WARP 0xFFFFFFFFu
 
@@ -114,8 +129,9 @@ static int32_t ec_chunks(int32_t T) { return T > 0 ? (T - 1) / EC_CHUNK + 1 : 0;
  *   keys2  [E,T] uint64    where a merge round writes when it is not the last
  *                          one: only when T > EC_CHUNK * EC_GROUP (two or more
  *                          rounds; the rounds alternate between the two)
- *   flags  [2, EC_FUSED_CHUNKS, E] uint64   the fused select's flags (its
- *                          two phases; see ec_select_fused_kernel)
+ *   flags  [2, EC_FUSED_CHUNKS, EC_FUSED_SPLIT, E] uint64   the fused
+ *                          select's flags (its two waits; see
+ *                          ec_select_fused_kernel)
  * That is more than the CPU path needs (S, rank, a [T] candidate list): 16 TE
  * bytes (24 TE where keys2 is needed) against 8 TE + 8 T, 1 MiB against
  * 0.6 MiB at T = 8192, E = 8. query() reports the larger of the two needs
@@ -138,7 +154,7 @@ static ec_layout ec_layout_for(const ec_state *s, int32_t T) {
         L.total += TE * sizeof(unsigned long long);
     }
     L.flags = L.total;
-    L.total += 2 * (size_t)EC_FUSED_CHUNKS * (size_t)s->E * sizeof(unsigned long long);
+    L.total += 2 * (size_t)EC_FUSED_CHUNKS * EC_FUSED_SPLIT * (size_t)s->E * sizeof(unsigned long long);
     return L;
 }
 
@@ -256,12 +272,14 @@ __device__ unsigned long long ec_pick(const unsigned long long (&v)[R], int q) {
 
 __host__ __device__ constexpr int ec_log2(int n) { return n > 1 ? 1 + ec_log2(n / 2) : 0; }
 
-/* Block (c, e) and its grid-stride successors: expert e scores the tokens of
- * chunk c, [c * CH, c * CH + n), writes S[t,e], sorts their keys descending
- * and keeps the first min(n, C) as run c in `keys`; with `single` (one chunk
- * is the whole list) it writes their ranks instead. Either way the tokens
- * past the first C get rank -1: a key past the chunk's first C can only be
- * past the expert's first C.
+/* The block's sort of chunk c of expert e: it scores the tokens of chunk c,
+ * [c * CH, c * CH + n), writes S[t,e], sorts their keys descending (left in
+ * v: position seg + 32 r + lane in v[r]) and keeps the first min(n, C) as
+ * run c in `keys`; with `single` (one chunk is the whole list) it writes
+ * their ranks instead. Either way the tokens past the first C get rank -1: a
+ * key past the chunk's first C can only be past the expert's first C. With
+ * writes = 0 it only sorts (a second block of the fused select that shares
+ * the chunk's ranking).
  *
  * Each thread computes whole softmax rows for its R tokens (the E logits of
  * a row are read by one thread, as the CPU sums them in one order), so every
@@ -287,151 +305,147 @@ __host__ __device__ constexpr int ec_log2(int n) { return n > 1 ? 1 + ec_log2(n 
  * R = 2. */
 template <int CH, int R, int ROW>
 __device__ void ec_score_sort_chunk(const float *__restrict__ logits, int32_t T, int32_t E, int32_t C, int32_t c,
-                                    int32_t e, int single, float *__restrict__ S,
+                                    int32_t e, int single, int writes, float *__restrict__ S,
                                     unsigned long long *__restrict__ keys, int32_t *__restrict__ rank,
                                     unsigned long long *sk, unsigned long long (&v)[R]) {
     constexpr int SEG = 32 * R, LOG_CH = ec_log2(CH);
     static_assert((1 << LOG_CH) == CH && SEG <= CH && (R & (R - 1)) == 0, "CH, R: powers of two, 32 R <= CH");
     const int lane = (int)(threadIdx.x & 31), seg = (int)(threadIdx.x >> 5) * SEG;
-    {
-        {
-            const int32_t first = c * CH; /* < T */
-            const int32_t n = T - first < CH ? T - first : CH;
-            /* The R rows side by side (ec_softmax_row's steps for entry e),
-             * so that their loads and expf chains overlap; a position past
-             * the chunk computes its chunk's first row and drops it. */
-            const float *row[R];
-            float m[R], sum[R], p_e[R];
+    const int32_t first = c * CH; /* < T */
+    const int32_t n = T - first < CH ? T - first : CH;
+    /* The R rows side by side (ec_softmax_row's steps for entry e),
+     * so that their loads and expf chains overlap; a position past
+     * the chunk computes its chunk's first row and drops it. */
+    const float *row[R];
+    float m[R], sum[R], p_e[R];
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int32_t p = seg + 32 * r + lane;
-                row[r] = logits + (size_t)(first + (p < n ? p : 0)) * E;
-                m[r] = -INFINITY;
-                sum[r] = 0.0f;
-                p_e[r] = 0.0f;
-            }
-            if constexpr (ROW > 0) {
-                /* Every load is issued before the first is used: one round
-                 * trip to memory, where a loop over E would wait on each. */
-                float l[R][ROW];
+    for (int r = 0; r < R; ++r) {
+        const int32_t p = seg + 32 * r + lane;
+        row[r] = logits + (size_t)(first + (p < n ? p : 0)) * E;
+        m[r] = -INFINITY;
+        sum[r] = 0.0f;
+        p_e[r] = 0.0f;
+    }
+    if constexpr (ROW > 0) {
+        /* Every load is issued before the first is used: one round
+         * trip to memory, where a loop over E would wait on each. */
+        float l[R][ROW];
 #pragma unroll
-                for (int r = 0; r < R; ++r)
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-                    for (int i = 0; i < ROW; ++i) l[r][i] = i < E ? row[r][i] : 0.0f;
+            for (int i = 0; i < ROW; ++i) l[r][i] = i < E ? row[r][i] : 0.0f;
 #pragma unroll
-                for (int i = 0; i < ROW; ++i)
+        for (int i = 0; i < ROW; ++i)
 #pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        if (i < E) m[r] = l[r][i] > m[r] ? l[r][i] : m[r];
+            for (int r = 0; r < R; ++r)
+                if (i < E) m[r] = l[r][i] > m[r] ? l[r][i] : m[r];
 #pragma unroll
-                for (int i = 0; i < ROW; ++i)
+        for (int i = 0; i < ROW; ++i)
 #pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        if (i < E) {
-                            const float x = ec_expf(l[r][i] - m[r]);
-                            sum[r] += x;
-                            if (i == e) p_e[r] = x;
-                        }
-            } else {
-                for (int32_t i = 0; i < E; ++i)
-#pragma unroll
-                    for (int r = 0; r < R; ++r) m[r] = row[r][i] > m[r] ? row[r][i] : m[r];
-                for (int32_t i = 0; i < E; ++i)
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const float x = ec_expf(row[r][i] - m[r]);
-                        sum[r] += x;
-                        if (i == e) p_e[r] = x;
-                    }
-            }
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int32_t p = seg + 32 * r + lane;
-                v[r] = 0ull;
-                if (p < n) {
-                    const float score = p_e[r] / sum[r];
-                    S[(size_t)(first + p) * E + e] = score;
-                    v[r] = ec_key(score, first + p);
+            for (int r = 0; r < R; ++r)
+                if (i < E) {
+                    const float x = ec_expf(l[r][i] - m[r]);
+                    sum[r] += x;
+                    if (i == e) p_e[r] = x;
                 }
+    } else {
+        for (int32_t i = 0; i < E; ++i)
+#pragma unroll
+            for (int r = 0; r < R; ++r) m[r] = row[r][i] > m[r] ? row[r][i] : m[r];
+        for (int32_t i = 0; i < E; ++i)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float x = ec_expf(row[r][i] - m[r]);
+                sum[r] += x;
+                if (i == e) p_e[r] = x;
             }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int32_t p = seg + 32 * r + lane;
+        v[r] = 0ull;
+        if (p < n) {
+            const float score = p_e[r] / sum[r];
+            if (writes) S[(size_t)(first + p) * E + e] = score;
+            v[r] = ec_key(score, first + p);
+        }
+    }
 
 #pragma unroll
-            for (int lk = 1; lk <= LOG_CH; ++lk) {
-                const int k = 1 << lk;
-                int lj = lk - 1; /* j = 1 << lj, the step to do next */
-                if (k > SEG) {
-                    /* Each thread stores and later loads only its own
-                     * positions, so only the steps need barriers. */
+    for (int lk = 1; lk <= LOG_CH; ++lk) {
+        const int k = 1 << lk;
+        int lj = lk - 1; /* j = 1 << lj, the step to do next */
+        if (k > SEG) {
+            /* Each thread stores and later loads only its own
+             * positions, so only the steps need barriers. */
 #pragma unroll
-                    for (int r = 0; r < R; ++r) sk[seg + 32 * r + lane] = v[r];
-                    __syncthreads();
-                    for (; (1 << lj) >= SEG; --lj) {
-                        const int j = 1 << lj;
-                        for (int q = (int)threadIdx.x; q < CH / 2; q += CH / R) {
-                            const int i = ((q & ~(j - 1)) << 1) | (q & (j - 1));
-                            const int partner = j == (k >> 1) ? (i ^ (k - 1)) : (i | j);
-                            const unsigned long long x = sk[i], y = sk[partner];
-                            if (x < y) {
-                                sk[i] = y;
-                                sk[partner] = x;
-                            }
-                        }
-                        __syncthreads();
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; ++r) v[r] = sk[seg + 32 * r + lane];
-                } else if (k <= 32) { /* the mirror, across lanes */
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const unsigned long long y = __shfl_xor_sync(EC_FULL_WARP, v[r], k - 1);
-                        v[r] = (lane & (k >> 1)) == 0 ? ec_max(v[r], y) : ec_min(v[r], y);
-                    }
-                    --lj;
-                } else { /* the mirror, across lanes and registers */
-                    const int mr = k / 32 - 1;
-                    unsigned long long y[R];
-#pragma unroll
-                    for (int r = 0; r < R; ++r) y[r] = __shfl_xor_sync(EC_FULL_WARP, ec_pick(v, r ^ mr), 31);
-#pragma unroll
-                    for (int r = 0; r < R; ++r) v[r] = (r & (k / 64)) == 0 ? ec_max(v[r], y[r]) : ec_min(v[r], y[r]);
-                    --lj;
-                }
-#pragma unroll
-                for (; lj >= 0; --lj) {
-                    const int j = 1 << lj;
-                    if (j >= 32) { /* within the thread */
-                        const int jr = j / 32;
-                        unsigned long long y[R];
-#pragma unroll
-                        for (int r = 0; r < R; ++r) y[r] = ec_pick(v, r ^ jr);
-#pragma unroll
-                        for (int r = 0; r < R; ++r) v[r] = (r & jr) == 0 ? ec_max(v[r], y[r]) : ec_min(v[r], y[r]);
-                    } else { /* across lanes */
-#pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            const unsigned long long y = __shfl_xor_sync(EC_FULL_WARP, v[r], j);
-                            v[r] = (lane & j) == 0 ? ec_max(v[r], y) : ec_min(v[r], y);
-                        }
+            for (int r = 0; r < R; ++r) sk[seg + 32 * r + lane] = v[r];
+            __syncthreads();
+            for (; (1 << lj) >= SEG; --lj) {
+                const int j = 1 << lj;
+                for (int q = (int)threadIdx.x; q < CH / 2; q += CH / R) {
+                    const int i = ((q & ~(j - 1)) << 1) | (q & (j - 1));
+                    const int partner = j == (k >> 1) ? (i ^ (k - 1)) : (i | j);
+                    const unsigned long long x = sk[i], y = sk[partner];
+                    if (x < y) {
+                        sk[i] = y;
+                        sk[partner] = x;
                     }
                 }
+                __syncthreads();
             }
-
-            /* Positions < n hold the chunk's real keys (the padding sorts last). */
-            const int32_t kept = n < C ? n : C;
-            unsigned long long *run = keys + (size_t)e * T + first;
+#pragma unroll
+            for (int r = 0; r < R; ++r) v[r] = sk[seg + 32 * r + lane];
+        } else if (k <= 32) { /* the mirror, across lanes */
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                const int32_t p = seg + 32 * r + lane;
-                if (p >= n) continue;
-                int32_t *rank_te = rank + (size_t)ec_key_token(v[r]) * E + e;
-                if (single)
-                    *rank_te = p < kept ? p : -1;
-                else if (p < kept)
-                    run[p] = v[r];
-                else
-                    *rank_te = -1;
+                const unsigned long long y = __shfl_xor_sync(EC_FULL_WARP, v[r], k - 1);
+                v[r] = (lane & (k >> 1)) == 0 ? ec_max(v[r], y) : ec_min(v[r], y);
+            }
+            --lj;
+        } else { /* the mirror, across lanes and registers */
+            const int mr = k / 32 - 1;
+            unsigned long long y[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) y[r] = __shfl_xor_sync(EC_FULL_WARP, ec_pick(v, r ^ mr), 31);
+#pragma unroll
+            for (int r = 0; r < R; ++r) v[r] = (r & (k / 64)) == 0 ? ec_max(v[r], y[r]) : ec_min(v[r], y[r]);
+            --lj;
+        }
+#pragma unroll
+        for (; lj >= 0; --lj) {
+            const int j = 1 << lj;
+            if (j >= 32) { /* within the thread */
+                const int jr = j / 32;
+                unsigned long long y[R];
+#pragma unroll
+                for (int r = 0; r < R; ++r) y[r] = ec_pick(v, r ^ jr);
+#pragma unroll
+                for (int r = 0; r < R; ++r) v[r] = (r & jr) == 0 ? ec_max(v[r], y[r]) : ec_min(v[r], y[r]);
+            } else { /* across lanes */
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const unsigned long long y = __shfl_xor_sync(EC_FULL_WARP, v[r], j);
+                    v[r] = (lane & j) == 0 ? ec_max(v[r], y) : ec_min(v[r], y);
+                }
             }
         }
+    }
+
+    /* Positions < n hold the chunk's real keys (the padding sorts last). */
+    const int32_t kept = n < C ? n : C;
+    unsigned long long *run = keys + (size_t)e * T + first;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int32_t p = seg + 32 * r + lane;
+        if (p >= n || !writes) continue;
+        int32_t *rank_te = rank + (size_t)ec_key_token(v[r]) * E + e;
+        if (single)
+            *rank_te = p < kept ? p : -1;
+        else if (p < kept)
+            run[p] = v[r];
+        else
+            *rank_te = -1;
     }
 }
 
@@ -446,7 +460,7 @@ __global__ void __launch_bounds__(CH / R, 1)
     for (int32_t e = blockIdx.y; e < E; e += gridDim.y)
         for (int32_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
             unsigned long long v[R];
-            ec_score_sort_chunk<CH, R, ROW>(logits, T, E, C, c, e, single, S, keys, rank, sk, v);
+            ec_score_sort_chunk<CH, R, ROW>(logits, T, E, C, c, e, single, 1, S, keys, rank, sk, v);
         }
 }
 
@@ -726,39 +740,60 @@ __device__ void ec_wait(const unsigned long long *flags, int32_t n, unsigned lon
 
 extern __shared__ unsigned long long ec_dyn_smem[];
 
-/* Grid (n_chunks, E), n_chunks <= EC_FUSED_CHUNKS, all blocks resident.
- * flags: 2 n_chunks E words, the first phase's flags (block e * n_chunks + c)
- * then the second's. Dynamic shared memory: max(CH, n_chunks min(CH, C)) keys.
+/* The lane items [first, end) of n that block b of `blocks` takes: whole
+ * warps (so a token's group never straddles two blocks), about n / blocks. */
+__device__ void ec_block_share(size_t n, int32_t blocks, int32_t b, size_t *first, size_t *end) {
+    const size_t per = ((n + (size_t)blocks - 1) / (size_t)blocks + 31) / 32 * 32;
+    *first = (size_t)b * per;
+    *end = *first + per < n ? *first + per : n;
+}
+
+/* Grid (n_chunks, E, H), n_chunks <= EC_FUSED_CHUNKS, all blocks resident;
+ * block b = (h E + e) n_chunks + c. flags: 2 n_chunks E H words, one a block
+ * for each wait (runs, ranks). Dynamic shared memory:
+ * max(CH, n_chunks min(CH, C)) keys.
+ *
+ * Block (c, e, h) scores and sorts chunk c of expert e as
+ * ec_score_sort_kernel does (rows of ROW logits in registers, 0: loops over
+ * E). The sorts of blocks h > 0 repeat block h = 0's and write nothing: they
+ * are there so that the ranking, the longest part, is shared by H blocks of
+ * otherwise idle SMs. (Scores computed once, in lane groups, before the
+ * sorts, with a wait for all blocks between, measured slower: 24.0 against
+ * 22.8 us a call at T = 8192, E = 8, H = 2.)
  *
  * The ranking is the merge round's (a key's place is its place in its run plus
  * the count of larger keys in every other run; exact for places < C, see
  * ec_merge_kernel) with the expert's whole list in shared memory (64 KiB at
  * T = 8192, C >= 1024): each thread runs a binary search per run and key, all
  * of them side by side, so a key waits on log2(C) shared loads, not on global
- * ones. gs > 0: then the output rows of tokens [b T / blocks ..) in lane
- * groups, as ec_assign_groups_kernel writes them. */
-template <int CH, int R, int ROW>
+ * ones; block h takes its threads' keys r = h, h + H, .. . assign: then the
+ * output rows (gs lanes a token), shared by all blocks, as
+ * ec_assign_groups_kernel writes them. */
+template <int CH, int R, int ROW, int H>
 __global__ void __launch_bounds__(CH / R, 1)
     ec_select_fused_kernel(const float *__restrict__ logits, int32_t T, int32_t E, int32_t C, int32_t n_chunks,
                            float *S, unsigned long long *keys, int32_t *rank, unsigned long long *flags,
-                           unsigned long long tag, int gs, int32_t *__restrict__ expert_out,
+                           unsigned long long tag, int gs, int assign, int32_t *__restrict__ expert_out,
                            float *__restrict__ weight_out, int32_t *__restrict__ slot_out) {
-    constexpr int SEG = 32 * R;
-    const int32_t c = (int32_t)blockIdx.x, e = (int32_t)blockIdx.y;
-    const int32_t blocks = n_chunks * E, b = e * n_chunks + c;
+    constexpr int SEG = 32 * R, K = R / H; /* K keys a thread ranks */
+    static_assert(H >= 1 && K * H == R, "H divides R");
+    const int32_t c = (int32_t)blockIdx.x, e = (int32_t)blockIdx.y, h = (int32_t)blockIdx.z;
+    const int32_t blocks = n_chunks * E * H, b = (h * E + e) * n_chunks + c;
+    unsigned long long *flags_runs = flags, *flags_ranks = flags + blocks;
     const int lane = (int)(threadIdx.x & 31), seg = (int)(threadIdx.x >> 5) * SEG;
+
     unsigned long long v[R];
-    ec_score_sort_chunk<CH, R, ROW>(logits, T, E, C, c, e, n_chunks == 1, S, keys, rank, ec_dyn_smem, v);
+    ec_score_sort_chunk<CH, R, ROW>(logits, T, E, C, c, e, n_chunks == 1, h == 0, S, keys, rank, ec_dyn_smem, v);
 
     if (n_chunks > 1) {
-        ec_arrive(flags + b, tag);
-        ec_wait(flags + (size_t)e * n_chunks, n_chunks, tag);
+        if (h == 0) ec_arrive(flags_runs + (size_t)e * n_chunks + c, tag);
+        ec_wait(flags_runs + (size_t)e * n_chunks, n_chunks, tag);
         /* The other runs into shared memory, run q at q * held (a run holds
          * at most CH = R blockDim keys: R a thread). Every load is issued
          * before the first store: one round trip to L2, where a loop storing
          * each key as it came waited on every load in turn. */
         const int32_t held = C < CH ? C : CH;
-        int32_t len[EC_FUSED_CHUNKS], n[EC_FUSED_CHUNKS][R];
+        int32_t len[EC_FUSED_CHUNKS], n[EC_FUSED_CHUNKS][K];
         unsigned long long got[EC_FUSED_CHUNKS][R];
 #pragma unroll
         for (int q = 0; q < EC_FUSED_CHUNKS; ++q) {
@@ -767,8 +802,9 @@ __global__ void __launch_bounds__(CH / R, 1)
             for (int r = 0; r < R; ++r) {
                 const int32_t m = (int32_t)threadIdx.x + r * (int32_t)blockDim.x;
                 got[q][r] = m < len[q] ? __ldcg(keys + (size_t)e * T + (size_t)q * CH + (size_t)m) : 0ull;
-                n[q][r] = 0;
             }
+#pragma unroll
+            for (int i = 0; i < K; ++i) n[q][i] = 0;
         }
 #pragma unroll
         for (int q = 0; q < EC_FUSED_CHUNKS; ++q)
@@ -778,37 +814,38 @@ __global__ void __launch_bounds__(CH / R, 1)
                 if (m < len[q]) ec_dyn_smem[q * held + m] = got[q][r];
             }
         __syncthreads();
+        unsigned long long x[K]; /* this block's keys of the thread: v[i H + h] */
+#pragma unroll
+        for (int i = 0; i < K; ++i) x[i] = H == 1 ? v[i] : ec_pick(v, i * H + h);
         int32_t top = 1; /* the largest power of two <= held */
         while (2 * top <= held) top *= 2;
-        /* n[q][r] = the count of run q's keys larger than v[r]: a prefix. */
+        /* n[q][i] = the count of run q's keys larger than x[i]: a prefix. */
         for (int32_t step = top; step > 0; step >>= 1) {
 #pragma unroll
             for (int q = 0; q < EC_FUSED_CHUNKS; ++q)
 #pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    const int32_t k = n[q][r] + step;
-                    if (k <= len[q] && ec_dyn_smem[q * held + k - 1] > v[r]) n[q][r] = k;
+                for (int i = 0; i < K; ++i) {
+                    const int32_t k = n[q][i] + step;
+                    if (k <= len[q] && ec_dyn_smem[q * held + k - 1] > x[i]) n[q][i] = k;
                 }
         }
         const int32_t kept = ec_run_kept(T, C, CH, c);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int32_t p = seg + 32 * r + lane;
+        for (int i = 0; i < K; ++i) {
+            const int32_t p = seg + 32 * (i * H + h) + lane;
             if (p >= kept) continue; /* rank -1 already, or padding */
             int32_t place = p;
 #pragma unroll
-            for (int q = 0; q < EC_FUSED_CHUNKS; ++q) place += n[q][r];
-            rank[(size_t)ec_key_token(v[r]) * E + e] = place < C ? place : -1;
+            for (int q = 0; q < EC_FUSED_CHUNKS; ++q) place += n[q][i];
+            rank[(size_t)ec_key_token(x[i]) * E + e] = place < C ? place : -1;
         }
     }
 
-    if (gs > 0) {
-        ec_arrive(flags + blocks + b, tag);
-        ec_wait(flags + blocks, blocks, tag);
-        /* Whole warps of items a block (a group never straddles two blocks). */
-        const size_t items = (size_t)T * (size_t)gs;
-        const size_t per = ((items + (size_t)blocks - 1) / (size_t)blocks + 31) / 32 * 32;
-        const size_t first = (size_t)b * per, end = first + per < items ? first + per : items;
+    if (assign) {
+        ec_arrive(flags_ranks + b, tag);
+        ec_wait(flags_ranks, blocks, tag);
+        size_t first, end;
+        ec_block_share((size_t)T * (size_t)gs, blocks, b, &first, &end);
         for (size_t base = first; base < end; base += blockDim.x)
             ec_assign_group_item(base + threadIdx.x, base + threadIdx.x < end, S, rank, T, E, gs, expert_out,
                                  weight_out, slot_out);
@@ -978,17 +1015,18 @@ static unsigned long long ec_next_tag(void) {
     return next.fetch_add(1, std::memory_order_relaxed);
 }
 
-/* The fused select with rows of ROW logits in registers (0: any E), if the
- * device can hold all n_chunks * E blocks at once and their shared memory:
- * *launched says whether it ran (if not, nothing was launched). */
-template <int ROW>
+/* The fused select (rows of ROW logits in registers; 0: any E) with H
+ * blocks a chunk, if the device can hold all n_chunks E H blocks at
+ * once and their shared memory: *launched says whether it ran (if not,
+ * nothing was launched). */
+template <int ROW, int H>
 static moe_status ec_launch_fused(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
                                   int32_t E, int32_t C, int32_t n_chunks, float *S, unsigned long long *keys,
-                                  int32_t *rank, unsigned long long *flags, int gs, int32_t *expert_out,
+                                  int32_t *rank, unsigned long long *flags, int gs, int assign, int32_t *expert_out,
                                   float *weight_out, int32_t *slot_out, int *launched) {
     void (*kernel)(const float *, int32_t, int32_t, int32_t, int32_t, float *, unsigned long long *, int32_t *,
-                   unsigned long long *, unsigned long long, int, int32_t *, float *, int32_t *) =
-        ec_select_fused_kernel<EC_CHUNK, EC_SORT_KEYS, ROW>;
+                   unsigned long long *, unsigned long long, int, int, int32_t *, float *, int32_t *) =
+        ec_select_fused_kernel<EC_CHUNK, EC_SORT_KEYS, ROW, H>;
     const int threads = EC_CHUNK / EC_SORT_KEYS;
     const size_t held = (size_t)(C < EC_CHUNK ? C : EC_CHUNK);
     const size_t n_keys = (size_t)n_chunks * held > EC_CHUNK ? (size_t)n_chunks * held : (size_t)EC_CHUNK;
@@ -1002,22 +1040,40 @@ static moe_status ec_launch_fused(const moe_context *ctx, cudaStream_t stream, c
     if (!coop || smem > (size_t)smem_max) return MOE_OK;
     MOE_ROUTER_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     MOE_ROUTER_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    if ((long long)per_sm * sms < (long long)n_chunks * E) return MOE_OK;
+    if ((long long)per_sm * sms < (long long)n_chunks * E * H) return MOE_OK;
 
     cudaLaunchAttribute attr[1] = {};
     attr[0].id = cudaLaunchAttributeCooperative;
     attr[0].val.cooperative = 1;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)n_chunks, (unsigned)E);
+    cfg.gridDim = dim3((unsigned)n_chunks, (unsigned)E, (unsigned)H);
     cfg.blockDim = dim3((unsigned)threads);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     MOE_ROUTER_CUDA(cudaLaunchKernelEx(&cfg, kernel, logits, T, E, C, n_chunks, S, keys, rank, flags, ec_next_tag(),
-                                       gs, expert_out, weight_out, slot_out));
+                                       gs, assign, expert_out, weight_out, slot_out));
     *launched = 1;
     return MOE_OK;
+}
+
+/* The fused select with EC_FUSED_SPLIT blocks a chunk where they fit, else
+ * one (a single chunk has no ranking to share); *launched = 0: neither fits. */
+template <int ROW>
+static moe_status ec_launch_fused_any(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
+                                      int32_t E, int32_t C, int32_t n_chunks, float *S, unsigned long long *keys,
+                                      int32_t *rank, unsigned long long *flags, int gs, int assign,
+                                      int32_t *expert_out, float *weight_out, int32_t *slot_out, int *launched) {
+    *launched = 0;
+    if (n_chunks > 1) {
+        const moe_status st = ec_launch_fused<ROW, EC_FUSED_SPLIT>(ctx, stream, logits, T, E, C, n_chunks, S, keys,
+                                                                   rank, flags, gs, assign, expert_out, weight_out,
+                                                                   slot_out, launched);
+        if (st != MOE_OK || *launched) return st;
+    }
+    return ec_launch_fused<ROW, 1>(ctx, stream, logits, T, E, C, n_chunks, S, keys, rank, flags, gs, assign,
+                                   expert_out, weight_out, slot_out, launched);
 }
 
 /* Every expert takes its top C (1 <= C <= T): the chunks' scores and sort,
@@ -1026,25 +1082,31 @@ static moe_status ec_launch_fused(const moe_context *ctx, cudaStream_t stream, c
  * (ec_layout_for).
  *
  * Measured on an H100 (Nsight Compute, T = 8192, E = 8, C = 2560, per
- * layer of a training step): score and sort 12.2 us, merge 11.3, assign 3.7,
- * backward 4.4; 31.8 us against 45.6 for a scores kernel (6.6), the sort
+ * layer of a training step): the fused select 22.8 us and the backward 4.4,
+ * 27.2 us in two launches, against 31.8 in four for score and sort (12.2),
+ * merge (11.3), assign (3.7) and backward (4.4). Earlier forms of the fused
+ * select, same shape: one block a chunk 24.8 us (and 29 with its runs
+ * loaded into shared memory one key at a time); scores first in lane groups
+ * with a wait for all blocks, 24.0 with two blocks a chunk and 27.0 with
+ * one. Before the chunks: 45.6 us for a scores kernel (6.6), the sort
  * (10.2), a merge searching through global memory (12.0), assign and
  * backward with a thread per token (7.4, 9.4). */
 static moe_status ec_cuda_select(const moe_context *ctx, cudaStream_t stream, const float *logits, int32_t T,
                                  int32_t E, int32_t C, float *S, unsigned long long *keys, unsigned long long *keys2,
-                                 int32_t *rank, unsigned long long *flags, int gs, int32_t *expert_out,
-                                 float *weight_out, int32_t *slot_out, int *assigned) {
+                                 int32_t *rank, unsigned long long *flags, int gs, int owns_capacity,
+                                 int32_t *expert_out, float *weight_out, int32_t *slot_out, int *assigned) {
     const int32_t n_chunks = ec_chunks(T);
     *assigned = 0;
     if (n_chunks <= EC_FUSED_CHUNKS) {
         int launched = 0;
+        const int assign = owns_capacity && gs > 0;
         const moe_status st =
-            E <= EC_ROW ? ec_launch_fused<EC_ROW>(ctx, stream, logits, T, E, C, n_chunks, S, keys, rank, flags, gs,
-                                                  expert_out, weight_out, slot_out, &launched)
-                        : ec_launch_fused<0>(ctx, stream, logits, T, E, C, n_chunks, S, keys, rank, flags, gs,
-                                             expert_out, weight_out, slot_out, &launched);
+            E <= EC_ROW ? ec_launch_fused_any<EC_ROW>(ctx, stream, logits, T, E, C, n_chunks, S, keys, rank, flags,
+                                                      gs, assign, expert_out, weight_out, slot_out, &launched)
+                        : ec_launch_fused_any<0>(ctx, stream, logits, T, E, C, n_chunks, S, keys, rank, flags, gs,
+                                                 assign, expert_out, weight_out, slot_out, &launched);
         if (st != MOE_OK || launched) {
-            *assigned = gs > 0;
+            *assigned = assign;
             return st;
         }
     }
@@ -1105,8 +1167,8 @@ static moe_status ec_cuda_forward(void *state, const moe_context *ctx, const moe
     int assigned = 0;
     if (C > 0) {
         st = ec_cuda_select(ctx, stream, a->logits, T, E, C, S, keys, keys2, rank,
-                            (unsigned long long *)(ws + L.flags), owns_capacity ? gs : 0, a->expert, a->weight,
-                            a->slot, &assigned);
+                            (unsigned long long *)(ws + L.flags), gs, owns_capacity, a->expert, a->weight, a->slot,
+                            &assigned);
         if (st != MOE_OK) return st;
     } else {
         /* No expert takes anything; S is not read (seed mode uses it for its rows). */
