@@ -35,7 +35,10 @@
  *                        group of 8 experts) with 8 sums, tokens ascending
  *   then dw_finish: dW[d,e] += the tiles' partials, each of 16 lanes adding a
  *   contiguous range of tiles in ascending order and the lanes added in lane
- *   order (no atomics: the same floats every run).
+ *   order (no atomics: the same floats every run). Folding this sum into the
+ *   tile kernel (the last block of each lane adds the lane, the last lane
+ *   the lanes, counted with integer tickets) was measured slower on the H100:
+ *   the tile kernel grew by 6.3 us per call against 4.4 us for dw_finish.
  * Without learned noise the backward is only dl' (noisy_dlp_kernel).
  *
  * The tile needs d_model % 4 == 0, x and dx 16-byte aligned, at most 32
