@@ -81,11 +81,15 @@ int moe_layer_create(moe_layer *L, const moe_layer_cfg *cfg, moe_backend *be,
         snprintf(err, errcap, "router '%s' refused its configuration: %s", router->name, L->msg);
         return -1;
     }
+    memset(&L->rinfo, 0, sizeof L->rinfo);
     L->rinfo.struct_size = sizeof L->rinfo;
     if (router->query(L->router_state, &L->rinfo) != MOE_OK) {
         snprintf(err, errcap, "router '%s': query failed: %s", router->name, L->msg);
         return -1;
     }
+    /* A plugin built before saved_bytes was appended declares no saved buffer. */
+    if (L->rinfo.struct_size < offsetof(moe_router_info, saved_bytes) + sizeof L->rinfo.saved_bytes)
+        L->rinfo.saved_bytes = 0;
     if (L->rinfo.k_out < 1 || L->rinfo.k_out > 4096 || L->rinfo.n_params < 0 ||
         L->rinfo.n_params > MOE_MAX_PLUGIN_TENSORS || L->rinfo.n_buffers < 0 ||
         L->rinfo.n_buffers > MOE_MAX_PLUGIN_TENSORS) {
@@ -190,6 +194,7 @@ int moe_layer_alloc(moe_layer *L, char *err, size_t errcap) {
         memset(guard, WORKSPACE_GUARD_BYTE, sizeof guard);
         be->from_host(be, (char *)L->router_workspace + L->rinfo.workspace_bytes, guard, sizeof guard);
     }
+    L->router_saved = L->rinfo.saved_bytes ? alloc_tracked(be, L->rinfo.saved_bytes, &ok) : NULL;
     L->counts = alloc_tracked(be, 2 * E * i32, &ok);
     if (!L->scalars || !L->record) {
         L->owns_results = 1;
@@ -217,6 +222,7 @@ void moe_layer_destroy(moe_layer *L) {
     be->free(be, L->slot);
     be->free(be, L->kept);
     be->free(be, L->router_workspace);
+    if (L->router_saved) be->free(be, L->router_saved);
     be->free(be, L->counts);
     if (L->owns_results) {
         be->free(be, L->scalars);
@@ -522,6 +528,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     fa.weight = L->weight;
     fa.slot = owns_capacity ? L->slot : NULL;
     fa.route_logits = perturbs ? L->route_logits : NULL;
+    fa.saved = L->router_saved;
     if (ctx.inputs_checked) be->check_finite(be, L->logits, (size_t)T * E, MOE_CHECK_LOGIT, L->record);
     if (L->router_impl->forward(L->router_state, &ctx, &fa) != MOE_OK) {
         snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s", L->router->name, c->layer, L->msg);
@@ -670,6 +677,7 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
         ba.dlogits = L->router_dlogits;
         ba.dx = dx;
         ba.param_grads = L->router_grads;
+        ba.saved = L->router_saved;
         if (L->router_impl->backward(L->router_state, &ctx, &ba) != MOE_OK) {
             snprintf(err, errcap, "router '%s' (layer %d) backward failed: %s", L->router->name, c->layer, L->msg);
             return -1;

@@ -55,6 +55,7 @@ typedef struct moe_layer {
     void *router_state;
     moe_router_info rinfo;
     void *router_workspace;
+    void *router_saved;       /* rinfo.saved_bytes kept from a forward to its backward; NULL when 0 */
     int K_cap;                /* K in C = ceil(CF*T*K/E) */
 
     /* parameters (pointers into the model's flat buffers) and their grads */

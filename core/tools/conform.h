@@ -159,6 +159,7 @@ typedef struct cf_call {
     const int32_t *ids;    /* [T] */
     float *buffers[MOE_MAX_PLUGIN_TENSORS]; /* in: before the call; out: after it (forward may update in training) */
     unsigned char ws_fill; /* what the workspace holds before the call */
+    int older_host;        /* call as a host older than the `saved` fields (no saved buffer) */
     /* forward outputs, [T,k_out] ([T,E] for route_logits) */
     int32_t *expert;
     float *weight;
@@ -171,6 +172,9 @@ typedef struct cf_call {
     float *dlogits;
     float *dx;
     float *param_grads[MOE_MAX_PLUGIN_TENSORS];
+    /* info.saved_bytes kept from the forward to the backward, as the host
+     * keeps it (NULL when the plugin declares none); poisoned at first */
+    unsigned char *saved;
     /* what happened */
     moe_status st;
     char msg[CF_MSG_CAP];       /* ctx->msg as the plugin left it */

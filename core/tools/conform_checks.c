@@ -15,6 +15,8 @@
  *   - backward matches central finite differences of forward (unless
  *     MOE_ROUTER_NO_GRAD);
  *   - bad inputs are answered with an error and a message, never a crash;
+ *   - a plugin with a saved buffer gives the same outputs without one (an
+ *     older host);
  *   - nothing is written outside the declared workspace and the outputs, and
  *     nothing that is only to be read is changed.
  */
@@ -1092,6 +1094,102 @@ static void group_determinism(const cf_config *cfg) {
     cf_device_close(&dev);
 }
 
+/* A plugin that declares a saved buffer (info.saved_bytes) must give the
+ * same outputs when the host passes none (a host older than the field):
+ * forward then backward with the buffer, as moehost calls them, against the
+ * same two calls as an older host, bitwise. A backward that reads what its
+ * forward did not write (the buffer starts poisoned) or a fallback that
+ * computes something else shows here. */
+static void group_saved(const cf_config *cfg) {
+    static const char *const rows[] = {"saved.fallback"};
+    cf_device dev;
+    if (group_device(cfg, &dev, rows, 1) != 0) return;
+    cf_rng r = cf_rng_make(cfg->seed * 53 + 9);
+    shape shapes[16];
+    int ns = 0;
+    shapes[ns++] = make_shape(16, 4, 2, 8, 1.25);
+    shapes[ns++] = make_shape(64, 8, 2, 16, 1.0);
+    shapes[ns++] = make_shape(200, 8, 2, 32, 1.25);
+    for (int i = 0; i < (cfg->quick ? 2 : 8); ++i) {
+        shape s = random_shape(&r, 256, 64);
+        if (s.T == 0) s.T = 3;
+        shapes[ns++] = s;
+    }
+    tally t = {0};
+    int declared = 0, calls = 0;
+    for (int i = 0; i < ns; ++i) {
+        const shape *s = &shapes[i];
+        char where[128];
+        where_of(where, sizeof where, s, 0);
+        cf_note("saved %s", where);
+        cf_instance A;
+        int ra = instance_for(&A, cfg, &dev, s, 1, cfg->seed + 9);
+        inputs x;
+        memset(&x, 0, sizeof x);
+        if (ra == CF_INST_NOT_APPLICABLE || (ra == CF_INST_OK && A.info.saved_bytes == 0)) {
+            cf_instance_destroy(&A);
+            continue;
+        }
+        if (ra != CF_INST_OK || gen_inputs(&x, &r, s, 0) != 0) {
+            tfail(&t, "%s: no instance: %s", where, A.why);
+            free_inputs(&x);
+            cf_instance_destroy(&A);
+            continue;
+        }
+        declared = 1;
+        const int C = cf_capacity(&A, s->T);
+        const int grad = !(A.info.flags & MOE_ROUTER_NO_GRAD) && A.impl->backward;
+        for (int training = 0; training <= 1; ++training) {
+            where_of(where, sizeof where, s, training);
+            moe_rng_key key = key_for(cfg, 2000 + (uint64_t)i, 1);
+            cf_call c[2];
+            int ok = cf_call_alloc(&c[0], &A, s->T) == 0;
+            ok = cf_call_alloc(&c[1], &A, s->T) == 0 && ok;
+            if (!ok) {
+                tfail(&t, "%s: out of memory in the checker", where);
+            } else {
+                c[1].older_host = 1;
+                char diff[128];
+                for (int k = 0; k < 2; ++k) {
+                    bind_inputs(&c[k], &x, C, training, key);
+                    cf_forward(&A, &c[k]);
+                    calls++;
+                    if (c[k].viol) tfail(&t, "%s: forward%s: %s", where, k ? " as an older host" : "", c[k].violation);
+                }
+                if (compare_forward(&A, &c[0], &c[1], diff, sizeof diff))
+                    tfail(&t, "%s: forward with the saved buffer and without it (an older host) differ at %s", where,
+                          diff);
+                else if (training && grad && c[0].st == MOE_OK) {
+                    gen_upstream(&r, &A, &c[0]);
+                    for (size_t q = 0; q < (size_t)s->T * s->d; ++q) c[0].dx[q] = cf_rng_uniform(&r, -1.0f, 1.0f);
+                    copy_upstream(&A, &c[0], &c[1]);
+                    for (int k = 0; k < 2; ++k) {
+                        cf_backward(&A, &c[k]);
+                        calls++;
+                        if (c[k].viol)
+                            tfail(&t, "%s: backward%s: %s", where, k ? " as an older host" : "", c[k].violation);
+                    }
+                    if (compare_backward(&A, &c[0], &c[1], diff, sizeof diff))
+                        tfail(&t,
+                              "%s: backward after a forward with the saved buffer and without it (an older host) "
+                              "differ at %s",
+                              where, diff);
+                }
+            }
+            cf_call_free(&c[0], &A);
+            cf_call_free(&c[1], &A);
+        }
+        free_inputs(&x);
+        cf_instance_destroy(&A);
+    }
+    if (!declared && !t.fails)
+        cf_row("saved.fallback", CF_SKIP, "the plugin declares no saved buffer (saved_bytes 0)");
+    else
+        trow("saved.fallback", &t, "%d calls on %s: with the saved buffer and as an older host without it, bitwise equal",
+             calls, dev.name);
+    cf_device_close(&dev);
+}
+
 /* ------------------------------------------------------------------ */
 /* gradient check                                                      */
 /* ------------------------------------------------------------------ */
@@ -1629,6 +1727,6 @@ static void group_cuda(const cf_config *cfg) {
 const cf_group cf_groups[] = {
     {"device", group_device_select},   {"create", group_create},       {"options", group_options},
     {"forward", group_forward},        {"determinism", group_determinism}, {"gradient", group_gradient},
-    {"bad_input", group_bad_input},    {"cuda", group_cuda},
+    {"bad_input", group_bad_input},    {"cuda", group_cuda},          {"saved", group_saved},
 };
 const int cf_n_groups = (int)(sizeof cf_groups / sizeof cf_groups[0]);

@@ -218,13 +218,17 @@ int cf_instance_create(cf_instance *in, const cf_config *cfg, const cf_device *d
         snprintf(in->why, sizeof in->why, "query returned status %d", (int)st);
         return CF_INST_QUERY;
     }
+    /* As the host: a plugin built before saved_bytes was appended declares none. */
+    if (in->info.struct_size < offsetof(moe_router_info, saved_bytes) + sizeof in->info.saved_bytes)
+        in->info.saved_bytes = 0;
     const moe_router_info *I = &in->info;
     if (I->k_out < 1 || I->k_out > 4096 || I->n_params < 0 || I->n_params > MOE_MAX_PLUGIN_TENSORS ||
-        I->n_buffers < 0 || I->n_buffers > MOE_MAX_PLUGIN_TENSORS || I->workspace_bytes > ((size_t)1 << 32)) {
+        I->n_buffers < 0 || I->n_buffers > MOE_MAX_PLUGIN_TENSORS || I->workspace_bytes > ((size_t)1 << 32) ||
+        I->saved_bytes > ((size_t)1 << 32)) {
         snprintf(in->why, sizeof in->why,
                  "query gave an unusable info: k_out %d (1..4096), %d params, %d buffers (0..%d), "
-                 "workspace %zu bytes",
-                 I->k_out, I->n_params, I->n_buffers, MOE_MAX_PLUGIN_TENSORS, I->workspace_bytes);
+                 "workspace %zu bytes, saved %zu bytes",
+                 I->k_out, I->n_params, I->n_buffers, MOE_MAX_PLUGIN_TENSORS, I->workspace_bytes, I->saved_bytes);
         return CF_INST_INFO;
     }
     cf_rng r = cf_rng_make(seed ^ 0x5EEDull);
@@ -293,7 +297,9 @@ int cf_call_alloc(cf_call *c, const cf_instance *in, int T) {
     c->d_route_logits = calloc(nL ? nL : 1, sizeof(float));
     c->dlogits = calloc(nL ? nL : 1, sizeof(float));
     c->dx = calloc(nX ? nX : 1, sizeof(float));
+    c->saved = in->info.saved_bytes ? xalloc(in->info.saved_bytes) : NULL;
     int ok = c->expert && c->weight && c->dweight && c->d_route_logits && c->dlogits && c->dx;
+    ok = ok && (!in->info.saved_bytes || c->saved);
     ok = ok && (!(in->info.flags & MOE_ROUTER_OWNS_CAPACITY) || c->slot);
     ok = ok && (!(in->info.flags & MOE_ROUTER_PERTURBS_LOGITS) || c->route_logits);
     for (int i = 0; i < in->info.n_params; ++i) {
@@ -310,6 +316,8 @@ int cf_call_alloc(cf_call *c, const cf_instance *in, int T) {
         fill_words(c->weight, nA * sizeof(float), CF_POISON_BITS);
         if (c->slot) fill_words(c->slot, nA * sizeof(int32_t), (uint32_t)CF_POISON_INDEX);
         if (c->route_logits) fill_words(c->route_logits, nL * sizeof(float), CF_POISON_BITS);
+        /* Undefined before the first forward: a backward must read only what its forward wrote. */
+        if (c->saved) fill_words(c->saved, in->info.saved_bytes - in->info.saved_bytes % 4, CF_POISON_BITS);
     }
     return ok ? 0 : -1;
 }
@@ -324,6 +332,7 @@ void cf_call_free(cf_call *c, const cf_instance *in) {
     free(c->d_route_logits);
     free(c->dlogits);
     free(c->dx);
+    free(c->saved);
     for (int i = 0; i < MOE_MAX_PLUGIN_TENSORS; ++i) {
         free(c->param_grads[i]);
         free(c->buffers[i]);
@@ -532,6 +541,12 @@ moe_status cf_forward(const cf_instance *in, cf_call *c) {
     if (flags & MOE_ROUTER_PERTURBS_LOGITS)
         f.route_logits = arena_add(&a, "route_logits[T,E]", CF_VIOL_OUTPUT, T * E * sizeof(float), c->route_logits, 0,
                                    0, c->route_logits);
+    /* The saved buffer goes from the forward to the backward through c->saved; an
+     * older host's arguments end before the field. */
+    if (c->older_host)
+        f.struct_size = (uint32_t)offsetof(moe_router_fwd_args, saved);
+    else if (c->saved)
+        f.saved = arena_add(&a, "the saved buffer", CF_VIOL_OUTPUT, in->info.saved_bytes, c->saved, 0, 0, c->saved);
     if (a.failed) {
         violate(c, CF_VIOL_DEVICE, "%s", a.why);
         arena_finish(&a, c, "forward");
@@ -591,6 +606,10 @@ moe_status cf_backward(const cf_instance *in, cf_call *c) {
                              c->param_grads[i]);
     }
     b.param_grads = grads;
+    if (c->older_host)
+        b.struct_size = (uint32_t)offsetof(moe_router_bwd_args, saved);
+    else if (c->saved)
+        b.saved = arena_add(&a, "the saved buffer", CF_VIOL_OUTPUT, in->info.saved_bytes, c->saved, 0, 0, c->saved);
     if (a.failed) {
         violate(c, CF_VIOL_DEVICE, "%s", a.why);
         arena_finish(&a, c, "backward");

@@ -27,6 +27,15 @@
  *   learned, training:  dsigma = dl' n,  dpre = dsigma sigmoid(pre),
  *                       dW_noise += x^T dpre,  dx += dpre W_noise^T
  * with pre = x W_noise, since d softplus(z)/dz = sigmoid(z).
+ *
+ * With learned noise the plugin declares a saved buffer (moe_router_info.
+ * saved_bytes): in training the forward stores sigmoid(pre) and n there, and
+ * the backward reads them instead of summing pre over d_model again and
+ * drawing n again (the same floats: the stored ones are the ones the
+ * forward computed). A host that passes no buffer (an older one) gets the
+ * backward that computes them again. Layout for T tokens (noisy_saved_at):
+ *   sig      [T,E] float  sigmoid(pre)
+ *   noise    [T,E] float  n
  */
 #include <moe/router.h>
 
@@ -35,8 +44,42 @@ typedef struct noisy_state {
     int learned;
     float noise_std;
     float temperature;
-    int32_t max_tokens;  /* bound on T: sizes the CUDA path's scratch */
+    int32_t max_tokens;  /* bound on T: sizes the CUDA path's scratch and the saved buffer */
 } noisy_state;
+
+/* The saved buffer's parts for one call (see the top); all NULL without one. */
+typedef struct noisy_saved {
+    float *sig, *noise;
+} noisy_saved;
+
+noisy_saved noisy_saved_fwd(const noisy_state *s, const moe_router_fwd_args *a);
+noisy_saved noisy_saved_bwd(const noisy_state *s, const moe_router_bwd_args *a);
+
+static size_t noisy_saved_bytes(const noisy_state *s) {
+    if (!s->learned) return 0;
+    return 2 * (size_t)s->max_tokens * (size_t)s->E * sizeof(float);
+}
+
+/* The parts of `saved` for T tokens; none when there is no buffer or T is
+ * more than it was sized for. */
+static noisy_saved noisy_saved_at(const noisy_state *s, void *saved, int32_t T) {
+    noisy_saved p = {NULL, NULL};
+    if (!saved || !s->learned || T > s->max_tokens) return p;
+    p.sig = (float *)saved;
+    p.noise = p.sig + (size_t)T * s->E;
+    return p;
+}
+
+/* `saved` exists in the arguments only when the host is as new as the field. */
+noisy_saved noisy_saved_fwd(const noisy_state *s, const moe_router_fwd_args *a) {
+    const int has = a->struct_size >= offsetof(moe_router_fwd_args, saved) + sizeof a->saved;
+    return noisy_saved_at(s, has ? a->saved : NULL, a->T);
+}
+
+noisy_saved noisy_saved_bwd(const noisy_state *s, const moe_router_bwd_args *a) {
+    const int has = a->struct_size >= offsetof(moe_router_bwd_args, saved) + sizeof a->saved;
+    return noisy_saved_at(s, has ? a->saved : NULL, a->T);
+}
 
 /* The CUDA path (noisy_topk.cu): its table, and the workspace it needs. Defined
  * only when the build compiles noisy_topk.cu; MOE_ROUTER_IF_CUDA uses them only then. */
@@ -108,6 +151,7 @@ static moe_status noisy_query(const void *state, moe_router_info *info) {
     info->weight_sum = 1.0f;
     /* The CPU path needs none; the CUDA path's flags and scratch when it is built. */
     info->workspace_bytes = MOE_ROUTER_IF_CUDA(noisy_topk_cuda_workspace_bytes(s), 0);
+    info->saved_bytes = noisy_saved_bytes(s);
     if (s->learned) {
         /* Zero init as in the paper: every sigma starts at softplus(0) = ln 2
          * and training moves it. Decaying W_noise would pull sigma back
@@ -140,11 +184,21 @@ static moe_status noisy_check_common(const noisy_state *s, const moe_context *ct
     return MOE_OK;
 }
 
-/* sigma[t,e] * n[t,e], the perturbation of one logit in training. */
+/* sigma[t,e] * n[t,e], the perturbation of one logit in training; with a
+ * saved buffer (learned noise) also sigmoid(pre) and n into it. */
 static float noisy_perturbation(const noisy_state *s, const moe_context *ctx, const float *x_t, const float *w_noise,
-                                int32_t t, int32_t e) {
-    float n = moe_rng_normal(ctx->rng, (uint64_t)t * (uint64_t)s->E + (uint64_t)e);
-    float sigma = s->learned ? noisy_softplus(noisy_pre(x_t, w_noise, s->d_model, s->E, e)) : s->noise_std;
+                                int32_t t, int32_t e, const noisy_saved *saved) {
+    const size_t i = (size_t)t * (size_t)s->E + (size_t)e;
+    float n = moe_rng_normal(ctx->rng, (uint64_t)i);
+    float sigma = s->noise_std;
+    if (s->learned) {
+        float pre = noisy_pre(x_t, w_noise, s->d_model, s->E, e);
+        sigma = noisy_softplus(pre);
+        if (saved->sig) {
+            saved->sig[i] = noisy_sigmoid(pre);
+            saved->noise[i] = n;
+        }
+    }
     return sigma * n;
 }
 
@@ -158,13 +212,15 @@ static moe_status noisy_forward(void *state, const moe_context *ctx, const moe_r
                         "forward: expert, weight and route_logits must not be NULL");
     const int32_t E = s->E, K = s->K;
     const float *w_noise = s->learned && ctx->training ? a->params[0] : NULL;
+    noisy_saved saved = {NULL, NULL};
+    if (w_noise) saved = noisy_saved_fwd(s, a);
     for (int32_t t = 0; t < a->T; ++t) {
         const float *l = a->logits + (size_t)t * E;
         const float *x_t = w_noise ? a->x + (size_t)t * s->d_model : NULL;
         float *lp = a->route_logits + (size_t)t * E; /* l' */
         for (int32_t e = 0; e < E; ++e) {
             /* In evaluation l' is l exactly, not l + 0 * n. */
-            lp[e] = ctx->training ? l[e] + noisy_perturbation(s, ctx, x_t, w_noise, t, e) : l[e];
+            lp[e] = ctx->training ? l[e] + noisy_perturbation(s, ctx, x_t, w_noise, t, e, &saved) : l[e];
             if (!isfinite(lp[e]))
                 return moe_fail(ctx->msg, ctx->msg_cap, MOE_ERR_INVALID_ARG,
                                 "perturbed logit of token %d, expert %d is %g; check x and w_noise", t, e,
@@ -193,6 +249,8 @@ static moe_status noisy_backward(void *state, const moe_context *ctx, const moe_
     /* Forward fills every entry: an expert, never -1. */
     st = moe_router_check_expert_entries_cpu(ctx, a->expert, a->T, K, 0, E);
     if (st != MOE_OK) return st;
+    noisy_saved saved = {NULL, NULL}; /* the forward's sigmoid(pre) and n, if the host kept them */
+    if (noise_path) saved = noisy_saved_bwd(s, a);
 
     for (int32_t t = 0; t < a->T; ++t) {
         /* dl' is built in the dlogits row, which is also the final dlogits. */
@@ -207,9 +265,11 @@ static moe_status noisy_backward(void *state, const moe_context *ctx, const moe_
         float *dW = a->param_grads[0];
         float *dx_t = a->dx + (size_t)t * D;
         for (int32_t e = 0; e < E; ++e) {
-            float n = moe_rng_normal(ctx->rng, (uint64_t)t * (uint64_t)E + (uint64_t)e); /* forward's draw */
+            const size_t i = (size_t)t * (size_t)E + (size_t)e;
+            float n = saved.noise ? saved.noise[i] : moe_rng_normal(ctx->rng, (uint64_t)i); /* forward's draw */
+            float sig = saved.sig ? saved.sig[i] : noisy_sigmoid(noisy_pre(x_t, W, D, E, e));
             float dsigma = dlp[e] * n;
-            float dpre = dsigma * noisy_sigmoid(noisy_pre(x_t, W, D, E, e));
+            float dpre = dsigma * sig;
             for (int32_t d = 0; d < D; ++d) {
                 dW[(size_t)d * E + e] += x_t[d] * dpre;
                 dx_t[d] += dpre * W[(size_t)d * E + e];

@@ -27,8 +27,10 @@
  * Backward, learned noise in training, one tile kernel:
  *            dl'[t,:] = d_route_logits + softk backward   one thread per token
  *            dlogits  = dl'                                (dl'/dl = 1)
- *            dpre[t,e] = dl'[t,e] n[t,e] sigmoid(pre[t,e])  pre recomputed as
- *                        in the forward, dpre kept in shared memory
+ *            dpre[t,e] = dl'[t,e] n[t,e] sigmoid(pre[t,e])  n and sigmoid(pre)
+ *                        read from the saved buffer, which the forward filled
+ *                        (without one, pre and n computed again as in the
+ *                        forward), dpre kept in shared memory
  *            dx[t,d]  += sum_e dpre[t,e] W[d,e]          e ascending, 16 bytes of
  *                        dx per thread and step
  *            partial[tile][d,e] = sum_t x[t,d] dpre[t,e]  a thread per d (and
@@ -79,6 +81,14 @@ typedef struct noisy_state {
     float temperature;
     int32_t max_tokens;
 } noisy_state;
+
+/* The saved buffer (noisy_topk.c): its parts for T tokens, NULL when the
+ * host passed none (older host, or no learned noise). */
+typedef struct noisy_saved {
+    float *sig, *noise;
+} noisy_saved;
+extern "C" noisy_saved noisy_saved_fwd(const noisy_state *s, const moe_router_fwd_args *a);
+extern "C" noisy_saved noisy_saved_bwd(const noisy_state *s, const moe_router_bwd_args *a);
 
 /* ---- the tile's shape and shared-memory layout ------------------------------------ */
 
@@ -159,9 +169,6 @@ extern "C" size_t noisy_topk_cuda_workspace_bytes(const noisy_state *s) {
 
 /* ---- the noise (device copies of noisy_topk.c's) ------------------------------- */
 
-/* softplus(z) = max(z, 0) + log1p(e^-|z|): the exponent is never positive. */
-__device__ float noisy_softplus(float z) { return fmaxf(z, 0.0f) + log1pf(expf(-fabsf(z))); }
-
 /* sigmoid(z) = 1 / (1 + e^-z), evaluated with a non-positive exponent. */
 __device__ float noisy_sigmoid(float z) {
     if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
@@ -177,10 +184,20 @@ __device__ float noisy_noise(moe_rng_key key, int32_t t, int32_t E, int32_t e) {
 /* l' = l + sigma n, rounded as the CPU rounds it. */
 __device__ float noisy_perturbed(float l, float sigma, float noise) { return __fadd_rn(l, __fmul_rn(sigma, noise)); }
 
-/* dpre = dsigma sigmoid(pre), dsigma = dl' n. */
-__device__ float noisy_dpre_value(float dl, float noise, float pre) {
+/* softplus(z) = max(z, 0) + log1p(e^-|z|) (the exponent is never positive),
+ * and sigmoid(z) into *sig, from one exponential: expf(-|z|) is
+ * the exponent noisy_sigmoid takes on either side of 0, so *sig is
+ * noisy_sigmoid(z) bit for bit. */
+__device__ float noisy_softplus_sigmoid(float z, float *sig) {
+    const float ez = expf(-fabsf(z));
+    *sig = z >= 0.0f ? 1.0f / (1.0f + ez) : ez / (1.0f + ez);
+    return fmaxf(z, 0.0f) + log1pf(ez);
+}
+
+/* dpre = dsigma sigmoid(pre), dsigma = dl' n; sig = sigmoid(pre). */
+__device__ float noisy_dpre_value(float dl, float noise, float sig) {
     const float dsigma = dl * noise;
-    return dsigma * noisy_sigmoid(pre);
+    return dsigma * sig;
 }
 
 /* pre[t,e] = sum_d x[t,d] W_noise[d,e], rounded as the CPU loop rounds, x and W in global memory. */
@@ -291,7 +308,7 @@ __device__ void noisy_route_row(const float *lp, int32_t E, int32_t K, float tem
  * noise_std. */
 __global__ void noisy_perturb_kernel(const float *logits, int32_t T, int32_t E, int training, moe_rng_key key,
                                      float noise_std, const float *x, const float *w_noise, int32_t d_model,
-                                     float *route_logits, unsigned long long *flags) {
+                                     float *route_logits, unsigned long long *flags, noisy_saved saved) {
     const size_t n = (size_t)T * E;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const int32_t t = (int32_t)(i / E), e = (int32_t)(i % E);
@@ -299,9 +316,16 @@ __global__ void noisy_perturb_kernel(const float *logits, int32_t T, int32_t E, 
         if (flags && !isfinite(l)) atomicMin(&flags[0], (unsigned long long)i);
         float lp = l; /* in evaluation l' is l exactly, not l + 0 * n */
         if (training) {
-            const float sigma =
-                w_noise ? noisy_softplus(noisy_pre(x + (size_t)t * d_model, w_noise, d_model, E, e)) : noise_std;
-            lp = noisy_perturbed(l, sigma, noisy_noise(key, t, E, e));
+            const float noise = noisy_noise(key, t, E, e);
+            float sigma = noise_std, sig;
+            if (w_noise) {
+                sigma = noisy_softplus_sigmoid(noisy_pre(x + (size_t)t * d_model, w_noise, d_model, E, e), &sig);
+                if (saved.sig) {
+                    saved.sig[i] = sig;
+                    saved.noise[i] = noise;
+                }
+            }
+            lp = noisy_perturbed(l, sigma, noise);
         }
         route_logits[i] = lp;
         if (flags && !isfinite(lp)) atomicMin(&flags[1], (unsigned long long)i);
@@ -315,7 +339,7 @@ template <bool route>
 __global__ void __launch_bounds__(NOISY_TILE_THREADS)
     noisy_forward_tile_kernel(noisy_tile p, const float *logits, int32_t T, moe_rng_key key, const float *x,
                               const float *w_noise, float temperature, float *route_logits, int32_t *expert_out,
-                              float *weight_out, unsigned long long *flags) {
+                              float *weight_out, unsigned long long *flags, noisy_saved saved) {
     extern __shared__ float4 noisy_smem4[];
     const noisy_tile_view v = noisy_stage_tile(p, x, w_noise, T, (float *)noisy_smem4);
     __syncthreads();
@@ -326,7 +350,13 @@ __global__ void __launch_bounds__(NOISY_TILE_THREADS)
         const float l = logits[i];
         if (flags && !isfinite(l)) atomicMin(&flags[0], (unsigned long long)i);
         const float pre = noisy_pre_tile(v.sX + (size_t)v.local * p.stride, v.sW + (size_t)v.e * p.stride, p.d_model);
-        const float lp = noisy_perturbed(l, noisy_softplus(pre), noisy_noise(key, t, E, v.e));
+        const float noise = noisy_noise(key, t, E, v.e);
+        float sig;
+        const float lp = noisy_perturbed(l, noisy_softplus_sigmoid(pre, &sig), noise);
+        if (saved.sig) {
+            saved.sig[i] = sig;
+            saved.noise[i] = noise;
+        }
         route_logits[i] = lp;
         if (flags && !isfinite(lp)) atomicMin(&flags[1], (unsigned long long)i);
         if (route) v.sL[(size_t)v.local * (E + 1) + v.e] = lp;
@@ -371,7 +401,7 @@ __global__ void __launch_bounds__(NOISY_TILE_THREADS)
     noisy_backward_tile_kernel(noisy_tile p, int32_t T, moe_rng_key key, const float *x, const float *w_noise,
                                const int32_t *expert, const float *weight, const float *dweight,
                                const float *d_route_logits, float temperature, float *dlogits, float *dx,
-                               float *partial) {
+                               float *partial, noisy_saved saved) {
     extern __shared__ float4 noisy_smem4[];
     const noisy_tile_view v = noisy_stage_tile(p, x, w_noise, T, (float *)noisy_smem4);
     const int32_t E = p.E, tid = threadIdx.x, nthreads = blockDim.x;
@@ -391,8 +421,16 @@ __global__ void __launch_bounds__(NOISY_TILE_THREADS)
     if (v.active) {
         const float dl = dl_row[v.e];
         dlogits[i] = dl;
-        const float pre = noisy_pre_tile(v.sX + (size_t)v.local * p.stride, v.sW + (size_t)v.e * p.stride, p.d_model);
-        v.sP[(size_t)v.local * p.dpre_stride + v.e] = noisy_dpre_value(dl, noisy_noise(key, t, E, v.e), pre);
+        float sig, noise;
+        if (saved.sig) { /* the forward's values */
+            sig = saved.sig[i];
+            noise = saved.noise[i];
+        } else {
+            sig = noisy_sigmoid(
+                noisy_pre_tile(v.sX + (size_t)v.local * p.stride, v.sW + (size_t)v.e * p.stride, p.d_model));
+            noise = noisy_noise(key, t, E, v.e);
+        }
+        v.sP[(size_t)v.local * p.dpre_stride + v.e] = noisy_dpre_value(dl, noise, sig);
     }
     __syncthreads();
 
@@ -457,12 +495,15 @@ __global__ void __launch_bounds__(NOISY_TILE_THREADS)
 
 /* dpre[t,e] = dsigma sigmoid(pre), dsigma = dl'[t,e] n[t,e] (forward's draw). */
 __global__ void noisy_dpre_kernel(const float *dlogits, const float *x, const float *w_noise, int32_t T, int32_t E,
-                                  int32_t d_model, moe_rng_key key, float *dpre) {
+                                  int32_t d_model, moe_rng_key key, noisy_saved saved, float *dpre) {
     const size_t n = (size_t)T * E;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const int32_t t = (int32_t)(i / E), e = (int32_t)(i % E);
-        dpre[i] = noisy_dpre_value(dlogits[i], noisy_noise(key, t, E, e),
-                                   noisy_pre(x + (size_t)t * d_model, w_noise, d_model, E, e));
+        if (saved.sig)
+            dpre[i] = noisy_dpre_value(dlogits[i], saved.noise[i], saved.sig[i]);
+        else
+            dpre[i] = noisy_dpre_value(dlogits[i], noisy_noise(key, t, E, e),
+                                       noisy_sigmoid(noisy_pre(x + (size_t)t * d_model, w_noise, d_model, E, e)));
     }
 }
 
@@ -589,6 +630,10 @@ static moe_status noisy_cuda_forward(void *state, const moe_context *ctx, const 
     unsigned long long *flags = checked ? NULL : (unsigned long long *)ctx->workspace;
     const noisy_tile tile = noisy_tile_plan(E, K, s->d_model);
     const int tiled = w_noise && tile.tokens > 0 && noisy_aligned16(a->x);
+    /* sigmoid(pre) and n for the backward, when the host keeps a saved buffer. */
+    noisy_saved saved;
+    memset(&saved, 0, sizeof saved);
+    if (w_noise) saved = noisy_saved_fwd(s, a);
 
     if (flags) MOE_ROUTER_CUDA(cudaMemsetAsync(flags, 0xFF, 2 * sizeof *flags, stream));
     if (tiled) {
@@ -596,17 +641,17 @@ static moe_status noisy_cuda_forward(void *state, const moe_context *ctx, const 
         if (checked)
             noisy_forward_tile_kernel<true><<<blocks, threads, tile.bytes(), stream>>>(
                 tile, a->logits, T, ctx->rng, a->x, w_noise, s->temperature, a->route_logits, a->expert, a->weight,
-                flags);
+                flags, saved);
         else
             noisy_forward_tile_kernel<false><<<blocks, threads, tile.bytes(), stream>>>(
                 tile, a->logits, T, ctx->rng, a->x, w_noise, s->temperature, a->route_logits, a->expert, a->weight,
-                flags);
+                flags, saved);
         MOE_ROUTER_LAUNCHED(noisy_forward_tile_kernel);
         if (checked) return MOE_OK;
     } else {
         noisy_perturb_kernel<<<moe_router_cuda_row_blocks((size_t)T * E), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
             a->logits, T, E, ctx->training != 0, ctx->rng, s->noise_std, a->x, w_noise, s->d_model, a->route_logits,
-            flags);
+            flags, saved);
         MOE_ROUTER_LAUNCHED(noisy_perturb_kernel);
     }
     /* route_logits is written by now; expert and weight only once l and l'
@@ -654,12 +699,16 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
     float *dpre = (float *)((char *)ctx->workspace + MOE_ROUTER_CUDA_FLAG_BYTES);
     float *partial = dpre + (size_t)T * E;
     const float *W = noise_path ? a->params[0] : NULL;
+    /* The forward's sigmoid(pre) and n; without a saved buffer they are computed again. */
+    noisy_saved saved;
+    memset(&saved, 0, sizeof saved);
+    if (noise_path) saved = noisy_saved_bwd(s, a);
     const noisy_tile tile = noisy_tile_plan(E, K, D);
     if (noise_path && tile.tokens > 0 && noisy_aligned16(a->x) && noisy_aligned16(a->dx)) {
         const size_t blocks = noisy_tile_count(&tile, T);
         noisy_backward_tile_kernel<<<(unsigned)blocks, (unsigned)(tile.tokens * E), tile.bytes(), stream>>>(
             tile, T, ctx->rng, a->x, W, a->expert, a->weight, a->dweight, a->d_route_logits, s->temperature,
-            a->dlogits, a->dx, partial);
+            a->dlogits, a->dx, partial, saved);
         MOE_ROUTER_LAUNCHED(noisy_backward_tile_kernel);
         return noisy_cuda_dw_finish(ctx, stream, partial, blocks, D, E, a->param_grads[0]);
     }
@@ -670,7 +719,7 @@ static moe_status noisy_cuda_backward(void *state, const moe_context *ctx, const
     if (!noise_path) return MOE_OK;
 
     noisy_dpre_kernel<<<moe_router_cuda_row_blocks((size_t)T * E), MOE_ROUTER_CUDA_ROW_THREADS, 0, stream>>>(
-        a->dlogits, a->x, W, T, E, D, ctx->rng, dpre);
+        a->dlogits, a->x, W, T, E, D, ctx->rng, saved, dpre);
     MOE_ROUTER_LAUNCHED(noisy_dpre_kernel);
     const size_t nchunks = noisy_dw_chunks(T), nw = (size_t)D * E;
     const dim3 dw_grid((unsigned)((nw + MOE_ROUTER_CUDA_THREADS - 1) / MOE_ROUTER_CUDA_THREADS), (unsigned)nchunks);

@@ -25,6 +25,12 @@
  *             the paths without a wait); every output must be bitwise the
  *             first run's (which also shows that every output element is
  *             written).
+ *   saved     a plugin that declares a saved buffer (info.saved_bytes) gets
+ *             one on the CPU, and on the device in the second run only (its
+ *             content poisoned first): the first run is then an older host's
+ *             (no buffer: the backward computes again what it needs), and the
+ *             bitwise comparison of the two runs shows that the saved values
+ *             are the ones the backward would have computed.
  *   workspace the device workspace is exactly the size query() reports,
  *             followed by a guard that must come back untouched.
  *   bad input a NaN logit, an id outside the vocabulary, an expert entry
@@ -403,7 +409,11 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
     char hmsg[1024], dmsg[1024];
     moe_context hctx = make_ctx(MOE_DEVICE_CPU, NULL, r.workspace, r.info.workspace_bytes, key, c->training, hmsg,
                                 sizeof hmsg);
+    const size_t saved_bytes = r.info.saved_bytes;
+    void *h_saved = saved_bytes ? host_alloc(saved_bytes) : NULL;
+    if (h_saved) memset(h_saved, 0xA5, saved_bytes);
     moe_router_fwd_args fa = fwd_args(&r, c, capacity, &h, h.params, &cpu, &z);
+    fa.saved = h_saved;
     st = p->cpu->forward(r.state, &hctx, &fa);
     if (st != MOE_OK) {
         fprintf(stderr, "  CPU forward: %s\n", hmsg);
@@ -419,6 +429,7 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
     for (int i = 0; i < z.n_params; ++i) memcpy(cpu.pgrad[i], h.pgrad0[i], z.np[i] * sizeof(float));
     hctx = make_ctx(MOE_DEVICE_CPU, NULL, r.workspace, r.info.workspace_bytes, key, c->training, hmsg, sizeof hmsg);
     moe_router_bwd_args ba = bwd_args(&r, c, capacity, &h, h.params, &cpu, &cpu, &z);
+    ba.saved = h_saved;
     st = p->cpu->backward(r.state, &hctx, &ba);
     if (st != MOE_OK) {
         fprintf(stderr, "  CPU backward: %s\n", hmsg);
@@ -452,6 +463,8 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
     dv.ws = dev_alloc(dv.ws_bytes + GUARD_BYTES);
     CU(cudaMemsetAsync(dv.ws, 0, dv.ws_bytes, stream));
     CU(cudaMemsetAsync((char *)dv.ws + dv.ws_bytes, GUARD_BYTE, GUARD_BYTES, stream));
+    void *d_saved = saved_bytes ? dev_alloc(saved_bytes) : NULL;
+    if (d_saved) CU(cudaMemsetAsync(d_saved, 0xA5, saved_bytes, stream));
 
     /* Two CUDA runs: compared with the CPU, then with each other. */
     io dout, gpu[2];
@@ -468,12 +481,14 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
         moe_context dctx = make_ctx(MOE_DEVICE_CUDA, stream, dv.ws, dv.ws_bytes, key, c->training, dmsg, sizeof dmsg);
         dctx.inputs_checked = run;
         moe_router_fwd_args dfa = fwd_args(&r, c, capacity, &dv.in, dv.in.params, &dout, &z);
+        dfa.saved = run ? d_saved : NULL;
         st = p->cuda->forward(r.state, &dctx, &dfa);
         if (st == MOE_OK) {
             CU(cudaStreamSynchronize(stream));
             dctx = make_ctx(MOE_DEVICE_CUDA, stream, dv.ws, dv.ws_bytes, key, c->training, dmsg, sizeof dmsg);
             dctx.inputs_checked = run;
             moe_router_bwd_args dba = bwd_args(&r, c, capacity, &dv.in, dv.in.params, &dv.fwd_in, &dout, &z);
+            dba.saved = run ? d_saved : NULL;
             st = p->cuda->backward(r.state, &dctx, &dba);
             if (st != MOE_OK) fprintf(stderr, "  CUDA backward (run %d) returned %d: %s\n", run, (int)st, dmsg);
         } else {
@@ -614,6 +629,7 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
     io_free(&gpu[1], &z, 0);
     io_free(&dv.fwd_in, &z, 1);
     CU(cudaFree(dv.ws));
+    if (d_saved) CU(cudaFree(d_saved));
     CU(cudaFree(dv.in.logits));
     CU(cudaFree(dv.in.x));
     CU(cudaFree(dv.in.ids));
@@ -621,6 +637,7 @@ static void run_case(const moe_router_plugin_v1_t *p, const tcase *c, uint64_t s
     CU(cudaFree(dv.in.droute));
     for (int i = 0; i < z.n_params; ++i) CU(cudaFree(dv.in.params[i]));
 out_cpu:
+    free(h_saved);
     io_free(&cpu, &z, 0);
     free(h.logits);
     free(h.x);

@@ -257,6 +257,61 @@ static void test_accumulation(const struct moe_router_plugin_v1 *p) {
     rh_destroy(&r);
 }
 
+/* The saved buffer (learned noise only): forward then backward with it give
+ * bitwise what they give without it (a host older than the field), and the
+ * backward does read it (changed between the calls, dx changes). */
+static void test_saved(const struct moe_router_plugin_v1 *p) {
+    enum { T = 5, E = 4, D = 3, K = 2 };
+    rh_router r;
+    moe_option fixed = rh_opt_bool("learned", 0);
+    make(&r, p, E, K, D, T, &fixed, 1);
+    CHECK_MSG(r.info.saved_bytes == 0, "fixed noise declares %zu saved bytes", r.info.saved_bytes);
+    rh_destroy(&r);
+    make(&r, p, E, K, D, T, NULL, 0);
+    CHECK(r.info.saved_bytes >= 2 * (size_t)T * E * sizeof(float));
+    moe_test_rng rng = {91};
+    float l[T * E], x[T * D], dweight[T * K], drl[T * E];
+    moe_test_fill(&rng, l, T * E, -2.0f, 2.0f);
+    moe_test_fill(&rng, x, T * D, -1.0f, 1.0f);
+    moe_test_fill(&rng, dweight, T * K, -1.0f, 1.0f);
+    moe_test_fill(&rng, drl, T * E, -1.0f, 1.0f);
+    moe_test_fill(&rng, r.params[0], (size_t)D * E, -0.5f, 0.5f);
+    unsigned char *saved = malloc(r.info.saved_bytes);
+    CHECK(saved != NULL);
+    if (!saved) return;
+    /* run 0: an older host; 1: with the buffer; 2: with the buffer changed before the backward */
+    float dl[3][T * E], dx[3][T * D], dW[3][D * E], lp[3][T * E];
+    int32_t ex[3][T * K];
+    for (int run = 0; run < 3; ++run) {
+        memset(saved, 0xA5, r.info.saved_bytes);
+        float w[T * K];
+        moe_context ctx = rh_context(&r, 1, KEY);
+        moe_router_fwd_args f = {.struct_size = sizeof f, .T = T, .E = E, .k_out = K, .d_model = D, .logits = l,
+                                 .x = x, .params = r.params, .expert = ex[run], .weight = w, .route_logits = lp[run]};
+        if (run == 0) f.struct_size = (uint32_t)offsetof(moe_router_fwd_args, saved);
+        f.saved = saved; /* past struct_size in run 0: must be ignored */
+        CHECK(p->cpu->forward(r.state, &ctx, &f) == MOE_OK);
+        if (run == 2) memset(saved + r.info.saved_bytes / 2, 0x3C, r.info.saved_bytes / 2);
+        memset(dx[run], 0, sizeof dx[run]);
+        memset(r.param_grads[0], 0, sizeof(float) * D * E);
+        moe_router_bwd_args a = {.struct_size = sizeof a, .T = T, .E = E, .k_out = K, .d_model = D, .logits = l,
+                                 .x = x, .params = r.params, .expert = ex[run], .weight = w,
+                                 .route_logits = lp[run], .dweight = dweight, .d_route_logits = drl,
+                                 .dlogits = dl[run], .dx = dx[run], .param_grads = r.param_grads};
+        if (run == 0) a.struct_size = (uint32_t)offsetof(moe_router_bwd_args, saved);
+        a.saved = saved;
+        CHECK(p->cpu->backward(r.state, &ctx, &a) == MOE_OK);
+        memcpy(dW[run], r.param_grads[0], sizeof dW[run]);
+    }
+    CHECK(memcmp(ex[0], ex[1], sizeof ex[0]) == 0 && memcmp(lp[0], lp[1], sizeof lp[0]) == 0);
+    CHECK_MSG(memcmp(dl[0], dl[1], sizeof dl[0]) == 0 && memcmp(dx[0], dx[1], sizeof dx[0]) == 0 &&
+                  memcmp(dW[0], dW[1], sizeof dW[0]) == 0,
+              "backward with the saved buffer differs from the one without it");
+    CHECK_MSG(memcmp(dx[1], dx[2], sizeof dx[1]) != 0, "the backward does not read the saved buffer");
+    free(saved);
+    rh_destroy(&r);
+}
+
 static void test_errors(const struct moe_router_plugin_v1 *p) {
     rh_router r;
     const moe_router_dims d = rh_dims(8, 2, 4, 100, 8, 1.25);
@@ -322,6 +377,7 @@ int main(void) {
     /* evaluation with learned noise: the noise path is off */
     test_gradients(p, NULL, 0, 0, 0, 3003);
     test_accumulation(p);
+    test_saved(p);
     test_errors(p);
     return moe_test_summary("test_router_noisy_topk");
 }

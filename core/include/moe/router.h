@@ -101,6 +101,18 @@ typedef struct moe_router_info {
     moe_tensor_spec params[MOE_MAX_PLUGIN_TENSORS];
     int32_t n_buffers;      /* state tensors (not trained), checkpointed by the host */
     moe_tensor_spec buffers[MOE_MAX_PLUGIN_TENSORS];
+    /* Appended within version 1 (a host reads it only when struct_size
+     * covers it, else takes 0). Bytes of memory on ctx->device that the host
+     * keeps per instance from a forward to the backward that follows it, for
+     * values the backward needs that the forward computed (so that the
+     * backward need not compute them again); for max_tokens tokens. 0: none.
+     * The host owns it, passes it as `saved` to both calls and does not read
+     * or write it; its content is undefined before the first forward. In
+     * training each forward is followed by its backward before the next
+     * forward (with gradient accumulation: each micro-batch's forward, then
+     * its backward); an evaluation forward (ctx->training == 0) may come in
+     * between only where no backward follows it. */
+    size_t saved_bytes;
 } moe_router_info;
 
 typedef struct moe_router_fwd_args {
@@ -119,6 +131,10 @@ typedef struct moe_router_fwd_args {
     float *weight;              /* out [T,k_out], 0 for empty */
     int32_t *slot;              /* out [T,k_out] with OWNS_CAPACITY, else NULL */
     float *route_logits;        /* out [T,E] with PERTURBS_LOGITS, else NULL */
+    /* Appended within version 1: read or write it only when struct_size
+     * covers it (an older host passes a smaller struct: then there is no
+     * saved buffer, and the backward computes again what it needs). */
+    void *saved;                /* info.saved_bytes of the host's memory, NULL when saved_bytes is 0 */
 } moe_router_fwd_args;
 
 typedef struct moe_router_bwd_args {
@@ -138,6 +154,10 @@ typedef struct moe_router_bwd_args {
     float *dlogits;               /* out [T,E], overwritten */
     float *dx;                    /* [T,d_model], accumulated into (+=) */
     float *const *param_grads;    /* accumulated into (+=), same order as params */
+    /* Appended within version 1 (check struct_size, as in forward): the
+     * buffer the forward just filled, or NULL (saved_bytes 0, or an older
+     * host: compute again what the forward would have saved). */
+    void *saved;
 } moe_router_bwd_args;
 
 /* One device's implementation. */
