@@ -353,9 +353,11 @@ struct moe_backend {
      * while record[0] == 0 (guard zones). */
     void (*check_bytes)(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code,
                         int32_t *record);
-    /* Records {code, i, 0, the float's bits} for the first i < n (n < 2^31)
-     * with v[i] not finite, while record[0] == 0 (the gate's logits before
-     * a router plugin that leaves its input checks to the host). */
+    /* Records {code, i, 0, the float's bits, n} for the first i < n
+     * (n < 2^31) with v[i] not finite, while record[0] == 0 (the gate's
+     * logits before a router plugin that leaves its input checks to the
+     * host; the logits and a perturbing router's route_logits, contiguous,
+     * after it: n tells where the second array starts). */
     void (*check_finite)(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 
     /* ---- operand copies of the weights ----

@@ -165,8 +165,10 @@ int moe_layer_alloc(moe_layer *L, char *err, size_t errcap) {
     L->gate_a = alloc_tracked(be, T * gh * f, &ok);
     L->gate_b = alloc_tracked(be, T * gh * f, &ok);
     L->gate_h = alloc_tracked(be, T * gh * f, &ok);
-    L->logits = alloc_tracked(be, T * E * f, &ok);
-    L->route_logits = alloc_tracked(be, T * E * f, &ok);
+    /* l and then l' (a perturbing router's route_logits) for the call's T:
+     * the host checks both with one pass after the router's forward. */
+    L->logits = alloc_tracked(be, 2 * T * E * f, &ok);
+    L->route_logits = L->logits ? L->logits + T * E : NULL;
     L->probs = alloc_tracked(be, T * E * f, &ok);
     L->expert = alloc_tracked(be, T * Ko * i32, &ok);
     L->slot = alloc_tracked(be, T * Ko * i32, &ok);
@@ -214,7 +216,7 @@ int moe_layer_alloc(moe_layer *L, char *err, size_t errcap) {
 void moe_layer_destroy(moe_layer *L) {
     moe_backend *be = L->be;
     if (!be) return;
-    float *bufs[] = {L->gate_a, L->gate_b, L->gate_h, L->logits, L->route_logits, L->probs, L->router_dlogits, L->weight,
+    float *bufs[] = {L->gate_a, L->gate_b, L->gate_h, L->logits, L->probs, L->router_dlogits, L->weight,
                      L->cw, L->Xe, L->H, L->A, L->Ye, L->dlogits, L->dweight, L->dcw, L->dYe, L->dA,
                      L->dH, L->dXe, L->dgate_h, L->dgate_a, L->dgate_b};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; ++i) be->free(be, bufs[i]);
@@ -357,10 +359,14 @@ int moe_layer_record_message(const moe_layer *L, const int32_t *r, char *err, si
         float v;
         memcpy(&v, &r[3], sizeof v);
         const int E = L->cfg.num_experts;
+        /* l and l' checked together: the first half of the r[4] values checked is l. */
+        const int32_t n_logits = r[0] == MOE_CHECK_LOGIT ? r[1] + 1 : r[4] / 2;
+        const int in_logits = r[1] < n_logits;
+        const int32_t i = in_logits ? r[1] : r[1] - n_logits;
         snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s of token %d, expert %d is %g; %s", name,
-                 L->cfg.layer, r[0] == MOE_CHECK_LOGIT ? "logit" : "perturbed logit", r[1] / E, r[1] % E, (double)v,
-                 r[0] == MOE_CHECK_LOGIT ? "the gate produced a non-finite value (lower train.lr or check the data)"
-                                         : "the router's perturbation produced a non-finite value");
+                 L->cfg.layer, in_logits ? "logit" : "perturbed logit", i / E, i % E, (double)v,
+                 in_logits ? "the gate produced a non-finite value (lower train.lr or check the data)"
+                           : "the router's perturbation produced a non-finite value");
         break;
     }
     case MOE_CHECK_GUARD_FORWARD:
@@ -527,15 +533,19 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     fa.expert = L->expert;
     fa.weight = L->weight;
     fa.slot = owns_capacity ? L->slot : NULL;
+    /* l' right after this call's l, so that one check covers both. */
+    L->route_logits = L->logits + (size_t)T * E;
     fa.route_logits = perturbs ? L->route_logits : NULL;
     fa.saved = L->router_saved;
-    if (ctx.inputs_checked) be->check_finite(be, L->logits, (size_t)T * E, MOE_CHECK_LOGIT, L->record);
+    if (ctx.inputs_checked && !perturbs) be->check_finite(be, L->logits, (size_t)T * E, MOE_CHECK_LOGIT, L->record);
     if (L->router_impl->forward(L->router_state, &ctx, &fa) != MOE_OK) {
         snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s", L->router->name, c->layer, L->msg);
         return -1;
     }
+    /* l and l' in one pass (one launch instead of two); the first bad value
+     * is in l if any is, as when l was checked first. */
     if (ctx.inputs_checked && perturbs)
-        be->check_finite(be, L->route_logits, (size_t)T * E, MOE_CHECK_ROUTE_LOGIT, L->record);
+        be->check_finite(be, L->logits, 2 * (size_t)T * E, MOE_CHECK_ROUTE_LOGIT, L->record);
     /* Checks of the plugin's output, recorded in L->record, in one op: the
      * guard zone after the workspace first (a plugin that overran its
      * workspace is named for that), then the assignments. For a router that

@@ -75,7 +75,7 @@ typedef struct moe_layer {
     int training;             /* the training flag of the last forward */
     const float *x;           /* input [T,d] (owned by the caller) */
     float *gate_a, *gate_b, *gate_h; /* gate hidden activations [T,gh] */
-    float *logits, *route_logits;    /* [T,E] */
+    float *logits, *route_logits;    /* [T,E]; route_logits = logits + T E (one check covers both) */
     int32_t *expert, *slot, *kept;   /* [T,k_out] */
     float *weight, *cw;              /* [T,k_out] */
     float *Xe, *H, *A, *Ye;          /* [E*C, d | h_in | d_ff | d] */
@@ -107,7 +107,10 @@ enum {
     MOE_CHECK_GUARD_FORWARD = 16,
     MOE_CHECK_GUARD_BACKWARD = 17,
     MOE_CHECK_LOGIT = 18,      /* a gate logit is not finite */
-    MOE_CHECK_ROUTE_LOGIT = 19 /* a perturbing router wrote a non-finite route_logit */
+    /* logits then route_logits (a perturbing router's l'), contiguous, in one
+     * check after the plugin's forward: [1] is an index into the two, [4]
+     * their count (2 T E; 0 reads as route_logits alone) */
+    MOE_CHECK_ROUTE_LOGIT = 19
 };
 
 /* Create the router instance and declare the layer's parameters into

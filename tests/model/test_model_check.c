@@ -165,6 +165,13 @@ static void test_records(const moe_router_lib *lib) {
         expect_message(&m, "logit of token 5, expert 2 is nan", "the gate produced a non-finite value");
         put_record(&m, 1, MOE_CHECK_ROUTE_LOGIT, 3 * 7 + 1, 0, nan_bits, 0);
         expect_message(&m, "perturbed logit of token 7, expert 1 is nan", NULL);
+        /* l and l' checked in one pass over both (T = 40 here: 2 T E = 240 values) */
+        put_record(&m, 0, MOE_CHECK_ROUTE_LOGIT, 3 * 5 + 2, 0, nan_bits, 240);
+        expect_message(&m, "forward failed: logit of token 5, expert 2 is nan", "the gate produced a non-finite value");
+        put_record(&m, 1, MOE_CHECK_ROUTE_LOGIT, 120 + 3 * 39 + 2, 0, nan_bits, 240);
+        expect_message(&m, "forward failed: perturbed logit of token 39, expert 2 is nan", "perturbation");
+        put_record(&m, 1, MOE_CHECK_ROUTE_LOGIT, 3 * 39 + 2, 0, nan_bits, 240);
+        expect_message(&m, "forward failed: logit of token 39, expert 2 is nan", NULL);
         /* token ids outside the vocabulary are refused before anything runs */
         {
             int32_t bad_ids[B_SEQ * S_LEN], bad_tg[B_SEQ * S_LEN];

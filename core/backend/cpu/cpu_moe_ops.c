@@ -315,7 +315,7 @@ void cpu_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, i
         if (!isfinite(v[i])) {
             int32_t bits;
             memcpy(&bits, &v[i], sizeof bits);
-            set_record(record, code, (int32_t)i, 0, bits, 0);
+            set_record(record, code, (int32_t)i, 0, bits, (int32_t)n);
             return;
         }
 }

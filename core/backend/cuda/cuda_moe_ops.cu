@@ -1296,7 +1296,7 @@ __global__ void check_finite_kernel(const float *v, size_t n, int32_t code, int3
     __syncthreads();
     const unsigned long long first = smallest;
     if (threadIdx.x == 0 && first != CHECK_NONE && record[0] == 0)
-        write_record(record, code, (int32_t)first, 0, __float_as_int(v[first]), 0);
+        write_record(record, code, (int32_t)first, 0, __float_as_int(v[first]), (int32_t)n);
 }
 
 void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {
