@@ -137,13 +137,17 @@ struct moe_backend {
     void (*ffn_fwd)(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *b1,
                     const float *w2, const float *b2, float *H, float *A, float *Y, int batch, int C, int d,
                     int n);
-    /* Its backward from dY: dX (overwrite); dw1, dw2 and, when not NULL,
-     * db1, db2 accumulate (+=). dA [batch*C*n] and dH [batch*C*hin] are
-     * work space (left holding the backend's own values). X, w1, w2, H and
-     * A as ffn_fwd had and left them. */
+    /* Its backward from dY: dX (overwrite); dw1 and dw2 accumulate (+=)
+     * when accumulate_dw is non-zero, else are overwritten (so that a
+     * caller need not zero the largest gradients of an MoE model before
+     * their first backward); db1, db2 (when not NULL) accumulate. dA
+     * [batch*C*n] and dH [batch*C*hin] are work space (left holding the
+     * backend's own values). X, w1, w2, H and A as ffn_fwd had and left
+     * them. */
     void (*ffn_bwd)(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
                     const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX,
-                    float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n);
+                    float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n,
+                    int accumulate_dw);
 
     /* The backward of a linear layer Y[T,N] = X[T,K] W[K,N] + b[N]: dX
      * (overwrite) = dY W^T, dW += X^T dY, db += colsum dY (db may be NULL).
@@ -428,7 +432,7 @@ void moe_ffn_fwd_reference(moe_backend *be, moe_act_kind kind, const float *X, c
 void moe_ffn_bwd_reference(moe_backend *be, moe_act_kind kind, const float *X, const float *w1,
                            const float *w2, const float *H, const float *A, const float *dY, float *dA,
                            float *dH, float *dX, float *dw1, float *db1, float *dw2, float *db2, int batch,
-                           int C, int d, int n);
+                           int C, int d, int n, int accumulate_dw);
 
 void moe_linear_bwd_reference(moe_backend *be, const float *X, const float *W, const float *dY, float *dX,
                               float *dW, float *db, int T, int K, int N);

@@ -29,22 +29,23 @@ void moe_ffn_fwd_reference(moe_backend *be, moe_act_kind kind, const float *X, c
 void moe_ffn_bwd_reference(moe_backend *be, moe_act_kind kind, const float *X, const float *w1,
                            const float *w2, const float *H, const float *A, const float *dY, float *dA,
                            float *dH, float *dX, float *dw1, float *db1, float *dw2, float *db2, int batch,
-                           int C, int d, int n) {
+                           int C, int d, int n, int accumulate_dw) {
     const int hin = ffn_in_width(kind, n);
+    const float dw_beta = accumulate_dw ? 1.0f : 0.0f;
     const long long sX = (long long)C * d, sH = (long long)C * hin, sA = (long long)C * n;
-    /* the second layer: db2 += colsum dY; dA = dY w2^T; dw2 += A^T dY */
+    /* the second layer: db2 += colsum dY; dA = dY w2^T; dw2 (+)= A^T dY */
     if (db2) be->bias_grad_batched(be, dY, db2, batch, C, d, sX, d);
     be->gemm_strided_batched(be, 0, 1, C, n, d, 1.0f, dY, d, sX, w2, d, (long long)n * d, 0.0f, dA, n, sA,
                              batch);
-    be->gemm_strided_batched(be, 1, 0, n, d, C, 1.0f, A, n, sA, dY, d, sX, 1.0f, dw2, d, (long long)n * d,
+    be->gemm_strided_batched(be, 1, 0, n, d, C, 1.0f, A, n, sA, dY, d, sX, dw_beta, dw2, d, (long long)n * d,
                              batch);
     /* the activation: dH = act'(H) dA; db1 += colsum dH */
     be->act_bwd(be, kind, H, dA, dH, batch * C, n);
     if (db1) be->bias_grad_batched(be, dH, db1, batch, C, hin, sH, hin);
-    /* the first layer: dX = dH w1^T; dw1 += X^T dH */
+    /* the first layer: dX = dH w1^T; dw1 (+)= X^T dH */
     be->gemm_strided_batched(be, 0, 1, C, d, hin, 1.0f, dH, hin, sH, w1, hin, (long long)d * hin, 0.0f, dX, d,
                              sX, batch);
-    be->gemm_strided_batched(be, 1, 0, d, hin, C, 1.0f, X, d, sX, dH, hin, sH, 1.0f, dw1, hin,
+    be->gemm_strided_batched(be, 1, 0, d, hin, C, 1.0f, X, d, sX, dH, hin, sH, dw_beta, dw1, hin,
                              (long long)d * hin, batch);
 }
 

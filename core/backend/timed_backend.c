@@ -133,8 +133,10 @@ static void t_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const 
 }
 static void t_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
                       const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX,
-                      float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n) {
-    TIMED_VOID(ffn_bwd, (t->inner, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, batch, C, d, n));
+                      float *dw1, float *db1, float *dw2, float *db2, int batch, int C, int d, int n,
+                      int accumulate_dw) {
+    TIMED_VOID(ffn_bwd,
+               (t->inner, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, batch, C, d, n, accumulate_dw));
 }
 static void t_linear_bwd(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
                          float *db, int T, int K, int N) {

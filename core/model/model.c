@@ -256,8 +256,29 @@ void moe_model_destroy(moe_model *m) {
     memset(m, 0, sizeof *m);
 }
 
+/* The gaps between the experts' weight gradients (every layer's dw1 and
+ * dw2, in address order) are zeroed; those the next backward overwrites. */
 void moe_model_zero_grads(moe_model *m) {
-    m->be->zero(m->be, m->params.grads, m->params.total * sizeof(float));
+    moe_backend *be = m->be;
+    float *g = m->params.grads;
+    size_t at = 0; /* everything before this index is done */
+    for (int l = 0; l < m->n_layers; ++l) {
+        float *skip[2];
+        size_t len[2];
+        moe_layer_expert_weight_grads(&m->blocks[l].moe, skip, len);
+        for (int k = 0; k < 2; ++k) {
+            const size_t off = (size_t)(skip[k] - g);
+            if (off < at) { /* not in address order: zero everything, accumulate */
+                be->zero(be, g, m->params.total * sizeof(float));
+                m->expert_dw_unset = 0;
+                return;
+            }
+            if (off > at) be->zero(be, g + at, (off - at) * sizeof(float));
+            at = off + len[k];
+        }
+    }
+    if (at < m->params.total) be->zero(be, g + at, (m->params.total - at) * sizeof(float));
+    m->expert_dw_unset = m->n_layers > 0;
 }
 
 /* ---- the two norms behind one call ---- */
@@ -471,6 +492,10 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
     moe_backend *be = m->be;
     int S = m->S, d = m->d, H = m->n_heads, hd = d / H, V = m->V, T = m->T, B = T / S;
     size_t n = (size_t)T * d;
+    /* the experts' weight gradients: written over after moe_model_zero_grads
+     * left them, added to otherwise */
+    const int accumulate_expert_dw = !m->expert_dw_unset;
+    m->expert_dw_unset = 0;
 
     /* head: dlogits was written by the forward's cross-entropy */
     be->gemm(be, 1, 0, V, d, T, 1.0f, m->dlogits, V, m->xf, d, 1.0f, m->dwlm, d);
@@ -489,7 +514,8 @@ int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap) {
             be->dropout_bwd(be, m->dres, m->tmp1, n, m->dropout, dropout_key(m, step, 2 + 2 * l));
             dbranch = m->tmp1;
         }
-        if (moe_layer_backward(&b->moe, m->ids, dbranch, m->tmp2, router_key(m, step, l), err, errcap) != 0)
+        if (moe_layer_backward(&b->moe, m->ids, dbranch, m->tmp2, accumulate_expert_dw, router_key(m, step, l), err,
+                               errcap) != 0)
             return prefer_record(m, err, errcap);
         norm_bwd(m, b->x_mid, b->n2g, b->n2_mean, b->n2_rstd, m->tmp2, m->dres, b->dn2g, b->dn2b, T);
         /* attention branch: dres is now d x_mid */

@@ -65,6 +65,10 @@ typedef struct moe_model {
     /* backward scratch */
     float *dres, *tmp1, *tmp2, *dqkv, *dlogits;
     int T;                  /* tokens in the last forward */
+    /* 1 from moe_model_zero_grads to the next backward: the experts'
+     * weight gradients were left as they were, for that backward to
+     * overwrite (moe_model_zero_grads). */
+    int expert_dw_unset;
 
     /* What the host reads after the device has run, in ONE block of backend
      * memory so a training step reads it in one copy: per forward the
@@ -112,6 +116,10 @@ void moe_model_set_collect_stats(moe_model *m, int on);
 /* Backward of loss + aux of the last forward; gradients accumulate into
  * m->params.grads (zero them with moe_model_zero_grads). */
 int moe_model_backward(moe_model *m, uint64_t step, char *err, size_t errcap);
+/* Sets every gradient to zero as far as a following backward can tell: the
+ * experts' weight gradients, most of an MoE model's parameters, are not
+ * touched but overwritten by that backward (one pass over them fewer per
+ * step). Read the gradients only after a backward. */
 void moe_model_zero_grads(moe_model *m);
 
 /* Floating-point operations of one training step (forward + backward) on B

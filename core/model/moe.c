@@ -401,6 +401,14 @@ int moe_layer_weight_views(const moe_layer *L, const float *params, moe_weight_v
     return k;
 }
 
+void moe_layer_expert_weight_grads(const moe_layer *L, float *dw[2], size_t len[2]) {
+    const moe_layer_cfg *c = &L->cfg;
+    dw[0] = L->dw1;
+    dw[1] = L->dw2;
+    len[0] = (size_t)c->num_experts * c->d_model * expert_in_width(c);
+    len[1] = (size_t)c->num_experts * c->d_ff * c->d_model;
+}
+
 moe_activation_view moe_layer_activation_view(const moe_layer *L, int T) {
     const moe_layer_cfg *c = &L->cfg;
     return (moe_activation_view){L->Xe, (int64_t)c->num_experts * capacity_for(L, T), c->d_model};
@@ -633,7 +641,7 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
 /* ================================ backward =============================== */
 
 int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, float *dx,
-                       moe_rng_key key, char *err, size_t errcap) {
+                       int accumulate_expert_dw, moe_rng_key key, char *err, size_t errcap) {
     moe_backend *be = L->be;
     const moe_layer_cfg *c = &L->cfg;
     int T = L->T, C = L->C, d = c->d_model, E = c->num_experts, Ko = L->rinfo.k_out, h = c->d_ff;
@@ -645,7 +653,8 @@ int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, 
 
     /* 6'. experts: dXe, and the gradients of w1, b1, w2, b2 */
     be->ffn_bwd(be, c->activation, L->Xe, L->w1, L->w2, L->H, L->A, L->dYe, L->dA, L->dH, L->dXe, L->dw1,
-                c->expert_bias ? L->db1 : NULL, L->dw2, c->expert_bias ? L->db2 : NULL, E, C, d, h);
+                c->expert_bias ? L->db1 : NULL, L->dw2, c->expert_bias ? L->db2 : NULL, E, C, d, h,
+                accumulate_expert_dw);
 
     /* 5'. dispatch: dx[t] = sum of dXe[kept, slot] (the first write of dx) */
     be->dispatch_bwd(be, L->dXe, L->kept, L->slot, T, Ko, C, d, 0, dx);

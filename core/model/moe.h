@@ -143,10 +143,16 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
                       size_t errcap);
 /* Given dy, write dx (overwrite: the layer's input gradient, no pass to
  * zero it first) and accumulate the parameter gradients (the auxiliary
- * losses' gradients were prepared by the forward). The guard check after
- * the plugin's backward is recorded as in the forward. */
+ * losses' gradients were prepared by the forward), except that the experts'
+ * weight gradients dw1, dw2 are overwritten when accumulate_expert_dw is 0
+ * (the first backward after the caller zeroed the others). The guard check
+ * after the plugin's backward is recorded as in the forward. */
 int moe_layer_backward(moe_layer *L, const int32_t *token_ids, const float *dy, float *dx,
-                       moe_rng_key key, char *err, size_t errcap);
+                       int accumulate_expert_dw, moe_rng_key key, char *err, size_t errcap);
+
+/* The experts' weight gradients, dw1 and dw2: where they are in the
+ * gradients and how many floats each is. */
+void moe_layer_expert_weight_grads(const moe_layer *L, float *dw[2], size_t len[2]);
 
 /* The message for a check record of this layer (a host copy of L->record):
  * 0 when it is clear, else -1 with the message naming the router, what is

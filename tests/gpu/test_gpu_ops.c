@@ -509,11 +509,12 @@ static void test_gemm_bias(const cfg *c) {
 /* The experts' MLP, forward and backward, against the CPU's composition of
  * plain ops (composed_ops.c); in bf16 mode CUDA takes its fused path
  * (cuda_ffn.cu). Outputs are poisoned, accumulated gradients start from
- * random values. fwd_bias: b1 and b2 given to the forward; bwd_bias: db1
- * and db2 asked of the backward (the contract lets either be absent
- * without the other). */
+ * random values (dw1 and dw2 are poisoned when accumulate_dw is 0: written
+ * over). fwd_bias: b1 and b2 given to the forward; bwd_bias: db1 and db2
+ * asked of the backward (the contract lets either be absent without the
+ * other). */
 static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, int fwd_bias, int bwd_bias, int batch,
-                          int C, int d, int n, double tol) {
+                          int C, int d, int n, int accumulate_dw, double tol) {
     const int hin = kind == MOE_ACT_SWIGLU ? 2 * n : n;
     const size_t nX = (size_t)batch * C * d, nw1 = (size_t)batch * d * hin, nw2 = (size_t)batch * n * d;
     const size_t nb1 = (size_t)batch * hin, nb2 = (size_t)batch * d;
@@ -528,25 +529,26 @@ static void test_ffn_case(moe_backend *g, const char *tag, moe_act_kind kind, in
     float *dw2 = hdup(dw2_0, nw2 * sizeof(float)), *db2 = hdup(db2_0, nb2 * sizeof(float));
     cpu->ffn_fwd(cpu, kind, X, w1, fwd_bias ? b1 : NULL, w2, fwd_bias ? b2 : NULL, H, A, Y, batch, C, d, n);
     cpu->ffn_bwd(cpu, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, bwd_bias ? db1 : NULL, dw2,
-                 bwd_bias ? db2 : NULL, batch, C, d, n);
+                 bwd_bias ? db2 : NULL, batch, C, d, n, accumulate_dw);
 
     float *gX = up(g, X, nX * sizeof(float)), *gw1 = up(g, w1, nw1 * sizeof(float));
     float *gw2 = up(g, w2, nw2 * sizeof(float)), *gb1 = up(g, b1, nb1 * sizeof(float));
     float *gb2 = up(g, b2, nb2 * sizeof(float)), *gdY = up(g, dY, nX * sizeof(float));
     float *got_Y[2], *got_dX[2], *got_dw1[2], *got_db1[2], *got_dw2[2], *got_db2[2];
     char op[160];
-    snprintf(op, sizeof op, "%s(%s%s%s,batch=%d,C=%d,d=%d,n=%d)", tag,
+    snprintf(op, sizeof op, "%s(%s%s%s%s,batch=%d,C=%d,d=%d,n=%d)", tag,
              kind == MOE_ACT_GELU ? "gelu" : kind == MOE_ACT_SILU ? "silu" : "swiglu", fwd_bias ? ",bias" : "",
-             bwd_bias ? ",dbias" : "", batch, C, d, n);
+             bwd_bias ? ",dbias" : "", accumulate_dw ? "" : ",dw written over", batch, C, d, n);
     for (int r = 0; r < 2; ++r) {
         float *gH = dpoison(g, nH * sizeof(float), POISON_F32), *gA = dpoison(g, nA * sizeof(float), POISON_F32);
         float *gY = dpoison(g, nX * sizeof(float), POISON_F32), *gdX = dpoison(g, nX * sizeof(float), POISON_F32);
         float *gdA = dpoison(g, nA * sizeof(float), POISON_F32), *gdH = dpoison(g, nH * sizeof(float), POISON_F32);
-        float *gdw1 = up(g, dw1_0, nw1 * sizeof(float)), *gdb1 = up(g, db1_0, nb1 * sizeof(float));
-        float *gdw2 = up(g, dw2_0, nw2 * sizeof(float)), *gdb2 = up(g, db2_0, nb2 * sizeof(float));
+        float *gdw1 = accumulate_dw ? up(g, dw1_0, nw1 * sizeof(float)) : dpoison(g, nw1 * sizeof(float), POISON_F32);
+        float *gdw2 = accumulate_dw ? up(g, dw2_0, nw2 * sizeof(float)) : dpoison(g, nw2 * sizeof(float), POISON_F32);
+        float *gdb1 = up(g, db1_0, nb1 * sizeof(float)), *gdb2 = up(g, db2_0, nb2 * sizeof(float));
         g->ffn_fwd(g, kind, gX, gw1, fwd_bias ? gb1 : NULL, gw2, fwd_bias ? gb2 : NULL, gH, gA, gY, batch, C, d, n);
         g->ffn_bwd(g, kind, gX, gw1, gw2, gH, gA, gdY, gdA, gdH, gdX, gdw1, bwd_bias ? gdb1 : NULL, gdw2,
-                   bwd_bias ? gdb2 : NULL, batch, C, d, n);
+                   bwd_bias ? gdb2 : NULL, batch, C, d, n, accumulate_dw);
         if (!gpu_ok(g, op)) return;
         got_Y[r] = down(g, gY, nX * sizeof(float)), got_dX[r] = down(g, gdX, nX * sizeof(float));
         got_dw1[r] = down(g, gdw1, nw1 * sizeof(float)), got_db1[r] = down(g, gdb1, nb1 * sizeof(float));
@@ -571,17 +573,21 @@ static void test_ffn(const cfg *c) {
     const int T = T_of(c), E = c->E, C = (int)ceil(1.25 * T * c->K / E);
     for (int kind = 0; kind < 3; ++kind) {
         const int with_bias = kind != MOE_ACT_SILU;
-        test_ffn_case(gpu, "ffn", (moe_act_kind)kind, with_bias, with_bias, E, C, c->d, c->hidden, TOL_MM);
-        test_ffn_case(gpu16, "ffn_bf16", (moe_act_kind)kind, with_bias, with_bias, E, C, c->d, c->hidden, TOL_BF16);
+        test_ffn_case(gpu, "ffn", (moe_act_kind)kind, with_bias, with_bias, E, C, c->d, c->hidden, 1, TOL_MM);
+        test_ffn_case(gpu16, "ffn_bf16", (moe_act_kind)kind, with_bias, with_bias, E, C, c->d, c->hidden, 1, TOL_BF16);
     }
     /* GELU in bf16 with the other combinations of biases: the forward's
      * epilogue with and without b1, the backward with and without db1 */
-    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 0, E, C, c->d, c->hidden, TOL_BF16);
-    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 0, E, C, c->d, c->hidden, TOL_BF16);
-    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 1, E, C, c->d, c->hidden, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 0, E, C, c->d, c->hidden, 1, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 0, E, C, c->d, c->hidden, 1, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 1, E, C, c->d, c->hidden, 1, TOL_BF16);
     /* odd sizes: no vector path, no 16-byte alignment of rows */
-    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 1, 3, 37, 19, 23, TOL_BF16);
-    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 1, 2, 5, 7, 9, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 1, 3, 37, 19, 23, 1, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 1, 2, 5, 7, 9, 1, TOL_BF16);
+    /* dw1 and dw2 written over (the first backward of a step) */
+    test_ffn_case(gpu, "ffn", MOE_ACT_GELU, 1, 1, E, C, c->d, c->hidden, 0, TOL_MM);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 1, E, C, c->d, c->hidden, 0, TOL_BF16);
+    test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 1, 2, 5, 7, 9, 0, TOL_BF16);
 }
 
 /* round_weights: the bf16 GEMM paths read the copies it makes of listed
@@ -599,7 +605,7 @@ static void weight_ops(const float *P, int E, int C, int d, int n, int T, int N,
     float *dX = out[7], *grads = out[8], *lin = out[9], *gb = out[10], *gt = out[11];
     float *dw1 = grads, *db1 = dw1 + (size_t)E * d * n, *dw2 = db1 + (size_t)E * n, *db2 = dw2 + (size_t)E * n * d;
     gpu16->ffn_fwd(gpu16, MOE_ACT_GELU, X, w1, b1, w2, NULL, H, A, Y, E, C, d, n);
-    gpu16->ffn_bwd(gpu16, MOE_ACT_GELU, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, E, C, d, n);
+    gpu16->ffn_bwd(gpu16, MOE_ACT_GELU, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, E, C, d, n, 1);
     /* linear_bwd over rows X [E*C, d] with W [d, N], dY's first E*C*N floats */
     float *ldX = lin, *ldW = ldX + (size_t)E * C * d, *ldb = ldW + (size_t)d * N;
     gpu16->linear_bwd(gpu16, X, W, dY, ldX, ldW, ldb, E * C, d, N);
@@ -684,7 +690,7 @@ static void activation_ops(moe_backend *g, float *const in[ACT_NIN], float *cons
     g->gemm(g, 0, 1, T, V, d, 1.0f, y, d, Wlm, d, 0.0f, logits, V);
     g->gemm(g, 0, 0, T, 3 * d, d, 1.0f, x2, d, Wqkv, 3 * d, 0.0f, gx2, 3 * d);
     /* the backward's reads: dsmall's first E*C*d floats as dYe, its first T*d as d(att proj) */
-    g->ffn_bwd(g, MOE_ACT_GELU, Xe, w1, w2, H, A, dsmall, dA, dH, dXe, dw1, db1, dw2, db2, E, C, d, n);
+    g->ffn_bwd(g, MOE_ACT_GELU, Xe, w1, w2, H, A, dsmall, dA, dH, dXe, dw1, db1, dw2, db2, E, C, d, n, 1);
     g->linear_bwd(g, att, Wo, dsmall, lo, lo + (size_t)T * d, lo + (size_t)T * d + (size_t)d * d, T, d, d);
     g->linear_bwd(g, y, Wqkv, dq, lq, lq + (size_t)T * d, lq + (size_t)T * d + (size_t)d * 3 * d, T, d, 3 * d);
     g->gemm(g, 1, 0, V, d, T, 1.0f, dlog, V, y, d, 1.0f, dWlm, d);

@@ -328,7 +328,7 @@ static void gradcheck(harness *h) {
     size_t nx = (size_t)h->T * h->d, np = h->P.total;
     h->be->zero(h->be, h->P.grads, np * sizeof(float));
     h->be->zero(h->be, h->dx, nx * sizeof(float));
-    if (moe_layer_backward(&h->L, h->ids, h->c, h->dx, h->key, err, sizeof err) != 0) {
+    if (moe_layer_backward(&h->L, h->ids, h->c, h->dx, 1, h->key, err, sizeof err) != 0) {
         CHECK_MSG(0, "%s: backward: %s", lc->name, err);
         return;
     }
@@ -349,13 +349,31 @@ static void gradcheck(harness *h) {
         double again;
         int rc = h_forward(h, &again, err, sizeof err);
         CHECK_MSG(rc == 0 && again == base, "%s: a second forward gave %.17g, the first %.17g", lc->name, again, base);
-        rc |= moe_layer_backward(&h->L, h->ids, h->c, h->dx, h->key, err, sizeof err);
+        rc |= moe_layer_backward(&h->L, h->ids, h->c, h->dx, 1, h->key, err, sizeof err);
         int bad = rc != 0;
         for (size_t i = 0; i < np && !bad; ++i)
             if (fabsf(h->P.grads[i] - pre_p[i] - an_p[i]) > 1e-6f * (1.0f + fabsf(an_p[i]))) bad = 1;
         for (size_t i = 0; i < nx && !bad; ++i)
             if (fabsf(h->dx[i] - an_x[i]) > 1e-6f * (1.0f + fabsf(an_x[i]))) bad = 1;
         CHECK_MSG(!bad, "%s: backward does not accumulate into the parameter grads and overwrite dx", lc->name);
+
+        /* accumulate_expert_dw = 0: the experts' dw1 and dw2 are written
+         * over, every other gradient still adds */
+        memcpy(h->P.grads, pre_p, np * sizeof(float));
+        rc = h_forward(h, &again, err, sizeof err);
+        rc |= moe_layer_backward(&h->L, h->ids, h->c, h->dx, 0, h->key, err, sizeof err);
+        float *dw[2];
+        size_t len[2];
+        moe_layer_expert_weight_grads(&h->L, dw, len);
+        bad = rc != 0;
+        for (size_t i = 0; i < np && !bad; ++i) {
+            int written_over = 0;
+            for (int k = 0; k < 2; ++k)
+                if (i >= (size_t)(dw[k] - h->P.grads) && i < (size_t)(dw[k] - h->P.grads) + len[k]) written_over = 1;
+            const float want = written_over ? an_p[i] : pre_p[i] + an_p[i];
+            if (fabsf(h->P.grads[i] - want) > 1e-6f * (1.0f + fabsf(an_p[i]))) bad = 1;
+        }
+        CHECK_MSG(!bad, "%s: backward with accumulate_expert_dw = 0 does not write dw1, dw2 over", lc->name);
         free(pre_p);
         free(pre_x);
     }

@@ -421,7 +421,7 @@ static void test_bad_router(void) {
         } else {
             CHECK_MSG(rc == 0, "bad_router control: %s", err);
             h.be->zero(h.be, h.dx, (size_t)8 * h.d * sizeof(float));
-            CHECK(moe_layer_backward(&h.L, h.ids, h.c, h.dx, h.key, err, sizeof err) == 0);
+            CHECK(moe_layer_backward(&h.L, h.ids, h.c, h.dx, 1, h.key, err, sizeof err) == 0);
         }
         h_close(&h);
     }
@@ -438,7 +438,7 @@ static void test_empty(void) {
         CHECK_MSG(rc == 0, "T=0 forward: %s", err);
         CHECK(aux == 0.25);
         CHECK(h.L.stats.T == 0 && h.L.stats.assigned == 0 && h.L.stats.dropped == 0 && h.L.stats.tokens_dropped == 0);
-        if (rc == 0) CHECK(moe_layer_backward(&h.L, h.ids, h.c, h.dx, h.key, err, sizeof err) == 0);
+        if (rc == 0) CHECK(moe_layer_backward(&h.L, h.ids, h.c, h.dx, 1, h.key, err, sizeof err) == 0);
     }
     h_close(&h);
 }

@@ -373,7 +373,7 @@ static void test_ffn_grads(void) {
         float *p3 = random_prior(dw2, nw2), *p4 = random_prior(db2, nb2);
         ffn_loss(&c); /* the forward ffn_bwd reads */
         be->ffn_bwd(be, c.kind, c.X, c.w1, c.w2, c.H, c.A, c.dY, dA, dH, dX, dw1, db1, dw2, db2, c.batch, c.C, c.d,
-                    c.n);
+                    c.n, 1);
         subtract_prior(dw1, p1, nw1), subtract_prior(db1, p2, nb1);
         subtract_prior(dw2, p3, nw2), subtract_prior(db2, p4, nb2);
         char what[64];
@@ -387,6 +387,14 @@ static void test_ffn_grads(void) {
         check_grad(what, ffn_loss, &c, c.w2, dw2, nw2);
         snprintf(what, sizeof what, "%s db2", names[kind]);
         check_grad(what, ffn_loss, &c, c.b2, db2, nb2);
+        /* accumulate_dw = 0: dw1 and dw2 written over what they held */
+        free(random_prior(dw1, nw1)), free(random_prior(dw2, nw2));
+        be->ffn_bwd(be, c.kind, c.X, c.w1, c.w2, c.H, c.A, c.dY, dA, dH, dX, dw1, db1, dw2, db2, c.batch, c.C, c.d,
+                    c.n, 0);
+        snprintf(what, sizeof what, "%s dw1 (written over)", names[kind]);
+        check_grad(what, ffn_loss, &c, c.w1, dw1, nw1);
+        snprintf(what, sizeof what, "%s dw2 (written over)", names[kind]);
+        check_grad(what, ffn_loss, &c, c.w2, dw2, nw2);
         free(c.X), free(c.w1), free(c.b1), free(c.w2), free(c.b2), free(c.dY), free(c.H), free(c.A), free(c.Y);
         free(dA), free(dH), free(dX), free(dw1), free(db1), free(dw2), free(db2);
         free(p1), free(p2), free(p3), free(p4);

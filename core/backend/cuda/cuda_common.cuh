@@ -496,7 +496,7 @@ void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
                   int n);
 void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
                   const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX, float *dw1,
-                  float *db1, float *dw2, float *db2, int batch, int C, int d, int n);
+                  float *db1, float *dw2, float *db2, int batch, int C, int d, int n, int accumulate_dw);
 void cuda_linear_bwd(moe_backend *be, const float *X, const float *W, const float *dY, float *dX, float *dW,
                      float *db, int T, int K, int N);
 /* Releases the cuBLASLt plans (backend destruction). */

@@ -12,10 +12,10 @@
  *   backward  dA = dY w2^T         dY rounded once for both its GEMMs, db2
  *                                  summed in that pass; dA written as bf16
  *                                  (into dA's buffer)
- *             dw2 += A^T dY        A read as it is
+ *             dw2 (+)= A^T dY      A read as it is (+= or =: accumulate_dw)
  *             dH = act'(H) dA      written once, as bf16 (into dH's buffer),
  *             db1 += colsum(dH)    summed from the fp32 values in the same pass
- *             dX = dH w1^T, dw1 += X^T dH
+ *             dX = dH w1^T, dw1 (+)= X^T dH
  *
  * For GELU, where cuBLASLt takes the shape, the first GEMM's epilogue also
  * applies the bias and the GELU (the tanh form, as the CPU) and writes A and
@@ -277,11 +277,13 @@ void cuda_ffn_fwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
 
 void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const float *w1, const float *w2,
                   const float *H, const float *A, const float *dY, float *dA, float *dH, float *dX, float *dw1,
-                  float *db1, float *dw2, float *db2, int batch, int C, int d, int n) {
+                  float *db1, float *dw2, float *db2, int batch, int C, int d, int n, int accumulate_dw) {
     if (!bf16_mode(be) || batch <= 0 || C <= 0 || d <= 0 || n <= 0) {
-        moe_ffn_bwd_reference(be, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, batch, C, d, n);
+        moe_ffn_bwd_reference(be, kind, X, w1, w2, H, A, dY, dA, dH, dX, dw1, db1, dw2, db2, batch, C, d, n,
+                              accumulate_dw);
         return;
     }
+    const float dw_beta = accumulate_dw ? 1.0f : 0.0f;
     const int hin = ffn_in_width(kind, n);
     const long long sX = (long long)C * d, sH = (long long)C * hin, sA = (long long)C * n;
     const long long sw1 = (long long)d * hin, sw2 = (long long)n * d;
@@ -330,9 +332,9 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     }
     const __nv_bfloat16 *w2t = /* [d, n] */
         cuda_bf16_operand(be, w2, d, sw2, n, d, batch, (__nv_bfloat16 *)(base + w2t_off), true);
-    /* dA = dY w2^T (bf16); dw2 += A^T dY */
+    /* dA = dY w2^T (bf16); dw2 (+)= A^T dY */
     cuda_gemm_bf16_out(be, 0, 0, C, n, d, dYh, d, sX, w2t, n, sw2, dAh, n, sA, batch);
-    cuda_gemm_bf16_operands(be, 1, 0, n, d, C, Ah, n, sA, dYh, d, sX, NULL, 0, 1.0f, dw2, d, sw2, batch);
+    cuda_gemm_bf16_operands(be, 1, 0, n, d, C, Ah, n, sA, dYh, d, sX, NULL, 0, dw_beta, dw2, d, sw2, batch);
     /* dH = act'(H) dA as bf16, and its column sums in the same pass */
     const dim3 block(32, COLSUM_LANES);
     cudaStream_t st = cuda_stream(be);
@@ -350,7 +352,7 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     }
     KERNEL_CHECK(be, "ffn dH pass");
     colsum_finish_if_needed(be, dst, db1, partial, dh_chunks, cols, "colsum finish (ffn db1)");
-    /* dX = dH w1^T; dw1 += X^T dH */
+    /* dX = dH w1^T; dw1 (+)= X^T dH */
     const __nv_bfloat16 *w1t = /* [hin, d] */
         cuda_bf16_operand(be, w1, hin, sw1, d, hin, batch, (__nv_bfloat16 *)(base + w1t_off), true);
     cuda_gemm_bf16_operands(be, 0, 0, C, d, hin, dHh, hin, sH, w1t, d, sw1, NULL, 0, 0.0f, dX, d, sX, batch);
@@ -359,5 +361,5 @@ void cuda_ffn_bwd(moe_backend *be, moe_act_kind kind, const float *X, const floa
     const __nv_bfloat16 *Xop = cuda_activation_copy_of(be, X, d, sX, C, d, batch) || !saved_bf16
                                    ? cuda_bf16_operand(be, X, d, sX, C, d, batch, Xh, false)
                                    : Xs;
-    cuda_gemm_bf16_operands(be, 1, 0, d, hin, C, Xop, d, sX, dHh, hin, sH, NULL, 0, 1.0f, dw1, hin, sw1, batch);
+    cuda_gemm_bf16_operands(be, 1, 0, d, hin, C, Xop, d, sX, dHh, hin, sH, NULL, 0, dw_beta, dw1, hin, sw1, batch);
 }
