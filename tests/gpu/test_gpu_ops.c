@@ -581,6 +581,9 @@ static void test_ffn(const cfg *c) {
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 0, E, C, c->d, c->hidden, 1, TOL_BF16);
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 0, E, C, c->d, c->hidden, 1, TOL_BF16);
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 0, 1, E, C, c->d, c->hidden, 1, TOL_BF16);
+    /* many rows per expert: db2's sums have 130 chunks, so their staged
+     * finish takes several rounds, the last a part; db1's have 33 */
+    if (c == cfgs_first) test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 1, 2, 8300, 32, 64, 1, TOL_BF16);
     /* odd sizes: no vector path, no 16-byte alignment of rows */
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_GELU, 1, 1, 3, 37, 19, 23, 1, TOL_BF16);
     test_ffn_case(gpu16, "ffn_bf16", MOE_ACT_SWIGLU, 1, 1, 2, 5, 7, 9, 1, TOL_BF16);
@@ -799,6 +802,10 @@ static void test_linear_bwd(const cfg *c) {
     test_linear_bwd_case(gpu16, "linear_bwd_bf16", T, d, d, 0, TOL_BF16);
     test_linear_bwd_case(gpu16, "linear_bwd_bf16", T, d, 3 * d + 1, 1, TOL_BF16); /* no vector path */
     test_linear_bwd_case(gpu16, "linear_bwd_bf16", T, d, 5, 1, TOL_BF16);         /* a side under 16: fp32 */
+    /* 71 chunks of rows, the last of 13 rows: db's finish stages its chunks
+     * in rounds of 32 (two whole rounds and a part); 132 columns: a second
+     * column tile with one thread's columns */
+    if (c == cfgs_first) test_linear_bwd_case(gpu16, "linear_bwd_bf16", 70 * 64 + 13, 32, 132, 1, TOL_BF16);
 }
 
 /* add_bias and bias_grad over T rows and N columns; N = 40000 (1250 column

@@ -366,12 +366,85 @@ static inline bool colsum_grid(moe_backend *be, int T, int cols, bool vec4, cons
     return true;
 }
 
+/* Rows a thread of the dY passes (round_colsum_vec4_kernel,
+ * ffn_dy_vec4_kernel) loads before it uses the first: two 16-byte loads in
+ * flight instead of one. Measured apart from the backend on the H100 at
+ * the expC shapes, 2 was about as fast as 1 (within 0.5 us), 4 no better, 8
+ * slower (more registers, fewer blocks per SM). Only the loads are
+ * batched; each thread still adds its rows in order. */
+constexpr int COLSUM_ROWS_IN_FLIGHT = 2;
+
+/* colsum_finish_tile for the four-column passes' tiles of 128 columns and
+ * blocks of 32 x COLSUM_LANES = 256 threads, the same sums (each column
+ * adds its chunks in chunk order) with the loads spread over the block:
+ * every round all threads load COLSUM_STAGE_CHUNKS chunks' partials of the
+ * tile (16-byte loads, all in flight together) into shared memory, and
+ * thread i < 128 adds column i's values from there in order. The finish
+ * is the kernel's tail, run by one block per tile after the others are
+ * done; one thread per column loading its chunks 8 at a
+ * time (colsum_finish_tile) made that tail 6.1 us of round_colsum's 13.8
+ * us at 8192 x 256 on the H100 (128 chunks a column; measured apart from
+ * the backend, against the pass without a finish). The destination's old
+ * value is loaded first, beside the first round. The next round's loads
+ * are not issued before this round's adds: that kept 10 more registers
+ * live. In a softk step (ncu, H100) with this finish and two rows in flight
+ * round_colsum took 13.3 -> 11.2 us at N = 256 and 18.4 -> 17.3 us at
+ * N = 768, ffn_dy 14.2 -> 14.0 us; ffn_bwd's dH pass (10 chunks a column)
+ * took 48.5 -> 51.9 us with it, two rows in flight and __restrict__
+ * pointers together, and keeps colsum4_store. */
+constexpr int COLSUM_STAGE_CHUNKS = 32;
+static_assert(COLSUM_LANES == 8, "the staged finish is written for blocks of 256 threads");
+__device__ __forceinline__ void colsum_finish_tile4(const float *partial, int cols, int col0, const colsum_out &dst) {
+    if (!last_block_arrived(&dst.tickets[blockIdx.y], gridDim.x)) return;
+    constexpr int per_thread = COLSUM_STAGE_CHUNKS * 32 / 256; /* float4 of a round per thread */
+    __shared__ float4 stage[COLSUM_STAGE_CHUNKS * 32];          /* [chunk][128 columns] */
+    const int tid = threadIdx.y * 32 + threadIdx.x;
+    const int nchunks = (int)gridDim.x;
+    const int j = col0 + tid; /* the column thread tid < 128 adds */
+    const bool adds = tid < 128 && j < cols;
+    float *out = nullptr;
+    float old = 0.0f;
+    if (adds) {
+        const int e = j / dst.N, col = j - e * dst.N;
+        out = &dst.out[(long long)e * dst.stride + col];
+        old = *out;
+    }
+    float4 v[per_thread];
+    auto load_round = [&](int c0) {
+#pragma unroll
+        for (int k = 0; k < per_thread; ++k) {
+            const int q = tid + 256 * k, c = c0 + q / 32, jc = col0 + 4 * (q % 32);
+            v[k] = c < nchunks && jc < cols ? __ldcg(reinterpret_cast<const float4 *>(partial + (size_t)c * cols + jc))
+                                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    };
+    float s = 0.0f;
+    for (int c0 = 0; c0 < nchunks; c0 += COLSUM_STAGE_CHUNKS) {
+        load_round(c0);
+#pragma unroll
+        for (int k = 0; k < per_thread; ++k) stage[tid + 256 * k] = v[k];
+        __syncthreads();
+        if (adds) {
+            const float *st = reinterpret_cast<const float *>(stage) + tid;
+            const int m = min(COLSUM_STAGE_CHUNKS, nchunks - c0);
+            if (m == COLSUM_STAGE_CHUNKS) {
+#pragma unroll /* independent shared loads; the adds stay in chunk order */
+                for (int c = 0; c < COLSUM_STAGE_CHUNKS; ++c) s += st[c * 128];
+            } else {
+                for (int c = 0; c < m; ++c) s += st[c * 128];
+            }
+        }
+        __syncthreads(); /* the round is read before the next overwrites it */
+    }
+    if (adds) *out = old + s;
+}
+
 /* The end of a four-columns-per-thread block: thread (x, y) holds the sums
  * of columns 4x..4x+3 over its rows; the lanes are added in lane order, as
  * colsum_partial_kernel adds them, into partial[chunk][column]. */
 static_assert(32 * COLSUM_LANES >= 128, "the finishing threads cover a block's 128 columns");
-__device__ __forceinline__ void colsum4_store(float (&lane_sums)[COLSUM_LANES][128], const float acc[4], int cols,
-                                              float *partial, const colsum_out &dst) {
+__device__ __forceinline__ void colsum4_partial(float (&lane_sums)[COLSUM_LANES][128], const float acc[4], int cols,
+                                                float *partial) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) lane_sums[threadIdx.y][threadIdx.x * 4 + q] = acc[q];
     __syncthreads();
@@ -381,7 +454,23 @@ __device__ __forceinline__ void colsum4_store(float (&lane_sums)[COLSUM_LANES][1
         for (int y = 1; y < COLSUM_LANES; ++y) s += lane_sums[y][tid];
         partial[(size_t)blockIdx.x * cols + col] = s;
     }
+}
+
+/* The block's partial, then, in the last block of the column tile, the
+ * tile's finish by one thread per column (colsum_finish_tile). For passes
+ * with few chunks a column (ffn_bwd's dH pass: 10 at the expC shape). */
+__device__ __forceinline__ void colsum4_store(float (&lane_sums)[COLSUM_LANES][128], const float acc[4], int cols,
+                                              float *partial, const colsum_out &dst) {
+    colsum4_partial(lane_sums, acc, cols, partial);
     if (dst.out) colsum_finish_tile(partial, cols, blockIdx.y * 128, 128, dst);
+}
+
+/* The same with the staged finish (colsum_finish_tile4), for passes with
+ * many chunks a column (the dense layers' and the experts' dY passes). */
+__device__ __forceinline__ void colsum4_store_staged(float (&lane_sums)[COLSUM_LANES][128], const float acc[4],
+                                                     int cols, float *partial, const colsum_out &dst) {
+    colsum4_partial(lane_sums, acc, cols, partial);
+    if (dst.out) colsum_finish_tile4(partial, cols, blockIdx.y * 128, dst);
 }
 
 __global__ void colsum_finish_batched_kernel(const float *partial, int nchunks, int N, int cols, float *out,

@@ -186,23 +186,36 @@ struct ffn_dy_term {
     }
 };
 
-/* The same four columns per thread (d % 4 == 0, dY 16-byte aligned). */
-__global__ void ffn_dy_vec4_kernel(const float *dY, __nv_bfloat16 *out, int C, int d, int cols, float *partial,
-                                   colsum_out dst) {
+/* The same four columns per thread (d % 4 == 0, dY 16-byte aligned), with
+ * COLSUM_ROWS_IN_FLIGHT rows loaded before the first is used and the
+ * staged finish (40 chunks a column at the expC shape; 14.2 -> 14.0 us per
+ * call in a softk step, ncu, H100). */
+__global__ void ffn_dy_vec4_kernel(const float *__restrict__ dY, __nv_bfloat16 *__restrict__ out, int C, int d,
+                                   int cols, float *partial, colsum_out dst) {
     __shared__ float lane_sums[COLSUM_LANES][128];
     const int j = blockIdx.y * 128 + threadIdx.x * 4;
     const int t0 = blockIdx.x * COLSUM_ROWS, t1 = min(C, t0 + COLSUM_ROWS);
+    constexpr int B = COLSUM_ROWS_IN_FLIGHT;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (j < cols) {
         const int e = j / d, c = j - e * d; /* d % 4 == 0: the four share an expert */
-        for (int t = t0 + threadIdx.y; t < t1; t += COLSUM_LANES) {
-            const size_t at = ((size_t)e * C + t) * d + c;
-            const float4 v = *reinterpret_cast<const float4 *>(dY + at);
-            acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
-            *reinterpret_cast<uint2 *>(out + at) = pack_bf16x4(v.x, v.y, v.z, v.w);
+        const size_t base = (size_t)e * C * d + c;
+        for (int t = t0 + threadIdx.y; t < t1; t += B * COLSUM_LANES) {
+            float4 v[B];
+#pragma unroll
+            for (int b = 0; b < B; ++b)
+                if (t + b * COLSUM_LANES < t1)
+                    v[b] = *reinterpret_cast<const float4 *>(dY + base + (size_t)(t + b * COLSUM_LANES) * d);
+#pragma unroll
+            for (int b = 0; b < B; ++b)
+                if (t + b * COLSUM_LANES < t1) {
+                    acc[0] += v[b].x, acc[1] += v[b].y, acc[2] += v[b].z, acc[3] += v[b].w;
+                    *reinterpret_cast<uint2 *>(out + base + (size_t)(t + b * COLSUM_LANES) * d) =
+                        pack_bf16x4(v[b].x, v[b].y, v[b].z, v[b].w);
+                }
         }
     }
-    colsum4_store(lane_sums, acc, cols, partial, dst);
+    colsum4_store_staged(lane_sums, acc, cols, partial, dst);
 }
 
 static bool bf16_mode(moe_backend *be) { return cuda_state(be)->precision == MOE_PRECISION_BF16; }
