@@ -374,6 +374,29 @@ static inline bool colsum_grid(moe_backend *be, int T, int cols, bool vec4, cons
  * batched; each thread still adds its rows in order. */
 constexpr int COLSUM_ROWS_IN_FLIGHT = 2;
 
+/* The dY passes' walk over a thread's rows t0 + threadIdx.y, + COLSUM_LANES,
+ * ... (< t1) of four columns: row t's floats at in + t * stride (16-byte
+ * aligned), rounded to bf16 at out + t * stride, and added to acc in row
+ * order, COLSUM_ROWS_IN_FLIGHT rows' loads issued before the first add. */
+__device__ __forceinline__ void round_rows4_colsum(const float *__restrict__ in, __nv_bfloat16 *__restrict__ out,
+                                                   size_t stride, int t0, int t1, float acc[4]) {
+    constexpr int B = COLSUM_ROWS_IN_FLIGHT;
+    for (int t = t0 + threadIdx.y; t < t1; t += B * COLSUM_LANES) {
+        float4 v[B];
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+            if (t + b * COLSUM_LANES < t1)
+                v[b] = *reinterpret_cast<const float4 *>(in + (size_t)(t + b * COLSUM_LANES) * stride);
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+            if (t + b * COLSUM_LANES < t1) {
+                acc[0] += v[b].x, acc[1] += v[b].y, acc[2] += v[b].z, acc[3] += v[b].w;
+                *reinterpret_cast<uint2 *>(out + (size_t)(t + b * COLSUM_LANES) * stride) =
+                    pack_bf16x4(v[b].x, v[b].y, v[b].z, v[b].w);
+            }
+    }
+}
+
 /* colsum_finish_tile for the four-column passes' tiles of 128 columns and
  * blocks of 32 x COLSUM_LANES = 256 threads, the same sums (each column
  * adds its chunks in chunk order) with the loads spread over the block:

@@ -195,25 +195,11 @@ __global__ void ffn_dy_vec4_kernel(const float *__restrict__ dY, __nv_bfloat16 *
     __shared__ float lane_sums[COLSUM_LANES][128];
     const int j = blockIdx.y * 128 + threadIdx.x * 4;
     const int t0 = blockIdx.x * COLSUM_ROWS, t1 = min(C, t0 + COLSUM_ROWS);
-    constexpr int B = COLSUM_ROWS_IN_FLIGHT;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (j < cols) {
         const int e = j / d, c = j - e * d; /* d % 4 == 0: the four share an expert */
         const size_t base = (size_t)e * C * d + c;
-        for (int t = t0 + threadIdx.y; t < t1; t += B * COLSUM_LANES) {
-            float4 v[B];
-#pragma unroll
-            for (int b = 0; b < B; ++b)
-                if (t + b * COLSUM_LANES < t1)
-                    v[b] = *reinterpret_cast<const float4 *>(dY + base + (size_t)(t + b * COLSUM_LANES) * d);
-#pragma unroll
-            for (int b = 0; b < B; ++b)
-                if (t + b * COLSUM_LANES < t1) {
-                    acc[0] += v[b].x, acc[1] += v[b].y, acc[2] += v[b].z, acc[3] += v[b].w;
-                    *reinterpret_cast<uint2 *>(out + base + (size_t)(t + b * COLSUM_LANES) * d) =
-                        pack_bf16x4(v[b].x, v[b].y, v[b].z, v[b].w);
-                }
-        }
+        round_rows4_colsum(dY + base, out + base, (size_t)d, t0, t1, acc);
     }
     colsum4_store_staged(lane_sums, acc, cols, partial, dst);
 }

@@ -40,23 +40,8 @@ __global__ void round_colsum_vec4_kernel(const float *__restrict__ dY, __nv_bflo
     const int chunk = blockIdx.x;
     const int j = blockIdx.y * 128 + threadIdx.x * 4;
     const int t0 = chunk * COLSUM_ROWS, t1 = min(T, t0 + COLSUM_ROWS);
-    constexpr int B = COLSUM_ROWS_IN_FLIGHT;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (j < N)
-        for (int t = t0 + threadIdx.y; t < t1; t += B * COLSUM_LANES) {
-            float4 v[B];
-#pragma unroll
-            for (int b = 0; b < B; ++b)
-                if (t + b * COLSUM_LANES < t1)
-                    v[b] = *reinterpret_cast<const float4 *>(dY + (size_t)(t + b * COLSUM_LANES) * N + j);
-#pragma unroll
-            for (int b = 0; b < B; ++b)
-                if (t + b * COLSUM_LANES < t1) {
-                    acc[0] += v[b].x, acc[1] += v[b].y, acc[2] += v[b].z, acc[3] += v[b].w;
-                    *reinterpret_cast<uint2 *>(out + (size_t)(t + b * COLSUM_LANES) * N + j) =
-                        pack_bf16x4(v[b].x, v[b].y, v[b].z, v[b].w);
-                }
-        }
+    if (j < N) round_rows4_colsum(dY + j, out + j, (size_t)N, t0, t1, acc);
     colsum4_store_staged(lane_sums, acc, N, partial, dst);
 }
 

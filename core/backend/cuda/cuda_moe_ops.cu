@@ -807,18 +807,21 @@ __global__ void aux_f_kernel(const int32_t *counts, int E, float *f) {
  * operations in the same order as moe_softmax_row, moe_logsumexp_row and
  * the loops of the general path (so the same bits), without the round
  * trips through global memory that path makes for every element (p is
- * written, then read back twice). */
+ * written, then read back twice). The dlogits row it adds to is loaded with
+ * the logits; where d_lb is that row (aliased), the load-balancing term
+ * stands in for it, as the store then the read-back would give. */
 template <int EM>
 __device__ __forceinline__ void aux_row_in_registers(const float *l, const float *lz, const float *f, int T, int E,
-                                                     float alpha, float beta, float *d_lb, float *dl, double &s_fp,
-                                                     double &s_z) {
-    float p[EM], z[EM];
+                                                     float alpha, float beta, float *d_lb, float *dl, bool aliased,
+                                                     double &s_fp, double &s_z) {
+    float p[EM], z[EM], g[EM];
     float m = -INFINITY, mz = -INFINITY;
 #pragma unroll
     for (int e = 0; e < EM; ++e)
         if (e < E) {
             p[e] = l[e];
             z[e] = lz[e];
+            if (!aliased) g[e] = dl[e];
             m = p[e] > m ? p[e] : m;
             mz = z[e] > mz ? z[e] : mz;
         }
@@ -839,13 +842,17 @@ __device__ __forceinline__ void aux_row_in_registers(const float *l, const float
         }
 #pragma unroll
     for (int e = 0; e < EM; ++e)
-        if (e < E) d_lb[e] = (float)(alpha * (double)E / T * p[e] * (f[e] - fp));
+        if (e < E) {
+            const float lb = (float)(alpha * (double)E / T * p[e] * (f[e] - fp));
+            if (aliased) g[e] = lb;
+            else d_lb[e] = lb;
+        }
     s_fp += fp;
     const float lse = mz + logf(sz);
     s_z += (double)lse * lse;
 #pragma unroll
     for (int e = 0; e < EM; ++e)
-        if (e < E) dl[e] += beta * 2.0f / (float)T * lse * expf(z[e] - lse);
+        if (e < E) dl[e] = g[e] + beta * 2.0f / (float)T * lse * expf(z[e] - lse);
 }
 
 template <int EM> /* 0: any E, the rows through global memory */
@@ -863,7 +870,7 @@ aux_kernel(const float *lb_logits, const float *logits, const int32_t *counts, c
     GRID_STRIDE_LOOP(t, T) {
         if constexpr (EM > 0) {
             aux_row_in_registers<EM>(lb_logits + t * E, logits + t * E, f, T, E, alpha, beta, d_lb + t * E,
-                                     dlogits + t * E, s_fp, s_z);
+                                     dlogits + t * E, d_lb == dlogits, s_fp, s_z);
             continue;
         }
         const float *l = lb_logits + t * E;
