@@ -128,6 +128,20 @@ static shape random_shape(cf_rng *r, int Tmax, int Emax) {
     return s;
 }
 
+/* The fixed shapes, then n random ones (up to 256 tokens and 64 experts) in
+ * which an empty call (T = 0) becomes T = t_empty: the shape list of the
+ * groups that need tokens in every call. Returns the count. */
+static int fixed_then_random(shape *out, const shape *fixed, int n_fixed, cf_rng *r, int n, int t_empty) {
+    int ns = 0;
+    for (int i = 0; i < n_fixed; ++i) out[ns++] = fixed[i];
+    for (int i = 0; i < n; ++i) {
+        shape s = random_shape(r, 256, 64);
+        if (s.T == 0) s.T = t_empty;
+        out[ns++] = s;
+    }
+    return ns;
+}
+
 /* An instance with the user's options. A shape those options refuse with
  * MOE_ERR_OPTION while the router takes it with its defaults (say
  * expert_choice max_per_token = 2 with E = 1) is not applicable: the caller
@@ -1000,16 +1014,9 @@ static void group_determinism(const cf_config *cfg) {
     cf_device dev;
     if (group_device(cfg, &dev, rows, 2) != 0) return;
     cf_rng r = cf_rng_make(cfg->seed * 37 + 5);
+    const shape fixed[] = {make_shape(16, 4, 2, 8, 1.25), make_shape(64, 8, 8, 4, 1.0), make_shape(200, 32, 4, 16, 0.5)};
     shape shapes[24];
-    int ns = 0;
-    shapes[ns++] = make_shape(16, 4, 2, 8, 1.25);
-    shapes[ns++] = make_shape(64, 8, 8, 4, 1.0);
-    shapes[ns++] = make_shape(200, 32, 4, 16, 0.5);
-    for (int i = 0; i < (cfg->quick ? 3 : 12); ++i) {
-        shape s = random_shape(&r, 256, 64);
-        if (s.T == 0) s.T = 5;
-        shapes[ns++] = s;
-    }
+    const int ns = fixed_then_random(shapes, fixed, 3, &r, cfg->quick ? 3 : 12, 5);
     tally t_f = {0}, t_b = {0};
     int any_grad = 0, fwd_calls = 0, bwd_calls = 0;
     for (int i = 0; i < ns; ++i) {
@@ -1105,16 +1112,9 @@ static void group_saved(const cf_config *cfg) {
     cf_device dev;
     if (group_device(cfg, &dev, rows, 1) != 0) return;
     cf_rng r = cf_rng_make(cfg->seed * 53 + 9);
+    const shape fixed[] = {make_shape(16, 4, 2, 8, 1.25), make_shape(64, 8, 2, 16, 1.0), make_shape(200, 8, 2, 32, 1.25)};
     shape shapes[16];
-    int ns = 0;
-    shapes[ns++] = make_shape(16, 4, 2, 8, 1.25);
-    shapes[ns++] = make_shape(64, 8, 2, 16, 1.0);
-    shapes[ns++] = make_shape(200, 8, 2, 32, 1.25);
-    for (int i = 0; i < (cfg->quick ? 2 : 8); ++i) {
-        shape s = random_shape(&r, 256, 64);
-        if (s.T == 0) s.T = 3;
-        shapes[ns++] = s;
-    }
+    const int ns = fixed_then_random(shapes, fixed, 3, &r, cfg->quick ? 2 : 8, 3);
     tally t = {0};
     int declared = 0, calls = 0;
     for (int i = 0; i < ns; ++i) {
