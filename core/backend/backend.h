@@ -344,8 +344,8 @@ struct moe_backend {
      * kept mask, safe to dispatch whatever the plugin wrote; and
      * counts_before[E] and counts_after[E] (backend memory; either may be
      * NULL) both receive the number of kept assignments of each expert
-     * (expert_counts of kept; the router's capacity is final, so
-     * capacity_assign's two counts coincide), whatever was recorded: with
+     * (the router's capacity is final, so capacity_assign's two counts
+     * coincide), whatever was recorded: with
      * a recorded error they are what the layer counts, not a promise about
      * the slots. Without slot, kept and the counts are not touched and
      * dense_slots is ignored. */
@@ -392,9 +392,6 @@ struct moe_backend {
      * attention_fwd and dispatch write them as they write the buffer); where
      * GEMMs read fp32 (the CPU, CUDA in fp32 mode) there is nothing to keep. */
     void (*keep_activations)(moe_backend *be, const moe_activation_view *views, int n);
-    /* counts[e] = number of a < T*K with kept[a] == e (overwrite; entries
-     * outside [0, E) are not counted). */
-    void (*expert_counts)(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
     /* out[0] = sum_t losses[t] (double), out[1] = sum_t correct[t] (exact in a
      * double); out in backend memory, summed in an order fixed by T. The CPU
      * adds in token order. */

@@ -11,7 +11,7 @@
     X(act_fwd) X(act_bwd) X(rope_fwd) X(rope_bwd) X(attention_fwd) X(attention_bwd) X(dropout_fwd) \
     X(dropout_bwd) X(xent_fwd_bwd) X(adamw) X(capacity_assign) X(combine_weights) \
     X(combine_weights_bwd) X(dispatch) X(dispatch_bwd) X(combine) X(combine_bwd) X(aux_losses) \
-    X(aux_losses_counts) X(check_routing) X(check_bytes) X(check_finite) X(round_weights) X(keep_activations) X(expert_counts) X(xent_sums) \
+    X(aux_losses_counts) X(check_routing) X(check_bytes) X(check_finite) X(round_weights) X(keep_activations) X(xent_sums) \
     X(clip_grad_norm)
 
 enum {
@@ -285,9 +285,6 @@ static void t_round_weights(moe_backend *be, const float *params, const moe_weig
 }
 static void t_keep_activations(moe_backend *be, const moe_activation_view *views, int n) {
     TIMED_VOID(keep_activations, (t->inner, views, n));
-}
-static void t_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
-    TIMED_VOID(expert_counts, (t->inner, kept, T, K, E, counts));
 }
 static void t_xent_sums(moe_backend *be, const float *losses, const int32_t *correct, int T, double *out) {
     TIMED_VOID(xent_sums, (t->inner, losses, correct, T, out));

@@ -129,7 +129,6 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->check_finite = cpu_check_finite;
     be->round_weights = cpu_round_weights;
     be->keep_activations = cpu_keep_activations;
-    be->expert_counts = cpu_expert_counts;
     be->xent_sums = cpu_xent_sums;
     be->clip_grad_norm = cpu_clip_grad_norm;
     return be;

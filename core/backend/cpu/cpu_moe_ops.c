@@ -330,10 +330,3 @@ void cpu_keep_activations(moe_backend *be, const moe_activation_view *views, int
     (void)be, (void)views, (void)n;
 }
 
-void cpu_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
-    (void)be;
-    const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
-    if (E > 0) memset(counts, 0, (size_t)E * sizeof *counts);
-    for (size_t a = 0; a < nA; ++a)
-        if (kept[a] >= 0 && kept[a] < E) counts[kept[a]]++;
-}

@@ -38,6 +38,5 @@ void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, in
 void cpu_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 void cpu_round_weights(moe_backend *be, const float *params, const moe_weight_view *views, int n);
 void cpu_keep_activations(moe_backend *be, const moe_activation_view *views, int n);
-void cpu_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

@@ -411,7 +411,6 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     be->check_finite = cuda_check_finite;
     be->round_weights = cuda_round_weights;
     be->keep_activations = cuda_keep_activations;
-    be->expert_counts = cuda_expert_counts;
     be->xent_sums = cuda_xent_sums;
     be->clip_grad_norm = cuda_clip_grad_norm;
     return be;

@@ -19,7 +19,7 @@
  * staging (1 MiB), and scratch growth (and the growth of check_routing's
  * own tables). The model's path (capacity with
  * device counts, aux_losses_counts, check_routing, check_bytes,
- * expert_counts, xent_sums, clip_grad_norm) never waits.
+ * xent_sums, clip_grad_norm) never waits.
  *
  * Determinism: no floating-point atomics. Every sum is computed in an order
  * fixed by the launch configuration (which depends only on the sizes), so a
@@ -722,6 +722,5 @@ cuda_activation_copy *cuda_activation_copy_of(moe_backend *be, const float *src,
  * the copy does not ask: the first GEMM then makes it. */
 __nv_bfloat16 *cuda_activation_copy_target(moe_backend *be, const float *dst, long long rows, long long cols);
 void cuda_activation_copies_release(cuda_impl *st);
-void cuda_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts);
 
 #endif

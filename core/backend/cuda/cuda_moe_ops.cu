@@ -1316,37 +1316,3 @@ void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, 
     KERNEL_CHECK(be, "check_finite_kernel");
 }
 
-/* Per-block histograms in shared memory, added into counts (zeroed first)
- * with integer atomics: exact, so the order does not matter. */
-constexpr int COUNT_MAX_SHARED_E = 8192;
-
-__global__ void expert_counts_kernel(const int32_t *kept, size_t nA, int E, int32_t *counts) {
-    extern __shared__ int hist[];
-    const bool shared = E <= COUNT_MAX_SHARED_E;
-    if (shared)
-        for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
-    __syncthreads();
-    GRID_STRIDE_LOOP(a, nA) {
-        const int e = kept[a];
-        if (e < 0 || e >= E) continue;
-        if (shared) atomicAdd(&hist[e], 1);
-        else atomicAdd(&counts[e], 1);
-    }
-    __syncthreads();
-    if (shared)
-        for (int e = threadIdx.x; e < E; e += blockDim.x)
-            if (hist[e]) atomicAdd(&counts[e], hist[e]);
-}
-
-void cuda_expert_counts(moe_backend *be, const int32_t *kept, int T, int K, int E, int32_t *counts) {
-    if (E <= 0) return;
-    cudaStream_t st = cuda_stream(be);
-    CUDA_CHECK(be, cudaMemsetAsync(counts, 0, (size_t)E * sizeof(int32_t), st));
-    const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
-    if (nA == 0) return;
-    unsigned blocks = cuda_blocks(nA);
-    if (blocks > 264) blocks = 264; /* a few per SM: fewer histograms to add */
-    const size_t shmem = E <= COUNT_MAX_SHARED_E ? (size_t)E * sizeof(int) : 0;
-    expert_counts_kernel<<<blocks, CUDA_THREADS, shmem, st>>>(kept, nA, E, counts);
-    KERNEL_CHECK(be, "expert_counts_kernel");
-}
