@@ -27,6 +27,9 @@
  * counts exactly. from_host's pinned staging is checked by many small copies
  * whose source is overwritten at once.
  *
+ * capacity_assign also runs as the first call of a fresh backend (nothing
+ * allocated yet).
+ *
  * The timing ops (events, measured GEMM rate) are checked for plausible
  * values only.
  *
@@ -1441,6 +1444,27 @@ static void test_capacity(const cfg *c) {
     }
 }
 
+/* An op that is a fresh backend's first call, before any scratch exists:
+ * capacity_assign by position with device counts lays out no scratch at
+ * all, and the backend once answered that request with no buffer, which
+ * the op took for a failure and returned without writing anything (no
+ * error either). The model's first MoE layer made exactly this call. */
+static void test_capacity_first_call(void) {
+    char err[512];
+    moe_backend *shared = gpu;
+    gpu = moe_backend_cuda_create(0, MOE_PRECISION_FP32, err, sizeof err);
+    if (!gpu) {
+        gpu = shared;
+        fail_line("capacity_assign(first call of a fresh backend)", "%.0f", 1.0);
+        printf("  moe_backend_cuda_create: %s\n", err);
+        return;
+    }
+    capacity_case(1024, 2, 4); /* the quick-start model's layer */
+    free_all();                /* the buffers belong to the fresh backend */
+    moe_backend_destroy(gpu);
+    gpu = shared;
+}
+
 /* combine weights, dispatch, combine and their backwards on one routing
  * (kept/slot from the CPU's capacity_assign, so these are tested alone) */
 /* dispatch and combine_bwd with fill_counts (capacity_assign's counts_after:
@@ -2333,6 +2357,9 @@ int main(void) {
         test_xent_sums, test_sumsq_large, test_clip_grad_norm, test_from_host_staging,
     };
     cfgs_first = &cfgs[0];
+    static const cfg fresh_cfg = {"fresh", 0, 0, 0, 0, 0, 0, 0, 0};
+    cur = &fresh_cfg;
+    test_capacity_first_call();
     static const cfg timing_cfg = {"timing", 0, 0, 0, 0, 0, 0, 0, 0};
     cur = &timing_cfg;
     test_timing();

@@ -76,12 +76,18 @@ extern "C" int moe_cuda_backend_check(moe_backend *be, char *msg, size_t cap) {
 
 char *cuda_scratch(moe_backend *be, size_t bytes) {
     cuda_impl *st = cuda_state(be);
-    if (bytes <= st->scratch_bytes) return (char *)st->scratch;
-    /* Grow to the next MiB with 25% headroom, so a slowly rising need (a
-     * longer batch) does not reallocate every step. Earlier ops may still
-     * be reading the old buffer: wait for them before freeing it. */
+    /* A request for 0 bytes (an op whose layout needs nothing at this size)
+     * still gets a buffer: its caller reads NULL as "failed, error recorded"
+     * and skips its work, so NULL here, before the first allocation, made
+     * such an op silently do nothing when it ran first. */
+    if (st->scratch && bytes <= st->scratch_bytes) return (char *)st->scratch;
+    /* Grow to the next MiB (at least one) with 25% headroom, so a slowly
+     * rising need (a longer batch) does not reallocate every step. Earlier
+     * ops may still be reading the old buffer: wait for them before freeing
+     * it. */
+    const size_t mib = (size_t)1 << 20;
     size_t want = bytes + bytes / 4;
-    want = (want + (1u << 20) - 1) & ~(size_t)((1u << 20) - 1);
+    want = want < mib ? mib : (want + mib - 1) & ~(mib - 1);
     cudaError_t e = cudaStreamSynchronize(st->stream);
     if (e == cudaSuccess && st->scratch) e = cudaFree(st->scratch);
     st->scratch = NULL;

@@ -189,7 +189,8 @@ struct ScratchLayout {
     }
 };
 
-/* The scratch buffer, at least `bytes` long; NULL (error recorded) on failure. */
+/* The scratch buffer, at least `bytes` long (0 included: never NULL but on
+ * failure); NULL (error recorded) on failure. */
 char *cuda_scratch(moe_backend *be, size_t bytes);
 
 /* Whether p is device (or managed) memory, so usable by kernels; host
