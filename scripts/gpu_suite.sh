@@ -7,7 +7,8 @@
 # bin/moehost, lib/moe/plugins/*.so, tests/test_gpu_*); OUT receives the logs.
 # It runs, in order: every op CUDA vs CPU; every router plugin CUDA vs CPU;
 # both under compute-sanitizer memcheck; the whole model in fp32 on CUDA vs
-# the CPU for 20 training steps; a bf16 run of the expC settings that must
+# the CPU for 20 training steps; a CUDA run whose logits are NaN, which must
+# stop naming the first one; a bf16 run of the expC settings that must
 # learn; and the training benchmark of each router. The last lines printed
 # are a PASS/FAIL table and the benchmark table.
 set -uo pipefail
@@ -81,6 +82,17 @@ sys.exit(0 if worst <= 1e-4 else 1)
 EOF
 rc=$?
 record "model fp32 CUDA vs CPU, 20 steps" $rc "$(tail -n 1 "$out/parity.txt")"
+
+# 4b. non-finite logits on CUDA, where the host checks the router's inputs
+#     (inside check_routing's launch): weights drawn with std 3e38 overflow,
+#     every logit of layer 0 is NaN, and the run must stop naming the first
+#     one, not train on
+"$moehost" "${tiny[@]}" --set run.device=cuda --set train.steps=2 --set model.init_std=3e38 \
+  --set run.out_dir="$out/nonfinite" --set run.name=cuda >"$out/nonfinite.log" 2>&1
+rc=$?
+want="(layer 0) forward failed: logit of token 0, expert 0 is nan"
+if [ $rc -ne 0 ] && grep -qF "$want" "$out/nonfinite.log"; then rc=0; else rc=1; fi
+record "model CUDA names a NaN logit" $rc "$(grep -m1 -o 'router.*value' "$out/nonfinite.log")"
 
 # 5. a bf16 run of the expC settings learns
 rm -rf "$out/bf16"

@@ -44,6 +44,14 @@ typedef struct moe_guard_zone {
     int32_t code;
 } moe_guard_zone;
 
+/* Floats for check_routing that must all be finite: n floats at v (backend
+ * memory, n < 2^31), recorded with code as check_finite records them. */
+typedef struct moe_finite_zone {
+    const float *v;
+    size_t n;
+    int32_t code;
+} moe_finite_zone;
+
 /* A saved activation for keep_activations: rows x cols floats, packed. */
 typedef struct moe_activation_view {
     const float *data;
@@ -327,7 +335,12 @@ struct moe_backend {
      * First, when guard is not NULL (a host struct), the guard zone after
      * the plugin's workspace, exactly as check_bytes(guard->p, guard->n,
      * guard->value, guard->code) would (so that a plugin that overran its
-     * workspace is named for that, before what it wrote). Then
+     * workspace is named for that, before what it wrote). Then, when
+     * finite is not NULL (a host struct), its floats, exactly as
+     * check_finite(finite->v, finite->n, finite->code) would: the router's
+     * input logits (and a perturbing router's route_logits after them),
+     * checked with its outputs in one pass rather than in a launch of
+     * their own. Then
      * assignments a = t*K + k are visited in order, and for each: expert in
      * [-1, E) (MOE_CHECK_EXPERT); for expert >= 0, weight finite and >= 0
      * (MOE_CHECK_WEIGHT); when slot != NULL and expert >= 0, slot in [0, C)
@@ -349,7 +362,8 @@ struct moe_backend {
      * a recorded error they are what the layer counts, not a promise about
      * the slots. Without slot, kept and the counts are not touched and
      * dense_slots is ignored. */
-    void (*check_routing)(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert,
+    void (*check_routing)(moe_backend *be, const moe_guard_zone *guard, const moe_finite_zone *finite,
+                          const int32_t *expert,
                           const float *weight, const int32_t *slot, int T, int K, int E, int C,
                           int dense_slots, int32_t *kept, int32_t *counts_before,
                           int32_t *counts_after, int32_t *record);
@@ -358,10 +372,11 @@ struct moe_backend {
     void (*check_bytes)(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code,
                         int32_t *record);
     /* Records {code, i, 0, the float's bits, n} for the first i < n
-     * (n < 2^31) with v[i] not finite, while record[0] == 0 (the gate's
-     * logits before a router plugin that leaves its input checks to the
-     * host; the logits and a perturbing router's route_logits, contiguous,
-     * after it: n tells where the second array starts). */
+     * (n < 2^31) with v[i] not finite, while record[0] == 0 (check_routing
+     * does the same for its finite zone: the gate's logits, for a router
+     * plugin that leaves its input checks to the host, and a perturbing
+     * router's route_logits, contiguous after them: n tells where the
+     * second array starts). */
     void (*check_finite)(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 
     /* ---- operand copies of the weights ----

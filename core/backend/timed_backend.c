@@ -268,11 +268,12 @@ static void t_aux_losses_counts(moe_backend *be, const float *lb_logits, const f
                                 float *dlogits, double *out) {
     TIMED_VOID(aux_losses_counts, (t->inner, lb_logits, logits, counts, T, E, alpha, beta, d_lb, dlogits, out));
 }
-static void t_check_routing(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert, const float *weight,
-                            const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
-                            int32_t *counts_before, int32_t *counts_after, int32_t *record) {
-    TIMED_VOID(check_routing, (t->inner, guard, expert, weight, slot, T, K, E, C, dense_slots, kept, counts_before,
-                               counts_after, record));
+static void t_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_finite_zone *finite,
+                            const int32_t *expert, const float *weight, const int32_t *slot, int T, int K, int E,
+                            int C, int dense_slots, int32_t *kept, int32_t *counts_before, int32_t *counts_after,
+                            int32_t *record) {
+    TIMED_VOID(check_routing, (t->inner, guard, finite, expert, weight, slot, T, K, E, C, dense_slots, kept,
+                               counts_before, counts_after, record));
 }
 static void t_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record) {
     TIMED_VOID(check_bytes, (t->inner, p, n, value, code, record));

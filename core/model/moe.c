@@ -545,29 +545,31 @@ int moe_layer_forward(moe_layer *L, const float *x, const int32_t *token_ids, in
     L->route_logits = L->logits + (size_t)T * E;
     fa.route_logits = perturbs ? L->route_logits : NULL;
     fa.saved = L->router_saved;
-    if (ctx.inputs_checked && !perturbs) be->check_finite(be, L->logits, (size_t)T * E, MOE_CHECK_LOGIT, L->record);
     if (L->router_impl->forward(L->router_state, &ctx, &fa) != MOE_OK) {
         snprintf(err, errcap, "router '%s' (layer %d) forward failed: %s", L->router->name, c->layer, L->msg);
         return -1;
     }
-    /* l and l' in one pass (one launch instead of two); the first bad value
-     * is in l if any is, as when l was checked first. */
-    if (ctx.inputs_checked && perturbs)
-        be->check_finite(be, L->logits, 2 * (size_t)T * E, MOE_CHECK_ROUTE_LOGIT, L->record);
     /* Checks of the plugin's output, recorded in L->record, in one op: the
      * guard zone after the workspace first (a plugin that overran its
-     * workspace is named for that), then the assignments. For a router that
-     * owns capacity this also writes kept = expert where expert and slot are
-     * valid (-1 elsewhere), and counts them per expert (for f and the stats;
-     * nothing is dropped after the router, so before = after), and verifies
-     * dense slots where the router promises them. */
+     * workspace is named for that), then, when the host checks the plugin's
+     * inputs (ctx.inputs_checked), the logits l, and l' after them for a
+     * router that perturbs (the first bad value is in l if any is, as if l
+     * had been checked before the call), then the assignments. For a router
+     * that owns capacity this also writes kept = expert where expert and
+     * slot are valid (-1 elsewhere), and counts them per expert (for f and
+     * the stats; nothing is dropped after the router, so before = after),
+     * and verifies dense slots where the router promises them. A plugin
+     * given a bad logit has already run on it; the record names the logit,
+     * not whatever the plugin made of it, since the logits come first. */
     size_t nA = (size_t)T * Ko;
     int32_t *counts_before = L->counts, *counts_after = L->counts + E;
     const moe_guard_zone guard = {(const char *)L->router_workspace + L->rinfo.workspace_bytes, WORKSPACE_GUARD_BYTES,
                                   WORKSPACE_GUARD_BYTE, MOE_CHECK_GUARD_FORWARD};
-    be->check_routing(be, &guard, L->expert, L->weight, owns_capacity ? L->slot : NULL, T, Ko, E, C, dense_slots(L),
-                      owns_capacity ? L->kept : NULL, owns_capacity ? counts_before : NULL,
-                      owns_capacity ? counts_after : NULL, L->record);
+    const moe_finite_zone logits_zone = {L->logits, (perturbs ? 2 : 1) * (size_t)T * E,
+                                         perturbs ? MOE_CHECK_ROUTE_LOGIT : MOE_CHECK_LOGIT};
+    be->check_routing(be, &guard, ctx.inputs_checked ? &logits_zone : NULL, L->expert, L->weight,
+                      owns_capacity ? L->slot : NULL, T, Ko, E, C, dense_slots(L), owns_capacity ? L->kept : NULL,
+                      owns_capacity ? counts_before : NULL, owns_capacity ? counts_after : NULL, L->record);
     if (check_now(L, err, errcap) != 0) return -1;
 
     /* 3. capacity: at most C assignments per expert, by priority (a router

@@ -1805,28 +1805,36 @@ static void make_valid_routing(int T, int K, int E, int with_slot, int32_t *expe
 /* Runs check_routing on both backends and compares the record, and with
  * slots the kept mask and both counts (poisoned on the GPU: every entry
  * must be written). guard: NULL, or guard_n host bytes for a guard zone
- * that should hold 0xA5. */
-static void check_routing_guarded(const char *what, const int32_t *expert, const float *weight, const int32_t *slot,
-                                  int T, int K, int E, int C, int dense, const int32_t *record0, const uint8_t *guard,
-                                  size_t guard_n) {
+ * that should hold 0xA5. fin: NULL, or fin_n host floats for a finite
+ * zone, placed fin_shift floats into its device buffer (1: not 16-byte
+ * aligned). */
+static void check_routing_zones(const char *what, const int32_t *expert, const float *weight, const int32_t *slot,
+                                int T, int K, int E, int C, int dense, const int32_t *record0, const uint8_t *guard,
+                                size_t guard_n, const float *fin, size_t fin_n, int fin_shift) {
     const size_t nA = (size_t)T * K, nR = MOE_CHECK_RECORD_WORDS, nE = (size_t)(E > 0 ? E : 0);
     int32_t *want_rec = hdup(record0, nR * 4), *want_kept = halloc(nA * 4 + 4);
     int32_t *want_counts = halloc(2 * nE * 4 + 4);
     memset(want_kept, POISON_I32, nA * 4 + 4);
     memset(want_counts, POISON_I32, 2 * nE * 4 + 4);
     moe_guard_zone hz = {guard, guard_n, 0xA5, 16}, dz = hz;
-    cpu->check_routing(cpu, guard ? &hz : NULL, expert, weight, slot, T, K, E, C, dense, slot ? want_kept : NULL,
-                       slot ? want_counts : NULL, slot ? want_counts + nE : NULL, want_rec);
+    moe_finite_zone hf = {fin, fin_n, 18}, df = hf;
+    cpu->check_routing(cpu, guard ? &hz : NULL, fin ? &hf : NULL, expert, weight, slot, T, K, E, C, dense,
+                       slot ? want_kept : NULL, slot ? want_counts : NULL, slot ? want_counts + nE : NULL, want_rec);
     int32_t *d_expert = up(gpu, expert, nA * 4 + 4), *d_slot = slot ? up(gpu, slot, nA * 4 + 4) : NULL;
     float *d_weight = up(gpu, weight, nA * 4 + 4);
     if (guard) dz.p = up(gpu, guard, guard_n + 1);
+    if (fin) {
+        float *d_fin = dpoison(gpu, (fin_n + (size_t)fin_shift) * 4 + 16, 0); /* zeros past the zone: finite */
+        gpu->from_host(gpu, d_fin + fin_shift, fin, fin_n * 4);
+        df.v = d_fin + fin_shift;
+    }
     int32_t *rec[2], *kept[2], *counts[2];
     for (int r = 0; r < 2; ++r) {
         int32_t *d_rec = up(gpu, record0, nR * 4);
         int32_t *d_kept = dpoison(gpu, nA * 4 + 4, POISON_I32);
         int32_t *d_counts = dpoison(gpu, 2 * nE * 4 + 4, POISON_I32);
-        gpu->check_routing(gpu, guard ? &dz : NULL, d_expert, d_weight, d_slot, T, K, E, C, dense,
-                           slot ? d_kept : NULL, slot ? d_counts : NULL, slot ? d_counts + nE : NULL, d_rec);
+        gpu->check_routing(gpu, guard ? &dz : NULL, fin ? &df : NULL, d_expert, d_weight, d_slot, T, K, E, C,
+                           dense, slot ? d_kept : NULL, slot ? d_counts : NULL, slot ? d_counts + nE : NULL, d_rec);
         if (!gpu_ok(gpu, "check_routing")) return;
         rec[r] = down(gpu, d_rec, nR * 4);
         kept[r] = down(gpu, d_kept, nA * 4 + 4);
@@ -1845,7 +1853,7 @@ static void check_routing_guarded(const char *what, const int32_t *expert, const
 
 static void check_routing_case(const char *what, const int32_t *expert, const float *weight, const int32_t *slot,
                                int T, int K, int E, int C, int dense, const int32_t *record0) {
-    check_routing_guarded(what, expert, weight, slot, T, K, E, C, dense, record0, NULL, 0);
+    check_routing_zones(what, expert, weight, slot, T, K, E, C, dense, record0, NULL, 0, NULL, 0, 0);
 }
 
 /* The index of the assignment holding (e, s), or -1. */
@@ -2067,13 +2075,56 @@ static void test_check_routing_shapes(const cfg *c) {
                 if (gcase == 3) guard[37] = 0x5A, guard[200] = 0x01;
                 char what[96];
                 snprintf(what, sizeof what, "%s, guard case %d", with_slot ? "owns capacity" : "no slots", gcase);
-                check_routing_guarded(what, expert, weight, with_slot ? slot : NULL, T, K, E, C, with_slot, clear,
-                                      guard, gn);
+                check_routing_zones(what, expert, weight, with_slot ? slot : NULL, T, K, E, C, with_slot, clear,
+                                    guard, gn, NULL, 0, 0);
             }
         int32_t none[1] = {0};
         float w[1] = {0.0f};
         guard[5] = 0x00;
-        check_routing_guarded("T=0, guard changed", none, w, none, 0, 2, 8, 5, 1, clear, guard, gn);
+        check_routing_zones("T=0, guard changed", none, w, none, 0, 2, 8, 5, 1, clear, guard, gn, NULL, 0, 0);
+    }
+}
+
+/* check_routing's finite zone (the logits, and l' after them) comes after
+ * the guard and before the assignments: intact; a NaN late and an Inf
+ * earlier (the lowest index is recorded); with a routing failure too, and
+ * with a changed guard too; an error already recorded stays. Aligned (read
+ * as float4), with a size that leaves a tail, and not aligned; and with
+ * nothing to route. */
+static void test_check_routing_finite_zone(const cfg *c) {
+    const int T = T_of(c), K = c->K, E = c->E, C = T;
+    const size_t nA = (size_t)T * K, gn = 256;
+    const size_t sizes[3][2] = {{2 * (size_t)T * E, 0}, {(size_t)T * E - (T * E > 3 ? 3 : 0), 0},
+                                {(size_t)T * E, 1}}; /* {floats, shift} */
+    for (int zi = 0; zi < 3; ++zi) {
+        free_all(); /* each size makes a few hundred buffers */
+        int32_t *expert = halloc(nA * 4 + 4), *slot = halloc(nA * 4 + 4);
+        int32_t *clear = halloc(MOE_CHECK_RECORD_WORDS * 4), *taken = halloc(MOE_CHECK_RECORD_WORDS * 4);
+        memset(clear, 0, MOE_CHECK_RECORD_WORDS * 4);
+        for (int i = 0; i < MOE_CHECK_RECORD_WORDS; ++i) taken[i] = 100 + i; /* an earlier error: must stay */
+        float *weight = halloc(nA * 4 + 4);
+        uint8_t *guard = halloc(gn + 1);
+        const size_t fn = sizes[zi][0];
+        const int shift = (int)sizes[zi][1];
+        float *fin = halloc(fn * 4);
+        for (int with_slot = 0; with_slot < 2; ++with_slot)
+            for (int fcase = 0; fcase < 6; ++fcase) {
+                make_valid_routing(T, K, E, with_slot, expert, weight, slot);
+                moe_test_fill(&rng, fin, fn, -8, 8);
+                memset(guard, 0xA5, gn + 1);
+                if (fcase >= 1) fin[fn - 1] = NAN; /* in the tail when there is one */
+                if (fcase >= 2 && fn > 2) fin[fn / 2 + 1] = -INFINITY;
+                if (fcase >= 3) expert[0] = E; /* a routing failure, at the first assignment */
+                if (fcase == 4) guard[99] = 0x00;
+                char what[128];
+                snprintf(what, sizeof what, "%s, finite zone %zu+%d, case %d", with_slot ? "owns capacity" : "no slots",
+                         fn, shift, fcase);
+                check_routing_zones(what, expert, weight, with_slot ? slot : NULL, T, K, E, C, with_slot,
+                                    fcase == 5 ? taken : clear, guard, gn, fin, fn, shift);
+            }
+        int32_t none[1] = {0};
+        float w[1] = {0.0f};
+        check_routing_zones("T=0, finite zone", none, w, none, 0, 2, 8, 5, 1, clear, guard, gn, fin, fn, shift);
     }
 }
 
@@ -2353,7 +2404,7 @@ int main(void) {
         test_gemm, test_gemm_batched, test_gemm_bias, test_ffn, test_linear_bwd, test_bias, test_bias_batched, test_vector_ops, test_embed,
         test_layernorm, test_rmsnorm, test_act, test_rope, test_attention,
         test_dropout, test_xent, test_adamw, test_capacity, test_dispatch_combine, test_dispatch_fill_counts,
-        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_routing_shapes, test_check_bytes, test_check_finite, test_weight_copies, test_activation_copies,
+        test_dispatch_gaps, test_aux_losses, test_aux_losses_counts, test_check_routing, test_check_routing_shapes, test_check_routing_finite_zone, test_check_bytes, test_check_finite, test_weight_copies, test_activation_copies,
         test_xent_sums, test_sumsq_large, test_clip_grad_norm, test_from_host_staging,
     };
     cfgs_first = &cfgs[0];

@@ -658,6 +658,37 @@ static void test_check_finite(moe_backend *be) {
     CHECK(rec[0] == 11 && rec[1] == 1);
 }
 
+/* check_routing's finite zone: checked after the guard zone and before the
+ * assignments, recorded as check_finite records it. */
+static void test_check_routing_finite_zone(moe_backend *be) {
+    float logits[6] = {0.5f, -1.0f, 2.0f, 0.25f, 3.0f, -4.0f};
+    const int32_t expert[2] = {0, 1};
+    float weight[2] = {0.5f, 0.5f};
+    uint8_t guard[4] = {7, 7, 7, 7};
+    const moe_guard_zone gz = {guard, 4, 7, 21};
+    const moe_finite_zone fz = {logits, 6, 22};
+    int32_t rec[MOE_CHECK_RECORD_WORDS] = {0};
+    be->check_routing(be, &gz, &fz, expert, weight, NULL, 2, 1, 2, 0, 0, NULL, NULL, NULL, rec);
+    CHECK(rec[0] == 0); /* all valid */
+    weight[1] = NAN;    /* an assignment's fault alone */
+    be->check_routing(be, &gz, &fz, expert, weight, NULL, 2, 1, 2, 0, 0, NULL, NULL, NULL, rec);
+    CHECK(rec[0] == MOE_CHECK_WEIGHT && rec[1] == 1);
+    memset(rec, 0, sizeof rec);
+    logits[4] = INFINITY; /* a non-finite logit goes before it */
+    logits[5] = NAN;
+    be->check_routing(be, &gz, &fz, expert, weight, NULL, 2, 1, 2, 0, 0, NULL, NULL, NULL, rec);
+    int32_t bits;
+    memcpy(&bits, &logits[4], sizeof bits);
+    CHECK(rec[0] == 22 && rec[1] == 4 && rec[2] == 0 && rec[3] == bits && rec[4] == 6);
+    memset(rec, 0, sizeof rec);
+    guard[2] = 0; /* and the guard zone before both */
+    be->check_routing(be, &gz, &fz, expert, weight, NULL, 2, 1, 2, 0, 0, NULL, NULL, NULL, rec);
+    CHECK(rec[0] == 21 && rec[1] == 2);
+    memset(rec, 0, sizeof rec);
+    be->check_routing(be, NULL, NULL, expert, weight, NULL, 2, 1, 2, 0, 0, NULL, NULL, NULL, rec);
+    CHECK(rec[0] == MOE_CHECK_WEIGHT); /* no zones: the assignments alone */
+}
+
 /* Clipping folded into AdamW: with a norm above clip, the update is bit for
  * bit clip_grad_norm's scaling followed by an unclipped update, and g stays
  * as it was; with the norm at or below clip (or no norm), nothing is scaled. */
@@ -700,6 +731,7 @@ int main(void) {
     test_adamw(be);
     test_adamw_clip(be);
     test_check_finite(be);
+    test_check_routing_finite_zone(be);
     moe_backend_destroy(be);
     return moe_test_summary("test_ops_dense");
 }

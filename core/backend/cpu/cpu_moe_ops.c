@@ -228,10 +228,12 @@ static void set_record(int32_t *record, int32_t code, int32_t t, int32_t k, int3
     record[0] = code;
 }
 
-void cpu_check_routing(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert, const float *weight,
-                       const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
-                       int32_t *counts_before, int32_t *counts_after, int32_t *record) {
+void cpu_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_finite_zone *finite,
+                       const int32_t *expert, const float *weight, const int32_t *slot, int T, int K, int E, int C,
+                       int dense_slots, int32_t *kept, int32_t *counts_before, int32_t *counts_after,
+                       int32_t *record) {
     if (guard) cpu_check_bytes(be, guard->p, guard->n, guard->value, guard->code, record);
+    if (finite) cpu_check_finite(be, finite->v, finite->n, finite->code, record);
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
     int32_t *count = slot && E > 0 ? calloc((size_t)E, sizeof *count) : NULL;
     int bad = 0;

@@ -693,9 +693,10 @@ void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logit
 void cuda_aux_losses_counts(moe_backend *be, const float *lb_logits, const float *logits,
                             const int32_t *counts, int T, int E, float alpha, float beta, float *d_lb,
                             float *dlogits, double *out);
-void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert, const float *weight,
-                        const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
-                        int32_t *counts_before, int32_t *counts_after, int32_t *record);
+void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_finite_zone *finite,
+                        const int32_t *expert, const float *weight, const int32_t *slot, int T, int K, int E, int C,
+                        int dense_slots, int32_t *kept, int32_t *counts_before, int32_t *counts_after,
+                        int32_t *record);
 void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
 void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 /* cuda_weight_copies.cu */

@@ -973,11 +973,13 @@ void cuda_aux_losses(moe_backend *be, const float *lb_logits, const float *logit
 /* Checks of a router's output, and expert counts                      */
 /* ------------------------------------------------------------------ */
 
-/* The CPU checks the guard zone first, then visits assignments in order
- * and stops at the first failure; here every failure gets a key and the
- * smallest key wins (atomicMin on integers: the same result whatever the
- * order). A guard byte i that differs has key i (block 0 scans the zone);
- * assignment a has key guard.n + a*3 + (0 expert, 1 weight, 2 slot). */
+/* The CPU checks the guard zone first, then the finite zone, then visits
+ * assignments in order and stops at the first failure; here every failure
+ * gets a key and the smallest key wins (atomicMin on integers: the same
+ * result whatever the order). A guard byte i that differs has key i (block
+ * 0 scans the zone); a non-finite float i of the finite zone has key
+ * guard.n + i; assignment a has key guard.n + finite.n + a*3 + (0 expert,
+ * 1 weight, 2 slot). */
 constexpr unsigned long long CHECK_NONE = ~0ull;
 
 /* The guard zone of a check_routing launch (n = 0: none). */
@@ -997,6 +999,49 @@ __device__ __forceinline__ void scan_guard(const check_guard &g, unsigned long l
         }
 }
 
+/* The finite zone of a check_routing launch (n = 0: none); vec4: v is
+ * 16-byte aligned, so the grid reads it as float4. */
+struct check_finite_zone {
+    const float *v;
+    unsigned n;
+    int32_t code;
+    bool vec4;
+};
+
+/* Threads per float4 of the zone, when it is read as float4. */
+__host__ __device__ __forceinline__ size_t finite_items(const check_finite_zone &f) {
+    return f.vec4 ? (f.n + 3) / 4 : f.n;
+}
+
+__device__ __forceinline__ void scan_finite(const check_finite_zone &f, unsigned long long base,
+                                            unsigned long long *smallest) {
+    if (f.vec4) {
+        const float4 *v4 = reinterpret_cast<const float4 *>(f.v);
+        const size_t full = f.n / 4;
+        GRID_STRIDE_LOOP(q, finite_items(f)) {
+            float x[4];
+            if (q < full) {
+                const float4 v = v4[q];
+                x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+            } else { /* the tail: n % 4 floats */
+                for (int j = 0; j < 4; ++j) x[j] = 4 * q + j < f.n ? f.v[4 * q + j] : 0.0f;
+            }
+            int j = 0;
+            while (j < 4 && isfinite(x[j])) ++j;
+            if (j < 4) {
+                atomicMin(smallest, base + 4 * q + j);
+                break; /* this thread's later floats come after */
+            }
+        }
+        return;
+    }
+    GRID_STRIDE_LOOP(i, f.n)
+    if (!isfinite(f.v[i])) {
+        atomicMin(smallest, base + i);
+        break;
+    }
+}
+
 __device__ void write_record(int32_t *record, int32_t code, int32_t t, int32_t k, int32_t value,
                              int32_t extra) {
     record[1] = t;
@@ -1007,13 +1052,19 @@ __device__ void write_record(int32_t *record, int32_t code, int32_t t, int32_t k
 }
 
 /* The record of failure key `key` (not CHECK_NONE). */
-__device__ void record_failure(const check_guard &g, const int32_t *expert, const float *weight, const int32_t *slot,
-                               int K, int E, int C, unsigned long long key, int32_t *record) {
+__device__ void record_failure(const check_guard &g, const check_finite_zone &f, const int32_t *expert,
+                               const float *weight, const int32_t *slot, int K, int E, int C, unsigned long long key,
+                               int32_t *record) {
     if (key < g.n) {
         write_record(record, g.code, (int32_t)key, 0, g.p[key], 0);
         return;
     }
     key -= g.n;
+    if (key < f.n) {
+        write_record(record, f.code, (int32_t)key, 0, __float_as_int(f.v[key]), (int32_t)f.n);
+        return;
+    }
+    key -= f.n;
     const unsigned long long a = key / 3;
     const int what = (int)(key % 3);
     const int t = (int)(a / K), k = (int)(a % K);
@@ -1025,13 +1076,15 @@ __device__ void record_failure(const check_guard &g, const int32_t *expert, cons
 /* Without slot, in one launch: each block's smallest key (shared atomicMin)
  * goes to keys[0], and the last block to finish records the smallest and
  * puts keys[0] back to CHECK_NONE, as it found it (cuda_impl.d_check_keys). */
-__global__ void check_routing_kernel(check_guard guard, const int32_t *expert, const float *weight, size_t nA, int K,
-                                     int E, unsigned long long *keys, int *ticket, int32_t *record) {
+__global__ void check_routing_kernel(check_guard guard, check_finite_zone finite, const int32_t *expert,
+                                     const float *weight, size_t nA, int K, int E, unsigned long long *keys,
+                                     int *ticket, int32_t *record) {
     __shared__ unsigned long long smallest;
     if (threadIdx.x == 0) smallest = CHECK_NONE;
     __syncthreads();
     scan_guard(guard, &smallest);
-    const unsigned long long base = guard.n;
+    scan_finite(finite, guard.n, &smallest);
+    const unsigned long long base = (unsigned long long)guard.n + finite.n;
     GRID_STRIDE_LOOP(a, nA) {
         const int e = expert[a];
         if (e < -1 || e >= E) {
@@ -1046,7 +1099,8 @@ __global__ void check_routing_kernel(check_guard guard, const int32_t *expert, c
     if (!last_block_arrived(ticket, gridDim.x)) return;
     if (threadIdx.x != 0) return;
     const unsigned long long first = atomicExch(&keys[0], CHECK_NONE);
-    if (first != CHECK_NONE && record[0] == 0) record_failure(guard, expert, weight, nullptr, K, E, 0, first, record);
+    if (first != CHECK_NONE && record[0] == 0)
+        record_failure(guard, finite, expert, weight, nullptr, K, E, 0, first, record);
 }
 
 /* With slots, in one launch as well, with the kept mask and the counts.
@@ -1074,7 +1128,8 @@ __device__ __forceinline__ unsigned long long holder_key(unsigned epoch, size_t 
 }
 
 __global__ void __launch_bounds__(CUDA_THREADS)
-check_routing_slots_kernel(check_guard guard, const int32_t *__restrict__ expert, const float *__restrict__ weight,
+check_routing_slots_kernel(check_guard guard, check_finite_zone finite, const int32_t *__restrict__ expert,
+                           const float *__restrict__ weight,
                            const int32_t *__restrict__ slot, size_t nA, int K, int E, int C, int dense_slots,
                            unsigned epoch, int32_t *__restrict__ kept, unsigned long long *holders, int *sums,
                            unsigned long long *keys, int *ticket, int32_t *counts_before, int32_t *counts_after,
@@ -1093,7 +1148,8 @@ check_routing_slots_kernel(check_guard guard, const int32_t *__restrict__ expert
         for (int i = threadIdx.x; i < 2 * E; i += blockDim.x) block_sums[i] = 0;
     __syncthreads();
     scan_guard(guard, &smallest);
-    const unsigned long long base = guard.n;
+    scan_finite(finite, guard.n, &smallest);
+    const unsigned long long base = (unsigned long long)guard.n + finite.n;
     GRID_STRIDE_LOOP(a, nA) {
         const int e = expert[a], s = slot[a];
         unsigned long long key = CHECK_NONE;
@@ -1143,7 +1199,7 @@ check_routing_slots_kernel(check_guard guard, const int32_t *__restrict__ expert
     __syncthreads();
     if (stop) return;
     if (smallest != CHECK_NONE) {
-        if (threadIdx.x == 0) record_failure(guard, expert, weight, slot, K, E, C, smallest, record);
+        if (threadIdx.x == 0) record_failure(guard, finite, expert, weight, slot, K, E, C, smallest, record);
         return;
     }
     if (dup) {
@@ -1224,25 +1280,32 @@ static bool slot_check_state(moe_backend *be, size_t holders, int E, unsigned *e
     return true;
 }
 
-void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const int32_t *expert, const float *weight,
-                        const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
-                        int32_t *counts_before, int32_t *counts_after, int32_t *record) {
+void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_finite_zone *finite,
+                        const int32_t *expert, const float *weight, const int32_t *slot, int T, int K, int E, int C,
+                        int dense_slots, int32_t *kept, int32_t *counts_before, int32_t *counts_after,
+                        int32_t *record) {
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
     cudaStream_t st = cuda_stream(be);
     cuda_impl *state = cuda_state(be);
     check_guard g = {nullptr, 0, 0, 0};
     if (guard && guard->n > 0) g = {(const uint8_t *)guard->p, (unsigned)guard->n, guard->value, guard->code};
-    if (nA == 0) { /* nothing to route: the guard alone, and counts of 0 */
+    check_finite_zone f = {nullptr, 0, 0, false};
+    if (finite && finite->n > 0)
+        f = {finite->v, (unsigned)finite->n, finite->code, (uintptr_t)finite->v % 16 == 0};
+    if (nA == 0) { /* nothing to route: the zones alone, and counts of 0 */
         if (g.n > 0) cuda_check_bytes(be, guard->p, guard->n, guard->value, guard->code, record);
+        if (f.n > 0) cuda_check_finite(be, f.v, f.n, f.code, record);
         if (slot && E > 0 && counts_before)
             CUDA_CHECK(be, cudaMemsetAsync(counts_before, 0, (size_t)E * sizeof(int32_t), st));
         if (slot && E > 0 && counts_after)
             CUDA_CHECK(be, cudaMemsetAsync(counts_after, 0, (size_t)E * sizeof(int32_t), st));
         return;
     }
+    /* a thread per assignment, or per float4 of the finite zone if there are more */
+    const unsigned blocks = cuda_blocks(nA > finite_items(f) ? nA : finite_items(f));
     if (!slot) {
-        check_routing_kernel<<<cuda_blocks(nA), CUDA_THREADS, 0, st>>>(g, expert, weight, nA, K, E,
-                                                                       state->d_check_keys, state->d_tickets, record);
+        check_routing_kernel<<<blocks, CUDA_THREADS, 0, st>>>(g, f, expert, weight, nA, K, E, state->d_check_keys,
+                                                             state->d_tickets, record);
         KERNEL_CHECK(be, "check_routing_kernel");
         return;
     }
@@ -1251,8 +1314,8 @@ void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const int3
     unsigned epoch = 0;
     if (!slot_check_state(be, table, En, &epoch)) return;
     const size_t shmem = En <= CHECK_SHARED_E ? 2 * (size_t)En * sizeof(int) : 0;
-    check_routing_slots_kernel<<<cuda_blocks(nA), CUDA_THREADS, shmem, st>>>(
-        g, expert, weight, slot, nA, K, En, C, dense_slots, epoch, kept, state->d_slot_holders, state->d_slot_sums,
+    check_routing_slots_kernel<<<blocks, CUDA_THREADS, shmem, st>>>(
+        g, f, expert, weight, slot, nA, K, En, C, dense_slots, epoch, kept, state->d_slot_holders, state->d_slot_sums,
         state->d_check_keys, state->d_tickets, counts_before, counts_after, record);
     KERNEL_CHECK(be, "check_routing_slots_kernel");
 }
