@@ -174,14 +174,17 @@ int moe_layer_alloc(moe_layer *L, char *err, size_t errcap) {
     L->slot = alloc_tracked(be, T * Ko * i32, &ok);
     L->kept = alloc_tracked(be, T * Ko * i32, &ok);
     L->weight = alloc_tracked(be, T * Ko * f, &ok);
-    L->cw = alloc_tracked(be, T * Ko * f, &ok);
+    /* renormalised combine weights and their gradient: without
+     * renorm_after_drop the router's own weights and dcw serve
+     * (combine_weights_of) */
+    L->cw = c->renorm_after_drop ? alloc_tracked(be, T * Ko * f, &ok) : NULL;
     L->Xe = alloc_tracked(be, rows * d * f, &ok);
     L->H = alloc_tracked(be, rows * hin * f, &ok);
     L->A = alloc_tracked(be, rows * h * f, &ok);
     L->Ye = alloc_tracked(be, rows * d * f, &ok);
     L->dlogits = alloc_tracked(be, T * E * f, &ok);
     L->router_dlogits = alloc_tracked(be, T * E * f, &ok);
-    L->dweight = alloc_tracked(be, T * Ko * f, &ok);
+    L->dweight = c->renorm_after_drop ? alloc_tracked(be, T * Ko * f, &ok) : NULL;
     L->dcw = alloc_tracked(be, T * Ko * f, &ok);
     L->dYe = alloc_tracked(be, rows * d * f, &ok);
     L->dA = alloc_tracked(be, rows * h * f, &ok);
