@@ -864,43 +864,33 @@ __device__ __forceinline__ void am_tile_xy(float acc[NO][4], const float x[8][4]
         if (kk >= klo && kk < khi) am_group_xy<NO>(acc, &x[2 * kk], Ys, ld, lane, kk);
 }
 
-/* Rows i and i + 8 of a token-major fp32 tensor (row r at dst + r * stride)
- * from the lane's NO x 4 accumulators, columns < hd, rows < S. */
-template <int NO>
-__device__ __forceinline__ void am_store_rows(float *dst, size_t stride, int i, int S, int hd, int t,
+/* Columns c and c + 1 (those < hd) of an output row: as they are in fp32;
+ * in bf16 (the operand copy of a saved activation: keep_activations) as
+ * one pair where hd is even (4-byte aligned), else one by one. */
+__device__ __forceinline__ void am_store_pair(float *row, int c, int hd, float a, float b) {
+    if (c < hd) row[c] = a;
+    if (c + 1 < hd) row[c + 1] = b;
+}
+__device__ __forceinline__ void am_store_pair(bf16 *row, int c, int hd, float a, float b) {
+    if (c + 1 < hd && hd % 2 == 0) {
+        *reinterpret_cast<__nv_bfloat162 *>(row + c) = __floats2bfloat162_rn(a, b);
+        return;
+    }
+    if (c < hd) row[c] = __float2bfloat16_rn(a);
+    if (c + 1 < hd) row[c + 1] = __float2bfloat16_rn(b);
+}
+
+/* Rows i and i + 8 of a token-major tensor of fp32 or bf16 (row r at dst +
+ * r * stride) from the lane's NO x 4 accumulators, columns < hd, rows < S. */
+template <int NO, class Out>
+__device__ __forceinline__ void am_store_rows(Out *dst, size_t stride, int i, int S, int hd, int t,
                                               const float acc[NO][4]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         if (i + 8 * r >= S) continue;
-        float *row = dst + (size_t)(i + 8 * r) * stride;
+        Out *row = dst + (size_t)(i + 8 * r) * stride;
 #pragma unroll
-        for (int n = 0; n < NO; ++n) {
-            const int c = 8 * n + 2 * t;
-            if (c < hd) row[c] = acc[n][2 * r];
-            if (c + 1 < hd) row[c + 1] = acc[n][2 * r + 1];
-        }
-    }
-}
-
-/* The same rows rounded to bf16 (the operand copy of a saved activation:
- * keep_activations), in pairs where hd is even (4-byte aligned). */
-template <int NO>
-__device__ __forceinline__ void am_store_rows_bf16(bf16 *dst, size_t stride, int i, int S, int hd, int t,
-                                                   const float acc[NO][4]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (i + 8 * r >= S) continue;
-        bf16 *row = dst + (size_t)(i + 8 * r) * stride;
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-            const int c = 8 * n + 2 * t;
-            if (c + 1 < hd && hd % 2 == 0) {
-                *reinterpret_cast<__nv_bfloat162 *>(row + c) = __floats2bfloat162_rn(acc[n][2 * r], acc[n][2 * r + 1]);
-            } else {
-                if (c < hd) row[c] = __float2bfloat16_rn(acc[n][2 * r]);
-                if (c + 1 < hd) row[c + 1] = __float2bfloat16_rn(acc[n][2 * r + 1]);
-            }
-        }
+        for (int n = 0; n < NO; ++n) am_store_pair(row, 8 * n + 2 * t, hd, acc[n][2 * r], acc[n][2 * r + 1]);
     }
 }
 
@@ -1042,7 +1032,7 @@ attention_fwd_mma_kernel(const float *qkv, float *out, float *lse, int S, int H,
         }
     }
     am_store_rows<NO>(out + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
-    if (out_bf16) am_store_rows_bf16<NO>(out_bf16 + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
+    if (out_bf16) am_store_rows<NO>(out_bf16 + (size_t)b * S * C + (size_t)h * hd, C, i0, S, hd, t, o);
     if (t == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
