@@ -82,6 +82,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
 
 /* The instance state exactly as expert_choice.c defines it: both files read one struct. */
 typedef struct ec_state {
@@ -1015,6 +1019,57 @@ static unsigned long long ec_next_tag(void) {
     return next.fetch_add(1, std::memory_order_relaxed);
 }
 
+/* What the fused select asks of the runtime, asked once and kept: a
+ * device's answers never change, nor a kernel's for a shared-memory size,
+ * and asking in every forward costs host time (four layers a step). */
+struct ec_device_caps {
+    int coop, sms, smem_max;
+};
+
+static moe_status ec_caps_of(const moe_context *ctx, int dev, ec_device_caps *out) {
+    static std::mutex mu;
+    static std::map<int, ec_device_caps> known;
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(dev);
+    if (it != known.end()) {
+        *out = it->second;
+        return MOE_OK;
+    }
+    ec_device_caps c = {};
+    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&c.coop, cudaDevAttrCooperativeLaunch, dev));
+    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, dev));
+    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&c.smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    known[dev] = c;
+    *out = c;
+    return MOE_OK;
+}
+
+/* The blocks per SM that `kernel` fits on device dev with `threads`
+ * threads and `smem` bytes of dynamic shared memory, once the kernel is
+ * allowed that much. The allowance is only ever raised, so every size
+ * answered before still launches. */
+static moe_status ec_blocks_per_sm(const moe_context *ctx, const void *kernel, int dev, int threads, size_t smem,
+                                   int *per_sm) {
+    static std::mutex mu;
+    static std::map<std::tuple<const void *, int, size_t>, int> fits;
+    static std::map<std::pair<const void *, int>, size_t> allowed;
+    std::lock_guard<std::mutex> lock(mu);
+    const auto key = std::make_tuple(kernel, dev, smem);
+    const auto it = fits.find(key);
+    if (it != fits.end()) {
+        *per_sm = it->second;
+        return MOE_OK;
+    }
+    size_t &limit = allowed[std::make_pair(kernel, dev)];
+    if (smem > limit) {
+        MOE_ROUTER_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        limit = smem;
+    }
+    MOE_ROUTER_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem));
+    fits[key] = *per_sm;
+    return MOE_OK;
+}
+
 /* The fused select (rows of ROW logits in registers; 0: any E) with H
  * blocks a chunk, if the device can hold all n_chunks E H blocks at
  * once and their shared memory: *launched says whether it ran (if not,
@@ -1031,16 +1086,16 @@ static moe_status ec_launch_fused(const moe_context *ctx, cudaStream_t stream, c
     const size_t held = (size_t)(C < EC_CHUNK ? C : EC_CHUNK);
     const size_t n_keys = (size_t)n_chunks * held > EC_CHUNK ? (size_t)n_chunks * held : (size_t)EC_CHUNK;
     const size_t smem = n_keys * sizeof(unsigned long long);
-    int dev = 0, coop = 0, sms = 0, smem_max = 0, per_sm = 0;
+    int dev = 0, per_sm = 0;
+    ec_device_caps caps;
     *launched = 0;
     MOE_ROUTER_CUDA(cudaGetDevice(&dev));
-    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
-    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    MOE_ROUTER_CUDA(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (!coop || smem > (size_t)smem_max) return MOE_OK;
-    MOE_ROUTER_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    MOE_ROUTER_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    if ((long long)per_sm * sms < (long long)n_chunks * E * H) return MOE_OK;
+    const moe_status st = ec_caps_of(ctx, dev, &caps);
+    if (st != MOE_OK) return st;
+    if (!caps.coop || smem > (size_t)caps.smem_max) return MOE_OK;
+    const moe_status fit = ec_blocks_per_sm(ctx, (const void *)kernel, dev, threads, smem, &per_sm);
+    if (fit != MOE_OK) return fit;
+    if ((long long)per_sm * caps.sms < (long long)n_chunks * E * H) return MOE_OK;
 
     cudaLaunchAttribute attr[1] = {};
     attr[0].id = cudaLaunchAttributeCooperative;
