@@ -27,8 +27,9 @@
  * counts exactly. from_host's pinned staging is checked by many small copies
  * whose source is overwritten at once.
  *
- * capacity_assign also runs as the first call of a fresh backend (nothing
- * allocated yet).
+ * Every test starts on fresh backends, so each op's first call (nothing
+ * allocated yet) is tested as well as its second; capacity_assign also
+ * runs as the first call of a backend on the model's shapes.
  *
  * The timing ops (events, measured GEMM rate) are checked for plausible
  * values only.
@@ -2427,14 +2428,16 @@ int main(void) {
         for (size_t ti = 0; ti < sizeof tests / sizeof tests[0]; ++ti) {
             tests[ti](cur);
             free_all();
-            if (need_reset) { /* start the next test on a fresh backend */
-                destroy_gpu();
-                need_reset = 0;
-                if (!create_gpu()) {
-                    printf("could not re-create the CUDA backend; stopping\n");
-                    printf("%d passed, %d failed\n", moe_test_passed_, moe_test_failed_);
-                    return 1;
-                }
+            /* Every test starts on fresh backends (and after a CUDA error
+             * must): an op's first call, before the backend has scratch or
+             * tables, is then tested too, and its second call (each test
+             * runs the GPU op twice) after them. */
+            destroy_gpu();
+            need_reset = 0;
+            if (!create_gpu()) {
+                printf("could not re-create the CUDA backend; stopping\n");
+                printf("%d passed, %d failed\n", moe_test_passed_, moe_test_failed_);
+                return 1;
             }
         }
     }
