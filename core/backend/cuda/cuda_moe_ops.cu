@@ -1008,7 +1008,8 @@ struct check_finite_zone {
     bool vec4;
 };
 
-/* Threads per float4 of the zone, when it is read as float4. */
+/* The zone's work items, one a thread: its float4s when read as float4,
+ * else its floats. */
 __host__ __device__ __forceinline__ size_t finite_items(const check_finite_zone &f) {
     return f.vec4 ? (f.n + 3) / 4 : f.n;
 }
