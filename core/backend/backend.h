@@ -45,7 +45,9 @@ typedef struct moe_guard_zone {
 } moe_guard_zone;
 
 /* Floats for check_routing that must all be finite: n floats at v (backend
- * memory, n < 2^31), recorded with code as check_finite records them. */
+ * memory, n < 2^31). The first non-finite v[i] is recorded as {code, i, 0,
+ * the float's bits, n} (for the gate's logits and a perturbing router's
+ * route_logits after them, n tells where the second array starts). */
 typedef struct moe_finite_zone {
     const float *v;
     size_t n;
@@ -336,11 +338,10 @@ struct moe_backend {
      * the plugin's workspace, exactly as check_bytes(guard->p, guard->n,
      * guard->value, guard->code) would (so that a plugin that overran its
      * workspace is named for that, before what it wrote). Then, when
-     * finite is not NULL (a host struct), its floats, exactly as
-     * check_finite(finite->v, finite->n, finite->code) would: the router's
-     * input logits (and a perturbing router's route_logits after them),
-     * checked with its outputs in one pass rather than in a launch of
-     * their own. Then
+     * finite is not NULL (a host struct), its floats (moe_finite_zone): the
+     * router's input logits (and a perturbing router's route_logits after
+     * them), checked with its outputs in one pass rather than in a launch
+     * of their own. Then
      * assignments a = t*K + k are visited in order, and for each: expert in
      * [-1, E) (MOE_CHECK_EXPERT); for expert >= 0, weight finite and >= 0
      * (MOE_CHECK_WEIGHT); when slot != NULL and expert >= 0, slot in [0, C)
@@ -371,13 +372,6 @@ struct moe_backend {
      * while record[0] == 0 (guard zones). */
     void (*check_bytes)(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code,
                         int32_t *record);
-    /* Records {code, i, 0, the float's bits, n} for the first i < n
-     * (n < 2^31) with v[i] not finite, while record[0] == 0 (check_routing
-     * does the same for its finite zone: the gate's logits, for a router
-     * plugin that leaves its input checks to the host, and a perturbing
-     * router's route_logits, contiguous after them: n tells where the
-     * second array starts). */
-    void (*check_finite)(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 
     /* ---- operand copies of the weights ----
      * Makes the backend's own copies of the listed weights of `params` (a

@@ -11,7 +11,7 @@
     X(act_fwd) X(act_bwd) X(rope_fwd) X(rope_bwd) X(attention_fwd) X(attention_bwd) X(dropout_fwd) \
     X(dropout_bwd) X(xent_fwd_bwd) X(adamw) X(capacity_assign) X(combine_weights) \
     X(combine_weights_bwd) X(dispatch) X(dispatch_bwd) X(combine) X(combine_bwd) X(aux_losses) \
-    X(aux_losses_counts) X(check_routing) X(check_bytes) X(check_finite) X(round_weights) X(keep_activations) X(xent_sums) \
+    X(aux_losses_counts) X(check_routing) X(check_bytes) X(round_weights) X(keep_activations) X(xent_sums) \
     X(clip_grad_norm)
 
 enum {
@@ -277,9 +277,6 @@ static void t_check_routing(moe_backend *be, const moe_guard_zone *guard, const 
 }
 static void t_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record) {
     TIMED_VOID(check_bytes, (t->inner, p, n, value, code, record));
-}
-static void t_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {
-    TIMED_VOID(check_finite, (t->inner, v, n, code, record));
 }
 static void t_round_weights(moe_backend *be, const float *params, const moe_weight_view *views, int n) {
     TIMED_VOID(round_weights, (t->inner, params, views, n));

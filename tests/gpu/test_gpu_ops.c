@@ -2155,7 +2155,8 @@ static void test_check_bytes(const cfg *c) {
     }
 }
 
-/* check_finite: clean data, a NaN and an Inf (the first wins), one bad value
+/* check_routing's finite zone with nothing to route (its own path on the
+ * GPU): clean data, a NaN and an Inf (the first wins), one bad value
  * at the very end, and a record already holding an error. */
 static void test_check_finite(const cfg *c) {
     const size_t n = (size_t)T_of(c) * c->E + 3;
@@ -2172,17 +2173,19 @@ static void test_check_finite(const cfg *c) {
         if (sp[1] < n) w[sp[1]] = INFINITY;
         const int32_t *start = i < 4 ? clear : taken;
         int32_t *want = hdup(start, MOE_CHECK_RECORD_WORDS * 4);
-        cpu->check_finite(cpu, w, n, 21, want);
+        const moe_finite_zone hz = {w, n, 21};
+        cpu->check_routing(cpu, NULL, &hz, NULL, NULL, NULL, 0, 1, 1, 0, 0, NULL, NULL, NULL, want);
         float *d_w = up(gpu, w, n * 4);
         int32_t *got[2];
         for (int r = 0; r < 2; ++r) {
             int32_t *d_rec = up(gpu, start, MOE_CHECK_RECORD_WORDS * 4);
-            gpu->check_finite(gpu, d_w, n, 21, d_rec);
-            if (!gpu_ok(gpu, "check_finite")) return;
+            const moe_finite_zone dz = {d_w, n, 21};
+            gpu->check_routing(gpu, NULL, &dz, NULL, NULL, NULL, 0, 1, 1, 0, 0, NULL, NULL, NULL, d_rec);
+            if (!gpu_ok(gpu, "check_routing(finite zone, T=0)")) return;
             got[r] = down(gpu, d_rec, MOE_CHECK_RECORD_WORDS * 4);
         }
         char op[64];
-        snprintf(op, sizeof op, "check_finite(case %d).record", i);
+        snprintf(op, sizeof op, "check_routing(finite zone, T=0, case %d).record", i);
         check_i32(op, got, want, MOE_CHECK_RECORD_WORDS);
     }
 }

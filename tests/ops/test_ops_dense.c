@@ -47,7 +47,7 @@ static void test_table_and_memory(moe_backend *be) {
     CHECK_OP(dropout_fwd); CHECK_OP(dropout_bwd); CHECK_OP(xent_fwd_bwd); CHECK_OP(adamw);
     CHECK_OP(capacity_assign); CHECK_OP(combine_weights); CHECK_OP(combine_weights_bwd);
     CHECK_OP(dispatch); CHECK_OP(dispatch_bwd); CHECK_OP(combine); CHECK_OP(combine_bwd);
-    CHECK_OP(mul); CHECK_OP(aux_losses); CHECK_OP(check_finite); CHECK_OP(destroy);
+    CHECK_OP(mul); CHECK_OP(aux_losses); CHECK_OP(check_routing); CHECK_OP(destroy);
 #undef CHECK_OP
 
     /* alloc: 64-byte aligned and zeroed, for sizes that are not multiples of 64 */
@@ -639,22 +639,28 @@ static void test_adamw(moe_backend *be) {
     CHECK(p[0] != p_nodecay[0] && p[1] == p_nodecay[1]);
 }
 
-/* check_finite records the first non-finite value, and only into a clear record. */
+/* check_routing's finite zone alone (nothing to route). */
+static void check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *rec) {
+    const moe_finite_zone zone = {v, n, code};
+    be->check_routing(be, NULL, &zone, NULL, NULL, NULL, 0, 1, 1, 0, 0, NULL, NULL, NULL, rec);
+}
+
+/* The finite zone records the first non-finite value, and only into a clear record. */
 static void test_check_finite(moe_backend *be) {
     float v[8] = {1.0f, -2.0f, 0.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
     int32_t rec[MOE_CHECK_RECORD_WORDS] = {0};
-    be->check_finite(be, v, 8, 9, rec);
+    check_finite(be, v, 8, 9, rec);
     CHECK(rec[0] == 0);
     v[5] = NAN;
     v[3] = -INFINITY;
-    be->check_finite(be, v, 8, 9, rec);
+    check_finite(be, v, 8, 9, rec);
     int32_t bits;
     memcpy(&bits, &v[3], sizeof bits);
     CHECK(rec[0] == 9 && rec[1] == 3 && rec[2] == 0 && rec[3] == bits);
-    be->check_finite(be, v + 4, 4, 11, rec); /* the first error stays */
+    check_finite(be, v + 4, 4, 11, rec); /* the first error stays */
     CHECK(rec[0] == 9 && rec[1] == 3);
     memset(rec, 0, sizeof rec);
-    be->check_finite(be, v + 4, 4, 11, rec);
+    check_finite(be, v + 4, 4, 11, rec);
     CHECK(rec[0] == 11 && rec[1] == 1);
 }
 

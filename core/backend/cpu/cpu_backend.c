@@ -126,7 +126,6 @@ moe_backend *moe_backend_cpu_create(int threads) {
     be->aux_losses_counts = cpu_aux_losses_counts;
     be->check_routing = cpu_check_routing;
     be->check_bytes = cpu_check_bytes;
-    be->check_finite = cpu_check_finite;
     be->round_weights = cpu_round_weights;
     be->keep_activations = cpu_keep_activations;
     be->xent_sums = cpu_xent_sums;

@@ -228,12 +228,23 @@ static void set_record(int32_t *record, int32_t code, int32_t t, int32_t k, int3
     record[0] = code;
 }
 
+/* check_routing's finite zone: the first non-finite v[i] (backend.h). */
+static void check_finite_zone(const float *v, size_t n, int32_t code, int32_t *record) {
+    for (size_t i = 0; i < n; ++i)
+        if (!isfinite(v[i])) {
+            int32_t bits;
+            memcpy(&bits, &v[i], sizeof bits);
+            set_record(record, code, (int32_t)i, 0, bits, (int32_t)n);
+            return;
+        }
+}
+
 void cpu_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_finite_zone *finite,
                        const int32_t *expert, const float *weight, const int32_t *slot, int T, int K, int E, int C,
                        int dense_slots, int32_t *kept, int32_t *counts_before, int32_t *counts_after,
                        int32_t *record) {
     if (guard) cpu_check_bytes(be, guard->p, guard->n, guard->value, guard->code, record);
-    if (finite) cpu_check_finite(be, finite->v, finite->n, finite->code, record);
+    if (finite) check_finite_zone(finite->v, finite->n, finite->code, record);
     const size_t nA = (size_t)(T > 0 ? T : 0) * (size_t)(K > 0 ? K : 0);
     int32_t *count = slot && E > 0 ? calloc((size_t)E, sizeof *count) : NULL;
     int bad = 0;
@@ -311,16 +322,6 @@ void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, in
         }
 }
 
-void cpu_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {
-    (void)be;
-    for (size_t i = 0; i < n; ++i)
-        if (!isfinite(v[i])) {
-            int32_t bits;
-            memcpy(&bits, &v[i], sizeof bits);
-            set_record(record, code, (int32_t)i, 0, bits, (int32_t)n);
-            return;
-        }
-}
 
 /* The CPU's GEMMs read the fp32 weights themselves: there is no copy to make. */
 void cpu_round_weights(moe_backend *be, const float *params, const moe_weight_view *views, int n) {

@@ -36,7 +36,6 @@ void cpu_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_f
                        const int32_t *slot, int T, int K, int E, int C, int dense_slots, int32_t *kept,
                        int32_t *counts_before, int32_t *counts_after, int32_t *record);
 void cpu_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
-void cpu_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 void cpu_round_weights(moe_backend *be, const float *params, const moe_weight_view *views, int n);
 void cpu_keep_activations(moe_backend *be, const moe_activation_view *views, int n);
 

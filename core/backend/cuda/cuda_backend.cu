@@ -414,7 +414,6 @@ extern "C" moe_backend *moe_backend_cuda_create(int ordinal, moe_precision preci
     be->aux_losses_counts = cuda_aux_losses_counts;
     be->check_routing = cuda_check_routing;
     be->check_bytes = cuda_check_bytes;
-    be->check_finite = cuda_check_finite;
     be->round_weights = cuda_round_weights;
     be->keep_activations = cuda_keep_activations;
     be->xent_sums = cuda_xent_sums;

@@ -698,7 +698,6 @@ void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_
                         int dense_slots, int32_t *kept, int32_t *counts_before, int32_t *counts_after,
                         int32_t *record);
 void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, int32_t code, int32_t *record);
-void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record);
 /* cuda_weight_copies.cu */
 void cuda_round_weights(moe_backend *be, const float *params, const moe_weight_view *views, int n);
 /* round_weights' bf16 copy of the weight src read as rows x cols matrices

@@ -1293,17 +1293,20 @@ void cuda_check_routing(moe_backend *be, const moe_guard_zone *guard, const moe_
     check_finite_zone f = {nullptr, 0, 0, false};
     if (finite && finite->n > 0)
         f = {finite->v, (unsigned)finite->n, finite->code, (uintptr_t)finite->v % 16 == 0};
-    if (nA == 0) { /* nothing to route: the zones alone, and counts of 0 */
-        if (g.n > 0) cuda_check_bytes(be, guard->p, guard->n, guard->value, guard->code, record);
-        if (f.n > 0) cuda_check_finite(be, f.v, f.n, f.code, record);
+    /* a thread per assignment, or per float4 of the finite zone if there are more */
+    const unsigned blocks = cuda_blocks(nA > finite_items(f) ? nA : finite_items(f));
+    if (nA == 0) { /* nothing to route: the zones alone (the kernel without slots), and counts of 0 */
+        if (g.n > 0 || f.n > 0) {
+            check_routing_kernel<<<blocks, CUDA_THREADS, 0, st>>>(g, f, expert, weight, 0, K, E, state->d_check_keys,
+                                                                 state->d_tickets, record);
+            KERNEL_CHECK(be, "check_routing_kernel");
+        }
         if (slot && E > 0 && counts_before)
             CUDA_CHECK(be, cudaMemsetAsync(counts_before, 0, (size_t)E * sizeof(int32_t), st));
         if (slot && E > 0 && counts_after)
             CUDA_CHECK(be, cudaMemsetAsync(counts_after, 0, (size_t)E * sizeof(int32_t), st));
         return;
     }
-    /* a thread per assignment, or per float4 of the finite zone if there are more */
-    const unsigned blocks = cuda_blocks(nA > finite_items(f) ? nA : finite_items(f));
     if (!slot) {
         check_routing_kernel<<<blocks, CUDA_THREADS, 0, st>>>(g, f, expert, weight, nA, K, E, state->d_check_keys,
                                                              state->d_tickets, record);
@@ -1340,43 +1343,5 @@ void cuda_check_bytes(moe_backend *be, const void *p, size_t n, uint8_t value, i
     if (n == 0) return;
     check_bytes_kernel<<<1, CUDA_THREADS, 0, cuda_stream(be)>>>((const uint8_t *)p, n, value, code, record);
     KERNEL_CHECK(be, "check_bytes_kernel");
-}
-
-/* The first non-finite v[i]: each block keeps its smallest such i (shared
- * atomicMin: the same whatever the order), and the last block to finish
- * takes the smallest of the blocks' and records it. */
-constexpr int CHECK_FINITE_MAX_BLOCKS = CUDA_THREADS; /* the last block takes one block's first per thread */
-
-__global__ void check_finite_kernel(const float *v, size_t n, int32_t code, int32_t *record,
-                                    unsigned long long *block_first, int *ticket) {
-    __shared__ unsigned long long smallest;
-    if (threadIdx.x == 0) smallest = CHECK_NONE;
-    __syncthreads();
-    GRID_STRIDE_LOOP(i, n)
-    if (!isfinite(v[i])) {
-        atomicMin(&smallest, (unsigned long long)i);
-        break; /* later elements of this thread come after i */
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) block_first[blockIdx.x] = smallest;
-    if (!last_block_arrived(ticket, gridDim.x)) return;
-    /* the blocks' firsts, one per thread (gridDim.x <= blockDim.x) */
-    if (threadIdx.x == 0) smallest = CHECK_NONE;
-    __syncthreads();
-    if (threadIdx.x < gridDim.x) atomicMin(&smallest, __ldcg(&block_first[threadIdx.x]));
-    __syncthreads();
-    const unsigned long long first = smallest;
-    if (threadIdx.x == 0 && first != CHECK_NONE && record[0] == 0)
-        write_record(record, code, (int32_t)first, 0, __float_as_int(v[first]), (int32_t)n);
-}
-
-void cuda_check_finite(moe_backend *be, const float *v, size_t n, int32_t code, int32_t *record) {
-    if (n == 0) return;
-    const unsigned want = cuda_blocks(n), blocks = want < CHECK_FINITE_MAX_BLOCKS ? want : CHECK_FINITE_MAX_BLOCKS;
-    unsigned long long *block_first = (unsigned long long *)cuda_scratch(be, blocks * sizeof(unsigned long long));
-    if (!block_first) return;
-    check_finite_kernel<<<blocks, CUDA_THREADS, 0, cuda_stream(be)>>>(v, n, code, record, block_first,
-                                                                      cuda_state(be)->d_tickets);
-    KERNEL_CHECK(be, "check_finite_kernel");
 }
 
